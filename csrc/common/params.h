@@ -1,0 +1,78 @@
+// Plain-C parameter blocks shared by every backend.
+//
+// Nothing here knows about torch or pybind11: the binding layer turns Python
+// values into these structs, and the kernels read only these structs.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+namespace fusedoptim {
+
+// Storage dtype codes. They travel from Python as plain integers, so the
+// values are part of the module's ABI (see python/fusedoptim/_backend.py).
+enum DType : int32_t {
+  kFloat32 = 0,
+  kBFloat16 = 1,
+  kFloat16 = 2,
+};
+
+inline const char* dtype_name(int32_t code) {
+  switch (code) {
+    case kFloat32: return "float32";
+    case kBFloat16: return "bfloat16";
+    case kFloat16: return "float16";
+    default: return "unknown";
+  }
+}
+
+inline size_t dtype_size(int32_t code) { return code == kFloat32 ? 4 : 2; }
+
+// Per-tensor scalars of an Adam step. They depend on the tensor's own step
+// count (tensors of one group may be at different steps after
+// add_param_group or a partial state_dict), so the host computes them in
+// double, once per tensor and step, and rounds them to float as torch's
+// for-loop implementation does when it passes Python floats to fp32 ops.
+struct AdamCoeffs {
+  float neg_step_size;     // -lr / (1 - beta1^t)
+  float inv_bc2_sqrt;      // 1 / sqrt(1 - beta2^t)
+};
+
+// Step-independent scalars of an Adam step, identical for all tensors.
+struct AdamHyper {
+  float one_minus_beta1;   // lerp weight of exp_avg
+  float beta2;
+  float one_minus_beta2;
+  float eps;
+  float weight_decay;      // L2 coefficient (Adam); unused by AdamW
+  float decay;             // AdamW: 1 - lr * weight_decay; 1 otherwise
+};
+
+struct SGDHyper {
+  float neg_lr;
+  float weight_decay;
+  float momentum;
+  float one_minus_dampening;
+};
+
+// One tensor of a fused call: the streams it owns plus its element count.
+// Unused streams are null (e.g. max_exp_avg_sq without amsgrad).
+struct AdamTensor {
+  void* param;
+  const void* grad;
+  void* exp_avg;
+  void* exp_avg_sq;
+  void* max_exp_avg_sq;
+  int64_t numel;
+  AdamCoeffs coeffs;
+};
+
+struct SGDTensor {
+  void* param;
+  const void* grad;
+  void* momentum_buffer;   // null when momentum == 0
+  int64_t numel;
+  bool first_step;         // buffer not yet initialised: buf = grad
+};
+
+}  // namespace fusedoptim

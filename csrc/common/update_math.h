@@ -1,0 +1,98 @@
+// The per-element update rules of Adam, AdamW and SGD, written once.
+//
+// Note [one source of math]
+// Every backend (scalar, AVX2, AVX-512 and the CUDA kernels) instantiates
+// these templates with its own vector type V. V is a value type holding one
+// or more fp32 lanes and must provide, as free functions found by ADL:
+//   add(a, b)  sub(a, b)  mul(a, b)  div(a, b)  sqrt(a)
+//   fma(a, b, c) = a * b + c with a single rounding
+//   max_nan(a, b) = isnan(a) ? a : (a > b ? a : b)   (NaN propagates)
+//   neg(a)        = a with its sign bit flipped
+// Each is correctly rounded IEEE-754 binary32 in every variant, the order of
+// operations below is fixed, and the code is built with -ffp-contract=off,
+// so no compiler may fuse or reorder anything: all variants produce the same
+// bits for the same inputs. Any change here changes every backend at once.
+//
+// The formulas follow torch.optim's for-loop implementations:
+//   Adam   g = maximize ? -grad : grad;  g += wd * p           (L2)
+//          p *= 1 - lr * wd                                    (AdamW)
+//          m = lerp(m, g, 1 - beta1)
+//          v = beta2 * v + (1 - beta2) * g * g
+//          vmax = max(vmax, v)                                 (amsgrad)
+//          p -= step_size * m / (sqrt(v) / sqrt(bc2) + eps)
+//   SGD    g = maximize ? -grad : grad;  g += wd * p
+//          buf = first ? g : momentum * buf + (1 - dampening) * g
+//          g = nesterov ? g + momentum * buf : buf
+//          p -= lr * g
+#pragma once
+
+#include "params.h"
+
+#if defined(__CUDACC__)
+#define FO_HD __host__ __device__ __forceinline__
+#else
+#define FO_HD inline
+#endif
+
+namespace fusedoptim {
+
+// How weight decay enters Adam.
+enum WeightDecayMode : int { kNoDecay = 0, kL2 = 1, kDecoupled = 2 };
+
+// Scalars of one Adam tensor, broadcast to the lanes of V.
+template <class V>
+struct AdamConsts {
+  V one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, decay;
+  V neg_step_size, inv_bc2_sqrt;
+
+  FO_HD AdamConsts(const AdamHyper& h, const AdamCoeffs& c)
+      : one_minus_beta1(V(h.one_minus_beta1)), beta2(V(h.beta2)),
+        one_minus_beta2(V(h.one_minus_beta2)), eps(V(h.eps)),
+        weight_decay(V(h.weight_decay)), decay(V(h.decay)),
+        neg_step_size(V(c.neg_step_size)), inv_bc2_sqrt(V(c.inv_bc2_sqrt)) {}
+};
+
+template <int kWD, bool kAmsgrad, bool kMaximize, class V>
+FO_HD void adam_update(V& p, V g, V& m, V& v, V& vmax, const AdamConsts<V>& c) {
+  if (kMaximize) g = neg(g);
+  if (kWD == kL2) g = fma(p, c.weight_decay, g);
+  if (kWD == kDecoupled) p = mul(p, c.decay);
+  // lerp(m, g, w) = m + w * (g - m), as torch's lerp for weights below 0.5.
+  m = fma(c.one_minus_beta1, sub(g, m), m);
+  v = fma(v, c.beta2, mul(mul(g, g), c.one_minus_beta2));
+  V second = v;
+  if (kAmsgrad) {
+    vmax = max_nan(vmax, v);
+    second = vmax;
+  }
+  const V denom = fma(sqrt(second), c.inv_bc2_sqrt, c.eps);
+  p = fma(div(m, denom), c.neg_step_size, p);
+}
+
+// Scalars of one SGD call, broadcast to the lanes of V.
+template <class V>
+struct SGDConsts {
+  V neg_lr, weight_decay, momentum, one_minus_dampening;
+
+  FO_HD explicit SGDConsts(const SGDHyper& h)
+      : neg_lr(V(h.neg_lr)), weight_decay(V(h.weight_decay)),
+        momentum(V(h.momentum)), one_minus_dampening(V(h.one_minus_dampening)) {}
+};
+
+// How SGD uses its momentum buffer.
+enum MomentumMode : int { kNoMomentum = 0, kMomentum = 1, kNesterov = 2 };
+
+template <bool kWeightDecay, int kMom, bool kMaximize, bool kFirst, class V>
+FO_HD void sgd_update(V& p, V g, V& buf, const SGDConsts<V>& c) {
+  if (kMaximize) g = neg(g);
+  if (kWeightDecay) g = fma(p, c.weight_decay, g);
+  if (kMom != kNoMomentum) {
+    // torch.optim.SGD initialises the buffer with the gradient itself on the
+    // first step (no dampening), then buf = momentum * buf + (1 - d) * g.
+    buf = kFirst ? g : fma(buf, c.momentum, mul(g, c.one_minus_dampening));
+    g = (kMom == kNesterov) ? fma(buf, c.momentum, g) : buf;
+  }
+  p = fma(g, c.neg_lr, p);
+}
+
+}  // namespace fusedoptim

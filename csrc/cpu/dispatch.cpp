@@ -1,0 +1,170 @@
+#include "dispatch.h"
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdlib>
+#include <stdexcept>
+
+#include "cpu_features.h"
+#include "thread_pool.h"
+
+namespace fusedoptim {
+namespace cpu {
+
+#if !FUSEDOPTIM_HAVE_AVX2
+const KernelTable* kernels_avx2() { return nullptr; }
+#endif
+#if !FUSEDOPTIM_HAVE_AVX512
+const KernelTable* kernels_avx512() { return nullptr; }
+#endif
+
+namespace {
+
+struct Variant {
+  const char* name;
+  const KernelTable* (*table)();
+  bool (*runnable)();
+};
+
+bool always() { return true; }
+
+// Best first.
+const Variant kVariants[] = {
+    {"avx512", &kernels_avx512, &can_run_avx512},
+    {"avx2", &kernels_avx2, &can_run_avx2},
+    {"scalar", &kernels_scalar, &always},
+};
+
+const KernelTable* find(const std::string& name, bool* runnable) {
+  for (const Variant& v : kVariants) {
+    if (name == v.name) {
+      *runnable = v.runnable();
+      return v.table();
+    }
+  }
+  *runnable = false;
+  return nullptr;
+}
+
+const KernelTable* best() {
+  for (const Variant& v : kVariants) {
+    if (v.table() != nullptr && v.runnable()) return v.table();
+  }
+  return kernels_scalar();
+}
+
+const KernelTable* initial() {
+  const char* env = std::getenv("FUSEDOPTIM_CPU_ISA");
+  if (env == nullptr || *env == '\0') return best();
+  bool runnable;
+  const KernelTable* t = find(env, &runnable);
+  // An unusable request must not crash the import; Python reports it
+  // (backend_info()['isa_request']) and we keep the best variant.
+  return (t != nullptr && runnable) ? t : best();
+}
+
+std::atomic<const KernelTable*> g_active{initial()};
+
+// Below this many elements per thread, waking a thread costs more than it saves.
+constexpr int64_t kMinElemsPerThread = 1 << 15;
+// Chunk boundaries fall on multiples of this many elements of each tensor:
+// 256 B of fp32, 128 B of bf16/fp16, so whole cache lines of each stream.
+constexpr int64_t kChunkAlign = 64;
+
+// Runs fn(tensor_index, begin, end) over all tensors, split across threads.
+template <class Fn>
+void run_flat(const std::vector<int64_t>& numels, int num_threads, Fn&& fn) {
+  const size_t n = numels.size();
+  std::vector<int64_t> start(n + 1, 0);  // padded prefix sums
+  for (size_t k = 0; k < n; ++k) {
+    start[k + 1] = start[k] + (numels[k] + kChunkAlign - 1) / kChunkAlign * kChunkAlign;
+  }
+  const int64_t total = start[n];
+  if (total == 0) return;
+  int64_t threads = std::min<int64_t>(std::max(num_threads, 1), (total + kMinElemsPerThread - 1) / kMinElemsPerThread);
+  if (threads <= 1) {
+    for (size_t k = 0; k < n; ++k) {
+      if (numels[k] > 0) fn(k, 0, numels[k]);
+    }
+    return;
+  }
+  const int64_t units = total / kChunkAlign;
+  parallel_run(int(threads), [&](int tid) {
+    const int64_t lo = units * tid / threads * kChunkAlign;
+    const int64_t hi = units * (tid + 1) / threads * kChunkAlign;
+    if (lo >= hi) return;
+    size_t k = size_t(std::upper_bound(start.begin(), start.end(), lo) - start.begin()) - 1;
+    for (; k < n && start[k] < hi; ++k) {
+      const int64_t b = std::max(lo, start[k]) - start[k];
+      const int64_t e = std::min(std::min(hi, start[k + 1]) - start[k], numels[k]);
+      if (b < e) fn(k, b, e);
+    }
+  });
+}
+
+}  // namespace
+
+std::vector<std::string> compiled_isas() {
+  std::vector<std::string> out;
+  for (const Variant& v : kVariants) {
+    if (v.table() != nullptr) out.push_back(v.name);
+  }
+  return out;
+}
+
+std::vector<std::string> supported_isas() {
+  std::vector<std::string> out;
+  for (const Variant& v : kVariants) {
+    if (v.table() != nullptr && v.runnable()) out.push_back(v.name);
+  }
+  return out;
+}
+
+const KernelTable& active_kernels() { return *g_active.load(); }
+
+void set_isa(const std::string& name) {
+  bool runnable;
+  const KernelTable* t = find(name, &runnable);
+  if (t == nullptr) {
+    bool known = false;
+    for (const Variant& v : kVariants) known |= (name == v.name);
+    if (!known) throw std::invalid_argument("unknown CPU ISA '" + name + "' (expected scalar, avx2 or avx512)");
+    throw std::runtime_error("CPU ISA '" + name + "' was not compiled into this build of fusedoptim");
+  }
+  if (!runnable) throw std::runtime_error("CPU ISA '" + name + "' is not supported by this CPU or OS");
+  g_active.store(t);
+}
+
+AdamCoeffs adam_coeffs(double lr, double beta1, double beta2, double step) {
+  const double bc1 = 1.0 - std::pow(beta1, step);
+  const double bc2 = 1.0 - std::pow(beta2, step);
+  AdamCoeffs c;
+  c.neg_step_size = float(-(lr / bc1));
+  c.inv_bc2_sqrt = float(1.0 / std::sqrt(bc2));
+  return c;
+}
+
+void adam_step(const std::vector<AdamTensor>& tensors, const AdamHyper& hyper, int32_t dtype,
+               int wd_mode, bool amsgrad, bool maximize, int num_threads) {
+  const AdamSegmentFn fn = g_active.load()->adam(dtype, wd_mode, amsgrad, maximize);
+  if (fn == nullptr) throw std::invalid_argument("adam_step: unsupported dtype or weight-decay mode");
+  std::vector<int64_t> numels(tensors.size());
+  for (size_t k = 0; k < tensors.size(); ++k) numels[k] = tensors[k].numel;
+  run_flat(numels, num_threads, [&](size_t k, int64_t b, int64_t e) { fn(tensors[k], b, e, hyper); });
+}
+
+void sgd_step(const std::vector<SGDTensor>& tensors, const SGDHyper& hyper, int32_t dtype,
+              bool weight_decay, int momentum_mode, bool maximize, int num_threads) {
+  const SGDSegmentFn steady = g_active.load()->sgd(dtype, weight_decay, momentum_mode, maximize, false);
+  const SGDSegmentFn first = g_active.load()->sgd(dtype, weight_decay, momentum_mode, maximize, true);
+  if (steady == nullptr || first == nullptr) throw std::invalid_argument("sgd_step: unsupported dtype or momentum mode");
+  std::vector<int64_t> numels(tensors.size());
+  for (size_t k = 0; k < tensors.size(); ++k) numels[k] = tensors[k].numel;
+  run_flat(numels, num_threads, [&](size_t k, int64_t b, int64_t e) {
+    (tensors[k].first_step ? first : steady)(tensors[k], b, e, hyper);
+  });
+}
+
+}  // namespace cpu
+}  // namespace fusedoptim

@@ -1,0 +1,36 @@
+// Choosing a CPU variant, and the fused multi-tensor drivers.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "../common/params.h"
+#include "kernels.h"
+
+namespace fusedoptim {
+namespace cpu {
+
+// Variants compiled into this build, in order of preference.
+std::vector<std::string> compiled_isas();
+// Compiled variants this CPU and OS can run.
+std::vector<std::string> supported_isas();
+// The variant in use: FUSEDOPTIM_CPU_ISA if set (read at import), else the
+// best supported one.
+const KernelTable& active_kernels();
+// Forces a variant; throws std::invalid_argument for an unknown name and
+// std::runtime_error for one this machine cannot run.
+void set_isa(const std::string& name);
+
+// Host-side step scalars, in double as torch computes them in Python.
+AdamCoeffs adam_coeffs(double lr, double beta1, double beta2, double step);
+
+// One fused call over every tensor of a group: a single parallel region over
+// the flattened list, cut into chunks aligned to 64 elements of each tensor.
+void adam_step(const std::vector<AdamTensor>& tensors, const AdamHyper& hyper, int32_t dtype,
+               int wd_mode, bool amsgrad, bool maximize, int num_threads);
+void sgd_step(const std::vector<SGDTensor>& tensors, const SGDHyper& hyper, int32_t dtype,
+              bool weight_decay, int momentum_mode, bool maximize, int num_threads);
+
+}  // namespace cpu
+}  // namespace fusedoptim

@@ -1,0 +1,30 @@
+// The table of CPU kernels that each ISA variant fills in.
+#pragma once
+
+#include <cstdint>
+
+#include "../common/params.h"
+
+namespace fusedoptim {
+namespace cpu {
+
+// Update elements [begin, end) of one tensor. All flags are resolved to a
+// template instantiation once per call, so the loop has no branches.
+using AdamSegmentFn = void (*)(const AdamTensor&, int64_t begin, int64_t end, const AdamHyper&);
+using SGDSegmentFn = void (*)(const SGDTensor&, int64_t begin, int64_t end, const SGDHyper&);
+
+struct KernelTable {
+  const char* isa;  // "scalar", "avx2", "avx512"
+  int vector_width; // fp32 lanes
+  AdamSegmentFn (*adam)(int32_t dtype, int wd_mode, bool amsgrad, bool maximize);
+  SGDSegmentFn (*sgd)(int32_t dtype, bool weight_decay, int momentum_mode, bool maximize, bool first_step);
+};
+
+// Defined once per variant in kernels.cpp; variants not built for this
+// target return nullptr.
+const KernelTable* kernels_scalar();
+const KernelTable* kernels_avx2();
+const KernelTable* kernels_avx512();
+
+}  // namespace cpu
+}  // namespace fusedoptim

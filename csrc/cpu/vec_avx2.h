@@ -1,0 +1,55 @@
+// Eight fp32 lanes with AVX2, FMA and F16C.
+#pragma once
+
+#include <immintrin.h>
+
+#include "../common/convert.h"
+
+namespace fusedoptim {
+
+struct VecAVX2 {
+  static constexpr int kWidth = 8;
+  __m256 x;
+  VecAVX2() = default;
+  explicit VecAVX2(float v) : x(_mm256_set1_ps(v)) {}
+  explicit VecAVX2(__m256 v) : x(v) {}
+
+  static VecAVX2 load(const float* p) { return VecAVX2(_mm256_loadu_ps(p)); }
+  static VecAVX2 load(const bf16_t* p) {
+    const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return VecAVX2(_mm256_castsi256_ps(_mm256_slli_epi32(w, 16)));
+  }
+  static VecAVX2 load(const f16_t* p) {
+    return VecAVX2(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  }
+  void store(float* p) const { _mm256_storeu_ps(p, x); }
+  void store(bf16_t* p) const {
+    // Round to nearest even in the integer unit, NaN -> 0x7FC0 (convert.h).
+    const __m256i u = _mm256_castps_si256(x);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), lsb), 16);
+    const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+    r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7fc0), nan);
+    const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0xd8);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+  }
+  void store(f16_t* p) const {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT));
+  }
+};
+
+inline VecAVX2 add(VecAVX2 a, VecAVX2 b) { return VecAVX2(_mm256_add_ps(a.x, b.x)); }
+inline VecAVX2 sub(VecAVX2 a, VecAVX2 b) { return VecAVX2(_mm256_sub_ps(a.x, b.x)); }
+inline VecAVX2 mul(VecAVX2 a, VecAVX2 b) { return VecAVX2(_mm256_mul_ps(a.x, b.x)); }
+inline VecAVX2 div(VecAVX2 a, VecAVX2 b) { return VecAVX2(_mm256_div_ps(a.x, b.x)); }
+inline VecAVX2 sqrt(VecAVX2 a) { return VecAVX2(_mm256_sqrt_ps(a.x)); }
+inline VecAVX2 fma(VecAVX2 a, VecAVX2 b, VecAVX2 c) { return VecAVX2(_mm256_fmadd_ps(a.x, b.x, c.x)); }
+inline VecAVX2 neg(VecAVX2 a) { return VecAVX2(_mm256_xor_ps(a.x, _mm256_set1_ps(-0.0f))); }
+inline VecAVX2 max_nan(VecAVX2 a, VecAVX2 b) {
+  // MAXPS returns its second operand unless the first is greater: that is
+  // (a > b ? a : b); then put back a where a is NaN.
+  const __m256 m = _mm256_max_ps(a.x, b.x);
+  return VecAVX2(_mm256_blendv_ps(m, a.x, _mm256_cmp_ps(a.x, a.x, _CMP_UNORD_Q)));
+}
+
+}  // namespace fusedoptim

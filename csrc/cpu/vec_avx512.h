@@ -1,0 +1,58 @@
+// Sixteen fp32 lanes with AVX-512 F/BW/VL and F16C.
+//
+// bf16 rounding stays in the integer unit even where AVX512_BF16 exists:
+// VCVTNEPS2BF16 treats subnormal inputs as zero and flushes subnormal
+// results, which would break bit-identity with the other variants (and with
+// torch's own conversion) for values below 2^-126.
+#pragma once
+
+#include <immintrin.h>
+
+#include "../common/convert.h"
+
+namespace fusedoptim {
+
+struct VecAVX512 {
+  static constexpr int kWidth = 16;
+  __m512 x;
+  VecAVX512() = default;
+  explicit VecAVX512(float v) : x(_mm512_set1_ps(v)) {}
+  explicit VecAVX512(__m512 v) : x(v) {}
+
+  static VecAVX512 load(const float* p) { return VecAVX512(_mm512_loadu_ps(p)); }
+  static VecAVX512 load(const bf16_t* p) {
+    const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    return VecAVX512(_mm512_castsi512_ps(_mm512_slli_epi32(w, 16)));
+  }
+  static VecAVX512 load(const f16_t* p) {
+    return VecAVX512(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))));
+  }
+  void store(float* p) const { _mm512_storeu_ps(p, x); }
+  void store(bf16_t* p) const {
+    const __m512i u = _mm512_castps_si512(x);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), lsb), 16);
+    const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+    r = _mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0x7fc0));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
+  }
+  void store(f16_t* p) const {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT));
+  }
+};
+
+inline VecAVX512 add(VecAVX512 a, VecAVX512 b) { return VecAVX512(_mm512_add_ps(a.x, b.x)); }
+inline VecAVX512 sub(VecAVX512 a, VecAVX512 b) { return VecAVX512(_mm512_sub_ps(a.x, b.x)); }
+inline VecAVX512 mul(VecAVX512 a, VecAVX512 b) { return VecAVX512(_mm512_mul_ps(a.x, b.x)); }
+inline VecAVX512 div(VecAVX512 a, VecAVX512 b) { return VecAVX512(_mm512_div_ps(a.x, b.x)); }
+inline VecAVX512 sqrt(VecAVX512 a) { return VecAVX512(_mm512_sqrt_ps(a.x)); }
+inline VecAVX512 fma(VecAVX512 a, VecAVX512 b, VecAVX512 c) { return VecAVX512(_mm512_fmadd_ps(a.x, b.x, c.x)); }
+inline VecAVX512 neg(VecAVX512 a) {
+  return VecAVX512(_mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(a.x), _mm512_set1_epi32(int(0x80000000u)))));
+}
+inline VecAVX512 max_nan(VecAVX512 a, VecAVX512 b) {
+  const __m512 m = _mm512_max_ps(a.x, b.x);
+  return VecAVX512(_mm512_mask_mov_ps(m, _mm512_cmp_ps_mask(a.x, a.x, _CMP_UNORD_Q), a.x));
+}
+
+}  // namespace fusedoptim

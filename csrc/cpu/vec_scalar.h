@@ -1,0 +1,35 @@
+// One fp32 lane: the portable variant, and the tail of every vector variant.
+#pragma once
+
+#include <cmath>
+
+#include "../common/convert.h"
+
+namespace fusedoptim {
+
+struct VecScalar {
+  static constexpr int kWidth = 1;
+  float x;
+  VecScalar() = default;
+  explicit VecScalar(float v) : x(v) {}
+
+  static VecScalar load(const float* p) { return VecScalar(*p); }
+  static VecScalar load(const bf16_t* p) { return VecScalar(bf16_to_float(p->bits)); }
+  static VecScalar load(const f16_t* p) { return VecScalar(f16_to_float(p->bits)); }
+  void store(float* p) const { *p = x; }
+  void store(bf16_t* p) const { p->bits = float_to_bf16(x); }
+  void store(f16_t* p) const { p->bits = float_to_f16(x); }
+};
+
+inline VecScalar add(VecScalar a, VecScalar b) { return VecScalar(a.x + b.x); }
+inline VecScalar sub(VecScalar a, VecScalar b) { return VecScalar(a.x - b.x); }
+inline VecScalar mul(VecScalar a, VecScalar b) { return VecScalar(a.x * b.x); }
+inline VecScalar div(VecScalar a, VecScalar b) { return VecScalar(a.x / b.x); }
+inline VecScalar sqrt(VecScalar a) { return VecScalar(std::sqrt(a.x)); }
+inline VecScalar fma(VecScalar a, VecScalar b, VecScalar c) { return VecScalar(std::fma(a.x, b.x, c.x)); }
+inline VecScalar neg(VecScalar a) { return VecScalar(bits_float(float_bits(a.x) ^ 0x80000000u)); }
+inline VecScalar max_nan(VecScalar a, VecScalar b) {
+  return std::isnan(a.x) ? a : (a.x > b.x ? a : b);
+}
+
+}  // namespace fusedoptim

@@ -1,0 +1,66 @@
+"""Types of fusedoptim's private compiled module.
+
+Every tensor is passed as its data address (``tensor.data_ptr()``) with its
+element count; the module never sees a torch object. Use the optimizer
+classes of :mod:`fusedoptim` instead of calling these directly: they
+validate dtypes, devices, shapes, strides and aliasing first.
+"""
+
+from typing import Any, Dict, List, Optional
+
+DTYPE_FLOAT32: int
+DTYPE_BFLOAT16: int
+DTYPE_FLOAT16: int
+
+def adam_step(
+    params: List[int],
+    grads: List[int],
+    exp_avgs: List[int],
+    exp_avg_sqs: List[int],
+    max_exp_avg_sqs: Optional[List[int]],
+    steps: List[int],
+    numels: List[int],
+    dtype: int,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    decoupled: bool,
+    amsgrad: bool,
+    maximize: bool,
+    num_threads: int,
+) -> None:
+    """Fused Adam/AdamW step over many tensors.
+
+    ``steps`` holds the addresses of float32 step counters; each is
+    incremented by one before its tensor's bias corrections are computed.
+    Raises ValueError for bad hyperparameters, lengths or pointers before
+    anything is written.
+    """
+
+def sgd_step(
+    params: List[int],
+    grads: List[int],
+    momentum_buffers: Optional[List[int]],
+    first_step: Optional[List[bool]],
+    numels: List[int],
+    dtype: int,
+    lr: float,
+    weight_decay: float,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    maximize: bool,
+    num_threads: int,
+) -> None:
+    """Fused SGD step over many tensors; ``first_step[k]`` initialises buffer k with the gradient."""
+
+def backend_info() -> Dict[str, Any]:
+    """Compiled variants, CPU features, the ISA in use and build facts."""
+
+def set_cpu_isa(name: str) -> None:
+    """Force 'scalar', 'avx2' or 'avx512'; ValueError if unknown, RuntimeError if unsupported here."""
+
+def get_cpu_isa() -> str:
+    """The CPU variant in use."""
