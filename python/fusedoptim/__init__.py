@@ -1,1 +1,33 @@
-from . import _C
+"""fusedoptim: fused Adam, AdamW and SGD for PyTorch.
+
+Drop-in replacements for :class:`torch.optim.Adam`, :class:`torch.optim.AdamW`
+and :class:`torch.optim.SGD` whose step updates every tensor of a param group
+in one native call, with CPU kernels chosen at run time (AVX-512, AVX2 or
+portable scalar)::
+
+    import fusedoptim
+    opt = fusedoptim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1)
+"""
+
+from ._backend import backend_info, get_cpu_isa, get_num_threads, set_cpu_isa, set_num_threads
+from .adam import Adam, AdamW
+from .sgd import SGD
+
+__version__: str = backend_info()["version"]
+
+__all__ = [
+    "Adam",
+    "AdamW",
+    "SGD",
+    "backend_info",
+    "get_cpu_isa",
+    "get_num_threads",
+    "set_cpu_isa",
+    "set_num_threads",
+    "__version__",
+]
+
+from ._backend import _warn_ignored_isa_request as _warn
+
+_warn()
+del _warn

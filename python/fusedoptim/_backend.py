@@ -1,0 +1,467 @@
+"""Which native path runs, and the fallback to torch.
+
+Every fusedoptim optimizer is a subclass of its torch.optim counterpart that
+replaces ``step()`` with :meth:`FusedOptimizerMixin.step`. A step runs in two
+phases so that a raised error leaves params and state exactly as they were:
+
+1. *Check* (nothing is written): hyperparameters are validated, every
+   param's grad is compared with its param, and each param is routed to the
+   native kernels or to torch's own implementation.
+2. *Run*: missing state is created with torch's layout, then one native call
+   per (group, dtype) bucket updates all its tensors, and the params the
+   kernels do not cover go through torch's for-loop/foreach code.
+
+The per-group routing, the pointer tables and the state tensors are cached in
+a :class:`_Plan` and reused while the group's params, their storage and their
+state stay the same, so a step over thousands of small tensors costs a few
+list comprehensions in Python and one call into ``_C``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+from torch.optim.optimizer import _use_grad_for_differentiable
+
+from . import _C
+
+__all__ = [
+    "backend_info",
+    "get_num_threads",
+    "set_num_threads",
+    "set_cpu_isa",
+    "get_cpu_isa",
+]
+
+#: torch dtype -> dtype code of the compiled module.
+DTYPE_CODES: Dict[torch.dtype, int] = {
+    torch.float32: _C.DTYPE_FLOAT32,
+    torch.bfloat16: _C.DTYPE_BFLOAT16,
+    torch.float16: _C.DTYPE_FLOAT16,
+}
+
+_num_threads: Optional[int] = None
+
+
+def set_num_threads(num_threads: Optional[int]) -> None:
+    """Set the number of threads of the CPU kernels (all optimizers).
+
+    ``None`` (the default) follows :func:`torch.get_num_threads` at every step.
+    An optimizer's own ``num_threads`` attribute, when set, takes precedence.
+    """
+    global _num_threads
+    if num_threads is not None:
+        if isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 1:
+            raise ValueError(f"num_threads must be a positive int or None, got {num_threads!r}")
+    _num_threads = num_threads
+
+
+def get_num_threads() -> int:
+    """Threads the CPU kernels use when an optimizer sets none of its own."""
+    return _num_threads if _num_threads is not None else torch.get_num_threads()
+
+
+def set_cpu_isa(name: str) -> None:
+    """Force a CPU variant: ``"scalar"``, ``"avx2"`` or ``"avx512"``.
+
+    Raises ValueError for an unknown name and RuntimeError for a variant this
+    build or this CPU cannot run. The environment variable
+    ``FUSEDOPTIM_CPU_ISA`` does the same at import time.
+    """
+    _C.set_cpu_isa(name)
+
+
+def get_cpu_isa() -> str:
+    """The CPU variant in use (``"scalar"``, ``"avx2"`` or ``"avx512"``)."""
+    return _C.get_cpu_isa()
+
+
+def backend_info() -> Dict[str, Any]:
+    """What was compiled, the CPU features found and the variant in use.
+
+    Keys: ``version``, ``compiled_isas``, ``supported_isas``, ``isa``,
+    ``vector_width``, ``cpu_features``, ``isa_request`` (the value of
+    ``FUSEDOPTIM_CPU_ISA``, or None) and ``isa_request_honored``,
+    ``num_threads``, ``threading``, ``compiler``, ``cuda_compiled``,
+    ``cuda_available`` with ``cuda_reason``, and ``torch_version``.
+    """
+    info = dict(_C.backend_info())
+    request = os.environ.get("FUSEDOPTIM_CPU_ISA") or None
+    info["isa_request"] = request
+    info["isa_request_honored"] = request is None or request == info["isa"]
+    info["num_threads"] = get_num_threads()
+    info["cuda_available"] = False
+    info["cuda_reason"] = "this build of fusedoptim has no CUDA backend; CUDA params use torch's own implementation"
+    info["torch_version"] = torch.__version__
+    return info
+
+
+def _warn_ignored_isa_request() -> None:
+    request = os.environ.get("FUSEDOPTIM_CPU_ISA")
+    if request and request != _C.get_cpu_isa():
+        import warnings
+
+        supported = _C.backend_info()["supported_isas"]
+        warnings.warn(
+            f"FUSEDOPTIM_CPU_ISA={request!r} cannot be used here (supported: {supported}); "
+            f"using {_C.get_cpu_isa()!r}",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+def _unhooked(fn: Callable) -> Callable:
+    """torch wraps ``Optimizer.step`` with its hook runner; get the inner step."""
+    while getattr(fn, "hooked", False) and hasattr(fn, "__wrapped__"):
+        fn = fn.__wrapped__
+    return fn
+
+
+def _scalar(value: Any, name: str) -> float:
+    """A hyperparameter as a Python float (tensors of one element allowed)."""
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"Tensor {name} must be 1-element")
+        value = value.item()
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a number or a 1-element tensor, got {type(value).__name__}") from None
+    if out != out:
+        raise ValueError(f"Invalid {name}: nan")
+    return out
+
+
+class _Bucket:
+    """One native call: the tensors of one group that share a dtype."""
+
+    __slots__ = ("code", "index", "params", "numels", "pptrs", "streams", "steps", "first", "refs")
+
+    def __init__(self, code: int) -> None:
+        self.code = code
+        self.index: List[int] = []  # positions in the group's params-with-grad list
+        self.params: List[Tensor] = []
+        self.numels: List[int] = []
+        self.pptrs: List[int] = []
+        self.streams: Dict[str, List[int]] = {}
+        self.steps: List[int] = []
+        self.first: List[bool] = []
+        self.refs: List[Tensor] = []  # keeps every tensor we hold a pointer to alive
+
+
+class _Plan:
+    """Routing and pointer tables of one param group, valid while unchanged."""
+
+    __slots__ = ("param_ids", "pptrs", "state_obj", "state_dicts", "state_keys", "state_ids", "buckets", "fallback")
+
+    def __init__(self) -> None:
+        self.param_ids: List[int] = []
+        self.pptrs: List[int] = []
+        self.state_dicts: List[dict] = []  # per native param, in bucket order
+        self.state_keys: Tuple[str, ...] = ()
+        self.state_ids: List[List[int]] = []
+        self.state_obj: Any = None
+        self.buckets: List[_Bucket] = []
+        self.fallback: List[int] = []  # positions that torch updates
+
+
+def _grads_of(params: Sequence[Tensor]) -> Tuple[List[Tensor], List[Tensor]]:
+    ps, gs = [], []
+    for p in params:
+        g = p.grad
+        if g is not None:
+            ps.append(p)
+            gs.append(g)
+    return ps, gs
+
+
+def _step_dtype() -> torch.dtype:
+    # torch keeps `step` in float32 unless the default dtype is float64.
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+def _unscale_(grads: List[Tensor], grad_scale: Tensor) -> None:
+    """Divide grads by the AMP scale in place, as torch's fused kernels do."""
+    by_device: Dict[torch.device, List[Tensor]] = {}
+    for g in grads:
+        by_device.setdefault(g.device, []).append(g)
+    for device, gs in by_device.items():
+        torch._foreach_div_(gs, grad_scale.to(device))
+
+
+class FusedOptimizerMixin:
+    """The step shared by fusedoptim's optimizers; see the module docstring.
+
+    A subclass names the torch class it replaces (``_torch_cls``) and gives
+    the per-optimizer pieces: ``_fo_hyper``, ``_fo_state_keys``,
+    ``_fo_check_grad``, ``_fo_state_usable``, ``_fo_init_state`` and
+    ``_fo_native``.
+    """
+
+    _torch_cls: type
+    _fo_has_step: bool = False
+    #: Threads of the CPU kernels for this optimizer; None follows
+    #: :func:`fusedoptim.get_num_threads`.
+    num_threads: Optional[int] = None
+
+    # -- public ---------------------------------------------------------------
+    @property
+    def last_backends(self) -> List[str]:
+        """Which backend each param group took on the last step.
+
+        One entry per group: ``"native-cpu/<isa>"``, ``"torch"``, both joined
+        with ``+`` when only some params of the group could use the kernels,
+        ``"none"`` for a group without grads, or ``"skipped (found_inf)"``.
+        """
+        return list(self.__dict__.get("_fo_last", []))
+
+    # -- torch.optim.Optimizer protocol ------------------------------------------
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        self._fo_plans = {}
+        super().load_state_dict(state_dict)  # type: ignore[misc]
+        self._fo_plans = {}
+
+    def __getstate__(self) -> Dict[str, Any]:
+        state = super().__getstate__()  # type: ignore[misc]
+        state = dict(state)
+        state["num_threads"] = self.__dict__.get("num_threads")
+        return state
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        state = dict(state)
+        num_threads = state.pop("num_threads", None)
+        super().__setstate__(state)  # type: ignore[misc]
+        self.num_threads = num_threads
+        self._fo_plans = {}
+
+    # -- the step -------------------------------------------------------------------
+    @_use_grad_for_differentiable
+    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
+        """Perform a single optimization step.
+
+        Args:
+            closure (Callable, optional): A closure that reevaluates the model
+                and returns the loss.
+        """
+        return self._fo_step(closure)
+
+    def _fo_step(self, closure: Optional[Callable[[], Any]]) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        # AMP: with fused=True torch's GradScaler hands the scale and the inf
+        # flag to the step (_step_supports_amp_scaling) instead of unscaling.
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        if found_inf is not None and bool(found_inf.item()):
+            self._fo_last = ["skipped (found_inf)"] * len(self.param_groups)  # type: ignore[attr-defined]
+            return loss
+
+        plans: Dict[int, Tuple[dict, _Plan]] = self.__dict__.setdefault("_fo_plans", {})
+
+        # Phase 1: check everything, write nothing.
+        work = []
+        for group in self.param_groups:  # type: ignore[attr-defined]
+            ps, gs = _grads_of(group["params"])
+            if not ps:
+                work.append((group, None, ps, gs, None))
+                continue
+            hyper = self._fo_hyper(group)
+            cached = plans.get(id(group))
+            plan = cached[1] if cached is not None and cached[0] is group else None
+            if plan is None or not self._fo_plan_valid(plan, group, ps):
+                plan = self._fo_route(group, ps, gs)
+            work.append((group, plan, ps, gs, hyper))
+
+        if grad_scale is not None:
+            _unscale_([g for w in work for g in w[3]], grad_scale)
+
+        # Phase 2: create missing state, run the kernels, then torch.
+        names: List[str] = []
+        fallback_groups: List[Dict[str, Any]] = []
+        isa = _C.get_cpu_isa()
+        threads = self.num_threads if self.num_threads is not None else get_num_threads()
+        for group, plan, ps, gs, hyper in work:
+            if plan is None:
+                names.append("none")
+                continue
+            if plan.pptrs is None:
+                self._fo_build(plan, group, ps)
+                plans[id(group)] = (group, plan)
+            used = []
+            if plan.buckets:
+                for bucket in plan.buckets:
+                    gptrs, keep = _grad_ptrs(bucket, gs)
+                    self._fo_native(bucket, group, hyper, gptrs, threads)
+                    del keep
+                    if any(bucket.first):
+                        bucket.first = [False] * len(bucket.first)
+                used.append(f"native-cpu/{isa}")
+            if plan.fallback:
+                sub = dict(group)
+                sub["params"] = [ps[i] for i in plan.fallback]
+                if all(p.device.type == "cpu" for p in sub["params"]):
+                    # Never torch's fused CPU kernels: they ignore strides.
+                    sub["fused"] = False
+                fallback_groups.append(sub)
+                used.append("torch")
+            names.append("+".join(used))
+
+        if fallback_groups:
+            self._fo_torch_step(fallback_groups)
+        self._fo_last = names  # type: ignore[attr-defined]
+        return loss
+
+    def _fo_torch_step(self, groups: List[Dict[str, Any]]) -> None:
+        """Run torch's own implementation (for-loop or foreach) on ``groups``."""
+        saved = self.param_groups  # type: ignore[attr-defined]
+        hidden = {k: self.__dict__.pop(k) for k in ("grad_scale", "found_inf") if k in self.__dict__}
+        self.param_groups = groups  # type: ignore[attr-defined]
+        try:
+            _unhooked(self._torch_cls.step)(self)
+        finally:
+            self.param_groups = saved  # type: ignore[attr-defined]
+            self.__dict__.update(hidden)
+
+    # -- routing ---------------------------------------------------------------------
+    def _fo_route(self, group: Dict[str, Any], ps: List[Tensor], gs: List[Tensor]) -> _Plan:
+        """Check every (param, grad, state) of a group and decide who updates it.
+
+        Raises before anything is written. The plan gets its pointer tables
+        in phase 2 (:meth:`_fo_build`), once missing state exists.
+        """
+        plan = _Plan()
+        plan.param_ids = list(map(id, ps))
+        plan.pptrs = None  # type: ignore[assignment]  # not built yet
+        plan.state_keys = self._fo_state_keys(group)
+        native_ok = not group.get("differentiable", False)
+        if self._fo_has_step and _step_dtype() != torch.float32:
+            native_ok = False
+        state_all = self.state  # type: ignore[attr-defined]
+        buckets: Dict[int, _Bucket] = {}
+        for i, (p, g) in enumerate(zip(ps, gs)):
+            self._fo_check_grad(i, p, g)
+            state = state_all.get(p)
+            if state:
+                self._fo_check_state(i, p, state, group)
+            usable = (
+                native_ok
+                and p.device.type == "cpu"
+                and p.dtype in DTYPE_CODES
+                and p.layout == torch.strided
+                and g.layout == torch.strided
+                and p.is_contiguous()
+                and (not state or self._fo_state_usable(p, state, group))
+            )
+            if usable:
+                code = DTYPE_CODES[p.dtype]
+                bucket = buckets.get(code)
+                if bucket is None:
+                    bucket = buckets[code] = _Bucket(code)
+                bucket.index.append(i)
+            else:
+                plan.fallback.append(i)
+        plan.buckets = list(buckets.values())
+        if plan.buckets and not _disjoint(ps, [i for b in plan.buckets for i in b.index]):
+            # Params that share memory are updated one after the other by
+            # torch, never by threads that would race on the shared bytes.
+            plan.fallback = sorted(plan.fallback + [i for b in plan.buckets for i in b.index])
+            plan.buckets = []
+        return plan
+
+    def _fo_check_state(self, i: int, p: Tensor, state: dict, group: Dict[str, Any]) -> None:
+        """Existing state must fit its param, else torch's code would fail midway."""
+        for key in self._fo_state_keys(group):
+            t = state.get(key)
+            if t is None:
+                continue
+            if not isinstance(t, Tensor):
+                raise TypeError(f"state[{key!r}] of param {i} must be a Tensor, got {type(t).__name__}")
+            if t.shape != p.shape:
+                raise ValueError(
+                    f"state[{key!r}] of param {i} has shape {tuple(t.shape)} but the param has {tuple(p.shape)}"
+                )
+
+    def _fo_build(self, plan: _Plan, group: Dict[str, Any], ps: List[Tensor]) -> None:
+        """Phase 2: create missing state and fill the plan's pointer tables."""
+        state_all = self.state  # type: ignore[attr-defined]
+        keys = plan.state_keys
+        pptrs = [p.data_ptr() for p in ps]
+        plan.state_dicts = []
+        for bucket in plan.buckets:
+            bucket.params, bucket.numels, bucket.pptrs, bucket.steps, bucket.first, bucket.refs = [], [], [], [], [], []
+            bucket.streams = {k: [] for k in keys}
+            for i in bucket.index:
+                p = ps[i]
+                # Touch optimizer.state only where torch would keep state
+                # (SGD without momentum keeps none).
+                state = state_all[p] if (keys or self._fo_has_step) else {}
+                bucket.first.append(self._fo_init_state(p, state, group))
+                bucket.params.append(p)
+                bucket.numels.append(p.numel())
+                bucket.pptrs.append(pptrs[i])
+                for k in keys:
+                    t = state[k]
+                    bucket.streams[k].append(t.data_ptr())
+                    bucket.refs.append(t)
+                if self._fo_has_step:
+                    bucket.steps.append(state["step"].data_ptr())
+                    bucket.refs.append(state["step"])
+                plan.state_dicts.append(state)
+        plan.state_ids = [[id(st.get(k)) for st in plan.state_dicts] for k in self._fo_tracked_keys(plan)]
+        plan.state_obj = state_all
+        plan.pptrs = pptrs
+
+    def _fo_tracked_keys(self, plan: _Plan) -> Tuple[str, ...]:
+        return plan.state_keys + (("step",) if self._fo_has_step else ())
+
+    def _fo_plan_valid(self, plan: _Plan, group: Dict[str, Any], ps: List[Tensor]) -> bool:
+        """The per-step check that a cached plan still describes the group.
+
+        It compares the params (identity and data address) and the identity
+        of every state tensor the kernels write; anything else that can
+        change a plan goes through load_state_dict, which drops all plans.
+        """
+        if plan.pptrs is None or plan.state_obj is not self.state:  # type: ignore[attr-defined]
+            return False
+        if plan.param_ids != list(map(id, ps)) or plan.state_keys != self._fo_state_keys(group):
+            return False
+        if plan.pptrs != [p.data_ptr() for p in ps]:
+            return False
+        for key, ids in zip(self._fo_tracked_keys(plan), plan.state_ids):
+            if ids != [id(st.get(key)) for st in plan.state_dicts]:
+                return False
+        return True
+
+
+def _grad_ptrs(bucket: _Bucket, gs: List[Tensor]) -> Tuple[List[int], List[Tensor]]:
+    """Addresses of a bucket's grads. A grad whose strides differ from its
+    (contiguous) param is read through a contiguous copy; the grad itself is
+    never written."""
+    grads = [gs[i] for i in bucket.index]
+    ptrs = [g.data_ptr() for g in grads]
+    keep: List[Tensor] = []
+    if not all([g.is_contiguous() for g in grads]):
+        for k, g in enumerate(grads):
+            if not g.is_contiguous():
+                g = g.contiguous()
+                keep.append(g)
+                ptrs[k] = g.data_ptr()
+    return ptrs, keep
+
+
+def _disjoint(ps: List[Tensor], index: List[int]) -> bool:
+    spans = []
+    for i in index:
+        p = ps[i]
+        n = p.numel() * p.element_size()
+        if n:
+            start = p.data_ptr()
+            spans.append((start, start + n))
+    spans.sort()
+    return all(spans[k][1] <= spans[k + 1][0] for k in range(len(spans) - 1))

@@ -1,0 +1,206 @@
+"""Adam and AdamW: torch.optim's classes with a fused native step."""
+
+from __future__ import annotations
+
+import inspect
+import math
+from typing import Any, Dict, Iterable, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from . import _C
+from ._backend import FusedOptimizerMixin, _Bucket, _scalar
+
+__all__ = ["Adam", "AdamW"]
+
+_TORCH_ADAM_ARGS = inspect.signature(torch.optim.Adam.__init__).parameters
+
+
+def _check_fused(fused: Any, foreach: Any, differentiable: bool) -> None:
+    # torch's own checks for `fused`, minus its device check: fusedoptim's
+    # fused step runs on the CPU (and falls back to torch elsewhere).
+    if fused:
+        if differentiable:
+            raise RuntimeError("`fused` does not support `differentiable`")
+        if foreach:
+            raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+
+
+class _FusedAdamMixin(FusedOptimizerMixin):
+    _fo_has_step = True
+    _fo_always_decoupled = False
+
+    def _fo_set_fused(self, fused: Any) -> None:
+        self.defaults["fused"] = fused  # type: ignore[attr-defined]
+        for group in self.param_groups:  # type: ignore[attr-defined]
+            group["fused"] = fused
+        if fused:
+            self._step_supports_amp_scaling = True
+
+    def _fo_hyper(self, group: Dict[str, Any]) -> Tuple[Any, ...]:
+        lr = _scalar(group["lr"], "learning rate")
+        beta1 = _scalar(group["betas"][0], "beta parameter at index 0")
+        beta2 = _scalar(group["betas"][1], "beta parameter at index 1")
+        eps = _scalar(group["eps"], "epsilon value")
+        wd = _scalar(group["weight_decay"], "weight_decay value")
+        if not 0.0 <= lr < math.inf:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if not 0.0 <= eps < math.inf:
+            raise ValueError(f"Invalid epsilon value: {eps}")
+        if not 0.0 <= beta1 < 1.0:
+            raise ValueError(f"Invalid beta parameter at index 0: {beta1}")
+        if not 0.0 <= beta2 < 1.0:
+            raise ValueError(f"Invalid beta parameter at index 1: {beta2}")
+        if not 0.0 <= wd < math.inf:
+            raise ValueError(f"Invalid weight_decay value: {wd}")
+        decoupled = self._fo_always_decoupled or bool(group.get("decoupled_weight_decay", False))
+        return lr, beta1, beta2, eps, wd, decoupled, bool(group["amsgrad"]), bool(group["maximize"])
+
+    def _fo_state_keys(self, group: Dict[str, Any]) -> Tuple[str, ...]:
+        if group["amsgrad"]:
+            return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+        return ("exp_avg", "exp_avg_sq")
+
+    def _fo_check_grad(self, i: int, p: Tensor, g: Tensor) -> None:
+        if g.is_sparse:
+            raise RuntimeError("Adam does not support sparse gradients, please consider SparseAdam instead")
+        _check_grad_matches(i, p, g)
+
+    def _fo_state_usable(self, p: Tensor, state: Dict[str, Any], group: Dict[str, Any]) -> bool:
+        step = state.get("step")
+        if not (isinstance(step, Tensor) and step.dtype == torch.float32 and step.device.type == "cpu"
+                and step.numel() == 1 and not step.requires_grad):
+            return False
+        for key in self._fo_state_keys(group):
+            t = state.get(key)
+            if t is not None and not (t.dtype == p.dtype and t.device == p.device and t.is_contiguous()):
+                return False
+        return True
+
+    def _fo_init_state(self, p: Tensor, state: Dict[str, Any], group: Dict[str, Any]) -> bool:
+        # torch's layout: a float32 0-d `step` and moments shaped like the param.
+        if "step" not in state:
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+        for key in self._fo_state_keys(group):
+            if state.get(key) is None:
+                state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return False
+
+    def _fo_native(self, bucket: _Bucket, group: Dict[str, Any], hyper: Tuple[Any, ...], gptrs, threads: int) -> None:
+        lr, beta1, beta2, eps, wd, decoupled, amsgrad, maximize = hyper
+        s = bucket.streams
+        _C.adam_step(
+            bucket.pptrs, gptrs, s["exp_avg"], s["exp_avg_sq"], s.get("max_exp_avg_sq"), bucket.steps,
+            bucket.numels, bucket.code, lr, beta1, beta2, eps, wd, decoupled, amsgrad, maximize, threads,
+        )
+
+
+def _check_grad_matches(i: int, p: Tensor, g: Tensor) -> None:
+    if g.shape != p.shape:
+        raise ValueError(f"grad of param {i} has shape {tuple(g.shape)} but the param has shape {tuple(p.shape)}")
+    if g.dtype != p.dtype:
+        raise ValueError(f"grad of param {i} has dtype {g.dtype} but the param has dtype {p.dtype}")
+    if g.device != p.device:
+        raise ValueError(f"grad of param {i} is on {g.device} but the param is on {p.device}")
+
+
+ParamsT = Union[Iterable[Tensor], Iterable[Dict[str, Any]], Iterable[Tuple[str, Tensor]]]
+
+
+class Adam(_FusedAdamMixin, torch.optim.Adam):
+    """Drop-in :class:`torch.optim.Adam` with a fused multi-tensor step.
+
+    Takes exactly torch's arguments and defaults, validates them as torch
+    does and keeps torch's ``state_dict`` layout, so checkpoints move freely
+    between the two. Dense fp32/bf16/fp16 CPU params are updated by one native
+    call per param group and dtype (AVX-512, AVX2 or scalar, chosen at run
+    time); everything else (other devices and dtypes, complex, strided
+    params, ``differentiable=True``) runs torch's own implementation.
+
+    Args:
+        params: iterable of parameters or param groups to optimize.
+        lr: learning rate (default: 1e-3); a 1-element tensor is accepted.
+        betas: coefficients of the running averages of the gradient and its
+            square (default: (0.9, 0.999)).
+        eps: term added to the denominator (default: 1e-8).
+        weight_decay: L2 penalty (default: 0).
+        amsgrad: use the AMSGrad variant (default: False).
+        foreach: passed to torch's implementation when it runs (fallback).
+        maximize: maximize the objective (default: False).
+        capturable: accepted for compatibility; CPU steps need no capture
+            support.
+        differentiable: run torch's differentiable implementation.
+        fused: accepted; the CPU step is always fused. ``True`` also lets
+            ``torch.amp.GradScaler`` hand the unscaling to the step.
+        decoupled_weight_decay: AdamW-style decay (default: False).
+
+    Threads default to :func:`torch.get_num_threads`; set
+    :func:`fusedoptim.set_num_threads` or the ``num_threads`` attribute to
+    change it. :attr:`last_backends` tells which backend each group took.
+    """
+
+    _torch_cls = torch.optim.Adam
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: Union[float, Tensor] = 1e-3,
+        betas: Tuple[Union[float, Tensor], Union[float, Tensor]] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0,
+        amsgrad: bool = False,
+        *,
+        foreach: bool | None = None,
+        maximize: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        decoupled_weight_decay: bool = False,
+    ) -> None:
+        _check_fused(fused, foreach, differentiable)
+        kwargs: Dict[str, Any] = dict(
+            foreach=foreach, maximize=maximize, capturable=capturable, differentiable=differentiable, fused=None
+        )
+        if "decoupled_weight_decay" in _TORCH_ADAM_ARGS:
+            kwargs["decoupled_weight_decay"] = decoupled_weight_decay
+        elif decoupled_weight_decay:
+            raise TypeError(
+                f"torch {torch.__version__} has no Adam(decoupled_weight_decay=...); use fusedoptim.AdamW"
+            )
+        torch.optim.Adam.__init__(self, params, lr, betas, eps, weight_decay, amsgrad, **kwargs)
+        self._fo_set_fused(fused)
+
+
+class AdamW(_FusedAdamMixin, torch.optim.AdamW):
+    """Drop-in :class:`torch.optim.AdamW` with a fused multi-tensor step.
+
+    Same arguments, defaults (``weight_decay=1e-2``), validation and
+    ``state_dict`` as torch's AdamW; see :class:`fusedoptim.Adam` for what
+    runs natively and what falls back to torch.
+    """
+
+    _torch_cls = torch.optim.AdamW
+    _fo_always_decoupled = True
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: Union[float, Tensor] = 1e-3,
+        betas: Tuple[Union[float, Tensor], Union[float, Tensor]] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+    ) -> None:
+        _check_fused(fused, foreach, differentiable)
+        torch.optim.AdamW.__init__(
+            self, params, lr, betas, eps, weight_decay, amsgrad,
+            maximize=maximize, foreach=foreach, capturable=capturable, differentiable=differentiable, fused=None,
+        )
+        self._fo_set_fused(fused)

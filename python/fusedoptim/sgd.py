@@ -1,0 +1,122 @@
+"""SGD: torch.optim.SGD with a fused native step."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from . import _C
+from ._backend import FusedOptimizerMixin, _Bucket, _scalar
+from .adam import ParamsT, _check_fused, _check_grad_matches
+
+__all__ = ["SGD"]
+
+
+class SGD(FusedOptimizerMixin, torch.optim.SGD):
+    """Drop-in :class:`torch.optim.SGD` with a fused multi-tensor step.
+
+    Plain SGD, momentum, dampening, Nesterov, weight decay and maximize, with
+    torch's arguments, defaults, validation and ``state_dict`` layout
+    (``momentum_buffer`` only when momentum is non-zero, initialised with the
+    gradient on its first step). Dense fp32/bf16/fp16 CPU params run natively;
+    sparse grads, other dtypes and devices, strided params and
+    ``differentiable=True`` run torch's own implementation.
+
+    Args:
+        params: iterable of parameters or param groups to optimize.
+        lr: learning rate (default: 1e-3).
+        momentum: momentum factor (default: 0).
+        dampening: dampening for momentum (default: 0).
+        weight_decay: L2 penalty (default: 0).
+        nesterov: enable Nesterov momentum (default: False).
+        maximize: maximize the objective (default: False).
+        foreach: passed to torch's implementation when it runs (fallback).
+        differentiable: run torch's differentiable implementation.
+        fused: accepted; the CPU step is always fused. ``True`` also lets
+            ``torch.amp.GradScaler`` hand the unscaling to the step.
+    """
+
+    _torch_cls = torch.optim.SGD
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: Union[float, Tensor] = 1e-3,
+        momentum: float = 0,
+        dampening: float = 0,
+        weight_decay: Union[float, Tensor] = 0,
+        nesterov: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        differentiable: bool = False,
+        fused: bool | None = None,
+    ) -> None:
+        _check_fused(fused, foreach, differentiable)
+        torch.optim.SGD.__init__(
+            self, params, lr, momentum, dampening, weight_decay, nesterov,
+            maximize=maximize, foreach=foreach, differentiable=differentiable, fused=None,
+        )
+        self.defaults["fused"] = fused
+        for group in self.param_groups:
+            group["fused"] = fused
+        if fused:
+            self._step_supports_amp_scaling = True
+
+    def _fo_hyper(self, group: Dict[str, Any]) -> Tuple[Any, ...]:
+        lr = _scalar(group["lr"], "learning rate")
+        momentum = _scalar(group["momentum"], "momentum value")
+        dampening = _scalar(group["dampening"], "dampening value")
+        wd = _scalar(group["weight_decay"], "weight_decay value")
+        if not 0.0 <= lr < math.inf:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if not 0.0 <= momentum < math.inf:
+            raise ValueError(f"Invalid momentum value: {momentum}")
+        if not 0.0 <= wd < math.inf:
+            raise ValueError(f"Invalid weight_decay value: {wd}")
+        if not math.isfinite(dampening):
+            raise ValueError(f"Invalid dampening value: {dampening}")
+        nesterov = bool(group["nesterov"])
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+        return lr, momentum, dampening, wd, nesterov, bool(group["maximize"])
+
+    def _fo_state_keys(self, group: Dict[str, Any]) -> Tuple[str, ...]:
+        return ("momentum_buffer",) if group["momentum"] != 0 else ()
+
+    def _fo_check_grad(self, i: int, p: Tensor, g: Tensor) -> None:
+        if g.layout != torch.strided:
+            # Sparse grads are torch's business (its SGD supports them).
+            if g.shape != p.shape:
+                raise ValueError(
+                    f"grad of param {i} has shape {tuple(g.shape)} but the param has shape {tuple(p.shape)}"
+                )
+            return
+        _check_grad_matches(i, p, g)
+
+    def _fo_state_usable(self, p: Tensor, state: Dict[str, Any], group: Dict[str, Any]) -> bool:
+        buf = state.get("momentum_buffer")
+        return buf is None or (
+            isinstance(buf, Tensor) and buf.dtype == p.dtype and buf.device == p.device and buf.is_contiguous()
+        )
+
+    def _fo_init_state(self, p: Tensor, state: Dict[str, Any], group: Dict[str, Any]) -> bool:
+        if group["momentum"] == 0:
+            return False
+        if state.get("momentum_buffer") is None:
+            # Filled by the kernel with the (decayed) gradient: torch's buf = grad.
+            state["momentum_buffer"] = torch.empty_like(p, memory_format=torch.preserve_format)
+            return True
+        return False
+
+    def _fo_native(self, bucket: _Bucket, group: Dict[str, Any], hyper: Tuple[Any, ...], gptrs, threads: int) -> None:
+        lr, momentum, dampening, wd, nesterov, maximize = hyper
+        use_momentum = momentum != 0
+        _C.sgd_step(
+            bucket.pptrs, gptrs, bucket.streams.get("momentum_buffer") if use_momentum else None,
+            bucket.first if use_momentum else None, bucket.numels, bucket.code,
+            lr, wd, momentum, dampening, nesterov, maximize, threads,
+        )
