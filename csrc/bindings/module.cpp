@@ -192,6 +192,35 @@ void sgd_step(py::handle params, py::handle grads, py::handle momentum_buffers, 
   cpu::sgd_step(ts, h, dtype, weight_decay != 0.0, mode, maximize, threads);
 }
 
+void stream_probe(py::handle rw_obj, uintptr_t read, int64_t numel, int32_t dtype, int num_threads) {
+  check_dtype(dtype);
+  if (numel < 0) throw py::value_error("numel must be non-negative");
+  if (!PyList_Check(rw_obj.ptr())) throw py::type_error("rw must be a list of ints");
+  const auto rw = addresses(rw_obj, "rw", size_t(PyList_GET_SIZE(rw_obj.ptr())));
+  if (rw.empty() || rw.size() > 4) throw py::value_error("stream_probe takes 1 to 4 read-write streams");
+  const size_t align = dtype_size(dtype);
+  check_ptr(read, numel, align, "read", 0);
+  std::vector<void*> ptrs;
+  for (size_t k = 0; k < rw.size(); ++k) {
+    check_ptr(rw[k], numel, align, "rw", k);
+    ptrs.push_back(reinterpret_cast<void*>(rw[k]));
+  }
+  const int threads = resolve_threads(num_threads);
+  py::gil_scoped_release release;
+  cpu::probe_streams(ptrs, reinterpret_cast<const void*>(read), numel, dtype, threads);
+}
+
+void triad(uintptr_t a, uintptr_t b, uintptr_t c, double s, int64_t numel, int num_threads) {
+  if (numel < 0) throw py::value_error("numel must be non-negative");
+  check_ptr(a, numel, 4, "a", 0);
+  check_ptr(b, numel, 4, "b", 0);
+  check_ptr(c, numel, 4, "c", 0);
+  const int threads = resolve_threads(num_threads);
+  py::gil_scoped_release release;
+  cpu::triad(reinterpret_cast<float*>(a), reinterpret_cast<const float*>(b), reinterpret_cast<const float*>(c),
+             float(s), numel, threads);
+}
+
 py::dict backend_info() {
   const cpu::CpuFeatures& f = cpu::cpu_features();
   py::dict features;
@@ -247,6 +276,12 @@ PYBIND11_MODULE(_C, m) {
         py::arg("maximize"), py::arg("num_threads"),
         "Fused SGD update of many tensors in one call. first_step[k] marks a momentum buffer "
         "that this call initialises with the gradient.");
+  m.def("stream_probe", &stream_probe, py::arg("rw"), py::arg("read"), py::arg("numel"), py::arg("dtype"),
+        py::arg("num_threads"),
+        "Bandwidth probe: x += read for each read-write stream x (1 to 4), on the optimizer's "
+        "thread split; moves exactly the bytes of a step with the same streams.");
+  m.def("triad", &triad, py::arg("a"), py::arg("b"), py::arg("c"), py::arg("scalar"), py::arg("numel"),
+        py::arg("num_threads"), "STREAM triad a = b + scalar * c over fp32 arrays.");
   m.def("backend_info", &backend_info, "What was compiled, the CPU features found and the ISA in use.");
   m.def("set_cpu_isa", [](const std::string& name) { cpu::set_isa(name); }, py::arg("name"),
         "Force a CPU variant: 'scalar', 'avx2' or 'avx512'.");

@@ -166,5 +166,16 @@ void sgd_step(const std::vector<SGDTensor>& tensors, const SGDHyper& hyper, int3
   });
 }
 
+void probe_streams(const std::vector<void*>& rw, const void* r, int64_t numel, int32_t dtype, int num_threads) {
+  const ProbeSegmentFn fn = g_active.load()->probe(dtype, int(rw.size()));
+  if (fn == nullptr) throw std::invalid_argument("stream_probe: 1 to 4 read-write streams of a supported dtype");
+  run_flat({numel}, num_threads, [&](size_t, int64_t b, int64_t e) { fn(rw.data(), r, b, e); });
+}
+
+void triad(float* a, const float* b, const float* c, float s, int64_t numel, int num_threads) {
+  const TriadSegmentFn fn = g_active.load()->triad;
+  run_flat({numel}, num_threads, [&](size_t, int64_t lo, int64_t hi) { fn(a, b, c, s, lo, hi); });
+}
+
 }  // namespace cpu
 }  // namespace fusedoptim

@@ -32,5 +32,9 @@ void adam_step(const std::vector<AdamTensor>& tensors, const AdamHyper& hyper, i
 void sgd_step(const std::vector<SGDTensor>& tensors, const SGDHyper& hyper, int32_t dtype,
               bool weight_decay, int momentum_mode, bool maximize, int num_threads);
 
+// Bandwidth references for benchmarks, on the same thread split as the steps.
+void probe_streams(const std::vector<void*>& rw, const void* r, int64_t numel, int32_t dtype, int num_threads);
+void triad(float* a, const float* b, const float* c, float s, int64_t numel, int num_threads);
+
 }  // namespace cpu
 }  // namespace fusedoptim

@@ -141,10 +141,55 @@ SGDSegmentFn pick_sgd(int32_t dtype, bool wd, int mom, bool maximize, bool first
   }
 }
 
+template <class S, int kRW>
+void probe_segment(void* const* rw, const void* r, int64_t begin, int64_t end) {
+  const S* g = static_cast<const S*>(r);
+  S* x[kRW];
+  for (int k = 0; k < kRW; ++k) x[k] = static_cast<S*>(rw[k]);
+  constexpr int W = VecISA::kWidth;
+  int64_t i = begin;
+  for (; i + W <= end; i += W) {
+    const VecISA gv = VecISA::load(g + i);
+    for (int k = 0; k < kRW; ++k) add(VecISA::load(x[k] + i), gv).store(x[k] + i);
+  }
+  for (; i < end; ++i) {
+    const VecScalar gv = VecScalar::load(g + i);
+    for (int k = 0; k < kRW; ++k) add(VecScalar::load(x[k] + i), gv).store(x[k] + i);
+  }
+}
+
+template <class S>
+ProbeSegmentFn pick_probe_rw(int nrw) {
+  switch (nrw) {
+    case 1: return &probe_segment<S, 1>;
+    case 2: return &probe_segment<S, 2>;
+    case 3: return &probe_segment<S, 3>;
+    case 4: return &probe_segment<S, 4>;
+    default: return nullptr;
+  }
+}
+
+ProbeSegmentFn pick_probe(int32_t dtype, int nrw) {
+  switch (dtype) {
+    case kFloat32: return pick_probe_rw<float>(nrw);
+    case kBFloat16: return pick_probe_rw<bf16_t>(nrw);
+    case kFloat16: return pick_probe_rw<f16_t>(nrw);
+    default: return nullptr;
+  }
+}
+
+void triad_segment(float* a, const float* b, const float* c, float s, int64_t begin, int64_t end) {
+  constexpr int W = VecISA::kWidth;
+  const VecISA sv(s);
+  int64_t i = begin;
+  for (; i + W <= end; i += W) fma(VecISA::load(c + i), sv, VecISA::load(b + i)).store(a + i);
+  for (; i < end; ++i) a[i] = std::fma(c[i], s, b[i]);
+}
+
 #define FO_STR_(x) #x
 #define FO_STR(x) FO_STR_(x)
 
-const KernelTable kTable = {FO_STR(FO_VARIANT), VecISA::kWidth, &pick_adam, &pick_sgd};
+const KernelTable kTable = {FO_STR(FO_VARIANT), VecISA::kWidth, &pick_adam, &pick_sgd, &pick_probe, &triad_segment};
 
 }  // namespace
 

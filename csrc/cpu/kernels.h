@@ -13,11 +13,20 @@ namespace cpu {
 using AdamSegmentFn = void (*)(const AdamTensor&, int64_t begin, int64_t end, const AdamHyper&);
 using SGDSegmentFn = void (*)(const SGDTensor&, int64_t begin, int64_t end, const SGDHyper&);
 
+// Bandwidth probe: for every element, x += r for each of the `nrw`
+// read-write streams x, which touches exactly the bytes of an optimizer
+// step with the same number of streams (Adam: 3 read-write + the grad).
+using ProbeSegmentFn = void (*)(void* const* rw, const void* r, int64_t begin, int64_t end);
+// STREAM triad a = b + s * c in fp32, for reference.
+using TriadSegmentFn = void (*)(float* a, const float* b, const float* c, float s, int64_t begin, int64_t end);
+
 struct KernelTable {
   const char* isa;  // "scalar", "avx2", "avx512"
   int vector_width; // fp32 lanes
   AdamSegmentFn (*adam)(int32_t dtype, int wd_mode, bool amsgrad, bool maximize);
   SGDSegmentFn (*sgd)(int32_t dtype, bool weight_decay, int momentum_mode, bool maximize, bool first_step);
+  ProbeSegmentFn (*probe)(int32_t dtype, int nrw);
+  TriadSegmentFn triad;
 };
 
 // Defined once per variant in kernels.cpp; variants not built for this
