@@ -221,6 +221,246 @@ void triad(uintptr_t a, uintptr_t b, uintptr_t c, double s, int64_t numel, int n
              float(s), numel, threads);
 }
 
+// Note [cached step plans]
+// A Python step over thousands of small tensors would spend most of its time
+// asking each tensor for its grad and its address. A StepPlan caches, for one
+// param group, everything that does not change between steps: the params,
+// their addresses, the state tensors and their addresses, grouped in buckets
+// of one dtype. Each step, collect() checks in C that the cache still holds
+// (same params in the same list, same addresses, same grads present, same
+// state tensor objects) and reads the grads' addresses; run_*() then updates
+// all buckets. collect() writes nothing, so a step can check every group
+// before it touches any; any mismatch sends Python back to its full check.
+class StepPlan {
+ public:
+  enum Status { kOk = 0, kStale = 1, kSlowGrad = 2 };
+
+  StepPlan(py::list params, std::vector<bool> with_grad, py::list state_dicts, std::vector<std::string> keys,
+           py::list expected, py::object state_obj, std::vector<int64_t> positions, std::vector<int32_t> bucket_dtype,
+           std::vector<int64_t> bucket_size, std::vector<int64_t> numels, std::vector<uintptr_t> pptrs,
+           std::vector<uintptr_t> stream_ptrs, std::vector<uintptr_t> step_ptrs, std::vector<bool> first)
+      : params_list_(params), with_grad_(std::move(with_grad)), keys_(std::move(keys)), state_obj_(state_obj),
+        positions_(std::move(positions)), bucket_dtype_(std::move(bucket_dtype)), bucket_size_(std::move(bucket_size)),
+        numels_(std::move(numels)), pptrs_(std::move(pptrs)), stream_ptrs_(std::move(stream_ptrs)),
+        step_ptrs_(std::move(step_ptrs)), first_(first.begin(), first.end()) {
+    const size_t n = positions_.size();
+    if (size_t(PyList_GET_SIZE(params.ptr())) != with_grad_.size()) throw py::value_error("with_grad length");
+    for (const py::handle& p : params) params_.push_back(py::reinterpret_borrow<py::object>(p));
+    if (numels_.size() != n || pptrs_.size() != n || first_.size() != n) throw py::value_error("plan table lengths");
+    if (stream_ptrs_.size() != n * keys_.size()) throw py::value_error("stream table length");
+    if (!step_ptrs_.empty() && step_ptrs_.size() != n) throw py::value_error("step table length");
+    if (size_t(py::len(state_dicts)) != n || size_t(py::len(expected)) != n * (keys_.size() + (step_ptrs_.empty() ? 0 : 1))) {
+      throw py::value_error("state tables length");
+    }
+    for (const py::handle& d : state_dicts) state_dicts_.push_back(py::reinterpret_borrow<py::object>(d));
+    for (const py::handle& e : expected) expected_.push_back(py::reinterpret_borrow<py::object>(e));
+    int64_t total = 0;
+    for (int64_t b : bucket_size_) total += b;
+    if (total != int64_t(n) || bucket_dtype_.size() != bucket_size_.size()) throw py::value_error("bucket sizes");
+    for (int32_t d : bucket_dtype_) check_dtype(d);
+    for (const auto& k : keys_) key_objs_.push_back(py::reinterpret_steal<py::object>(PyUnicode_InternFromString(k.c_str())));
+    if (!step_ptrs_.empty()) key_objs_.push_back(py::reinterpret_steal<py::object>(PyUnicode_InternFromString("step")));
+    grad_ptrs_.assign(n, 0);
+  }
+
+  // Checks the cache against the group and reads the grads' addresses.
+  int collect(py::handle params, py::handle state_obj) {
+    const int status = collect_impl(params, state_obj);
+    if (status != kOk) release();
+    return status;
+  }
+
+  int collect_impl(py::handle params, py::handle state_obj) {
+    collected_ = false;
+    if (!params.is(params_list_) || !state_obj.is(state_obj_)) return kStale;
+    PyObject* list = params.ptr();
+    const Py_ssize_t count = PyList_GET_SIZE(list);
+    if (size_t(count) != params_.size()) return kStale;
+    wg_params_.clear();
+    wg_grads_.clear();
+    for (Py_ssize_t i = 0; i < count; ++i) {
+      PyObject* p = PyList_GET_ITEM(list, i);
+      if (p != params_[size_t(i)].ptr()) return kStale;
+      py::object g = py::reinterpret_steal<py::object>(PyObject_GetAttr(p, s_grad().ptr()));
+      if (!g) throw py::error_already_set();
+      const bool has = !g.is_none();
+      if (has != with_grad_[size_t(i)]) return kStale;
+      if (has) {
+        wg_params_.push_back(p);
+        wg_grads_.push_back(std::move(g));
+      }
+    }
+    // Native entries: check the param address, read the grad's.
+    for (size_t k = 0; k < positions_.size(); ++k) {
+      const int64_t pos = positions_[k];
+      if (pos < 0 || size_t(pos) >= wg_grads_.size()) return kStale;
+      PyObject* g = wg_grads_[size_t(pos)].ptr();
+      if (call_ptr(wg_params_[size_t(pos)]) != pptrs_[k]) return kStale;
+      if (!call_bool(g, s_is_contiguous().ptr())) return kSlowGrad;
+      // A grad's shape and dtype equal its param's: torch checks both when a
+      // grad is assigned and autograd produces no other; a param whose data
+      // was swapped has a new address and fails the check above.
+      grad_ptrs_[k] = call_ptr(g);
+    }
+    // State: the same tensor objects under the same keys.
+    const size_t nk = key_objs_.size();
+    for (size_t k = 0; k < positions_.size(); ++k) {
+      PyObject* d = state_dicts_[k].ptr();
+      if (!PyDict_Check(d)) return kStale;
+      for (size_t j = 0; j < nk; ++j) {
+        PyObject* v = PyDict_GetItemWithError(d, key_objs_[j].ptr());
+        if (v == nullptr && PyErr_Occurred()) throw py::error_already_set();
+        if (v != expected_[k * nk + j].ptr()) return kStale;
+      }
+    }
+    collected_ = true;
+    return kOk;
+  }
+
+  void run_adam(double lr, double beta1, double beta2, double eps, double weight_decay, bool decoupled, bool amsgrad,
+                bool maximize, int num_threads) {
+    take_collected();
+    const size_t nk = keys_.size();
+    if (nk != (amsgrad ? 3u : 2u) || step_ptrs_.empty()) throw py::value_error("plan was built for other Adam flags");
+    check_finite(lr, "learning rate");
+    check_finite(eps, "epsilon");
+    check_finite(weight_decay, "weight_decay");
+    if (!(beta1 >= 0.0 && beta1 < 1.0)) throw py::value_error("Invalid beta parameter at index 0");
+    if (!(beta2 >= 0.0 && beta2 < 1.0)) throw py::value_error("Invalid beta parameter at index 1");
+    const int threads = resolve_threads(num_threads);
+    AdamHyper h;
+    h.one_minus_beta1 = float(1.0 - beta1);
+    h.beta2 = float(beta2);
+    h.one_minus_beta2 = float(1.0 - beta2);
+    h.eps = float(eps);
+    h.weight_decay = float(weight_decay);
+    h.decay = decoupled ? float(1.0 - lr * weight_decay) : 1.0f;
+    const int wd_mode = weight_decay == 0.0 ? kNoDecay : (decoupled ? kDecoupled : kL2);
+    {
+    py::gil_scoped_release release;
+    size_t k0 = 0;
+    for (size_t b = 0; b < bucket_size_.size(); ++b) {
+      const size_t n = size_t(bucket_size_[b]);
+      std::vector<AdamTensor> ts(n);
+      for (size_t j = 0; j < n; ++j) {
+        const size_t k = k0 + j;
+        float* step = reinterpret_cast<float*>(step_ptrs_[k]);
+        *step += 1.0f;
+        ts[j].param = reinterpret_cast<void*>(pptrs_[k]);
+        ts[j].grad = reinterpret_cast<const void*>(grad_ptrs_[k]);
+        ts[j].exp_avg = reinterpret_cast<void*>(stream_ptrs_[k * nk + 0]);
+        ts[j].exp_avg_sq = reinterpret_cast<void*>(stream_ptrs_[k * nk + 1]);
+        ts[j].max_exp_avg_sq = amsgrad ? reinterpret_cast<void*>(stream_ptrs_[k * nk + 2]) : nullptr;
+        ts[j].numel = numels_[k];
+        ts[j].coeffs = cpu::adam_coeffs(lr, beta1, beta2, double(*step));
+      }
+      cpu::adam_step(ts, h, bucket_dtype_[b], wd_mode, amsgrad, maximize, threads);
+      k0 += n;
+    }
+    }
+    release();
+  }
+
+  void run_sgd(double lr, double weight_decay, double momentum, double dampening, bool nesterov, bool maximize,
+               int num_threads) {
+    take_collected();
+    const bool use_momentum = momentum != 0.0;
+    if (keys_.size() != (use_momentum ? 1u : 0u)) throw py::value_error("plan was built for other SGD flags");
+    check_finite(lr, "learning rate");
+    check_finite(weight_decay, "weight_decay");
+    check_finite(momentum, "momentum value");
+    check_finite(dampening, "dampening value", true);
+    const int threads = resolve_threads(num_threads);
+    SGDHyper h;
+    h.neg_lr = float(-lr);
+    h.weight_decay = float(weight_decay);
+    h.momentum = float(momentum);
+    h.one_minus_dampening = float(1.0 - dampening);
+    const int mode = !use_momentum ? kNoMomentum : (nesterov ? kNesterov : kMomentum);
+    {
+    py::gil_scoped_release release;
+    size_t k0 = 0;
+    for (size_t b = 0; b < bucket_size_.size(); ++b) {
+      const size_t n = size_t(bucket_size_[b]);
+      std::vector<SGDTensor> ts(n);
+      for (size_t j = 0; j < n; ++j) {
+        const size_t k = k0 + j;
+        ts[j].param = reinterpret_cast<void*>(pptrs_[k]);
+        ts[j].grad = reinterpret_cast<const void*>(grad_ptrs_[k]);
+        ts[j].momentum_buffer = use_momentum ? reinterpret_cast<void*>(stream_ptrs_[k]) : nullptr;
+        ts[j].numel = numels_[k];
+        ts[j].first_step = use_momentum && first_[k] != 0;
+      }
+      cpu::sgd_step(ts, h, bucket_dtype_[b], weight_decay != 0.0, mode, maximize, threads);
+      k0 += n;
+    }
+    }
+    std::fill(first_.begin(), first_.end(), char(0));
+    release();
+  }
+
+  // After a step that ran through the general path.
+  void clear_first() { std::fill(first_.begin(), first_.end(), char(0)); }
+
+  // Drops the references collect() took (the grads), keeping the cache.
+  void release() {
+    wg_grads_.clear();
+    wg_params_.clear();
+    collected_ = false;
+  }
+
+  size_t size() const { return positions_.size(); }
+
+ private:
+  static const py::object& s_grad() { static const py::object s = py::reinterpret_steal<py::object>(PyUnicode_InternFromString("grad")); return s; }
+  static const py::object& s_data_ptr() { static const py::object s = py::reinterpret_steal<py::object>(PyUnicode_InternFromString("data_ptr")); return s; }
+  static const py::object& s_is_contiguous() { static const py::object s = py::reinterpret_steal<py::object>(PyUnicode_InternFromString("is_contiguous")); return s; }
+
+  static uintptr_t call_ptr(PyObject* t) {
+    PyObject* args[1] = {t};
+    PyObject* r = PyObject_VectorcallMethod(s_data_ptr().ptr(), args, 1 | PY_VECTORCALL_ARGUMENTS_OFFSET, nullptr);
+    if (r == nullptr) throw py::error_already_set();
+    const unsigned long long v = PyLong_AsUnsignedLongLong(r);
+    Py_DECREF(r);
+    if (v == static_cast<unsigned long long>(-1) && PyErr_Occurred()) throw py::error_already_set();
+    return uintptr_t(v);
+  }
+  static bool call_bool(PyObject* t, PyObject* name) {
+    PyObject* args[1] = {t};
+    PyObject* r = PyObject_VectorcallMethod(name, args, 1 | PY_VECTORCALL_ARGUMENTS_OFFSET, nullptr);
+    if (r == nullptr) throw py::error_already_set();
+    const int v = PyObject_IsTrue(r);
+    Py_DECREF(r);
+    if (v < 0) throw py::error_already_set();
+    return v == 1;
+  }
+  void take_collected() {
+    if (!collected_) throw py::value_error("StepPlan.run_* needs a successful collect() first");
+    collected_ = false;
+  }
+
+  py::object params_list_;
+  std::vector<py::object> params_;
+  std::vector<bool> with_grad_;
+  std::vector<std::string> keys_;
+  std::vector<py::object> key_objs_;
+  py::object state_obj_;
+  std::vector<py::object> state_dicts_;
+  std::vector<py::object> expected_;
+  std::vector<int64_t> positions_;  // per native entry: index among params with grad
+  std::vector<int32_t> bucket_dtype_;
+  std::vector<int64_t> bucket_size_;
+  std::vector<int64_t> numels_;
+  std::vector<uintptr_t> pptrs_;
+  std::vector<uintptr_t> stream_ptrs_;  // entry-major: [k * keys + j]
+  std::vector<uintptr_t> step_ptrs_;
+  std::vector<char> first_;
+  std::vector<uintptr_t> grad_ptrs_;
+  std::vector<PyObject*> wg_params_;      // params with a grad, this step (borrowed: params_ owns them)
+  std::vector<py::object> wg_grads_;      // their grads, held until the next collect()
+  bool collected_ = false;
+};
+
 py::dict backend_info() {
   const cpu::CpuFeatures& f = cpu::cpu_features();
   py::dict features;
@@ -282,6 +522,23 @@ PYBIND11_MODULE(_C, m) {
         "thread split; moves exactly the bytes of a step with the same streams.");
   m.def("triad", &triad, py::arg("a"), py::arg("b"), py::arg("c"), py::arg("scalar"), py::arg("numel"),
         py::arg("num_threads"), "STREAM triad a = b + scalar * c over fp32 arrays.");
+  py::class_<StepPlan>(m, "StepPlan", "Cached pointer tables of one param group; see Note [cached step plans].")
+      .def(py::init<py::list, std::vector<bool>, py::list, std::vector<std::string>, py::list, py::object,
+                    std::vector<int64_t>, std::vector<int32_t>, std::vector<int64_t>, std::vector<int64_t>,
+                    std::vector<uintptr_t>, std::vector<uintptr_t>, std::vector<uintptr_t>, std::vector<bool>>(),
+           py::arg("params"), py::arg("with_grad"), py::arg("state_dicts"), py::arg("keys"), py::arg("expected"),
+           py::arg("state_obj"), py::arg("positions"), py::arg("bucket_dtype"), py::arg("bucket_size"),
+           py::arg("numels"), py::arg("pptrs"), py::arg("stream_ptrs"), py::arg("step_ptrs"), py::arg("first"))
+      .def("collect", &StepPlan::collect, py::arg("params"), py::arg("state"),
+           "0: cache valid and grads read; 1: stale (rebuild); 2: a grad needs the general path. Writes nothing.")
+      .def("run_adam", &StepPlan::run_adam, py::arg("lr"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"),
+           py::arg("weight_decay"), py::arg("decoupled"), py::arg("amsgrad"), py::arg("maximize"),
+           py::arg("num_threads"))
+      .def("run_sgd", &StepPlan::run_sgd, py::arg("lr"), py::arg("weight_decay"), py::arg("momentum"),
+           py::arg("dampening"), py::arg("nesterov"), py::arg("maximize"), py::arg("num_threads"))
+      .def("clear_first", &StepPlan::clear_first, "Mark every momentum buffer as initialised.")
+      .def("release", &StepPlan::release, "Drop the grad references taken by collect().")
+      .def("__len__", &StepPlan::size);
   m.def("backend_info", &backend_info, "What was compiled, the CPU features found and the ISA in use.");
   m.def("set_cpu_isa", [](const std::string& name) { cpu::set_isa(name); }, py::arg("name"),
         "Force a CPU variant: 'scalar', 'avx2' or 'avx512'.");

@@ -155,7 +155,8 @@ class _Bucket:
 class _Plan:
     """Routing and pointer tables of one param group, valid while unchanged."""
 
-    __slots__ = ("param_ids", "pptrs", "state_obj", "state_dicts", "state_keys", "state_ids", "buckets", "fallback")
+    __slots__ = ("param_ids", "pptrs", "state_obj", "state_dicts", "state_keys", "state_ids", "buckets", "fallback",
+                 "native")
 
     def __init__(self) -> None:
         self.param_ids: List[int] = []
@@ -164,6 +165,7 @@ class _Plan:
         self.state_keys: Tuple[str, ...] = ()
         self.state_ids: List[List[int]] = []
         self.state_obj: Any = None
+        self.native: Optional[_C.StepPlan] = None  # the same tables, checked and run from C
         self.buckets: List[_Bucket] = []
         self.fallback: List[int] = []  # positions that torch updates
 
@@ -263,54 +265,76 @@ class FusedOptimizerMixin:
             return loss
 
         plans: Dict[int, Tuple[dict, _Plan]] = self.__dict__.setdefault("_fo_plans", {})
+        state_all = self.state  # type: ignore[attr-defined]
 
         # Phase 1: check everything, write nothing.
         work = []
-        for group in self.param_groups:  # type: ignore[attr-defined]
-            ps, gs = _grads_of(group["params"])
-            if not ps:
-                work.append((group, None, ps, gs, None))
-                continue
-            hyper = self._fo_hyper(group)
-            cached = plans.get(id(group))
-            plan = cached[1] if cached is not None and cached[0] is group else None
-            if plan is None or not self._fo_plan_valid(plan, group, ps):
-                plan = self._fo_route(group, ps, gs)
-            work.append((group, plan, ps, gs, hyper))
+        try:
+            for group in self.param_groups:  # type: ignore[attr-defined]
+                hyper = None
+                cached = plans.get(id(group))
+                plan = cached[1] if cached is not None and cached[0] is group else None
+                if plan is not None and plan.native is not None and not plan.fallback:
+                    # Fast path: the cached plan checks itself in C.
+                    hyper = self._fo_hyper(group)
+                    if plan.native.collect(group["params"], state_all) == 0:
+                        work.append((group, plan, None, None, hyper, True))
+                        continue
+                ps, gs = _grads_of(group["params"])
+                if not ps:
+                    work.append((group, None, ps, gs, None, False))
+                    continue
+                if hyper is None:
+                    hyper = self._fo_hyper(group)
+                if plan is None or not self._fo_plan_valid(plan, group, ps):
+                    plan = self._fo_route(group, ps, gs)
+                work.append((group, plan, ps, gs, hyper, False))
 
-        if grad_scale is not None:
-            _unscale_([g for w in work for g in w[3]], grad_scale)
+            if grad_scale is not None:
+                grads = [g for w in work for g in (w[3] if w[3] is not None else _grads_of(w[0]["params"])[1])]
+                _unscale_(grads, grad_scale)
 
-        # Phase 2: create missing state, run the kernels, then torch.
-        names: List[str] = []
-        fallback_groups: List[Dict[str, Any]] = []
-        isa = _C.get_cpu_isa()
-        threads = self.num_threads if self.num_threads is not None else get_num_threads()
-        for group, plan, ps, gs, hyper in work:
-            if plan is None:
-                names.append("none")
-                continue
-            if plan.pptrs is None:
-                self._fo_build(plan, group, ps)
-                plans[id(group)] = (group, plan)
-            used = []
-            if plan.buckets:
-                for bucket in plan.buckets:
-                    gptrs, keep = _grad_ptrs(bucket, gs)
-                    self._fo_native(bucket, group, hyper, gptrs, threads)
-                    del keep
-                    if any(bucket.first):
-                        bucket.first = [False] * len(bucket.first)
-                used.append(f"native-cpu/{isa}")
-            if plan.fallback:
-                sub = dict(group)
-                sub["params"] = [ps[i] for i in plan.fallback]
-                if all(p.device.type == "cpu" for p in sub["params"]):
-                    # Never torch's fused CPU kernels: they ignore strides.
-                    sub["fused"] = False
-                fallback_groups.append(sub)
-                used.append("torch")
-            names.append("+".join(used))
+            # Phase 2: create missing state, run the kernels, then torch.
+            names: List[str] = []
+            fallback_groups: List[Dict[str, Any]] = []
+            isa = _C.get_cpu_isa()
+            threads = self.num_threads if self.num_threads is not None else get_num_threads()
+            for group, plan, ps, gs, hyper, fast in work:
+                if plan is None:
+                    names.append("none")
+                    continue
+                if plan.pptrs is None:
+                    self._fo_build(plan, group, ps)
+                    plans[id(group)] = (group, plan)
+                    if plan.native is not None and not plan.fallback:
+                        fast = plan.native.collect(group["params"], state_all) == 0
+                used = []
+                if fast:
+                    self._fo_run_plan(plan.native, hyper, threads)
+                    used.append(f"native-cpu/{isa}")
+                elif plan.buckets:
+                    for bucket in plan.buckets:
+                        gptrs, keep = _grad_ptrs(bucket, gs)
+                        self._fo_native(bucket, group, hyper, gptrs, threads)
+                        del keep
+                        if any(bucket.first):
+                            bucket.first = [False] * len(bucket.first)
+                    if plan.native is not None:
+                        plan.native.clear_first()
+                    used.append(f"native-cpu/{isa}")
+                if plan.fallback:
+                    sub = dict(group)
+                    sub["params"] = [ps[i] for i in plan.fallback]
+                    if all(p.device.type == "cpu" for p in sub["params"]):
+                        # Never torch's fused CPU kernels: they ignore strides.
+                        sub["fused"] = False
+                    fallback_groups.append(sub)
+                    used.append("torch")
+                names.append("+".join(used))
+        finally:
+            for w in work:
+                if w[1] is not None and w[1].native is not None:
+                    w[1].native.release()
 
         if fallback_groups:
             self._fo_torch_step(fallback_groups)
@@ -416,6 +440,26 @@ class FusedOptimizerMixin:
         plan.state_ids = [[id(st.get(k)) for st in plan.state_dicts] for k in self._fo_tracked_keys(plan)]
         plan.state_obj = state_all
         plan.pptrs = pptrs
+        plan.native = None
+        params = group["params"]
+        if plan.buckets and isinstance(params, list):
+            tracked = self._fo_tracked_keys(plan)
+            plan.native = _C.StepPlan(
+                params,
+                [p.grad is not None for p in params],
+                plan.state_dicts,
+                list(keys),
+                [st.get(k) for st in plan.state_dicts for k in tracked],
+                state_all,
+                [i for b in plan.buckets for i in b.index],
+                [b.code for b in plan.buckets],
+                [len(b.index) for b in plan.buckets],
+                [n for b in plan.buckets for n in b.numels],
+                [q for b in plan.buckets for q in b.pptrs],
+                [ptr for b in plan.buckets for k in range(len(b.index)) for ptr in (b.streams[key][k] for key in keys)],
+                [q for b in plan.buckets for q in b.steps],
+                [f for b in plan.buckets for f in b.first],
+            )
 
     def _fo_tracked_keys(self, plan: _Plan) -> Tuple[str, ...]:
         return plan.state_keys + (("step",) if self._fo_has_step else ())

@@ -87,6 +87,10 @@ class _FusedAdamMixin(FusedOptimizerMixin):
                 state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return False
 
+    def _fo_run_plan(self, plan: "_C.StepPlan", hyper: Tuple[Any, ...], threads: int) -> None:
+        lr, beta1, beta2, eps, wd, decoupled, amsgrad, maximize = hyper
+        plan.run_adam(lr, beta1, beta2, eps, wd, decoupled, amsgrad, maximize, threads)
+
     def _fo_native(self, bucket: _Bucket, group: Dict[str, Any], hyper: Tuple[Any, ...], gptrs, threads: int) -> None:
         lr, beta1, beta2, eps, wd, decoupled, amsgrad, maximize = hyper
         s = bucket.streams

@@ -112,6 +112,10 @@ class SGD(FusedOptimizerMixin, torch.optim.SGD):
             return True
         return False
 
+    def _fo_run_plan(self, plan: "_C.StepPlan", hyper: Tuple[Any, ...], threads: int) -> None:
+        lr, momentum, dampening, wd, nesterov, maximize = hyper
+        plan.run_sgd(lr, wd, momentum, dampening, nesterov, maximize, threads)
+
     def _fo_native(self, bucket: _Bucket, group: Dict[str, Any], hyper: Tuple[Any, ...], gptrs, threads: int) -> None:
         lr, momentum, dampening, wd, nesterov, maximize = hyper
         use_momentum = momentum != 0
