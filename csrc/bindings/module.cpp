@@ -120,6 +120,7 @@ void adam_step(py::handle params, py::handle grads, py::handle exp_avgs, py::han
   const int wd_mode = weight_decay == 0.0 ? kNoDecay : (decoupled ? kDecoupled : kL2);
 
   py::gil_scoped_release release;
+  cpu::AdamCoeffCache coeff_cache(lr, beta1, beta2);
   std::vector<AdamTensor> ts(n);
   for (size_t k = 0; k < n; ++k) {
     // Every check has passed: from here on we write. The step counter is a
@@ -132,7 +133,7 @@ void adam_step(py::handle params, py::handle grads, py::handle exp_avgs, py::han
     ts[k].exp_avg_sq = reinterpret_cast<void*>(v[k]);
     ts[k].max_exp_avg_sq = amsgrad ? reinterpret_cast<void*>(vmax[k]) : nullptr;
     ts[k].numel = numels[k];
-    ts[k].coeffs = cpu::adam_coeffs(lr, beta1, beta2, double(*step));
+    ts[k].coeffs = coeff_cache.get(*step);
   }
   cpu::adam_step(ts, h, dtype, wd_mode, amsgrad, maximize, threads);
 }
@@ -338,6 +339,7 @@ class StepPlan {
     const int wd_mode = weight_decay == 0.0 ? kNoDecay : (decoupled ? kDecoupled : kL2);
     {
     py::gil_scoped_release release;
+    cpu::AdamCoeffCache coeff_cache(lr, beta1, beta2);
     size_t k0 = 0;
     for (size_t b = 0; b < bucket_size_.size(); ++b) {
       const size_t n = size_t(bucket_size_[b]);
@@ -352,7 +354,7 @@ class StepPlan {
         ts[j].exp_avg_sq = reinterpret_cast<void*>(stream_ptrs_[k * nk + 1]);
         ts[j].max_exp_avg_sq = amsgrad ? reinterpret_cast<void*>(stream_ptrs_[k * nk + 2]) : nullptr;
         ts[j].numel = numels_[k];
-        ts[j].coeffs = cpu::adam_coeffs(lr, beta1, beta2, double(*step));
+        ts[j].coeffs = coeff_cache.get(*step);
       }
       cpu::adam_step(ts, h, bucket_dtype_[b], wd_mode, amsgrad, maximize, threads);
       k0 += n;

@@ -25,6 +25,27 @@ void set_isa(const std::string& name);
 // Host-side step scalars, in double as torch computes them in Python.
 AdamCoeffs adam_coeffs(double lr, double beta1, double beta2, double step);
 
+// adam_coeffs for a run of tensors that mostly share one step count: two
+// pow() per tensor would cost more than the update of a small tensor.
+class AdamCoeffCache {
+ public:
+  AdamCoeffCache(double lr, double beta1, double beta2) : lr_(lr), beta1_(beta1), beta2_(beta2) {}
+  const AdamCoeffs& get(float step) {
+    if (!valid_ || step != step_) {
+      coeffs_ = adam_coeffs(lr_, beta1_, beta2_, double(step));
+      step_ = step;
+      valid_ = true;
+    }
+    return coeffs_;
+  }
+
+ private:
+  double lr_, beta1_, beta2_;
+  bool valid_ = false;
+  float step_ = 0.0f;
+  AdamCoeffs coeffs_{};
+};
+
 // One fused call over every tensor of a group: a single parallel region over
 // the flattened list, cut into chunks aligned to 64 elements of each tensor.
 void adam_step(const std::vector<AdamTensor>& tensors, const AdamHyper& hyper, int32_t dtype,

@@ -1,0 +1,236 @@
+"""fusedoptim-bench: optimizer step time and bandwidth against the machine's limit.
+
+Run ``fusedoptim-bench`` (or ``python -m fusedoptim.bench``) with no
+arguments for the default grid (Adam and SGD with momentum; every case;
+fp32 and bf16; 1 thread and all cores; fusedoptim against torch.optim's
+fused, foreach and for-loop steps), about two minutes on a 2-core machine.
+Progress goes to stderr, the table to stdout. ``--quick`` is a smoke run of a
+few seconds; ``--full`` runs every implementation on every case and, unless
+``--optimizers`` says otherwise, every optimizer. ``--json``/``--csv`` write
+tidy rows with the machine facts; ``--plot`` draws a chart (needs
+matplotlib: ``pip install 'fusedoptim[bench]'``).
+
+See :mod:`fusedoptim.bench.harness` for what is measured and how.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Callable, List, Optional, Sequence, TypeVar
+
+from .cases import CASES, DEFAULT_CASES, QUICK_CASES, Case, parse_case
+from .harness import (
+    DTYPES,
+    IMPL_ALIASES,
+    IMPLEMENTATIONS,
+    OPTIMIZERS,
+    BenchError,
+    Config,
+    Report,
+    check_plot_available,
+    config_dict,
+    format_table,
+    machine_facts,
+    run,
+    write_csv,
+    write_json,
+    write_plot,
+)
+
+__all__ = ["main", "build_parser", "config_from_args", "run", "Config", "Report", "format_table"]
+
+T = TypeVar("T")
+
+#: Optimizers of a run without ``--optimizers``.
+DEFAULT_OPTIMIZERS = ("adam", "sgd")
+
+
+def _usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def _list_of(parse: Callable[[str], T], choices: Optional[Sequence[str]] = None) -> Callable[[str], List[T]]:
+    """An argparse type for comma-separated values (``all`` = every choice)."""
+
+    def convert(text: str) -> List[T]:
+        items = [x.strip() for x in text.split(",") if x.strip()]
+        if choices is not None and items == ["all"]:
+            items = list(choices)
+        if not items:
+            raise argparse.ArgumentTypeError("empty list")
+        out: List[T] = []
+        for x in items:
+            try:
+                value = parse(x)
+            except (ValueError, KeyError) as exc:
+                raise argparse.ArgumentTypeError(str(exc).strip("'\"")) from None
+            if value not in out:
+                out.append(value)
+        return out
+
+    return convert
+
+
+def _choice(choices: Sequence[str], what: str) -> Callable[[str], str]:
+    def parse(x: str) -> str:
+        x = x.lower()
+        if x not in choices:
+            raise ValueError(f"unknown {what} {x!r}; choose from {', '.join(choices)}")
+        return x
+
+    return parse
+
+
+def _impl(x: str) -> str:
+    key = x.lower()
+    if key not in IMPL_ALIASES:
+        raise ValueError(f"unknown implementation {x!r}; choose from fusedoptim, fused, foreach, for-loop, deepspeed")
+    return IMPL_ALIASES[key]
+
+
+def _threads(x: str) -> int:
+    if x.lower() == "all":
+        return _usable_cores()
+    n = int(x)
+    if n < 1:
+        raise ValueError(f"thread count must be >= 1, got {n}")
+    return n
+
+
+def _positive_int(x: str) -> int:
+    n = int(x)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
+    return n
+
+
+def _nonneg_int(x: str) -> int:
+    n = int(x)
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {n}")
+    return n
+
+
+def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
+    """The command line of fusedoptim-bench."""
+    cores = _usable_cores()
+    p = argparse.ArgumentParser(
+        prog=prog or "fusedoptim-bench",
+        description=(
+            "Time fusedoptim's Adam/AdamW/SGD steps against torch.optim (fused, foreach, for-loop) and against "
+            "the memory-bandwidth limit measured in the same run. Progress goes to stderr, one table to stdout."
+        ),
+        epilog=(
+            "cases: " + ", ".join(f"{c.name} ({c.description})" for c in CASES.values())
+            + "; or COUNTxSIZE such as 64x256K. Lists are comma-separated; 'all' selects every choice."
+        ),
+    )
+    sel = p.add_argument_group("what to run")
+    sel.add_argument("--optimizers", "-o", type=_list_of(_choice(list(OPTIMIZERS), "optimizer"), list(OPTIMIZERS)),
+                     metavar="LIST", help=f"of {', '.join(OPTIMIZERS)} (default: {','.join(DEFAULT_OPTIMIZERS)}; "
+                     "--full: all)")
+    sel.add_argument("--impls", "-i", type=_list_of(_impl, list(IMPLEMENTATIONS)), metavar="LIST",
+                     help="of fusedoptim, fused, foreach, for-loop, deepspeed (default: all; deepspeed only when "
+                     "importable)")
+    sel.add_argument("--cases", "-c", type=_list_of(parse_case, list(CASES)), metavar="LIST",
+                     help=f"default: {','.join(DEFAULT_CASES)} (--quick: {','.join(QUICK_CASES)})")
+    sel.add_argument("--dtypes", "-d", type=_list_of(_choice(list(DTYPES), "dtype"), list(DTYPES)), metavar="LIST",
+                     help="of fp32, bf16 (default: fp32,bf16; --quick: fp32)")
+    sel.add_argument("--threads", "-t", type=_list_of(_threads), metavar="LIST",
+                     help=f"thread counts, 'all' = {cores} (default: 1,{cores}); sets torch.set_num_threads and "
+                     "fusedoptim's num_threads")
+    sel.add_argument("--full", action="store_true",
+                     help="the full grid: torch for-loop/foreach also on cases >= 64M params (skipped by default, "
+                     "~10x slower), and every optimizer unless --optimizers is given (takes tens of minutes)")
+    sel.add_argument("--quick", action="store_true",
+                     help="smoke run in seconds: small cases, fp32, 1 warm-up and 3 repeats (options given "
+                     "explicitly still win)")
+    tim = p.add_argument_group("timing")
+    tim.add_argument("--warmup", "-w", type=_nonneg_int, metavar="N", help="untimed steps before timing (default: 2)")
+    tim.add_argument("--repeats", "-r", type=_positive_int, metavar="N",
+                     help="timed steps per measurement (default: enough for --min-time, at least 5)")
+    tim.add_argument("--min-time", type=float, metavar="S",
+                     help="seconds of timed steps per measurement when --repeats is not given (default: 0.4)")
+    tim.add_argument("--max-repeats", type=_positive_int, metavar="N", help="cap on automatic repeats (default: 200)")
+    tim.add_argument("--triad-size", type=_positive_int, metavar="N",
+                     help="elements per STREAM triad array (default: 2**25 = 32M)")
+    out = p.add_argument_group("output")
+    out.add_argument("--json", metavar="PATH", help="write rows, machine facts and config as JSON")
+    out.add_argument("--csv", metavar="PATH", help="write tidy rows (with machine-fact columns) as CSV")
+    out.add_argument("--plot", metavar="PNG", help="draw GB/s per case and implementation with the limit (matplotlib)")
+    out.add_argument("--quiet", "-q", action="store_true", help="no progress lines on stderr")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """A :class:`Config` from parsed arguments: explicit options, then --quick/--full, then defaults."""
+    cores = _usable_cores()
+    cfg = Config()
+    if args.optimizers:
+        cfg.optimizers = args.optimizers
+    elif args.full:
+        cfg.optimizers = list(OPTIMIZERS)
+    else:
+        cfg.optimizers = list(DEFAULT_OPTIMIZERS)
+    cfg.impls = args.impls or list(IMPLEMENTATIONS)
+    cfg.cases = args.cases or [CASES[n] for n in (QUICK_CASES if args.quick else DEFAULT_CASES)]
+    cfg.dtypes = args.dtypes or (["fp32"] if args.quick else list(DTYPES))
+    cfg.threads = args.threads or sorted({1, cores})
+    cfg.full = bool(args.full)
+    if args.quick:
+        cfg.warmup, cfg.repeats, cfg.triad_numel = 1, 3, 2**22
+    if args.warmup is not None:
+        cfg.warmup = args.warmup
+    if args.repeats is not None:
+        cfg.repeats = args.repeats
+    if args.min_time is not None:
+        if args.min_time <= 0:
+            raise BenchError("--min-time must be positive")
+        cfg.min_time = args.min_time
+    if args.max_repeats is not None:
+        cfg.max_repeats = args.max_repeats
+    if args.triad_size is not None:
+        cfg.triad_numel = args.triad_size
+    return cfg
+
+
+def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> int:
+    """Entry point of ``fusedoptim-bench``: run, print the table, write the files asked for.
+
+    Returns the process exit status (0 ok, 2 usage error, 130 interrupted).
+    """
+    parser = build_parser(prog)
+    args = parser.parse_args(None if argv is None else list(argv))
+    try:
+        cfg = config_from_args(args)
+        if args.plot:
+            check_plot_available()  # before minutes of measuring
+    except BenchError as exc:
+        parser.error(str(exc))
+    report = Report(machine=machine_facts(), config=config_dict(cfg))
+    progress = None if args.quiet else sys.stderr
+    status = 0
+    try:
+        run(cfg, progress=progress, report=report)
+    except KeyboardInterrupt:
+        print("interrupted: printing what was measured", file=sys.stderr)
+        status = 130
+    if progress is not None:
+        print(f"done in {report.wall_s:.0f} s", file=sys.stderr)
+    print(format_table(report))
+    try:
+        if args.json:
+            write_json(report, args.json)
+        if args.csv:
+            write_csv(report, args.csv)
+        if args.plot:
+            write_plot(report, args.plot)
+    except (BenchError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return status

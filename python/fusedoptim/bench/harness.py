@@ -1,0 +1,867 @@
+"""Timing, the memory-bandwidth limit, result rows, machine facts and output.
+
+What one run measures, for every (case, dtype) and optimizer:
+
+* each implementation (fusedoptim, torch.optim's fused, foreach and for-loop
+  steps, DeepSpeed's CPU Adam when importable) at each thread count: warm-up
+  steps, then the median (and quartiles) of many timed ``step()`` calls on
+  grads that were set once;
+* **the limit**: :func:`fusedoptim._C.stream_probe`, which does ``x += read``
+  over the same number of read-write streams as the optimizer plus one read
+  stream (the grad), with the same ISA and thread split, on the same number
+  of elements (for a many-tensor case: one tensor of the same total size).
+  It moves exactly the bytes of a step. Its timed repeats are spread in
+  blocks before each implementation and after the last one, so that drift of
+  a shared machine hits the limit and the optimizers alike;
+* once per thread count, STREAM triad (``a = b + s * c``, fp32) for reference.
+
+GB/s is the bytes a step must move (each stream read once, each read-write
+stream written once) divided by the median time; "% of limit" compares it
+with the probe's GB/s on the same case, dtype and thread count.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import gc
+import importlib.util
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, TextIO, Tuple
+
+import torch
+from torch import Tensor
+
+import fusedoptim
+from fusedoptim import _C
+
+from .cases import Case, build_tensors
+
+__all__ = [
+    "BenchError",
+    "Config",
+    "OptimizerSpec",
+    "OPTIMIZERS",
+    "IMPLEMENTATIONS",
+    "Row",
+    "Report",
+    "run",
+    "machine_facts",
+    "format_table",
+    "write_json",
+    "write_csv",
+    "write_plot",
+]
+
+
+class BenchError(Exception):
+    """A usage or environment error reported to the user without a traceback."""
+
+
+class Unsupported(Exception):
+    """An implementation that cannot run a given optimizer/dtype."""
+
+
+# --------------------------------------------------------------------------------------------
+# optimizers and implementations
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """One optimizer configuration and the memory streams its step touches."""
+
+    name: str
+    family: str  # "Adam", "AdamW" or "SGD": the class name in torch.optim and fusedoptim
+    kwargs: Tuple[Tuple[str, Any], ...]
+    rw_streams: int  # param and state tensors, each read and written once per step
+    description: str
+
+    def bytes_per_param(self, elem_size: int) -> int:
+        """Bytes a step moves per param: each rw stream read and written, the grad read."""
+        return (2 * self.rw_streams + 1) * elem_size
+
+    @property
+    def options(self) -> Dict[str, Any]:
+        return dict(self.kwargs)
+
+
+OPTIMIZERS: Dict[str, OptimizerSpec] = {
+    s.name: s
+    for s in (
+        OptimizerSpec("adam", "Adam", (("lr", 1e-3),), 3, "Adam(lr=1e-3)"),
+        OptimizerSpec("adamw", "AdamW", (("lr", 1e-3), ("weight_decay", 1e-2)), 3, "AdamW(lr=1e-3, weight_decay=1e-2)"),
+        OptimizerSpec("sgd", "SGD", (("lr", 1e-2), ("momentum", 0.9)), 2, "SGD(lr=1e-2, momentum=0.9)"),
+        OptimizerSpec(
+            "sgd-nesterov", "SGD", (("lr", 1e-2), ("momentum", 0.9), ("nesterov", True)), 2,
+            "SGD(lr=1e-2, momentum=0.9, nesterov=True)",
+        ),
+        OptimizerSpec("sgd-plain", "SGD", (("lr", 1e-2),), 1, "SGD(lr=1e-2), no momentum"),
+    )
+}
+
+#: Implementation id -> label used in tables and charts, in display order.
+IMPLEMENTATIONS: Dict[str, str] = {
+    "fusedoptim": "fusedoptim",
+    "torch-fused": "torch fused",
+    "torch-foreach": "torch foreach",
+    "torch-forloop": "torch for-loop",
+    "deepspeed": "DeepSpeed",
+}
+#: Names accepted by ``--impls``.
+IMPL_ALIASES: Dict[str, str] = {
+    "fusedoptim": "fusedoptim",
+    "fo": "fusedoptim",
+    "fused": "torch-fused",
+    "torch-fused": "torch-fused",
+    "foreach": "torch-foreach",
+    "torch-foreach": "torch-foreach",
+    "for-loop": "torch-forloop",
+    "forloop": "torch-forloop",
+    "loop": "torch-forloop",
+    "torch-forloop": "torch-forloop",
+    "deepspeed": "deepspeed",
+}
+#: Implementations skipped on huge cases unless ``full``.
+SLOW_IMPLS = ("torch-foreach", "torch-forloop")
+
+DTYPES: Dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPE_CODES: Dict[torch.dtype, int] = {torch.float32: _C.DTYPE_FLOAT32, torch.bfloat16: _C.DTYPE_BFLOAT16}
+
+
+def deepspeed_available() -> bool:
+    """Whether DeepSpeed's CPU Adam can be imported (without importing it)."""
+    try:
+        return importlib.util.find_spec("deepspeed") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def make_optimizer(spec: OptimizerSpec, impl: str, params: List[Tensor]) -> Any:
+    """A fresh optimizer for ``params``; raises :class:`Unsupported` if ``impl`` can't run ``spec``."""
+    kw = spec.options
+    if impl == "fusedoptim":
+        return getattr(fusedoptim, spec.family)(params, **kw)
+    torch_cls = getattr(torch.optim, spec.family)
+    if impl == "torch-fused":
+        return torch_cls(params, fused=True, **kw)
+    if impl == "torch-foreach":
+        return torch_cls(params, foreach=True, **kw)
+    if impl == "torch-forloop":
+        return torch_cls(params, foreach=False, **kw)
+    if impl == "deepspeed":
+        if spec.family not in ("Adam", "AdamW"):
+            raise Unsupported("DeepSpeed's CPU optimizer is Adam only")
+        try:
+            from deepspeed.ops.adam import DeepSpeedCPUAdam  # type: ignore[import-not-found]
+        except Exception as exc:  # noqa: BLE001 - any import failure means "not here"
+            raise Unsupported(f"DeepSpeedCPUAdam not importable: {exc}") from None
+        try:
+            return DeepSpeedCPUAdam(
+                params, lr=kw["lr"], weight_decay=kw.get("weight_decay", 0.0), adamw_mode=spec.family == "AdamW"
+            )
+        except Exception as exc:  # noqa: BLE001
+            raise Unsupported(f"DeepSpeedCPUAdam: {exc}") from None
+    raise ValueError(f"unknown implementation {impl!r}")
+
+
+def set_threads(opt: Any, impl: str, threads: int) -> None:
+    """torch's intra-op threads, and fusedoptim's own ``num_threads``."""
+    torch.set_num_threads(threads)
+    if impl == "fusedoptim":
+        opt.num_threads = threads
+
+
+# --------------------------------------------------------------------------------------------
+# timing
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Timing:
+    """Seconds per call of a timed function."""
+
+    samples: List[float]
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.samples)
+
+    @property
+    def quartiles(self) -> Tuple[float, float]:
+        if len(self.samples) < 2:
+            return self.samples[0], self.samples[0]
+        q = statistics.quantiles(self.samples, n=4, method="inclusive")
+        return q[0], q[2]
+
+
+@dataclass
+class Config:
+    """What to run. ``repeats=None`` picks repeats per measurement from ``min_time``."""
+
+    optimizers: List[str] = field(default_factory=lambda: ["adam", "sgd"])
+    impls: List[str] = field(default_factory=lambda: list(IMPLEMENTATIONS))
+    cases: List[Case] = field(default_factory=list)
+    dtypes: List[str] = field(default_factory=lambda: ["fp32", "bf16"])
+    threads: List[int] = field(default_factory=lambda: [1])
+    warmup: int = 2
+    repeats: Optional[int] = None
+    min_time: float = 0.4
+    min_repeats: int = 5
+    max_repeats: int = 200
+    full: bool = False
+    triad_numel: int = 2**25
+    seed: int = 0
+
+
+def _repeats_for(cfg: Config, est: float, min_time: float, min_reps: int) -> int:
+    if cfg.repeats is not None:
+        return cfg.repeats
+    est = max(est, 1e-6)
+    return int(min(max(math.ceil(min_time / est), min_reps), cfg.max_repeats))
+
+
+def time_calls(fn: Callable[[], Any], warmup: int, reps: Callable[[float], int]) -> Timing:
+    """Run ``fn`` ``warmup`` times, then ``reps(estimate)`` timed times, with the GC off."""
+    gc_was = gc.isenabled()
+    gc.disable()
+    try:
+        est = 0.0
+        for _ in range(warmup):
+            t0 = time.perf_counter()
+            fn()
+            est = time.perf_counter() - t0
+        if warmup == 0:
+            t0 = time.perf_counter()
+            fn()
+            est = time.perf_counter() - t0
+            samples = [est]
+        else:
+            samples = []
+        for _ in range(reps(est) - len(samples)):
+            t0 = time.perf_counter()
+            fn()
+            samples.append(time.perf_counter() - t0)
+        return Timing(samples)
+    finally:
+        if gc_was:
+            gc.enable()
+
+
+class _Probe:
+    """Buffers of :func:`fusedoptim._C.stream_probe` for one (case, dtype)."""
+
+    def __init__(self, numel: int, dtype: torch.dtype, rw_streams: int, read: Optional[Tensor]) -> None:
+        self.numel = numel
+        self.code = DTYPE_CODES[dtype]
+        self.rw = [torch.zeros(numel, dtype=dtype) for _ in range(rw_streams)]
+        # The grad of a one-tensor case is read in place; else one tensor of the total size.
+        self.read = read if read is not None else torch.full((numel,), 0.01, dtype=dtype)
+        self.rw_ptrs = [t.data_ptr() for t in self.rw]
+        self.warm: set = set()
+
+    def call(self, streams: int, threads: int) -> None:
+        _C.stream_probe(self.rw_ptrs[:streams], self.read.data_ptr(), self.numel, self.code, threads)
+
+    def block(self, cfg: Config, streams: int, threads: int) -> List[float]:
+        """One block of timed probe calls (the first block at a (streams, threads) warms up first)."""
+        torch.set_num_threads(threads)
+        key = (streams, threads)
+        warmup = 1 if key not in self.warm else 0
+        self.warm.add(key)
+        if cfg.repeats is not None:
+            reps = max(1, math.ceil(cfg.repeats / 2))
+            fixed = lambda est: reps  # noqa: E731
+        else:
+            fixed = lambda est: _repeats_for(cfg, est, cfg.min_time / 2, 2)  # noqa: E731
+        gc.disable()
+        try:
+            if warmup:
+                self.call(streams, threads)
+            t0 = time.perf_counter()
+            self.call(streams, threads)
+            first = time.perf_counter() - t0
+            samples = [first]
+            for _ in range(fixed(first) - 1):
+                t0 = time.perf_counter()
+                self.call(streams, threads)
+                samples.append(time.perf_counter() - t0)
+        finally:
+            gc.enable()
+        return samples
+
+
+def measure_triad(cfg: Config, threads: int) -> Timing:
+    """STREAM triad over three fp32 arrays of ``cfg.triad_numel`` elements."""
+    n = cfg.triad_numel
+    a, b, c = torch.zeros(n), torch.full((n,), 1.0), torch.full((n,), 2.0)
+    torch.set_num_threads(threads)
+    try:
+        return time_calls(
+            lambda: _C.triad(a.data_ptr(), b.data_ptr(), c.data_ptr(), 3.0, n, threads),
+            max(cfg.warmup, 1),
+            lambda est: _repeats_for(cfg, est, cfg.min_time, cfg.min_repeats),
+        )
+    finally:
+        del a, b, c
+
+
+# --------------------------------------------------------------------------------------------
+# rows and the run
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    """One tidy result: an implementation (or the limit) on one case, dtype and thread count."""
+
+    optimizer: str
+    implementation: str
+    case: str
+    dtype: str
+    threads: int
+    tensors: int
+    numel: int
+    median_ms: float
+    q1_ms: float
+    q3_ms: float
+    repeats: int
+    bytes_per_step: int
+    gb_per_s: float
+    pct_of_limit: Optional[float] = None
+    speedup_vs_torch_fused: Optional[float] = None
+    note: str = ""
+
+
+@dataclass
+class Report:
+    """Everything one run produced."""
+
+    machine: Dict[str, Any]
+    config: Dict[str, Any]
+    rows: List[Row] = field(default_factory=list)
+    triad: List[Row] = field(default_factory=list)
+    skipped: List[Dict[str, Any]] = field(default_factory=list)
+    wall_s: float = 0.0
+    complete: bool = False
+
+
+def _row(spec_name: str, impl: str, case: Case, dtype: str, threads: int, t: Timing, nbytes: int,
+         note: str = "") -> Row:
+    med = t.median
+    q1, q3 = t.quartiles
+    return Row(
+        optimizer=spec_name, implementation=impl, case=case.name, dtype=dtype, threads=threads,
+        tensors=case.num_tensors, numel=case.numel, median_ms=med * 1e3, q1_ms=q1 * 1e3, q3_ms=q3 * 1e3,
+        repeats=len(t.samples), bytes_per_step=nbytes, gb_per_s=nbytes / med / 1e9, note=note,
+    )
+
+
+def planned_measurements(cfg: Config) -> int:
+    """How many progress lines a run prints (measurements, limits and triads)."""
+    n = len(cfg.threads)  # triads
+    impls = _usable_impls(cfg)
+    for case in cfg.cases:
+        for _ in cfg.dtypes:
+            for name in cfg.optimizers:
+                spec = OPTIMIZERS[name]
+                k = sum(1 for i in impls if _applicable(cfg, spec, i, case) is None)
+                n += (k + 1) * len(cfg.threads)
+    return n
+
+
+def _usable_impls(cfg: Config) -> List[str]:
+    impls = list(cfg.impls)
+    if "deepspeed" in impls and not deepspeed_available():
+        impls.remove("deepspeed")  # optional: skipped silently
+    return impls
+
+
+def _applicable(cfg: Config, spec: OptimizerSpec, impl: str, case: Case) -> Optional[str]:
+    """None if ``impl`` runs here, else why not."""
+    if impl in SLOW_IMPLS and case.huge and not cfg.full:
+        return "skipped on huge cases by default (use --full)"
+    if impl == "deepspeed" and spec.family not in ("Adam", "AdamW"):
+        return "DeepSpeed's CPU optimizer is Adam only"
+    return None
+
+
+class _Progress:
+    def __init__(self, total: int, stream: Optional[TextIO]) -> None:
+        self.total, self.done, self.stream = total, 0, stream
+        self.t0 = time.perf_counter()
+
+    def __call__(self, what: str, result: str) -> None:
+        self.done += 1
+        if self.stream is None:
+            return
+        width = len(str(self.total))
+        elapsed = time.perf_counter() - self.t0
+        print(f"[{self.done:>{width}}/{self.total}] {what:<44} {result}  ({elapsed:.0f} s)",
+              file=self.stream, flush=True)
+
+    def note(self, text: str) -> None:
+        if self.stream is not None:
+            print(f"  {text}", file=self.stream, flush=True)
+
+
+def run(cfg: Config, progress: Optional[TextIO] = sys.stderr, report: Optional[Report] = None) -> Report:
+    """Run every measurement of ``cfg``; rows are appended to ``report`` as they finish.
+
+    Params and grads are built once per (case, dtype) and shared by every
+    optimizer and implementation; each optimizer object (and so its state)
+    lives only while it is measured.
+    """
+    t_start = time.perf_counter()
+    if report is None:
+        report = Report(machine=machine_facts(), config=config_dict(cfg))
+    prog = _Progress(planned_measurements(cfg), progress)
+    impls = _usable_impls(cfg)
+    saved_threads = torch.get_num_threads()
+    try:
+        for threads in cfg.threads:
+            t = measure_triad(cfg, threads)
+            nbytes = 3 * 4 * cfg.triad_numel
+            row = Row("stream", "triad", f"triad {_human(cfg.triad_numel)}", "fp32", threads, 3, cfg.triad_numel,
+                      t.median * 1e3, *(q * 1e3 for q in t.quartiles), len(t.samples), nbytes,
+                      nbytes / t.median / 1e9, note="STREAM triad a = b + s*c, 12 B/element")
+            report.triad.append(row)
+            prog(f"STREAM triad fp32 {_human(cfg.triad_numel)} {_thr(threads)}", f"{row.gb_per_s:6.1f} GB/s")
+
+        for case in cfg.cases:
+            for dtype_name in cfg.dtypes:
+                _run_case(cfg, case, dtype_name, impls, report, prog)
+                gc.collect()
+        report.complete = True
+    finally:
+        torch.set_num_threads(saved_threads)
+        report.wall_s = time.perf_counter() - t_start
+    return report
+
+
+def _run_case(cfg: Config, case: Case, dtype_name: str, impls: List[str], report: Report, prog: _Progress) -> None:
+    dtype = DTYPES[dtype_name]
+    es = torch.empty((), dtype=dtype).element_size()
+    params = build_tensors(case, dtype, cfg.seed)
+    streams_needed = max(OPTIMIZERS[o].rw_streams for o in cfg.optimizers)
+    single = case.num_tensors == 1
+    probe = _Probe(case.numel, dtype, streams_needed, params[0].grad.view(-1) if single else None)
+    limit_note = "" if single else "limit measured on one tensor of the same total size"
+    try:
+        for opt_name in cfg.optimizers:
+            spec = OPTIMIZERS[opt_name]
+            nbytes = spec.bytes_per_param(es) * case.numel
+            probe_samples: Dict[int, List[float]] = {t: [] for t in cfg.threads}
+            group: List[Row] = []
+            for impl in impls:
+                why = _applicable(cfg, spec, impl, case)
+                if why is not None:
+                    report.skipped.append(dict(optimizer=opt_name, implementation=impl, case=case.name,
+                                               dtype=dtype_name, reason=why))
+                    continue
+                try:
+                    opt = make_optimizer(spec, impl, params)
+                except Unsupported as exc:
+                    report.skipped.append(dict(optimizer=opt_name, implementation=impl, case=case.name,
+                                               dtype=dtype_name, reason=str(exc)))
+                    for threads in cfg.threads:
+                        prog(f"{opt_name} {impl} {case.name} {dtype_name} {_thr(threads)}", f"skipped: {exc}")
+                    continue
+                try:
+                    for threads in cfg.threads:
+                        probe_samples[threads] += probe.block(cfg, spec.rw_streams, threads)
+                        set_threads(opt, impl, threads)
+                        what = f"{opt_name} {impl} {case.name} {dtype_name} {_thr(threads)}"
+                        try:
+                            t = time_calls(opt.step, cfg.warmup,
+                                           lambda est: _repeats_for(cfg, est, cfg.min_time, cfg.min_repeats))
+                        except Exception as exc:  # noqa: BLE001 - an implementation that fails here is skipped
+                            report.skipped.append(dict(optimizer=opt_name, implementation=impl, case=case.name,
+                                                       dtype=dtype_name, threads=threads,
+                                                       reason=f"{type(exc).__name__}: {exc}"))
+                            prog(what, f"failed: {type(exc).__name__}: {exc}")
+                            continue
+                        row = _row(opt_name, impl, case, dtype_name, threads, t, nbytes)
+                        group.append(row)
+                        prog(what, _fmt_result(row))
+                finally:
+                    del opt
+                    gc.collect()
+            for threads in cfg.threads:
+                probe_samples[threads] += probe.block(cfg, spec.rw_streams, threads)
+                limit = _row(opt_name, "limit", case, dtype_name, threads, Timing(probe_samples[threads]), nbytes,
+                             note=limit_note)
+                limit.pct_of_limit = 100.0
+                rows = [r for r in group if r.threads == threads]
+                fused = next((r for r in rows if r.implementation == "torch-fused"), None)
+                for r in rows + [limit]:
+                    r.pct_of_limit = 100.0 * r.gb_per_s / limit.gb_per_s
+                    if fused is not None:
+                        r.speedup_vs_torch_fused = fused.median_ms / r.median_ms
+                report.rows.append(limit)
+                report.rows.extend(rows)
+                prog(f"{opt_name} limit {case.name} {dtype_name} {_thr(threads)}",
+                     _fmt_result(limit) + (" (one tensor)" if not single else ""))
+    finally:
+        del params, probe
+        gc.collect()
+
+
+def _fmt_result(r: Row) -> str:
+    return f"{r.median_ms:9.3f} ms/step  [{r.q1_ms:.3f}, {r.q3_ms:.3f}]  {r.gb_per_s:6.1f} GB/s  n={r.repeats}"
+
+
+def _thr(threads: int) -> str:
+    return f"{threads} thread" + ("" if threads == 1 else "s")
+
+
+def _human(n: int) -> str:
+    for unit, size in (("G", 2**30), ("M", 2**20), ("K", 2**10)):
+        if n >= size and n % size == 0:
+            return f"{n // size}{unit}"
+    return str(n)
+
+
+# --------------------------------------------------------------------------------------------
+# machine facts
+# --------------------------------------------------------------------------------------------
+
+
+def _read(path: str) -> Optional[str]:
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (or what platform knows)."""
+    text = _read("/proc/cpuinfo") or ""
+    for line in text.splitlines():
+        if line.startswith("model name") and ":" in line:
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def machine_facts() -> Dict[str, Any]:
+    """CPU model, cores, memory, the ISA fusedoptim uses, versions and the date."""
+    info = fusedoptim.backend_info()
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable = os.cpu_count() or 1
+    mem = None
+    for line in (_read("/proc/meminfo") or "").splitlines():
+        if line.startswith("MemTotal:"):
+            mem = round(int(line.split()[1]) / 2**20, 1)
+    l3 = (_read("/sys/devices/system/cpu/cpu0/cache/index3/size") or "").strip() or None
+    thp = _read("/sys/kernel/mm/transparent_hugepage/enabled")
+    thp = thp[thp.find("[") + 1 : thp.find("]")] if thp and "[" in thp else None
+    ds = None
+    if deepspeed_available():
+        try:
+            from importlib.metadata import version
+
+            ds = version("deepspeed")
+        except Exception:  # noqa: BLE001
+            ds = "unknown"
+    return {
+        "cpu_model": cpu_model(),
+        "isa": info["isa"],
+        "vector_width": info.get("vector_width"),
+        "cores": os.cpu_count(),
+        "usable_cores": usable,
+        "memory_gib": mem,
+        "l3_cache": l3,
+        "transparent_hugepages": thp,
+        "torch_version": torch.__version__,
+        "torch_threads_default": torch.get_num_threads(),
+        "fusedoptim_version": fusedoptim.__version__,
+        "fusedoptim_compiler": info.get("compiler"),
+        "deepspeed_version": ds,
+        "python_version": platform.python_version(),
+        "platform": platform.platform(),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def config_dict(cfg: Config) -> Dict[str, Any]:
+    """The configuration as plain JSON values."""
+    d = asdict(cfg)
+    d["cases"] = [
+        {"name": c.name, "tensors": c.num_tensors, "numel": c.numel, "description": c.description} for c in cfg.cases
+    ]
+    d["optimizers"] = {n: OPTIMIZERS[n].description for n in cfg.optimizers}
+    d["command"] = " ".join([os.path.basename(sys.argv[0]) or "fusedoptim-bench"] + sys.argv[1:])
+    return d
+
+
+# --------------------------------------------------------------------------------------------
+# output: table, JSON, CSV, chart
+# --------------------------------------------------------------------------------------------
+
+_MACHINE_COLUMNS = ("cpu_model", "isa", "cores", "torch_version", "fusedoptim_version", "date")
+
+
+def _fmt_ms(ms: Optional[float]) -> str:
+    if ms is None:
+        return "-"
+    return f"{ms:.0f}" if ms >= 1000 else f"{ms:.1f}" if ms >= 10 else f"{ms:.2f}" if ms >= 1 else f"{ms:.3f}"
+
+
+def _fmt_pct(p: Optional[float]) -> str:
+    return "-" if p is None else f"{p:.0f}%"
+
+
+def format_table(report: Report) -> str:
+    """The one table: per (optimizer, case, dtype, threads) the limit and every implementation side by side."""
+    rows = report.rows
+    impls = [i for i in IMPLEMENTATIONS if any(r.implementation == i for r in rows)]
+    by_key: Dict[Tuple[str, str, str, int], Dict[str, Row]] = {}
+    for r in rows:
+        by_key.setdefault((r.optimizer, r.case, r.dtype, r.threads), {})[r.implementation] = r
+
+    header1 = ["", "", "", "", "limit", ""]
+    header2 = ["optimizer", "case", "dtype", "thr", "ms", "GB/s"]
+    for i in impls:
+        label = IMPLEMENTATIONS[i]
+        if i == "fusedoptim":
+            header1 += [label, "", ""]
+            header2 += ["ms", "GB/s", "%lim"]
+        else:
+            header1 += [label, ""]
+            header2 += ["ms", "%lim"]
+    header1.append("fusedoptim")
+    header2.append("vs fused")
+
+    body: List[List[str]] = []
+    seps: List[int] = []
+    last_opt = None
+    multi = set()
+    for key, cells in by_key.items():
+        opt, case, dtype, threads = key
+        if last_opt is not None and opt != last_opt:
+            seps.append(len(body))
+        last_opt = opt
+        lim = cells.get("limit")
+        if lim is not None and lim.note:
+            multi.add(case)
+        line = [opt, case + ("*" if lim is not None and lim.note else ""), dtype, str(threads),
+                _fmt_ms(lim.median_ms if lim else None), f"{lim.gb_per_s:.1f}" if lim else "-"]
+        for i in impls:
+            r = cells.get(i)
+            line.append(_fmt_ms(r.median_ms if r else None))
+            if i == "fusedoptim":
+                line.append(f"{r.gb_per_s:.1f}" if r else "-")
+            line.append(_fmt_pct(r.pct_of_limit if r else None))
+        fo = cells.get("fusedoptim")
+        line.append(f"{fo.speedup_vs_torch_fused:.2f}x" if fo and fo.speedup_vs_torch_fused else "-")
+        body.append(line)
+
+    ncol = len(header2)
+    widths = [max(len(x[c]) for x in [header1, header2] + body) for c in range(ncol)]
+    # group separators: a "|" before the limit and before each implementation
+    group_starts = {4}
+    c = 6
+    for i in impls:
+        group_starts.add(c)
+        c += 3 if i == "fusedoptim" else 2
+    group_starts.add(c)
+
+    def fmt(cells: List[str], left: int = 4) -> str:
+        out = []
+        for k, (cell, w) in enumerate(zip(cells, widths)):
+            if k in group_starts:
+                out.append("|")
+            out.append(cell.ljust(w) if k < left and k != 3 else cell.rjust(w))
+        return " ".join(out).rstrip()
+
+    # header1 labels span their group: left-align them at the group's first column
+    def fmt_h1() -> str:
+        out = []
+        k = 0
+        starts = sorted(group_starts)
+        spans = [(s, (starts[j + 1] if j + 1 < len(starts) else ncol)) for j, s in enumerate(starts)]
+        out.append(" ".join("".ljust(widths[x]) for x in range(4)))
+        for s, e in spans:
+            width = sum(widths[s:e]) + (e - s - 1)
+            out.append("| " + header1[s].ljust(width))
+            k = e
+        return " ".join(out).rstrip()
+
+    lines = [fmt_h1(), fmt(header2)]
+    rule = "-" * max(len(lines[0]), len(lines[1]))
+    lines.insert(0, rule)
+    lines.append(rule)
+    for n, line in enumerate(body):
+        if n in seps:
+            lines.append(rule)
+        lines.append(fmt(line))
+    lines.append(rule)
+
+    m = report.machine
+    notes = [
+        f"Machine: {m['cpu_model']}, {m['usable_cores']} cores, {m.get('memory_gib')} GiB, "
+        f"fusedoptim {m['fusedoptim_version']} ({m['isa']}), torch {m['torch_version']}, {m['date']}",
+        "ms = median ms/step; GB/s = bytes a step moves / median time "
+        "(Adam 7 x dtype size per param, SGD momentum 5 x, plain SGD 3 x).",
+        "limit = fusedoptim._C.stream_probe (x += grad over the same read-write streams, same ISA and thread "
+        "split); %lim = GB/s / limit GB/s.",
+        "vs fused = torch fused time / fusedoptim time (>1: fusedoptim is faster).",
+    ]
+    if multi:
+        notes.append("* limit measured on one tensor of the same total size.")
+    skipped = {(s["implementation"], s["reason"]) for s in report.skipped}
+    if any("--full" in reason for _, reason in skipped):
+        notes.append("- = not run: torch for-loop/foreach are skipped on cases of >= 64M params by default "
+                     "(--full runs them).")
+    triad = ", ".join(f"{_thr(r.threads)} {r.gb_per_s:.1f} GB/s" for r in report.triad)
+    if triad:
+        notes.append(f"STREAM triad (fp32, {report.triad[0].case.split()[-1]} elements): {triad}.")
+    if not report.complete:
+        notes.append("(interrupted: partial results)")
+    return "\n".join(lines + notes)
+
+
+def _row_dicts(report: Report) -> List[Dict[str, Any]]:
+    return [asdict(r) for r in report.triad + report.rows]
+
+
+def write_json(report: Report, path: str) -> None:
+    """Rows, triad, skipped measurements, machine facts and config as one JSON document."""
+    doc = {
+        "machine": report.machine,
+        "config": report.config,
+        "wall_s": round(report.wall_s, 2),
+        "complete": report.complete,
+        "triad": [asdict(r) for r in report.triad],
+        "rows": [asdict(r) for r in report.rows],
+        "skipped": report.skipped,
+    }
+    _ensure_dir(path)
+    with open(path, "w") as f:
+        json.dump(doc, f, indent=1, default=str)
+        f.write("\n")
+
+
+def write_csv(report: Report, path: str) -> None:
+    """One tidy row per measurement (triad, limit and implementations) with the machine facts as columns."""
+    rows = _row_dicts(report)
+    fields = list(Row.__dataclass_fields__) + list(_MACHINE_COLUMNS)
+    _ensure_dir(path)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        for r in rows:
+            for k in _MACHINE_COLUMNS:
+                r[k] = report.machine.get(k)
+            for k in ("median_ms", "q1_ms", "q3_ms"):
+                r[k] = f"{r[k]:.4f}"
+            r["gb_per_s"] = f"{r['gb_per_s']:.3f}"
+            for k in ("pct_of_limit", "speedup_vs_torch_fused"):
+                r[k] = "" if r[k] is None else f"{r[k]:.2f}"
+            w.writerow(r)
+
+
+def check_plot_available() -> None:
+    """Raise :class:`BenchError` with an install hint when matplotlib is missing."""
+    if importlib.util.find_spec("matplotlib") is None:
+        raise BenchError("--plot needs matplotlib, which is not installed: pip install 'fusedoptim[bench]' "
+                         "(or pip install matplotlib)")
+
+
+_COLORS = {
+    "fusedoptim": "#d62728",
+    "torch-fused": "#1f77b4",
+    "torch-foreach": "#7fb2e5",
+    "torch-forloop": "#c7dcef",
+    "deepspeed": "#2ca02c",
+}
+
+
+def write_plot(report: Report, path: str) -> None:
+    """Bar chart of GB/s per case and implementation, one panel per (optimizer, dtype) and thread count.
+
+    The limit of each case is a black line across its group of bars, with
+    fusedoptim's % of limit written above its bar; STREAM triad is a dashed
+    line across each panel.
+    """
+    check_plot_available()
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    rows = report.rows
+    if not rows:
+        raise BenchError("nothing to plot: no results")
+    panels = list(dict.fromkeys((r.optimizer, r.dtype) for r in rows))
+    threads = sorted({r.threads for r in rows})
+    cases = list(dict.fromkeys(r.case for r in rows))
+    impls = [i for i in IMPLEMENTATIONS if any(r.implementation == i for r in rows)]
+    triad = {r.threads: r.gb_per_s for r in report.triad}
+    index = {(r.optimizer, r.dtype, r.threads, r.case, r.implementation): r for r in rows}
+
+    fig, axes = plt.subplots(len(panels), len(threads), figsize=(6.4 * len(threads), 3.5 * len(panels)),
+                             squeeze=False)
+    width = 0.8 / max(len(impls), 1)
+    for pi, (opt, dtype) in enumerate(panels):
+        for ti, th in enumerate(threads):
+            ax = axes[pi][ti]
+            pcases = [c for c in cases if (opt, dtype, th, c, "limit") in index]
+            for k, impl in enumerate(impls):
+                xs, ys = [], []
+                for ci, c in enumerate(pcases):
+                    r = index.get((opt, dtype, th, c, impl))
+                    if r is not None:
+                        xs.append(ci - 0.4 + width * (k + 0.5))
+                        ys.append(r.gb_per_s)
+                        if impl == "fusedoptim" and r.pct_of_limit is not None:
+                            ax.annotate(f"{r.pct_of_limit:.0f}%", (xs[-1], ys[-1]), xytext=(0, 2),
+                                        textcoords="offset points", ha="center", va="bottom", fontsize=7,
+                                        color=_COLORS["fusedoptim"])
+                ax.bar(xs, ys, width=width * 0.92, color=_COLORS.get(impl, None), edgecolor="none", zorder=2)
+            for ci, c in enumerate(pcases):
+                lim = index[(opt, dtype, th, c, "limit")]
+                ax.hlines(lim.gb_per_s, ci - 0.45, ci + 0.45, colors="black", linewidth=2.2, zorder=3)
+            if th in triad:
+                ax.axhline(triad[th], color="0.45", linestyle="--", linewidth=1, zorder=1)
+            ax.set_xticks(range(len(pcases)))
+            ax.set_xticklabels(pcases, fontsize=8)
+            ax.set_title(f"{opt} {dtype}, {_thr(th)}", fontsize=10)
+            ax.set_ylabel("GB/s")
+            ax.grid(axis="y", color="0.9", zorder=0)
+            ax.set_axisbelow(True)
+            ax.set_ylim(0, ax.get_ylim()[1] * 1.08)
+
+    handles = [Patch(color=_COLORS.get(i), label=IMPLEMENTATIONS[i]) for i in impls]
+    handles.append(Line2D([], [], color="black", linewidth=2.2, label="limit (stream probe, same streams)"))
+    if triad:
+        handles.append(Line2D([], [], color="0.45", linestyle="--", label="STREAM triad (fp32)"))
+    m = report.machine
+    fig.suptitle(
+        f"Optimizer step bandwidth (bytes moved / median step time); % = fusedoptim of limit\n"
+        f"{m['cpu_model']}, {m['usable_cores']} cores, fusedoptim {m['fusedoptim_version']} ({m['isa']}), "
+        f"torch {m['torch_version']}",
+        fontsize=11,
+    )
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=9, frameon=False)
+    fig.tight_layout(rect=(0, 0.04, 1, 0.97))
+    _ensure_dir(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _ensure_dir(path: str) -> None:
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)

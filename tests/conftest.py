@@ -1,0 +1,65 @@
+"""Shared fixtures of the fusedoptim suite.
+
+The tests import the *installed* fusedoptim (never the source tree: nothing
+here touches sys.path beyond pytest's own rootdir handling of tests/).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fusedoptim
+from cases import MEASURED, supported_isas
+
+
+@pytest.fixture(autouse=True)
+def _isolation():
+    """Every test starts from the same global state and leaves it as found:
+    a fixed torch seed, the best ISA, torch's thread count, fusedoptim's
+    thread setting (None: follow torch)."""
+    isa = fusedoptim.get_cpu_isa()
+    threads = torch.get_num_threads()
+    torch.manual_seed(0)
+    yield
+    fusedoptim.set_cpu_isa(isa)
+    fusedoptim.set_num_threads(None)
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def restore_isa():
+    """Yield a setter for the CPU variant; the original is restored afterwards."""
+    original = fusedoptim.get_cpu_isa()
+
+    def set_isa(name: str) -> None:
+        fusedoptim.set_cpu_isa(name)
+        assert fusedoptim.get_cpu_isa() == name
+        assert fusedoptim.backend_info()["isa"] == name
+
+    yield set_isa
+    fusedoptim.set_cpu_isa(original)
+    assert fusedoptim.get_cpu_isa() == original
+
+
+@pytest.fixture(params=["avx2", "avx512"])
+def vector_isa(request, restore_isa):
+    """Each vector variant, skipped with the reason when this CPU cannot run it."""
+    name = request.param
+    if name not in supported_isas():
+        info = fusedoptim.backend_info()
+        pytest.skip(f"{name} is not supported here: supported_isas={info['supported_isas']}, "
+                    f"compiled_isas={info['compiled_isas']}")
+    return name
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if not MEASURED:
+        return
+    tr = terminalreporter
+    tr.section("fusedoptim parity errors (largest measured)")
+    tr.write_line(f"{'comparison':58s} {'max abs':>10s} {'max rel*':>10s}  worst test")
+    for key in sorted(MEASURED):
+        a, r, where = MEASURED[key]
+        tr.write_line(f"{key:58s} {a:10.3e} {r:10.3e}  {where}")
+    tr.write_line("*rel = |a - e| / max(|e|, 1e-3)")
