@@ -162,20 +162,23 @@ def make_problem(shapes: List[List[Tuple[int, ...]]], dtype: torch.dtype, seed: 
 
 
 def param_groups(case: OptCase, init: List[List[torch.Tensor]], dtype: Optional[torch.dtype] = None,
-                 ) -> List[Dict[str, Any]]:
-    """Fresh leaf params (copies of ``init``, optionally cast) in groups with the case's overrides."""
+                 group_extra: Optional[Dict[str, Any]] = None) -> List[Dict[str, Any]]:
+    """Fresh leaf params (copies of ``init``, optionally cast) in groups with
+    the case's overrides, then ``group_extra`` applied to every group."""
     groups = []
     for k, tensors in enumerate(init):
         ps = [t.detach().clone().to(dtype if dtype is not None else t.dtype).requires_grad_() for t in tensors]
         groups.append(dict(params=ps, **case.group_overrides(k)))
+        groups[-1].update(group_extra or {})
     return groups
 
 
 def run_case(case: OptCase, which: str, problem: Problem, dtype: Optional[torch.dtype] = None,
-             steps: Optional[int] = None, **extra: Any) -> Tuple[List[torch.Tensor], torch.optim.Optimizer]:
+             steps: Optional[int] = None, group_extra: Optional[Dict[str, Any]] = None,
+             **extra: Any) -> Tuple[List[torch.Tensor], torch.optim.Optimizer]:
     """Run ``steps`` steps of ours or torch's optimizer on ``problem``; returns
     the flat list of final params and the optimizer."""
-    groups = param_groups(case, problem.init, dtype)
+    groups = param_groups(case, problem.init, dtype, group_extra)
     opt = case.make(which, groups, **extra)
     flat = [p for g in groups for p in g["params"]]
     for step in range(problem.steps if steps is None else steps):
@@ -185,7 +188,7 @@ def run_case(case: OptCase, which: str, problem: Problem, dtype: Optional[torch.
     return [p.detach() for p in flat], opt
 
 
-def run_numpy(case: OptCase, problem: Problem) -> List[np.ndarray]:
+def run_numpy(case: OptCase, problem: Problem, group_extra: Optional[Dict[str, Any]] = None) -> List[np.ndarray]:
     """The float64 NumPy reference on ``problem`` (inputs upcast from the problem's dtype)."""
     from reference_numpy import NumpyOptimizer
 
@@ -193,6 +196,7 @@ def run_numpy(case: OptCase, problem: Problem) -> List[np.ndarray]:
     for k, tensors in enumerate(problem.init):
         hyper = dict(case.kwargs)
         hyper.update(case.group_overrides(k))
+        hyper.update(group_extra or {})
         hyper["params"] = [t.double().numpy().copy() for t in tensors]
         groups.append(hyper)
     ref = NumpyOptimizer(case.kind, groups)

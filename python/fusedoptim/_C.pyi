@@ -74,3 +74,60 @@ def stream_probe(rw: List[int], read: int, numel: int, dtype: int, num_threads: 
 
 def triad(a: int, b: int, c: int, scalar: float, numel: int, num_threads: int) -> None:
     """STREAM triad ``a = b + scalar * c`` over fp32 arrays."""
+
+class StepPlan:
+    """Cached pointer tables of one param group (see Note [cached step plans]).
+
+    Built by ``fusedoptim._backend`` once a group's state exists; each step
+    :meth:`collect` checks the cache against the group (same params list and
+    objects, same addresses, same grads present, same state tensor objects)
+    and reads the grads' addresses without writing anything, then
+    :meth:`run_adam` or :meth:`run_sgd` updates every bucket.
+    """
+
+    def __init__(
+        self,
+        params: List[Any],
+        with_grad: List[bool],
+        state_dicts: List[Dict[str, Any]],
+        keys: List[str],
+        expected: List[Any],
+        state_obj: Any,
+        positions: List[int],
+        bucket_dtype: List[int],
+        bucket_size: List[int],
+        numels: List[int],
+        pptrs: List[int],
+        stream_ptrs: List[int],
+        step_ptrs: List[int],
+        first: List[bool],
+    ) -> None: ...
+    def collect(self, params: List[Any], state: Any) -> int:
+        """0: valid, grads read; 1: stale, rebuild; 2: a grad needs the general path."""
+    def run_adam(
+        self,
+        lr: float,
+        beta1: float,
+        beta2: float,
+        eps: float,
+        weight_decay: float,
+        decoupled: bool,
+        amsgrad: bool,
+        maximize: bool,
+        num_threads: int,
+    ) -> None: ...
+    def run_sgd(
+        self,
+        lr: float,
+        weight_decay: float,
+        momentum: float,
+        dampening: float,
+        nesterov: bool,
+        maximize: bool,
+        num_threads: int,
+    ) -> None: ...
+    def clear_first(self) -> None:
+        """Mark every momentum buffer as initialised."""
+    def release(self) -> None:
+        """Drop the grad references taken by collect()."""
+    def __len__(self) -> int: ...
