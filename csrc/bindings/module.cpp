@@ -77,16 +77,58 @@ int resolve_threads(int num_threads) {
   return num_threads;
 }
 
-void adam_step(py::handle params, py::handle grads, py::handle exp_avgs, py::handle exp_avg_sqs,
-               py::handle max_exp_avg_sqs, py::handle steps, py::handle numels_obj, int32_t dtype,
-               double lr, double beta1, double beta2, double eps, double weight_decay, bool decoupled,
-               bool amsgrad, bool maximize, int num_threads) {
-  check_dtype(dtype);
+// Validated hyperparameters of one Adam call: the step-independent scalars
+// and the weight-decay mode. Throws ValueError before anything is written.
+struct AdamCall {
+  AdamHyper hyper;
+  int wd_mode;
+};
+
+AdamCall adam_call(double lr, double beta1, double beta2, double eps, double weight_decay, bool decoupled) {
   check_finite(lr, "learning rate");
   check_finite(eps, "epsilon");
   check_finite(weight_decay, "weight_decay");
   if (!(beta1 >= 0.0 && beta1 < 1.0)) throw py::value_error("Invalid beta parameter at index 0: " + std::to_string(beta1));
   if (!(beta2 >= 0.0 && beta2 < 1.0)) throw py::value_error("Invalid beta parameter at index 1: " + std::to_string(beta2));
+  AdamCall c;
+  c.hyper.one_minus_beta1 = float(1.0 - beta1);
+  c.hyper.beta2 = float(beta2);
+  c.hyper.one_minus_beta2 = float(1.0 - beta2);
+  c.hyper.eps = float(eps);
+  c.hyper.weight_decay = float(weight_decay);
+  c.hyper.decay = decoupled ? float(1.0 - lr * weight_decay) : 1.0f;
+  c.wd_mode = weight_decay == 0.0 ? kNoDecay : (decoupled ? kDecoupled : kL2);
+  return c;
+}
+
+struct SGDCall {
+  SGDHyper hyper;
+  int momentum_mode;
+};
+
+SGDCall sgd_call(double lr, double weight_decay, double momentum, double dampening, bool nesterov) {
+  check_finite(lr, "learning rate");
+  check_finite(weight_decay, "weight_decay");
+  check_finite(momentum, "momentum value");
+  check_finite(dampening, "dampening value", /*allow_negative=*/true);
+  if (nesterov && (momentum <= 0.0 || dampening != 0.0)) {
+    throw py::value_error("Nesterov momentum requires a momentum and zero dampening");
+  }
+  SGDCall c;
+  c.hyper.neg_lr = float(-lr);
+  c.hyper.weight_decay = float(weight_decay);
+  c.hyper.momentum = float(momentum);
+  c.hyper.one_minus_dampening = float(1.0 - dampening);
+  c.momentum_mode = momentum == 0.0 ? kNoMomentum : (nesterov ? kNesterov : kMomentum);
+  return c;
+}
+
+void adam_step(py::handle params, py::handle grads, py::handle exp_avgs, py::handle exp_avg_sqs,
+               py::handle max_exp_avg_sqs, py::handle steps, py::handle numels_obj, int32_t dtype,
+               double lr, double beta1, double beta2, double eps, double weight_decay, bool decoupled,
+               bool amsgrad, bool maximize, int num_threads) {
+  check_dtype(dtype);
+  const AdamCall call = adam_call(lr, beta1, beta2, eps, weight_decay, decoupled);
   const int threads = resolve_threads(num_threads);
   const std::vector<int64_t> numels = counts(numels_obj);
   const size_t n = numels.size();
@@ -110,15 +152,6 @@ void adam_step(py::handle params, py::handle grads, py::handle exp_avgs, py::han
     check_ptr(s[k], 1, alignof(float), "steps", k);
   }
 
-  AdamHyper h;
-  h.one_minus_beta1 = float(1.0 - beta1);
-  h.beta2 = float(beta2);
-  h.one_minus_beta2 = float(1.0 - beta2);
-  h.eps = float(eps);
-  h.weight_decay = float(weight_decay);
-  h.decay = decoupled ? float(1.0 - lr * weight_decay) : 1.0f;
-  const int wd_mode = weight_decay == 0.0 ? kNoDecay : (decoupled ? kDecoupled : kL2);
-
   py::gil_scoped_release release;
   cpu::AdamCoeffCache coeff_cache(lr, beta1, beta2);
   std::vector<AdamTensor> ts(n);
@@ -135,20 +168,14 @@ void adam_step(py::handle params, py::handle grads, py::handle exp_avgs, py::han
     ts[k].numel = numels[k];
     ts[k].coeffs = coeff_cache.get(*step);
   }
-  cpu::adam_step(ts, h, dtype, wd_mode, amsgrad, maximize, threads);
+  cpu::adam_step(ts, call.hyper, dtype, call.wd_mode, amsgrad, maximize, threads);
 }
 
 void sgd_step(py::handle params, py::handle grads, py::handle momentum_buffers, py::handle first_step,
               py::handle numels_obj, int32_t dtype, double lr, double weight_decay, double momentum,
               double dampening, bool nesterov, bool maximize, int num_threads) {
   check_dtype(dtype);
-  check_finite(lr, "learning rate");
-  check_finite(weight_decay, "weight_decay");
-  check_finite(momentum, "momentum value");
-  check_finite(dampening, "dampening value", /*allow_negative=*/true);
-  if (nesterov && (momentum <= 0.0 || dampening != 0.0)) {
-    throw py::value_error("Nesterov momentum requires a momentum and zero dampening");
-  }
+  const SGDCall call = sgd_call(lr, weight_decay, momentum, dampening, nesterov);
   const int threads = resolve_threads(num_threads);
   const std::vector<int64_t> numels = counts(numels_obj);
   const size_t n = numels.size();
@@ -174,13 +201,6 @@ void sgd_step(py::handle params, py::handle grads, py::handle momentum_buffers, 
     if (use_momentum) check_ptr(b[k], numels[k], align, "momentum_buffers", k);
   }
 
-  SGDHyper h;
-  h.neg_lr = float(-lr);
-  h.weight_decay = float(weight_decay);
-  h.momentum = float(momentum);
-  h.one_minus_dampening = float(1.0 - dampening);
-  const int mode = !use_momentum ? kNoMomentum : (nesterov ? kNesterov : kMomentum);
-
   py::gil_scoped_release release;
   std::vector<SGDTensor> ts(n);
   for (size_t k = 0; k < n; ++k) {
@@ -190,7 +210,7 @@ void sgd_step(py::handle params, py::handle grads, py::handle momentum_buffers, 
     ts[k].numel = numels[k];
     ts[k].first_step = first[k] != 0;
   }
-  cpu::sgd_step(ts, h, dtype, weight_decay != 0.0, mode, maximize, threads);
+  cpu::sgd_step(ts, call.hyper, dtype, weight_decay != 0.0, call.momentum_mode, maximize, threads);
 }
 
 void stream_probe(py::handle rw_obj, uintptr_t read, int64_t numel, int32_t dtype, int num_threads) {
@@ -323,20 +343,8 @@ class StepPlan {
     take_collected();
     const size_t nk = keys_.size();
     if (nk != (amsgrad ? 3u : 2u) || step_ptrs_.empty()) throw py::value_error("plan was built for other Adam flags");
-    check_finite(lr, "learning rate");
-    check_finite(eps, "epsilon");
-    check_finite(weight_decay, "weight_decay");
-    if (!(beta1 >= 0.0 && beta1 < 1.0)) throw py::value_error("Invalid beta parameter at index 0");
-    if (!(beta2 >= 0.0 && beta2 < 1.0)) throw py::value_error("Invalid beta parameter at index 1");
+    const AdamCall call = adam_call(lr, beta1, beta2, eps, weight_decay, decoupled);
     const int threads = resolve_threads(num_threads);
-    AdamHyper h;
-    h.one_minus_beta1 = float(1.0 - beta1);
-    h.beta2 = float(beta2);
-    h.one_minus_beta2 = float(1.0 - beta2);
-    h.eps = float(eps);
-    h.weight_decay = float(weight_decay);
-    h.decay = decoupled ? float(1.0 - lr * weight_decay) : 1.0f;
-    const int wd_mode = weight_decay == 0.0 ? kNoDecay : (decoupled ? kDecoupled : kL2);
     {
     py::gil_scoped_release release;
     cpu::AdamCoeffCache coeff_cache(lr, beta1, beta2);
@@ -356,7 +364,7 @@ class StepPlan {
         ts[j].numel = numels_[k];
         ts[j].coeffs = coeff_cache.get(*step);
       }
-      cpu::adam_step(ts, h, bucket_dtype_[b], wd_mode, amsgrad, maximize, threads);
+      cpu::adam_step(ts, call.hyper, bucket_dtype_[b], call.wd_mode, amsgrad, maximize, threads);
       k0 += n;
     }
     }
@@ -368,17 +376,8 @@ class StepPlan {
     take_collected();
     const bool use_momentum = momentum != 0.0;
     if (keys_.size() != (use_momentum ? 1u : 0u)) throw py::value_error("plan was built for other SGD flags");
-    check_finite(lr, "learning rate");
-    check_finite(weight_decay, "weight_decay");
-    check_finite(momentum, "momentum value");
-    check_finite(dampening, "dampening value", true);
+    const SGDCall call = sgd_call(lr, weight_decay, momentum, dampening, nesterov);
     const int threads = resolve_threads(num_threads);
-    SGDHyper h;
-    h.neg_lr = float(-lr);
-    h.weight_decay = float(weight_decay);
-    h.momentum = float(momentum);
-    h.one_minus_dampening = float(1.0 - dampening);
-    const int mode = !use_momentum ? kNoMomentum : (nesterov ? kNesterov : kMomentum);
     {
     py::gil_scoped_release release;
     size_t k0 = 0;
@@ -393,7 +392,7 @@ class StepPlan {
         ts[j].numel = numels_[k];
         ts[j].first_step = use_momentum && first_[k] != 0;
       }
-      cpu::sgd_step(ts, h, bucket_dtype_[b], weight_decay != 0.0, mode, maximize, threads);
+      cpu::sgd_step(ts, call.hyper, bucket_dtype_[b], weight_decay != 0.0, call.momentum_mode, maximize, threads);
       k0 += n;
     }
     }
