@@ -13,7 +13,7 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -139,19 +139,25 @@ class Problem:
     steps: int
     init: List[List[torch.Tensor]] = field(default_factory=list)
 
+    _cache: Dict[int, List[List[torch.Tensor]]] = field(default_factory=dict, repr=False)
+
     def grads(self, step: int, dtype: Optional[torch.dtype] = None) -> List[List[torch.Tensor]]:
         """The grads of ``step``: drawn in fp32, rounded to the problem's dtype
-        (so a reference in another dtype sees the same values upcast)."""
-        gen = torch.Generator().manual_seed(self.seed * 7919 + 1000 + step)
-        out = []
-        for gi, shapes in enumerate(self.shapes):
-            row = []
-            for ti, shape in enumerate(shapes):
-                scale = (1.0, 0.1, 3.0)[(gi + ti) % 3]
-                g = (torch.randn(shape, generator=gen) * scale).to(self.dtype)
-                row.append(g.to(dtype) if dtype is not None else g)
-            out.append(row)
-        return out
+        (so a reference in another dtype sees the same values upcast). Fresh
+        tensors on every call (an optimizer may not alias another's grads)."""
+        row_list = self._cache.get(step)
+        if row_list is None:
+            gen = torch.Generator().manual_seed(self.seed * 7919 + 1000 + step)
+            row_list = []
+            for gi, shapes in enumerate(self.shapes):
+                row = []
+                for ti, shape in enumerate(shapes):
+                    scale = (1.0, 0.1, 3.0)[(gi + ti) % 3]
+                    row.append((torch.randn(shape, generator=gen) * scale).to(self.dtype))
+                row_list.append(row)
+            self._cache[step] = row_list
+        return [[g.to(dtype) if dtype is not None and dtype != g.dtype else g.clone() for g in row]
+                for row in row_list]
 
 
 def make_problem(shapes: List[List[Tuple[int, ...]]], dtype: torch.dtype, seed: int = 0,
@@ -213,6 +219,66 @@ def state_tensors(opt: torch.optim.Optimizer, params: Sequence[torch.Tensor]) ->
             if isinstance(v, torch.Tensor):
                 out.setdefault(k, []).append(v)
     return out
+
+
+# --------------------------------------------------------------------------- special values
+def _from_bits(pattern: int, dtype: torch.dtype) -> torch.Tensor:
+    it = INT_VIEW[dtype]
+    if it == torch.int16 and pattern >= 0x8000:
+        pattern -= 0x10000
+    if it == torch.int32 and pattern >= 0x80000000:
+        pattern -= 0x100000000
+    return torch.tensor([pattern], dtype=it).view(dtype)[0]
+
+
+def special_values(dtype: torch.dtype):
+    """NaNs (quiet, signalling, negative, with payloads), infinities, signed
+    zeros, subnormals, the largest finite value and the smallest normal."""
+    fi = torch.finfo(dtype)
+    vals = [float("nan"), float("inf"), float("-inf"), -0.0, 0.0, fi.max, -fi.max, fi.tiny, -fi.tiny,
+            fi.tiny / 4, -fi.tiny / 8, fi.tiny * 0.75]
+    t = torch.tensor(vals, dtype=torch.float64).to(dtype)
+    nan_bits = {torch.float32: [0x7F800001, 0xFFC00001, 0x7FBFFFFF],
+                torch.bfloat16: [0x7F81, 0xFFC1, 0x7FBF],
+                torch.float16: [0x7C01, 0xFE01, 0x7DFF]}[dtype]
+    subnormal_bits = {torch.float32: [0x00000001, 0x807FFFFF],
+                      torch.bfloat16: [0x0001, 0x807F],
+                      torch.float16: [0x0001, 0x83FF]}[dtype]
+    extra = torch.stack([_from_bits(b, dtype) for b in nan_bits + subnormal_bits])
+    return torch.cat([t, extra])
+
+
+SPECIAL_SHAPES = [[(1031,), (17,)], [(64,), ()]]
+
+
+def special_problem(dtype: torch.dtype, steps: int = 4, seed: int = 11):
+    """Params and per-step grads with special values in vector bodies and in
+    scalar tails (positions 0.., 520.., 1020.. of the 1031-element tensor and
+    the 17-element tail), different positions on different steps."""
+    sv = special_values(dtype)
+    gen = torch.Generator().manual_seed(seed)
+    init = [[(torch.randn(s, generator=gen) * 2).to(dtype) for s in shapes] for shapes in SPECIAL_SHAPES]
+    n = sv.numel()
+    init[0][0][:n] = sv
+    init[0][0][1031 - n:] = sv.flip(0)
+    init[0][1][3:3 + 5] = sv[:5]
+    # Values whose square overflows the storage dtype (and fp32 for fp32).
+    init[0][0][600] = 1e19 if dtype != torch.float16 else 300.0
+    grads = []
+    for step in range(steps):
+        row = [[(torch.randn(s, generator=gen) * (3.0 if k else 0.5)).to(dtype) for k, s in enumerate(shapes)]
+               for shapes in SPECIAL_SHAPES]
+        g = row[0][0]
+        off = 100 + 40 * step
+        g[off:off + n] = sv.roll(step)
+        g[1031 - n - 3:1031 - 3] = sv.roll(-step)
+        g[700 + step] = 1e20 if dtype != torch.float16 else 1000.0  # g*g overflows
+        g[800 + step] = 1e-20 if dtype != torch.float16 else 1e-7   # g*g underflows
+        row[0][1][step:step + 4] = sv[step:step + 4]
+        row[1][0][5 + step] = sv[step]
+        grads.append(row)
+    return init, grads
+
 
 
 # --------------------------------------------------------------------------- comparisons
@@ -314,7 +380,9 @@ def assert_same_bits(actual: Sequence[torch.Tensor], expected: Sequence[torch.Te
 def snapshot(opt: torch.optim.Optimizer, params: Sequence[torch.Tensor]) -> Dict[str, Any]:
     """Bits of params, grads and every state tensor, for "nothing was written" checks."""
     snap: Dict[str, Any] = {"params": [bits(p) if p.is_floating_point() else p.detach().clone() for p in params],
-                            "grads": [None if p.grad is None else p.grad.detach().clone() for p in params],
+                            "grads": [None if p.grad is None else
+                                      (p.grad.to_dense() if p.grad.is_sparse else p.grad.detach()).clone()
+                                      for p in params],
                             "state": {}}
     for i, p in enumerate(params):
         st = opt.state.get(p, None)

@@ -91,7 +91,9 @@ AdamCall adam_call(double lr, double beta1, double beta2, double eps, double wei
   if (!(beta1 >= 0.0 && beta1 < 1.0)) throw py::value_error("Invalid beta parameter at index 0: " + std::to_string(beta1));
   if (!(beta2 >= 0.0 && beta2 < 1.0)) throw py::value_error("Invalid beta parameter at index 1: " + std::to_string(beta2));
   AdamCall c;
-  c.hyper.one_minus_beta1 = float(1.0 - beta1);
+  const float w = float(1.0 - beta1);  // torch passes 1 - beta1 to lerp_ as a float
+  c.hyper.lerp_from_grad = !(w < 0.5f);
+  c.hyper.lerp_coeff = c.hyper.lerp_from_grad ? w - 1.0f : w;
   c.hyper.beta2 = float(beta2);
   c.hyper.one_minus_beta2 = float(1.0 - beta2);
   c.hyper.eps = float(eps);
@@ -259,7 +261,8 @@ class StepPlan {
   StepPlan(py::list params, std::vector<bool> with_grad, py::list state_dicts, std::vector<std::string> keys,
            py::list expected, py::object state_obj, std::vector<int64_t> positions, std::vector<int32_t> bucket_dtype,
            std::vector<int64_t> bucket_size, std::vector<int64_t> numels, std::vector<uintptr_t> pptrs,
-           std::vector<uintptr_t> stream_ptrs, std::vector<uintptr_t> step_ptrs, std::vector<bool> first)
+           std::vector<uintptr_t> stream_ptrs, std::vector<uintptr_t> step_ptrs, std::vector<bool> first,
+           py::list dtypes, py::list shapes)
       : params_list_(params), with_grad_(std::move(with_grad)), keys_(std::move(keys)), state_obj_(state_obj),
         positions_(std::move(positions)), bucket_dtype_(std::move(bucket_dtype)), bucket_size_(std::move(bucket_size)),
         numels_(std::move(numels)), pptrs_(std::move(pptrs)), stream_ptrs_(std::move(stream_ptrs)),
@@ -275,6 +278,19 @@ class StepPlan {
     }
     for (const py::handle& d : state_dicts) state_dicts_.push_back(py::reinterpret_borrow<py::object>(d));
     for (const py::handle& e : expected) expected_.push_back(py::reinterpret_borrow<py::object>(e));
+    if (size_t(py::len(dtypes)) != n) throw py::value_error("dtypes length");
+    for (const py::handle& d : dtypes) dtypes_.push_back(py::reinterpret_borrow<py::object>(d));
+    if (size_t(py::len(shapes)) != n) throw py::value_error("shapes length");
+    for (const py::handle& d : shapes) shapes_.push_back(py::reinterpret_borrow<py::object>(d));
+    // The whole optimizer.state as it is now: a key added, removed or given
+    // a new dict (state.clear(), del state[p], state[p] = {}) is a change.
+    if (!PyDict_Check(state_obj.ptr())) throw py::type_error("state must be a dict");
+    PyObject *key, *value;
+    Py_ssize_t it = 0;
+    while (PyDict_Next(state_obj.ptr(), &it, &key, &value)) {
+      state_items_.push_back(py::reinterpret_borrow<py::object>(key));
+      state_items_.push_back(py::reinterpret_borrow<py::object>(value));
+    }
     int64_t total = 0;
     for (int64_t b : bucket_size_) total += b;
     if (total != int64_t(n) || bucket_dtype_.size() != bucket_size_.size()) throw py::value_error("bucket sizes");
@@ -294,6 +310,16 @@ class StepPlan {
   int collect_impl(py::handle params, py::handle state_obj) {
     collected_ = false;
     if (!params.is(params_list_) || !state_obj.is(state_obj_)) return kStale;
+    if (size_t(PyDict_Size(state_obj.ptr())) * 2 != state_items_.size()) return kStale;
+    {
+      PyObject *key, *value;
+      Py_ssize_t it = 0;
+      size_t j = 0;
+      while (PyDict_Next(state_obj.ptr(), &it, &key, &value)) {
+        if (key != state_items_[j].ptr() || value != state_items_[j + 1].ptr()) return kStale;
+        j += 2;
+      }
+    }
     PyObject* list = params.ptr();
     const Py_ssize_t count = PyList_GET_SIZE(list);
     if (size_t(count) != params_.size()) return kStale;
@@ -311,16 +337,19 @@ class StepPlan {
         wg_grads_.push_back(std::move(g));
       }
     }
-    // Native entries: check the param address, read the grad's.
+    // Native entries. The param: same address, still contiguous, same shape
+    // and dtype (p.data = p.data.t() keeps the address). The grad: the
+    // param's shape and dtype (g.data = ... can change both), contiguous,
+    // then its address. Any doubt sends Python to its full check.
     for (size_t k = 0; k < positions_.size(); ++k) {
       const int64_t pos = positions_[k];
       if (pos < 0 || size_t(pos) >= wg_grads_.size()) return kStale;
+      PyObject* p = wg_params_[size_t(pos)];
       PyObject* g = wg_grads_[size_t(pos)].ptr();
-      if (call_ptr(wg_params_[size_t(pos)]) != pptrs_[k]) return kStale;
+      if (call_ptr(p) != pptrs_[k] || !call_bool(p, s_is_contiguous().ptr())) return kStale;
+      if (!attr_equals(p, s_shape(), shapes_[k].ptr()) || !attr_is(p, s_dtype(), dtypes_[k].ptr())) return kStale;
+      if (!attr_equals(g, s_shape(), shapes_[k].ptr()) || !attr_is(g, s_dtype(), dtypes_[k].ptr())) return kStale;
       if (!call_bool(g, s_is_contiguous().ptr())) return kSlowGrad;
-      // A grad's shape and dtype equal its param's: torch checks both when a
-      // grad is assigned and autograd produces no other; a param whose data
-      // was swapped has a new address and fails the check above.
       grad_ptrs_[k] = call_ptr(g);
     }
     // State: the same tensor objects under the same keys.
@@ -415,6 +444,8 @@ class StepPlan {
  private:
   static const py::object& s_grad() { static const py::object s = py::reinterpret_steal<py::object>(PyUnicode_InternFromString("grad")); return s; }
   static const py::object& s_data_ptr() { static const py::object s = py::reinterpret_steal<py::object>(PyUnicode_InternFromString("data_ptr")); return s; }
+  static const py::object& s_shape() { static const py::object s = py::reinterpret_steal<py::object>(PyUnicode_InternFromString("shape")); return s; }
+  static const py::object& s_dtype() { static const py::object s = py::reinterpret_steal<py::object>(PyUnicode_InternFromString("dtype")); return s; }
   static const py::object& s_is_contiguous() { static const py::object s = py::reinterpret_steal<py::object>(PyUnicode_InternFromString("is_contiguous")); return s; }
 
   static uintptr_t call_ptr(PyObject* t) {
@@ -435,6 +466,22 @@ class StepPlan {
     if (v < 0) throw py::error_already_set();
     return v == 1;
   }
+  static bool attr_is(PyObject* t, const py::object& attr, PyObject* expected) {
+    PyObject* r = PyObject_GetAttr(t, attr.ptr());
+    if (r == nullptr) throw py::error_already_set();
+    const bool same = r == expected;
+    Py_DECREF(r);
+    return same;
+  }
+  static bool attr_equals(PyObject* t, const py::object& attr, PyObject* expected) {
+    PyObject* r = PyObject_GetAttr(t, attr.ptr());
+    if (r == nullptr) throw py::error_already_set();
+    const int eq = PyObject_RichCompareBool(r, expected, Py_EQ);
+    Py_DECREF(r);
+    if (eq < 0) throw py::error_already_set();
+    return eq == 1;
+  }
+
   void take_collected() {
     if (!collected_) throw py::value_error("StepPlan.run_* needs a successful collect() first");
     collected_ = false;
@@ -448,6 +495,9 @@ class StepPlan {
   py::object state_obj_;
   std::vector<py::object> state_dicts_;
   std::vector<py::object> expected_;
+  std::vector<py::object> dtypes_;       // per native entry: the param's torch.dtype
+  std::vector<py::object> shapes_;       // per native entry: the param's shape (a tuple)
+  std::vector<py::object> state_items_;  // optimizer.state's keys and values, flattened
   std::vector<int64_t> positions_;  // per native entry: index among params with grad
   std::vector<int32_t> bucket_dtype_;
   std::vector<int64_t> bucket_size_;
@@ -526,10 +576,12 @@ PYBIND11_MODULE(_C, m) {
   py::class_<StepPlan>(m, "StepPlan", "Cached pointer tables of one param group; see Note [cached step plans].")
       .def(py::init<py::list, std::vector<bool>, py::list, std::vector<std::string>, py::list, py::object,
                     std::vector<int64_t>, std::vector<int32_t>, std::vector<int64_t>, std::vector<int64_t>,
-                    std::vector<uintptr_t>, std::vector<uintptr_t>, std::vector<uintptr_t>, std::vector<bool>>(),
+                    std::vector<uintptr_t>, std::vector<uintptr_t>, std::vector<uintptr_t>, std::vector<bool>,
+                    py::list, py::list>(),
            py::arg("params"), py::arg("with_grad"), py::arg("state_dicts"), py::arg("keys"), py::arg("expected"),
            py::arg("state_obj"), py::arg("positions"), py::arg("bucket_dtype"), py::arg("bucket_size"),
-           py::arg("numels"), py::arg("pptrs"), py::arg("stream_ptrs"), py::arg("step_ptrs"), py::arg("first"))
+           py::arg("numels"), py::arg("pptrs"), py::arg("stream_ptrs"), py::arg("step_ptrs"), py::arg("first"),
+           py::arg("dtypes"), py::arg("shapes"))
       .def("collect", &StepPlan::collect, py::arg("params"), py::arg("state"),
            "0: cache valid and grads read; 1: stale (rebuild); 2: a grad needs the general path. Writes nothing.")
       .def("run_adam", &StepPlan::run_adam, py::arg("lr"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"),

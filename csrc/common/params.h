@@ -40,7 +40,8 @@ struct AdamCoeffs {
 
 // Step-independent scalars of an Adam step, identical for all tensors.
 struct AdamHyper {
-  float one_minus_beta1;   // lerp weight of exp_avg
+  float lerp_coeff;        // w = 1 - beta1 if w < 0.5, else w - 1 (torch's lerp)
+  bool lerp_from_grad;     // lerp base: exp_avg if w < 0.5, else the grad
   float beta2;
   float one_minus_beta2;
   float eps;

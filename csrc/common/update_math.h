@@ -16,8 +16,8 @@
 // The formulas follow torch.optim's for-loop implementations:
 //   Adam   g = maximize ? -grad : grad;  g += wd * p           (L2)
 //          p *= 1 - lr * wd                                    (AdamW)
-//          m = lerp(m, g, 1 - beta1)
-//          v = beta2 * v + (1 - beta2) * g * g
+//          m = lerp(m, g, 1 - beta1)      (torch's two-sided lerp, see below)
+//          v = beta2 * v + ((1 - beta2) * g) * g
 //          vmax = max(vmax, v)                                 (amsgrad)
 //          p -= step_size * m / (sqrt(v) / sqrt(bc2) + eps)
 //   SGD    g = maximize ? -grad : grad;  g += wd * p
@@ -42,14 +42,16 @@ enum WeightDecayMode : int { kNoDecay = 0, kL2 = 1, kDecoupled = 2 };
 // Scalars of one Adam tensor, broadcast to the lanes of V.
 template <class V>
 struct AdamConsts {
-  V one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, decay;
+  V lerp_coeff, beta2, one_minus_beta2, eps, weight_decay, decay;
   V neg_step_size, inv_bc2_sqrt;
+  bool lerp_from_grad;
 
   FO_HD AdamConsts(const AdamHyper& h, const AdamCoeffs& c)
-      : one_minus_beta1(V(h.one_minus_beta1)), beta2(V(h.beta2)),
+      : lerp_coeff(V(h.lerp_coeff)), beta2(V(h.beta2)),
         one_minus_beta2(V(h.one_minus_beta2)), eps(V(h.eps)),
         weight_decay(V(h.weight_decay)), decay(V(h.decay)),
-        neg_step_size(V(c.neg_step_size)), inv_bc2_sqrt(V(c.inv_bc2_sqrt)) {}
+        neg_step_size(V(c.neg_step_size)), inv_bc2_sqrt(V(c.inv_bc2_sqrt)),
+        lerp_from_grad(h.lerp_from_grad) {}
 };
 
 template <int kWD, bool kAmsgrad, bool kMaximize, class V>
@@ -57,9 +59,12 @@ FO_HD void adam_update(V& p, V g, V& m, V& v, V& vmax, const AdamConsts<V>& c) {
   if (kMaximize) g = neg(g);
   if (kWD == kL2) g = fma(p, c.weight_decay, g);
   if (kWD == kDecoupled) p = mul(p, c.decay);
-  // lerp(m, g, w) = m + w * (g - m), as torch's lerp for weights below 0.5.
-  m = fma(c.one_minus_beta1, sub(g, m), m);
-  v = fma(v, c.beta2, mul(mul(g, g), c.one_minus_beta2));
+  // torch's lerp(m, g, w): m + w * (g - m) for w < 0.5, else
+  // g + (w - 1) * (g - m), so that beta1 = 0 gives m = g exactly.
+  m = fma(c.lerp_coeff, sub(g, m), c.lerp_from_grad ? g : m);
+  // ((1 - beta2) * g) * g, in torch's addcmul order: g * g alone overflows
+  // for |g| > 1.8e19 where the scaled product does not.
+  v = fma(v, c.beta2, mul(mul(c.one_minus_beta2, g), g));
   V second = v;
   if (kAmsgrad) {
     vmax = max_nan(vmax, v);

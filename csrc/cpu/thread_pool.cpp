@@ -9,10 +9,33 @@
 #if !defined(_WIN32)
 #include <unistd.h>
 #endif
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define FO_HAVE_MXCSR 1
+#endif
 
 namespace fusedoptim {
 namespace cpu {
 namespace {
+
+// Workers take the caller's floating-point environment for each job
+// (flush-to-zero and denormals-are-zero, as torch.set_flush_denormal sets
+// them), so the thread count never changes a result.
+unsigned fp_mode() {
+#if FO_HAVE_MXCSR
+  return _mm_getcsr();
+#else
+  return 0;
+#endif
+}
+
+void set_fp_mode(unsigned mode) {
+#if FO_HAVE_MXCSR
+  _mm_setcsr(mode);
+#else
+  (void)mode;
+#endif
+}
 
 int current_pid() {
 #if defined(_WIN32)
@@ -36,6 +59,7 @@ class ThreadPool {
       std::lock_guard<std::mutex> lk(mu_);
       job_ = &fn;
       job_threads_ = n;
+      job_fp_mode_ = fp_mode();
       remaining_.store(n - 1, std::memory_order_relaxed);
       ++generation_;
     }
@@ -75,14 +99,17 @@ class ThreadPool {
     for (;;) {
       const std::function<void(int)>* job;
       int n;
+      unsigned mode;
       {
         std::unique_lock<std::mutex> lk(mu_);
         cv_.wait(lk, [&] { return generation_ != seen; });
         seen = generation_;
         job = job_;
         n = job_threads_;
+        mode = job_fp_mode_;
       }
       if (job == nullptr || tid >= n) continue;
+      set_fp_mode(mode);
       (*job)(tid);
       if (remaining_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
         std::lock_guard<std::mutex> lk(mu_);
@@ -98,6 +125,7 @@ class ThreadPool {
   unsigned long long generation_ = 0;
   const std::function<void(int)>* job_ = nullptr;
   int job_threads_ = 0;
+  unsigned job_fp_mode_ = 0;
   std::atomic<int> remaining_{0};
 };
 

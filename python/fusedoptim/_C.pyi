@@ -6,7 +6,7 @@ classes of :mod:`fusedoptim` instead of calling these directly: they
 validate dtypes, devices, shapes, strides and aliasing first.
 """
 
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 DTYPE_FLOAT32: int
 DTYPE_BFLOAT16: int
@@ -101,6 +101,8 @@ class StepPlan:
         stream_ptrs: List[int],
         step_ptrs: List[int],
         first: List[bool],
+        dtypes: List[Any],
+        shapes: List[Tuple[int, ...]],
     ) -> None: ...
     def collect(self, params: List[Any], state: Any) -> int:
         """0: valid, grads read; 1: stale, rebuild; 2: a grad needs the general path."""

@@ -11,10 +11,13 @@ phases so that a raised error leaves params and state exactly as they were:
    per (group, dtype) bucket updates all its tensors, and the params the
    kernels do not cover go through torch's for-loop/foreach code.
 
-The per-group routing, the pointer tables and the state tensors are cached in
-a :class:`_Plan` and reused while the group's params, their storage and their
-state stay the same, so a step over thousands of small tensors costs a few
-list comprehensions in Python and one call into ``_C``.
+The routing and the pointer tables of a group are cached in a
+:class:`_C.StepPlan` (see Note [cached step plans] in csrc/bindings/module.cpp).
+Each step it checks itself from C (the same params, addresses, sizes, dtypes
+and contiguity, the same grads present, the same ``optimizer.state`` entries
+and state tensors) and reads the grads' addresses; only when something
+changed does Python run the full check above again. A step over thousands of
+small tensors therefore costs one ``collect`` and one ``run`` call per group.
 """
 
 from __future__ import annotations
@@ -155,15 +158,12 @@ class _Bucket:
 class _Plan:
     """Routing and pointer tables of one param group, valid while unchanged."""
 
-    __slots__ = ("param_ids", "pptrs", "state_obj", "state_dicts", "state_keys", "state_ids", "buckets", "fallback",
-                 "native")
+    __slots__ = ("pptrs", "state_obj", "state_dicts", "state_keys", "buckets", "fallback", "native")
 
     def __init__(self) -> None:
-        self.param_ids: List[int] = []
         self.pptrs: List[int] = []
         self.state_dicts: List[dict] = []  # per native param, in bucket order
         self.state_keys: Tuple[str, ...] = ()
-        self.state_ids: List[List[int]] = []
         self.state_obj: Any = None
         self.native: Optional[_C.StepPlan] = None  # the same tables, checked and run from C
         self.buckets: List[_Bucket] = []
@@ -274,7 +274,12 @@ class FusedOptimizerMixin:
                 hyper = None
                 cached = plans.get(id(group))
                 plan = cached[1] if cached is not None and cached[0] is group else None
-                if plan is not None and plan.native is not None and not plan.fallback:
+                if (
+                    plan is not None
+                    and plan.native is not None
+                    and not plan.fallback
+                    and plan.state_keys == self._fo_state_keys(group)
+                ):
                     # Fast path: the cached plan checks itself in C.
                     hyper = self._fo_hyper(group)
                     if plan.native.collect(group["params"], state_all) == 0:
@@ -286,8 +291,8 @@ class FusedOptimizerMixin:
                     continue
                 if hyper is None:
                     hyper = self._fo_hyper(group)
-                if plan is None or not self._fo_plan_valid(plan, group, ps):
-                    plan = self._fo_route(group, ps, gs)
+                # The general path checks everything again, every time.
+                plan = self._fo_route(group, ps, gs)
                 work.append((group, plan, ps, gs, hyper, False))
 
             if grad_scale is not None:
@@ -360,7 +365,6 @@ class FusedOptimizerMixin:
         in phase 2 (:meth:`_fo_build`), once missing state exists.
         """
         plan = _Plan()
-        plan.param_ids = list(map(id, ps))
         plan.pptrs = None  # type: ignore[assignment]  # not built yet
         plan.state_keys = self._fo_state_keys(group)
         native_ok = not group.get("differentiable", False)
@@ -437,7 +441,6 @@ class FusedOptimizerMixin:
                     bucket.steps.append(state["step"].data_ptr())
                     bucket.refs.append(state["step"])
                 plan.state_dicts.append(state)
-        plan.state_ids = [[id(st.get(k)) for st in plan.state_dicts] for k in self._fo_tracked_keys(plan)]
         plan.state_obj = state_all
         plan.pptrs = pptrs
         plan.native = None
@@ -459,28 +462,12 @@ class FusedOptimizerMixin:
                 [ptr for b in plan.buckets for k in range(len(b.index)) for ptr in (b.streams[key][k] for key in keys)],
                 [q for b in plan.buckets for q in b.steps],
                 [f for b in plan.buckets for f in b.first],
+                [p.dtype for b in plan.buckets for p in b.params],
+                [tuple(p.shape) for b in plan.buckets for p in b.params],
             )
 
     def _fo_tracked_keys(self, plan: _Plan) -> Tuple[str, ...]:
         return plan.state_keys + (("step",) if self._fo_has_step else ())
-
-    def _fo_plan_valid(self, plan: _Plan, group: Dict[str, Any], ps: List[Tensor]) -> bool:
-        """The per-step check that a cached plan still describes the group.
-
-        It compares the params (identity and data address) and the identity
-        of every state tensor the kernels write; anything else that can
-        change a plan goes through load_state_dict, which drops all plans.
-        """
-        if plan.pptrs is None or plan.state_obj is not self.state:  # type: ignore[attr-defined]
-            return False
-        if plan.param_ids != list(map(id, ps)) or plan.state_keys != self._fo_state_keys(group):
-            return False
-        if plan.pptrs != [p.data_ptr() for p in ps]:
-            return False
-        for key, ids in zip(self._fo_tracked_keys(plan), plan.state_ids):
-            if ids != [id(st.get(key)) for st in plan.state_dicts]:
-                return False
-        return True
 
 
 def _grad_ptrs(bucket: _Bucket, gs: List[Tensor]) -> Tuple[List[int], List[Tensor]]:

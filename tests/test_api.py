@@ -1,0 +1,464 @@
+"""Drop-in behaviours: signatures, isinstance, groups, add_param_group,
+closures, LR schedulers, tensor lr, hooks, zero_grad, deepcopy / pickle,
+params without grads, a real nn.Module training loop."""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import pickle
+
+import pytest
+import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+import fusedoptim
+from cases import (ALL_CASES, CASES_BY_ID, SMALL_GROUP_SHAPES, assert_close, assert_same_bits, make_problem,
+                   param_groups, record, state_tensors)
+from tolerances import FP32_TRAINING_LOOP, FP32_VS_TORCH
+
+PAIRS = [(fusedoptim.Adam, torch.optim.Adam), (fusedoptim.AdamW, torch.optim.AdamW), (fusedoptim.SGD, torch.optim.SGD)]
+REPRESENTATIVE = [CASES_BY_ID[k] for k in ("Adam-wd0.1-amsgrad", "AdamW-wd0.1-max", "Adam-decoupled-wd0.1",
+                                           "SGD-mom0.9-damp0-nesterov-wd0.05", "SGD-mom0.9-damp0.1-wd0",
+                                           "SGD-mom0-damp0-wd0")]
+
+
+def _ids(c):
+    return c.id
+
+
+# ---------------------------------------------------------------- signatures and classes
+@pytest.mark.parametrize("ours,theirs", PAIRS, ids=lambda c: c.__name__)
+def test_signature_matches_torch(ours, theirs):
+    so, st = inspect.signature(ours), inspect.signature(theirs)
+    po, pt = list(so.parameters.values()), list(st.parameters.values())
+    assert [p.name for p in po] == [p.name for p in pt]
+    for a, b in zip(po, pt):
+        assert a.kind == b.kind, f"{a.name}: {a.kind} vs torch {b.kind}"
+        assert a.default == b.default and type(a.default) is type(b.default), \
+            f"{a.name}: default {a.default!r} vs torch {b.default!r}"
+
+
+@pytest.mark.parametrize("ours,theirs", PAIRS, ids=lambda c: c.__name__)
+def test_is_a_torch_optimizer(ours, theirs):
+    opt = ours([torch.zeros(2, requires_grad=True)])
+    assert isinstance(opt, theirs) and isinstance(opt, torch.optim.Optimizer)
+    assert issubclass(ours, theirs)
+    if theirs is torch.optim.AdamW:
+        assert isinstance(opt, torch.optim.Adam)  # as torch's AdamW is an Adam
+    assert opt.defaults == theirs([torch.zeros(2, requires_grad=True)]).defaults
+    assert type(opt).__name__ == theirs.__name__
+
+
+def test_public_api():
+    for name in ("Adam", "AdamW", "SGD", "backend_info", "get_cpu_isa", "set_cpu_isa", "get_num_threads",
+                 "set_num_threads", "__version__"):
+        assert hasattr(fusedoptim, name) and name in fusedoptim.__all__
+
+
+# ---------------------------------------------------------------- groups
+@pytest.mark.parametrize("case", REPRESENTATIVE, ids=_ids)
+def test_add_param_group_mid_run(case):
+    """A group added after 10 steps starts at step 0 while the others are at
+    10: per-tensor step counts and bias corrections must follow torch."""
+    problem = make_problem(SMALL_GROUP_SHAPES, torch.float32, seed=31, steps=30)
+    results = {}
+    for which in ("ours", "torch"):
+        groups = param_groups(case, problem.init)
+        opt = case.make(which, groups[:2])
+        flat = [p for g in groups for p in g["params"]]
+        for step in range(30):
+            if step == 10:
+                opt.add_param_group(groups[2])
+            grads = [g for row in problem.grads(step) for g in row]
+            for p, g in zip(flat, grads):
+                late = any(p is q for q in groups[2]["params"])
+                p.grad = g if (step >= 10 or not late) else None
+            opt.step()
+        results[which] = (flat, opt)
+    flat_o, opt_o = results["ours"]
+    flat_t, opt_t = results["torch"]
+    assert len(opt_o.param_groups) == 3 and all(b.startswith("native-cpu") for b in opt_o.last_backends)
+    assert_close([p.detach() for p in flat_o], [p.detach() for p in flat_t], what=f"{case.id} add_param_group",
+                 **FP32_VS_TORCH)
+    if case.kind != "sgd":
+        assert float(opt_o.state[flat_o[0]]["step"]) == 30.0
+        assert float(opt_o.state[flat_o[-1]]["step"]) == 20.0
+
+
+def test_groups_with_different_flags_in_one_optimizer():
+    """amsgrad, maximize and weight decay differ per group (not only lr)."""
+    gen = torch.Generator().manual_seed(3)
+    init = [torch.randn(s, generator=gen) for s in [(17,), (5, 3), (9,)]]
+    out = {}
+    for which, cls in (("ours", fusedoptim.Adam), ("torch", torch.optim.Adam)):
+        ps = [t.clone().requires_grad_() for t in init]
+        groups = [{"params": [ps[0]], "amsgrad": True},
+                  {"params": [ps[1]], "maximize": True, "weight_decay": 0.3, "lr": 0.05},
+                  {"params": [ps[2]], "decoupled_weight_decay": True, "weight_decay": 0.2, "betas": (0.5, 0.9)}]
+        opt = cls(groups, lr=0.01, **({} if which == "ours" else {"foreach": False}))
+        g2 = torch.Generator().manual_seed(4)
+        for _ in range(20):
+            for p in ps:
+                p.grad = torch.randn(p.shape, generator=g2)
+            opt.step()
+        out[which] = ps
+    assert_close([p.detach() for p in out["ours"]], [p.detach() for p in out["torch"]], what="per-group flags",
+                 **FP32_VS_TORCH)
+
+
+# ---------------------------------------------------------------- closure
+@pytest.mark.parametrize("case", REPRESENTATIVE, ids=_ids)
+def test_closure_returns_loss_and_is_called_once(case):
+    torch.set_num_threads(1)  # tiny matmuls (see test_training_loop_matches_torch)
+    out = {}
+    for which in ("ours", "torch"):
+        torch.manual_seed(5)
+        model = torch.nn.Linear(4, 1)
+        x, y = torch.randn(16, 4), torch.randn(16, 1)
+        opt = case.make(which, model.parameters())
+        calls = []
+
+        def closure():
+            calls.append(1)
+            opt.zero_grad()
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            return loss
+
+        losses = [opt.step(closure) for _ in range(10)]
+        assert len(calls) == 10
+        assert all(isinstance(l, torch.Tensor) and l.dim() == 0 for l in losses)
+        out[which] = (torch.stack(losses).detach(), [p.detach().clone() for p in model.parameters()])
+    assert_close(out["ours"][0], out["torch"][0], what=f"{case.id} losses", **FP32_TRAINING_LOOP)
+    assert out["ours"][0][-1] != out["ours"][0][0]
+    assert_close(out["ours"][1], out["torch"][1], what=f"{case.id} params after closures", **FP32_TRAINING_LOOP)
+
+
+def test_step_without_closure_returns_none():
+    p = torch.zeros(3, requires_grad=True)
+    opt = fusedoptim.SGD([p], lr=0.1)
+    p.grad = torch.ones(3)
+    assert opt.step() is None
+
+
+# ---------------------------------------------------------------- schedulers, tensor lr
+def _sched_run(case, which, make_sched, steps=40):
+    problem = make_problem(SMALL_GROUP_SHAPES, torch.float32, seed=32, steps=steps)
+    groups = param_groups(case, problem.init)
+    opt = case.make(which, groups)
+    sched = make_sched(opt)
+    flat = [p for g in groups for p in g["params"]]
+    lrs, moms = [], []
+    for step in range(steps):
+        for p, g in zip(flat, [g for row in problem.grads(step) for g in row]):
+            p.grad = g
+        opt.step()
+        sched.step()
+        lrs.append(list(sched.get_last_lr()))
+        moms.append([g.get("betas", (g.get("momentum"),))[0] for g in opt.param_groups])
+    return lrs, moms, [p.detach() for p in flat]
+
+
+SCHEDULERS = {
+    "StepLR": lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=7, gamma=0.5),
+    "OneCycleLR": lambda opt: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[0.05, 0.02, 0.1], total_steps=40),
+    "CosineAnnealingLR": lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=13),
+}
+
+
+@pytest.mark.parametrize("sched", sorted(SCHEDULERS))
+@pytest.mark.parametrize("case", [c for c in REPRESENTATIVE if c.kwargs.get("momentum", 1) != 0], ids=_ids)
+def test_lr_scheduler_same_sequence_and_results(case, sched):
+    lr_o, mom_o, p_o = _sched_run(case, "ours", SCHEDULERS[sched])
+    lr_t, mom_t, p_t = _sched_run(case, "torch", SCHEDULERS[sched])
+    assert lr_o == lr_t, "lr sequence differs from torch's"
+    assert mom_o == mom_t, "momentum / beta1 sequence differs from torch's"
+    assert len(set(map(tuple, lr_o))) > 3  # the schedule does change the lr
+    stats = assert_close(p_o, p_t, what=f"{case.id} with {sched}", **FP32_VS_TORCH)
+    record("fp32 params vs torch (LR schedulers)", stats, f"{case.id}-{sched}")
+
+
+@pytest.mark.parametrize("case", REPRESENTATIVE, ids=_ids)
+def test_tensor_lr(case):
+    problem = make_problem(SMALL_GROUP_SHAPES, torch.float32, seed=33, steps=20)
+    kw = dict(case.kwargs)
+    out = {}
+    for which in ("ours", "torch"):
+        groups = param_groups(case, problem.init)
+        for g in groups:
+            g["lr"] = torch.tensor(g.get("lr", kw["lr"]))
+        extra = dict(lr=torch.tensor(kw["lr"]))
+        opt = case.make(which, groups, **extra)
+        flat = [p for g in groups for p in g["params"]]
+        for step in range(20):
+            for p, g in zip(flat, [g for row in problem.grads(step) for g in row]):
+                p.grad = g
+            opt.step()
+            if step == 10:
+                for g in opt.param_groups:
+                    g["lr"].fill_(float(g["lr"]) * 0.5)  # in-place change of the tensor lr
+        if which == "ours":
+            assert all(b.startswith("native-cpu") for b in opt.last_backends), opt.last_backends
+        out[which] = [p.detach() for p in flat]
+    assert_close(out["ours"], out["torch"], what=f"{case.id} tensor lr", **FP32_VS_TORCH)
+
+
+# ---------------------------------------------------------------- hooks, zero_grad
+@pytest.mark.parametrize("cls", [fusedoptim.Adam, fusedoptim.AdamW, fusedoptim.SGD], ids=lambda c: c.__name__)
+def test_step_hooks_fire_once_per_step(cls):
+    p = torch.ones(5, requires_grad=True)
+    opt = cls([p], lr=0.1)
+    seen = []
+
+    def pre(o, args, kwargs):
+        assert o is opt
+        seen.append(("pre", p.detach().clone()))
+
+    def post(o, args, kwargs):
+        assert o is opt
+        seen.append(("post", p.detach().clone()))
+
+    h1 = opt.register_step_pre_hook(pre)
+    h2 = opt.register_step_post_hook(post)
+    g_pre, g_post = [], []
+    h3 = register_optimizer_step_pre_hook(lambda o, a, k: g_pre.append(o))
+    h4 = register_optimizer_step_post_hook(lambda o, a, k: g_post.append(o))
+    try:
+        for _ in range(3):
+            p.grad = torch.ones(5)
+            opt.step()
+    finally:
+        h3.remove()
+        h4.remove()
+    assert [k for k, _ in seen] == ["pre", "post"] * 3
+    for i in range(3):
+        pre_val, post_val = seen[2 * i][1], seen[2 * i + 1][1]
+        assert not torch.equal(pre_val, post_val), "post hook must see the updated params"
+        if i:
+            assert torch.equal(pre_val, seen[2 * i - 1][1])
+    assert g_pre == [opt] * 3 and g_post == [opt] * 3
+    h1.remove()
+    h2.remove()
+    p.grad = torch.ones(5)
+    opt.step()
+    assert len(seen) == 6
+
+
+@pytest.mark.parametrize("cls", [fusedoptim.Adam, fusedoptim.SGD], ids=lambda c: c.__name__)
+def test_state_dict_hooks_work(cls):
+    p = torch.ones(5, requires_grad=True)
+    opt = cls([p], lr=0.1, **({"momentum": 0.9} if cls is fusedoptim.SGD else {}))
+    calls = []
+    opt.register_state_dict_pre_hook(lambda o: calls.append("sd-pre"))
+    opt.register_state_dict_post_hook(lambda o, sd: calls.append("sd-post") or sd)
+    opt.register_load_state_dict_pre_hook(lambda o, sd: calls.append("load-pre") or sd)
+    opt.register_load_state_dict_post_hook(lambda o: calls.append("load-post"))
+    p.grad = torch.ones(5)
+    opt.step()
+    opt.load_state_dict(opt.state_dict())
+    assert calls == ["sd-pre", "sd-post", "load-pre", "load-post"]
+
+
+@pytest.mark.parametrize("cls", [fusedoptim.Adam, fusedoptim.SGD], ids=lambda c: c.__name__)
+def test_zero_grad_and_steps_without_grads(cls):
+    p = torch.ones(5, requires_grad=True)
+    q = torch.ones(3, requires_grad=True)
+    opt = cls([{"params": [p]}, {"params": [q]}], lr=0.1)
+    p.grad, q.grad = torch.ones(5), torch.ones(3)
+    opt.step()
+    opt.zero_grad()
+    assert p.grad is None and q.grad is None
+    before = (p.detach().clone(), q.detach().clone())
+    opt.step()
+    assert opt.last_backends == ["none", "none"]
+    assert torch.equal(p, before[0]) and torch.equal(q, before[1])
+    p.grad, q.grad = torch.ones(5), torch.ones(3)
+    opt.zero_grad(set_to_none=False)
+    assert torch.equal(p.grad, torch.zeros(5)) and torch.equal(q.grad, torch.zeros(3))
+    q.grad = None
+    p.grad.fill_(1.0)
+    opt.step()
+    assert opt.last_backends == [f"native-cpu/{fusedoptim.get_cpu_isa()}", "none"]
+    assert not torch.equal(p, before[0]) and torch.equal(q, before[1])
+
+
+@pytest.mark.parametrize("case", REPRESENTATIVE, ids=_ids)
+def test_params_without_grad_are_skipped_like_torch(case):
+    out = {}
+    for which in ("ours", "torch"):
+        ps = [torch.full((7,), 1.0 + k, requires_grad=True) for k in range(4)]
+        frozen = torch.ones(3, requires_grad=False)
+        opt = case.make(which, [{"params": ps[:2] + [frozen]}, {"params": ps[2:]}])
+        for step in range(5):
+            ps[0].grad = torch.full((7,), 0.5 * (step + 1))
+            ps[2].grad = None if step < 3 else torch.full((7,), -1.0)
+            opt.step()
+        out[which] = (ps, opt)
+    ps_o, opt_o = out["ours"]
+    ps_t, opt_t = out["torch"]
+    assert torch.equal(ps_o[1], torch.full((7,), 2.0)) and torch.equal(ps_o[3], torch.full((7,), 4.0))
+    for k in range(4):
+        assert set(opt_o.state[ps_o[k]].keys()) == set(opt_t.state[ps_t[k]].keys()), f"param {k}"
+    assert_close([p.detach() for p in ps_o], [p.detach() for p in ps_t], what="skipped params", **FP32_VS_TORCH)
+    assert len(opt_o.state_dict()["state"]) == len(opt_t.state_dict()["state"])
+
+
+# ---------------------------------------------------------------- deepcopy, pickle
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+@pytest.mark.parametrize("case", REPRESENTATIVE, ids=_ids)
+def test_copy_of_optimizer_steps_identically_and_independently(case, how):
+    problem = make_problem(SMALL_GROUP_SHAPES, torch.float32, seed=34, steps=20)
+    groups = param_groups(case, problem.init)
+    opt = case.make("ours", groups)
+    opt.num_threads = 1
+    flat = [p for g in groups for p in g["params"]]
+
+    def advance(o, ps, start, stop):
+        for step in range(start, stop):
+            for p, g in zip(ps, [g for row in problem.grads(step) for g in row]):
+                p.grad = g
+            o.step()
+
+    advance(opt, flat, 0, 10)
+    if how == "deepcopy":
+        opt2, flat2 = copy.deepcopy((opt, flat))
+    else:
+        opt2, flat2 = pickle.loads(pickle.dumps((opt, flat)))
+    assert type(opt2) is type(opt) and opt2.num_threads == 1
+    assert all(a is not b and a.data_ptr() != b.data_ptr() for a, b in zip(flat, flat2))
+    snapshot_orig = [p.detach().clone() for p in flat]
+    advance(opt2, flat2, 10, 20)
+    # stepping the copy must not touch the original (no shared pointers)
+    assert_same_bits([p.detach() for p in flat], snapshot_orig, "original params after stepping the copy")
+    assert all(b.startswith("native-cpu") for b in opt2.last_backends)
+    advance(opt, flat, 10, 20)
+    assert_same_bits([p.detach() for p in flat2], [p.detach() for p in flat], f"{case.id} {how} copy vs original")
+    so, s2 = state_tensors(opt, flat), state_tensors(opt2, flat2)
+    for key in so:
+        assert_same_bits(s2[key], so[key], f"{case.id} {how} state[{key!r}]")
+
+
+# ---------------------------------------------------------------- a real training loop
+class _Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = torch.nn.Linear(13, 37)
+        self.fc2 = torch.nn.Linear(37, 17)
+        self.fc3 = torch.nn.Linear(17, 3)
+
+    def forward(self, x):
+        return self.fc3(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+
+
+@pytest.mark.parametrize("case", ALL_CASES[::2] + [CASES_BY_ID["SGD-mom0.9-damp0-nesterov-wd0.05"]], ids=_ids)
+def test_training_loop_matches_torch(case):
+    # One torch thread: these matmuls are tiny, and OpenMP barriers make them
+    # very slow when another process competes for the 2 cores.
+    torch.set_num_threads(1)
+    out = {}
+    for which in ("ours", "torch"):
+        torch.manual_seed(6)
+        model = _Net()
+        opt = case.make(which, [{"params": list(model.fc1.parameters()) + list(model.fc3.parameters())},
+                                {"params": model.fc2.parameters(), "lr": case.kwargs["lr"] * 0.3}])
+        gen = torch.Generator().manual_seed(7)
+        x = torch.randn(64, 13, generator=gen)
+        teacher = torch.randn(13, 3, generator=gen)
+        y = torch.tanh(x @ teacher)  # a learnable target
+        losses = []
+        for step in range(50):
+            opt.zero_grad()
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        if which == "ours":
+            assert opt.last_backends == [f"native-cpu/{fusedoptim.get_cpu_isa()}"] * 2
+        out[which] = (losses, [p.detach().clone() for p in model.parameters()])
+    lo, po = out["ours"]
+    lt, pt = out["torch"]
+    if not case.kwargs.get("maximize"):
+        assert lo[-1] < lo[0], "training must reduce the loss"
+    stats = assert_close(po, pt, what=f"{case.id} nn.Module params after 50 steps", **FP32_TRAINING_LOOP)
+    record("fp32 params vs torch (module-train, 50 steps)", stats, case.id)
+    assert_close(lo, lt, what=f"{case.id} losses", **FP32_TRAINING_LOOP)
+
+
+def test_amp_grad_scaler_with_fused_true():
+    """fused=True lets torch.amp.GradScaler hand the unscaling to the step
+    (as with torch's fused optimizers); results match torch's unfused path."""
+    out = {}
+    for which in ("ours", "torch"):
+        torch.manual_seed(8)
+        model = torch.nn.Linear(5, 3)
+        if which == "ours":
+            opt = fusedoptim.Adam(model.parameters(), lr=0.01, fused=True)
+            assert opt._step_supports_amp_scaling
+        else:
+            opt = torch.optim.Adam(model.parameters(), lr=0.01, foreach=False)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+        x = torch.randn(8, 5)
+        for step in range(6):
+            opt.zero_grad()
+            loss = model(x).pow(2).sum()
+            if step == 3:
+                loss = loss * float("inf")  # an overflow: this step must be skipped
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            if which == "ours" and step == 3:
+                assert opt.last_backends == ["skipped (found_inf)"]
+        out[which] = [p.detach().clone() for p in model.parameters()]
+        assert all(torch.isfinite(p).all() for p in out[which])
+    assert_close(out["ours"], out["torch"], what="GradScaler", **FP32_VS_TORCH)
+
+
+# ---------------------------------------------------------------- hyperparameters edited between steps
+ADAM_EDITS = [{}, {"weight_decay": 0.1}, {"maximize": True}, {"betas": (0.8, 0.95)}, {"eps": 1e-3},
+              {"weight_decay": 0.0}, {"decoupled_weight_decay": True, "weight_decay": 0.2}, {"lr": 0.03},
+              {"maximize": False}, {"decoupled_weight_decay": False}]
+SGD_EDITS = [{}, {"weight_decay": 0.1}, {"maximize": True}, {"momentum": 0.5}, {"dampening": 0.3},
+             {"momentum": 0.0}, {"momentum": 0.9, "dampening": 0.0}, {"nesterov": True}, {"lr": 0.03},
+             {"weight_decay": 0.0, "nesterov": False, "maximize": False}]
+
+
+@pytest.mark.parametrize("kind", ["Adam", "SGD"])
+def test_hyperparameters_edited_between_steps(kind):
+    """Every flag and value of a group edited between steps (cached plans
+    must follow), including momentum 0.9 -> 0 -> 0.9 (torch then reuses the
+    old buffer) and switching the weight-decay mode."""
+    ours_cls, torch_cls, edits = ((fusedoptim.Adam, torch.optim.Adam, ADAM_EDITS) if kind == "Adam"
+                                  else (fusedoptim.SGD, torch.optim.SGD, SGD_EDITS))
+    out = {}
+    for which, cls, kw in (("ours", ours_cls, {}), ("torch", torch_cls, {"foreach": False})):
+        gen = torch.Generator().manual_seed(35)
+        ps = [torch.randn(s, generator=gen).requires_grad_() for s in [(17,), (4, 5), (1031,)]]
+        opt = cls([{"params": ps[:2]}, {"params": ps[2:], "lr": 0.02}], lr=0.01, **kw)
+        for step in range(30):
+            opt.param_groups[step % 2].update(edits[(step // 3) % len(edits)])
+            for p in ps:
+                p.grad = torch.randn(p.shape, generator=gen)
+            opt.step()
+        out[which] = ps
+    assert_close([p.detach() for p in out["ours"]], [p.detach() for p in out["torch"]],
+                 what=f"{kind} with hyperparameters edited between steps", **FP32_VS_TORCH)
+
+
+@pytest.mark.parametrize("start,then", [(0.0, 0.9), (0.9, 0.0)])
+def test_sgd_momentum_switched_mid_run(start, then):
+    """torch allows changing a group's momentum between steps (0 -> 0.9
+    creates the buffer from the grad; 0.9 -> 0 stops using it)."""
+    out = {}
+    for which, cls, kw in (("ours", fusedoptim.SGD, {}), ("torch", torch.optim.SGD, {"foreach": False})):
+        p = torch.linspace(-1, 1, 33).requires_grad_()
+        q = torch.linspace(1, 2, 7).requires_grad_()
+        opt = cls([{"params": [q]}, {"params": [p], "momentum": start}], lr=0.1, **kw)
+        for step in range(6):
+            if step == 3:
+                opt.param_groups[1]["momentum"] = then
+            p.grad = torch.full((33,), 0.5 + step)
+            q.grad = torch.full((7,), 1.0)
+            opt.step()
+        out[which] = (p.detach().clone(), q.detach().clone())
+    assert_close(list(out["ours"]), list(out["torch"]), what=f"SGD momentum {start} -> {then}", **FP32_VS_TORCH)

@@ -1,0 +1,302 @@
+"""Errors: construction-time validation like torch's, and step-time errors
+raised before anything is written (params, grads and state bit-identical)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fusedoptim
+from fusedoptim import _C
+from cases import assert_snapshot_equal, snapshot
+
+NAN, INF = float("nan"), float("inf")
+PAIRS = {"Adam": (fusedoptim.Adam, torch.optim.Adam), "AdamW": (fusedoptim.AdamW, torch.optim.AdamW),
+         "SGD": (fusedoptim.SGD, torch.optim.SGD)}
+
+
+# ---------------------------------------------------------------- construction
+def _params():
+    return [torch.zeros(3, requires_grad=True)]
+
+
+ADAM_CTOR = [
+    dict(lr=-1.0), dict(lr=NAN), dict(lr=INF), dict(lr=0.0), dict(eps=-1e-8), dict(eps=NAN), dict(eps=0.0),
+    dict(betas=(1.0, 0.999)), dict(betas=(0.9, 1.0)), dict(betas=(-0.1, 0.999)), dict(betas=(0.9, -0.5)),
+    dict(betas=(NAN, 0.999)), dict(betas=(0.0, 0.0)), dict(weight_decay=-0.1), dict(weight_decay=NAN),
+    dict(betas=(0.9, torch.tensor(0.999))), dict(betas=(torch.tensor(0.9), torch.tensor(0.999))),
+    dict(betas=(torch.tensor([0.9, 0.8]), torch.tensor(0.999))),
+    dict(lr=torch.tensor([0.1, 0.2])), dict(lr=torch.tensor(0.01)), dict(lr=torch.tensor(0.01), foreach=True),
+    dict(lr=torch.tensor(-0.01)), dict(fused=True, differentiable=True), dict(fused=True, foreach=True),
+    dict(fused=True), dict(fused=False), dict(foreach=True), dict(capturable=True), dict(amsgrad=True, maximize=True),
+    dict(lr="0.1"), dict(nonsense=1),
+]
+SGD_CTOR = [
+    dict(lr=-1.0), dict(lr=NAN), dict(lr=INF), dict(momentum=-0.9), dict(momentum=NAN), dict(weight_decay=-1.0),
+    dict(weight_decay=NAN), dict(nesterov=True), dict(nesterov=True, momentum=0.9, dampening=0.1),
+    dict(nesterov=True, momentum=0.9), dict(dampening=-1.0), dict(dampening=2.0), dict(dampening=NAN),
+    dict(lr=torch.tensor(0.1)), dict(lr=torch.tensor([0.1, 0.2])), dict(fused=True, differentiable=True),
+    dict(fused=True, foreach=True), dict(fused=True), dict(momentum=0.9, foreach=True),
+    dict(weight_decay=torch.tensor(0.1)), dict(lr="fast"), dict(betas=(0.9, 0.99)),
+]
+CTOR_CASES = ([("Adam", kw) for kw in ADAM_CTOR] + [("AdamW", kw) for kw in ADAM_CTOR + [dict(decoupled_weight_decay=True)]]
+              + [("SGD", kw) for kw in SGD_CTOR])
+
+
+def _outcome(fn):
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001 - we compare exception types with torch's
+        return type(e)
+    return None
+
+
+@pytest.mark.parametrize("name,kwargs", CTOR_CASES, ids=[f"{n}-{kw}" for n, kw in CTOR_CASES])
+def test_constructor_validation_matches_torch(name, kwargs):
+    ours, theirs = PAIRS[name]
+    got = _outcome(lambda: ours(_params(), **kwargs))
+    expected = _outcome(lambda: theirs(_params(), **kwargs))
+    assert got is expected, f"{name}({kwargs}): fusedoptim raised {got}, torch raised {expected}"
+
+
+BAD_PARAMS = {
+    "empty": lambda: [],
+    "tensor-not-iterable": lambda: torch.zeros(3, requires_grad=True),
+    "non-leaf": lambda: [torch.zeros(3, requires_grad=True) * 2],
+    "duplicate-in-two-groups": lambda: (lambda p: [{"params": [p]}, {"params": [p]}])(torch.zeros(3, requires_grad=True)),
+    "set": lambda: {torch.zeros(3, requires_grad=True)},
+    "group-without-params": lambda: [{"lr": 0.1}],
+    "int-tensor": lambda: [torch.zeros(3, dtype=torch.int64)],
+}
+
+
+@pytest.mark.parametrize("bad", sorted(BAD_PARAMS))
+@pytest.mark.parametrize("name", sorted(PAIRS))
+def test_bad_params_argument_matches_torch(name, bad):
+    ours, theirs = PAIRS[name]
+    got = _outcome(lambda: ours(BAD_PARAMS[bad]()))
+    expected = _outcome(lambda: theirs(BAD_PARAMS[bad]()))
+    assert got is expected, f"{name}({bad}): fusedoptim raised {got}, torch raised {expected}"
+
+
+def test_constructor_matches_torch_for_a_named_parameters_list():
+    model = torch.nn.Linear(3, 2)
+    for name, (ours, theirs) in PAIRS.items():
+        o, t = ours(model.named_parameters()), theirs(model.named_parameters())
+        assert o.param_groups[0].get("param_names") == t.param_groups[0].get("param_names") == ["weight", "bias"]
+
+
+# ---------------------------------------------------------------- step-time hyperparameters
+def _three_groups(cls, **kwargs):
+    """fp32 (native), fp64 (torch fallback) and bf16 (native) groups, with grads."""
+    gen = torch.Generator().manual_seed(4)
+    groups = [
+        {"params": [torch.randn(33, generator=gen).requires_grad_(), torch.randn(3, 5, generator=gen).requires_grad_()]},
+        {"params": [torch.randn(9, generator=gen, dtype=torch.float64).requires_grad_()]},
+        {"params": [torch.randn(17, generator=gen).to(torch.bfloat16).requires_grad_()]},
+    ]
+    opt = cls(groups, **kwargs)
+    flat = [p for g in groups for p in g["params"]]
+    return opt, flat
+
+
+def _set_grads(flat, seed):
+    gen = torch.Generator().manual_seed(seed)
+    for p in flat:
+        p.grad = torch.randn(p.shape, generator=gen).to(p.dtype)
+
+
+ADAM_BAD = [("lr", v) for v in (NAN, -1e-3, INF)] + [("beta1", v) for v in (NAN, -0.1, 1.0, INF)] + \
+           [("beta2", v) for v in (NAN, -0.1, 1.0)] + [("eps", v) for v in (NAN, -1e-8, INF)] + \
+           [("weight_decay", v) for v in (NAN, -0.1, INF)]
+SGD_BAD = [("lr", v) for v in (NAN, -1e-3, INF)] + [("momentum", v) for v in (NAN, -0.5, INF)] + \
+          [("weight_decay", v) for v in (NAN, -0.1, INF)] + [("dampening", v) for v in (NAN, INF)] + \
+          [("nesterov+dampening", 0.1)]
+STEP_CASES = ([("Adam", k, v) for k, v in ADAM_BAD] + [("AdamW", k, v) for k, v in ADAM_BAD] +
+              [("SGD", k, v) for k, v in SGD_BAD])
+
+
+def _corrupt(group, key, value):
+    if key == "beta1":
+        group["betas"] = (value, group["betas"][1])
+    elif key == "beta2":
+        group["betas"] = (group["betas"][0], value)
+    elif key == "nesterov+dampening":
+        group["nesterov"] = True
+        group["dampening"] = value
+    else:
+        group[key] = value
+
+
+@pytest.mark.parametrize("bad_group", [1, 2])
+@pytest.mark.parametrize("warm", [False, True], ids=["first-step", "after-2-steps"])
+@pytest.mark.parametrize("name,key,value", STEP_CASES, ids=[f"{n}-{k}={v}" for n, k, v in STEP_CASES])
+def test_bad_hyperparameter_set_later_raises_before_writing(name, key, value, warm, bad_group):
+    cls = PAIRS[name][0]
+    kwargs = dict(lr=0.1, momentum=0.9) if name == "SGD" else dict(lr=0.1, amsgrad=True)
+    opt, flat = _three_groups(cls, **kwargs)
+    if warm:
+        for s in range(2):
+            _set_grads(flat, s)
+            opt.step()
+    _set_grads(flat, 10)
+    good = dict(opt.param_groups[bad_group])
+    _corrupt(opt.param_groups[bad_group], key, value)
+    before = snapshot(opt, flat)
+    with pytest.raises(ValueError):
+        opt.step()
+    assert_snapshot_equal(before, snapshot(opt, flat), f"{name} {key}={value} in group {bad_group}")
+    # Fixed again, the same optimizer steps normally and every group moves.
+    opt.param_groups[bad_group].clear()
+    opt.param_groups[bad_group].update(good)
+    opt.step()
+    for k, (p, b) in enumerate(zip(flat, before["params"])):
+        assert not torch.equal(p.detach().contiguous().view(b.dtype), b), f"param {k} did not move after the fix"
+
+
+# ---------------------------------------------------------------- step-time grads
+# (A grad on another device than its param cannot be built on a CPU-only
+# machine: torch's .grad setter and Tensor.data both refuse it, so the device
+# check is covered only where a second device exists.)
+def _swap_grad_data(p, new):
+    """torch refuses a mismatched ``p.grad = ...``; ``.data`` assignment gets one past it."""
+    p.grad.data = new
+
+
+@pytest.mark.parametrize("warm", [False, True], ids=["first-step", "cached-plan"])
+@pytest.mark.parametrize("mismatch", ["shape", "numel", "dtype"])
+@pytest.mark.parametrize("name", sorted(PAIRS))
+def test_mismatched_grad_raises_before_writing(name, mismatch, warm):
+    cls = PAIRS[name][0]
+    opt, flat = _three_groups(cls, lr=0.1, **({"momentum": 0.9} if name == "SGD" else {}))
+    if warm:
+        for s in range(2):
+            _set_grads(flat, s)
+            opt.step()
+    _set_grads(flat, 10)
+    victim = flat[3]  # the bf16 param of the last group
+    g = victim.grad
+    new = {"shape": lambda: g.detach().reshape(1, 17).clone(),
+           "numel": lambda: torch.zeros(5, dtype=g.dtype),
+           "dtype": lambda: g.detach().float().clone()}[mismatch]()
+    _swap_grad_data(victim, new)
+    assert victim.grad.shape != victim.shape or victim.grad.dtype != victim.dtype
+    before = snapshot(opt, flat)
+    with pytest.raises(ValueError):
+        opt.step()
+    assert_snapshot_equal(before, snapshot(opt, flat), f"{name}: grad {mismatch} mismatch")
+
+
+@pytest.mark.parametrize("name", ["Adam", "AdamW"])
+def test_adam_sparse_grad_raises_like_torch(name):
+    ours, theirs = PAIRS[name]
+    msgs = {}
+    for which, cls in (("ours", ours), ("torch", theirs)):
+        emb = torch.nn.Embedding(10, 3, sparse=True)
+        dense = torch.zeros(4, requires_grad=True)
+        opt = cls([dense] + list(emb.parameters()))
+        dense.grad = torch.ones(4)
+        emb(torch.tensor([1, 2])).sum().backward()
+        before = snapshot(opt, [dense, emb.weight]) if which == "ours" else None
+        with pytest.raises(RuntimeError) as info:
+            opt.step()
+        msgs[which] = str(info.value)
+        if which == "ours":
+            assert_snapshot_equal(before, snapshot(opt, [dense, emb.weight]), "Adam with a sparse grad")
+    assert "sparse" in msgs["ours"].lower() and msgs["ours"] == msgs["torch"]
+
+
+# ---------------------------------------------------------------- _C
+def _adam_args(n=8, dtype=torch.float32, amsgrad=False):
+    p, g, m, v, vmax = (torch.randn(n).to(dtype) for _ in range(5))
+    v.abs_()
+    vmax.abs_()
+    step = torch.tensor(3.0)
+    keep = [p, g, m, v, vmax, step]
+    args = dict(params=[p.data_ptr()], grads=[g.data_ptr()], exp_avgs=[m.data_ptr()], exp_avg_sqs=[v.data_ptr()],
+                max_exp_avg_sqs=[vmax.data_ptr()] if amsgrad else None, steps=[step.data_ptr()], numels=[n],
+                dtype={torch.float32: _C.DTYPE_FLOAT32, torch.bfloat16: _C.DTYPE_BFLOAT16,
+                       torch.float16: _C.DTYPE_FLOAT16}[dtype],
+                lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, decoupled=False, amsgrad=amsgrad,
+                maximize=False, num_threads=1)
+    return args, keep
+
+
+ADAM_C_BAD = [
+    dict(lr=NAN), dict(lr=-1.0), dict(lr=INF), dict(beta1=1.0), dict(beta1=NAN), dict(beta1=-0.1), dict(beta2=1.0),
+    dict(beta2=NAN), dict(eps=-1.0), dict(eps=NAN), dict(eps=INF), dict(weight_decay=-1.0), dict(weight_decay=NAN),
+    dict(num_threads=0), dict(dtype=7), dict(numels=[-1]), dict(numels=[8, 8]), dict(grads=[]),
+    dict(params=[0]), dict(grads=[0]), dict(exp_avgs=[0]), dict(exp_avg_sqs=[0]), dict(steps=[0]),
+    dict(amsgrad=True), dict(amsgrad=True, max_exp_avg_sqs=[0]), dict(amsgrad=True, max_exp_avg_sqs=[]),
+]
+
+
+@pytest.mark.parametrize("bad", ADAM_C_BAD, ids=[str(b) for b in ADAM_C_BAD])
+def test_C_adam_step_validates_before_writing(bad):
+    args, keep = _adam_args()
+    before = [t.clone() for t in keep]
+    args.update(bad)
+    with pytest.raises(ValueError):
+        _C.adam_step(**args)
+    for k, (t, b) in enumerate(zip(keep, before)):
+        assert torch.equal(t.view(torch.int32), b.view(torch.int32)), f"buffer {k} written (step counter included)"
+
+
+def test_C_adam_step_rejects_misaligned_pointer():
+    args, keep = _adam_args(dtype=torch.float32)
+    before = [t.clone() for t in keep]
+    args["grads"] = [args["grads"][0] + 1]
+    with pytest.raises(ValueError):
+        _C.adam_step(**args)
+    assert all(torch.equal(t, b) for t, b in zip(keep, before))
+
+
+def test_C_adam_step_valid_call_writes_and_counts():
+    args, keep = _adam_args(amsgrad=True)
+    p0 = keep[0].clone()
+    _C.adam_step(**args)
+    assert float(keep[5]) == 4.0
+    assert not torch.equal(keep[0], p0)
+    # a zero-length tensor may have a null pointer
+    args2, keep2 = _adam_args()
+    args2.update(params=[0], grads=[0], exp_avgs=[0], exp_avg_sqs=[0], numels=[0])
+    _C.adam_step(**args2)
+    assert float(keep2[5]) == 4.0
+
+
+def _sgd_args(n=8, momentum=0.9):
+    p, g, b = (torch.randn(n) for _ in range(3))
+    keep = [p, g, b]
+    args = dict(params=[p.data_ptr()], grads=[g.data_ptr()], momentum_buffers=[b.data_ptr()] if momentum else None,
+                first_step=[False] if momentum else None, numels=[n], dtype=_C.DTYPE_FLOAT32, lr=0.1,
+                weight_decay=0.0, momentum=momentum, dampening=0.0, nesterov=False, maximize=False, num_threads=1)
+    return args, keep
+
+
+SGD_C_BAD = [
+    dict(lr=NAN), dict(lr=-1.0), dict(lr=INF), dict(momentum=-0.5), dict(momentum=NAN), dict(momentum=INF),
+    dict(weight_decay=-1.0), dict(weight_decay=INF), dict(dampening=NAN), dict(dampening=INF),
+    dict(nesterov=True, dampening=0.1), dict(momentum_buffers=None), dict(first_step=None), dict(first_step=[]),
+    dict(momentum_buffers=[0]), dict(params=[0]), dict(grads=[0]), dict(numels=[8, 8]), dict(num_threads=-2),
+    dict(dtype=99),
+]
+
+
+@pytest.mark.parametrize("bad", SGD_C_BAD, ids=[str(b) for b in SGD_C_BAD])
+def test_C_sgd_step_validates_before_writing(bad):
+    args, keep = _sgd_args()
+    before = [t.clone() for t in keep]
+    args.update(bad)
+    with pytest.raises(ValueError):
+        _C.sgd_step(**args)
+    for k, (t, b) in enumerate(zip(keep, before)):
+        assert torch.equal(t.view(torch.int32), b.view(torch.int32)), f"buffer {k} written"
+
+
+def test_C_nesterov_without_momentum_rejected():
+    args, keep = _sgd_args(momentum=0.0)
+    args["nesterov"] = True
+    before = [t.clone() for t in keep]
+    with pytest.raises(ValueError):
+        _C.sgd_step(**args)
+    assert all(torch.equal(t, b) for t, b in zip(keep, before))
