@@ -281,7 +281,10 @@ class StepPlan {
     if (size_t(py::len(dtypes)) != n) throw py::value_error("dtypes length");
     for (const py::handle& d : dtypes) dtypes_.push_back(py::reinterpret_borrow<py::object>(d));
     if (size_t(py::len(shapes)) != n) throw py::value_error("shapes length");
-    for (const py::handle& d : shapes) shapes_.push_back(py::reinterpret_borrow<py::object>(d));
+    for (const py::handle& d : shapes) {
+      const py::tuple shape = py::reinterpret_borrow<py::tuple>(d);
+      ndims_.push_back(int64_t(shape.size()));
+    }
     // The whole optimizer.state as it is now: a key added, removed or given
     // a new dict (state.clear(), del state[p], state[p] = {}) is a change.
     if (!PyDict_Check(state_obj.ptr())) throw py::type_error("state must be a dict");
@@ -337,18 +340,29 @@ class StepPlan {
         wg_grads_.push_back(std::move(g));
       }
     }
-    // Native entries. The param: same address, still contiguous, same shape
-    // and dtype (p.data = p.data.t() keeps the address). The grad: the
-    // param's shape and dtype (g.data = ... can change both), contiguous,
-    // then its address. Any doubt sends Python to its full check.
+    // Native entries. The param: same address, still contiguous, same size
+    // in bytes (p.data = p.data.t() keeps the address). The grad: the
+    // param's dtype, rank and size in bytes (g.data = ... can change any of
+    // them), contiguous, then its address. (len(g), for the first dimension,
+    // costs torch over a microsecond per tensor: a same-rank, same-size
+    // reshape of a grad's .data is the one change left to the kernels, which
+    // update element by element and read nothing beyond the grad.) Any doubt sends
+    // Python to its full check. Nothing here allocates a tracked object (no
+    // torch.Size): a step must not feed the garbage collector.
+    size_t bucket = 0;
+    int64_t bucket_end = bucket_size_.empty() ? 0 : bucket_size_[0];
     for (size_t k = 0; k < positions_.size(); ++k) {
+      while (int64_t(k) >= bucket_end) bucket_end += bucket_size_[++bucket];
       const int64_t pos = positions_[k];
       if (pos < 0 || size_t(pos) >= wg_grads_.size()) return kStale;
       PyObject* p = wg_params_[size_t(pos)];
       PyObject* g = wg_grads_[size_t(pos)].ptr();
-      if (call_ptr(p) != pptrs_[k] || !call_bool(p, s_is_contiguous().ptr())) return kStale;
-      if (!attr_equals(p, s_shape(), shapes_[k].ptr()) || !attr_is(p, s_dtype(), dtypes_[k].ptr())) return kStale;
-      if (!attr_equals(g, s_shape(), shapes_[k].ptr()) || !attr_is(g, s_dtype(), dtypes_[k].ptr())) return kStale;
+      const int64_t nbytes = numels_[k] * int64_t(dtype_size(bucket_dtype_[bucket]));
+      if (call_ptr(p) != pptrs_[k] || !call_bool(p, s_is_contiguous().ptr()) || get_int(p, s_nbytes()) != nbytes) {
+        return kStale;
+      }
+      if (!attr_is(g, s_dtype(), dtypes_[k].ptr()) || get_int(g, s_nbytes()) != nbytes) return kStale;
+      if (get_int(g, s_ndim()) != ndims_[k]) return kStale;
       if (!call_bool(g, s_is_contiguous().ptr())) return kSlowGrad;
       grad_ptrs_[k] = call_ptr(g);
     }
@@ -444,7 +458,8 @@ class StepPlan {
  private:
   static const py::object& s_grad() { static const py::object s = py::reinterpret_steal<py::object>(PyUnicode_InternFromString("grad")); return s; }
   static const py::object& s_data_ptr() { static const py::object s = py::reinterpret_steal<py::object>(PyUnicode_InternFromString("data_ptr")); return s; }
-  static const py::object& s_shape() { static const py::object s = py::reinterpret_steal<py::object>(PyUnicode_InternFromString("shape")); return s; }
+  static const py::object& s_nbytes() { static const py::object s = py::reinterpret_steal<py::object>(PyUnicode_InternFromString("nbytes")); return s; }
+  static const py::object& s_ndim() { static const py::object s = py::reinterpret_steal<py::object>(PyUnicode_InternFromString("ndim")); return s; }
   static const py::object& s_dtype() { static const py::object s = py::reinterpret_steal<py::object>(PyUnicode_InternFromString("dtype")); return s; }
   static const py::object& s_is_contiguous() { static const py::object s = py::reinterpret_steal<py::object>(PyUnicode_InternFromString("is_contiguous")); return s; }
 
@@ -473,13 +488,13 @@ class StepPlan {
     Py_DECREF(r);
     return same;
   }
-  static bool attr_equals(PyObject* t, const py::object& attr, PyObject* expected) {
+  static int64_t get_int(PyObject* t, const py::object& attr) {
     PyObject* r = PyObject_GetAttr(t, attr.ptr());
     if (r == nullptr) throw py::error_already_set();
-    const int eq = PyObject_RichCompareBool(r, expected, Py_EQ);
+    const long long v = PyLong_AsLongLong(r);
     Py_DECREF(r);
-    if (eq < 0) throw py::error_already_set();
-    return eq == 1;
+    if (v == -1 && PyErr_Occurred()) throw py::error_already_set();
+    return v;
   }
 
   void take_collected() {
@@ -496,7 +511,7 @@ class StepPlan {
   std::vector<py::object> state_dicts_;
   std::vector<py::object> expected_;
   std::vector<py::object> dtypes_;       // per native entry: the param's torch.dtype
-  std::vector<py::object> shapes_;       // per native entry: the param's shape (a tuple)
+  std::vector<int64_t> ndims_;           // per native entry: the param's rank
   std::vector<py::object> state_items_;  // optimizer.state's keys and values, flattened
   std::vector<int64_t> positions_;  // per native entry: index among params with grad
   std::vector<int32_t> bucket_dtype_;

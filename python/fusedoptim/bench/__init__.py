@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 from typing import Callable, List, Optional, Sequence, TypeVar
 
-from .cases import CASES, DEFAULT_CASES, QUICK_CASES, Case, parse_case
+from .cases import CASES, DEFAULT_CASES, QUICK_CASES, parse_case
 from .harness import (
     DTYPES,
     IMPL_ALIASES,
@@ -36,6 +37,7 @@ from .harness import (
     run,
     write_csv,
     write_json,
+    write_markdown,
     write_plot,
 )
 
@@ -151,18 +153,24 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
                      help="smoke run in seconds: small cases, fp32, 1 warm-up and 3 repeats (options given "
                      "explicitly still win)")
     tim = p.add_argument_group("timing")
-    tim.add_argument("--warmup", "-w", type=_nonneg_int, metavar="N", help="untimed steps before timing (default: 2)")
+    tim.add_argument("--warmup", "-w", type=_nonneg_int, metavar="N", help="untimed steps before timing (default: 1; the first step creates the state)")
     tim.add_argument("--repeats", "-r", type=_positive_int, metavar="N",
                      help="timed steps per measurement (default: enough for --min-time, at least 5)")
     tim.add_argument("--min-time", type=float, metavar="S",
-                     help="seconds of timed steps per measurement when --repeats is not given (default: 0.4)")
-    tim.add_argument("--max-repeats", type=_positive_int, metavar="N", help="cap on automatic repeats (default: 200)")
+                     help="seconds of timed steps per measurement when --repeats is not given (default: 0.25)")
+    tim.add_argument("--max-repeats", type=_positive_int, metavar="N", help="cap on automatic repeats (default: 100)")
+    tim.add_argument("--max-time", type=float, metavar="S",
+                     help="stop timing a measurement after S seconds of timed steps, even below --repeats or 5 "
+                     "steps (default: 1, --full: 10; bounds pathologically slow cases)")
     tim.add_argument("--triad-size", type=_positive_int, metavar="N",
                      help="elements per STREAM triad array (default: 2**25 = 32M)")
     out = p.add_argument_group("output")
     out.add_argument("--json", metavar="PATH", help="write rows, machine facts and config as JSON")
     out.add_argument("--csv", metavar="PATH", help="write tidy rows (with machine-fact columns) as CSV")
     out.add_argument("--plot", metavar="PNG", help="draw GB/s per case and implementation with the limit (matplotlib)")
+    out.add_argument("--markdown", metavar="PATH",
+                     help="write a results page: machine, command, the table, links to the --json/--csv/--plot "
+                     "files (relative to the page)")
     out.add_argument("--quiet", "-q", action="store_true", help="no progress lines on stderr")
     return p
 
@@ -182,6 +190,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
     cfg.dtypes = args.dtypes or (["fp32"] if args.quick else list(DTYPES))
     cfg.threads = args.threads or sorted({1, cores})
     cfg.full = bool(args.full)
+    if args.full:
+        cfg.max_time = 10.0  # the slow implementations on huge cases get their 5 steps
     if args.quick:
         cfg.warmup, cfg.repeats, cfg.triad_numel = 1, 3, 2**22
     if args.warmup is not None:
@@ -192,6 +202,10 @@ def config_from_args(args: argparse.Namespace) -> Config:
         if args.min_time <= 0:
             raise BenchError("--min-time must be positive")
         cfg.min_time = args.min_time
+    if args.max_time is not None:
+        if args.max_time <= 0:
+            raise BenchError("--max-time must be positive")
+        cfg.max_time = args.max_time
     if args.max_repeats is not None:
         cfg.max_repeats = args.max_repeats
     if args.triad_size is not None:
@@ -205,7 +219,8 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> in
     Returns the process exit status (0 ok, 2 usage error, 130 interrupted).
     """
     parser = build_parser(prog)
-    args = parser.parse_args(None if argv is None else list(argv))
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args(argv)
     try:
         cfg = config_from_args(args)
         if args.plot:
@@ -213,6 +228,7 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> in
     except BenchError as exc:
         parser.error(str(exc))
     report = Report(machine=machine_facts(), config=config_dict(cfg))
+    report.config["command"] = " ".join([parser.prog, shlex.join(argv)]).strip()
     progress = None if args.quiet else sys.stderr
     status = 0
     try:
@@ -230,6 +246,10 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> in
             write_csv(report, args.csv)
         if args.plot:
             write_plot(report, args.plot)
+        if args.markdown:
+            base = os.path.dirname(os.path.abspath(args.markdown))
+            files = [os.path.relpath(os.path.abspath(p), base) for p in (args.plot, args.json, args.csv) if p]
+            write_markdown(report, args.markdown, files)
     except (BenchError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -3,9 +3,10 @@
 What one run measures, for every (case, dtype) and optimizer:
 
 * each implementation (fusedoptim, torch.optim's fused, foreach and for-loop
-  steps, DeepSpeed's CPU Adam when importable) at each thread count: warm-up
-  steps, then the median (and quartiles) of many timed ``step()`` calls on
-  grads that were set once;
+  steps, DeepSpeed's CPU Adam when importable) at each thread count: one
+  untimed first step per optimizer (it creates the state), warm-up steps at
+  each thread count, then the median (and quartiles) of many timed
+  ``step()`` calls on grads that were set once;
 * **the limit**: :func:`fusedoptim._C.stream_probe`, which does ``x += read``
   over the same number of read-write streams as the optimizer plus one read
   stream (the grad), with the same ISA and thread split, on the same number
@@ -30,11 +31,12 @@ import json
 import math
 import os
 import platform
+import shlex
 import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, TextIO, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, TextIO, Tuple
 
 import torch
 from torch import Tensor
@@ -58,6 +60,7 @@ __all__ = [
     "write_json",
     "write_csv",
     "write_plot",
+    "write_markdown",
 ]
 
 
@@ -189,6 +192,7 @@ class Timing:
     """Seconds per call of a timed function."""
 
     samples: List[float]
+    note: str = ""
 
     @property
     def median(self) -> float:
@@ -211,91 +215,117 @@ class Config:
     cases: List[Case] = field(default_factory=list)
     dtypes: List[str] = field(default_factory=lambda: ["fp32", "bf16"])
     threads: List[int] = field(default_factory=lambda: [1])
-    warmup: int = 2
+    warmup: int = 1
     repeats: Optional[int] = None
-    min_time: float = 0.4
+    min_time: float = 0.25
     min_repeats: int = 5
-    max_repeats: int = 200
+    max_repeats: int = 100
+    max_time: float = 1.0
     full: bool = False
     triad_numel: int = 2**25
     seed: int = 0
 
 
-def _repeats_for(cfg: Config, est: float, min_time: float, min_reps: int) -> int:
-    if cfg.repeats is not None:
-        return cfg.repeats
-    est = max(est, 1e-6)
-    return int(min(max(math.ceil(min_time / est), min_reps), cfg.max_repeats))
+def time_calls(fn: Callable[[], Any], warmup: int, repeats: Optional[int], min_repeats: int = 5,
+               min_time: float = 0.25, max_repeats: int = 100, max_time: float = math.inf) -> Timing:
+    """Run ``fn`` ``warmup`` times untimed, then time it, with the GC off.
 
-
-def time_calls(fn: Callable[[], Any], warmup: int, reps: Callable[[float], int]) -> Timing:
-    """Run ``fn`` ``warmup`` times, then ``reps(estimate)`` timed times, with the GC off."""
+    ``repeats`` timed calls if given; else at least ``min_repeats`` and until
+    ``min_time`` seconds of timed calls or ``max_repeats`` calls. Either way
+    timing stops once ``max_time`` seconds of timed calls are reached (after
+    at least one call), and a last warm-up call slower than ``max_time`` is
+    the only sample: that bounds a pathologically slow implementation. Such
+    cut measurements say so in :attr:`Timing.note`.
+    """
     gc_was = gc.isenabled()
     gc.disable()
     try:
-        est = 0.0
+        last = 0.0
         for _ in range(warmup):
             t0 = time.perf_counter()
             fn()
-            est = time.perf_counter() - t0
-        if warmup == 0:
+            last = time.perf_counter() - t0
+        if warmup and last >= max_time:
+            return Timing([last], note=f"one warm-up step only: slower than --max-time {max_time:g} s")
+        samples: List[float] = []
+        total = 0.0
+        wanted = repeats if repeats is not None else min_repeats
+        while True:
+            if samples and total >= max_time:
+                break
+            if repeats is not None:
+                if len(samples) >= repeats:
+                    break
+            elif len(samples) >= max_repeats or (len(samples) >= min_repeats and total >= min_time):
+                break
             t0 = time.perf_counter()
             fn()
-            est = time.perf_counter() - t0
-            samples = [est]
-        else:
-            samples = []
-        for _ in range(reps(est) - len(samples)):
-            t0 = time.perf_counter()
-            fn()
-            samples.append(time.perf_counter() - t0)
-        return Timing(samples)
+            dt = time.perf_counter() - t0
+            samples.append(dt)
+            total += dt
+        note = "" if len(samples) >= wanted else f"{len(samples)} steps: stopped at --max-time {max_time:g} s"
+        return Timing(samples, note=note)
     finally:
         if gc_was:
             gc.enable()
 
 
-class _Probe:
-    """Buffers of :func:`fusedoptim._C.stream_probe` for one (case, dtype)."""
+def _time_steps(cfg: Config, fn: Callable[[], Any]) -> Timing:
+    return time_calls(fn, cfg.warmup, cfg.repeats, cfg.min_repeats, cfg.min_time, cfg.max_repeats, cfg.max_time)
 
-    def __init__(self, numel: int, dtype: torch.dtype, rw_streams: int, read: Optional[Tensor]) -> None:
+
+class _ProbeArena:
+    """The probe's buffers, allocated once per run at the largest size it needs.
+
+    Every (case, dtype) takes zeroed views of them, so the run pays the page
+    faults of the probe's gigabytes once rather than at every case.
+    """
+
+    def __init__(self, streams: int, stream_bytes: int, read_bytes: int) -> None:
+        self.rw = [torch.empty(stream_bytes, dtype=torch.uint8) for _ in range(streams)]
+        self.read = torch.empty(read_bytes, dtype=torch.uint8) if read_bytes else None
+
+    @staticmethod
+    def _view(buf: Tensor, numel: int, dtype: torch.dtype) -> Tensor:
+        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        return buf[:nbytes].view(dtype)
+
+    def probe(self, numel: int, dtype: torch.dtype, grad: Optional[Tensor]) -> "_Probe":
+        """Zeroed read-write streams; ``grad`` (a one-tensor case's grad) or a filled buffer as the read stream."""
+        rw = [self._view(b, numel, dtype).zero_() for b in self.rw]
+        if grad is None:
+            assert self.read is not None
+            grad = self._view(self.read, numel, dtype).fill_(0.01)
+        return _Probe(numel, dtype, rw, grad)
+
+
+class _Probe:
+    """:func:`fusedoptim._C.stream_probe` on one (case, dtype)."""
+
+    def __init__(self, numel: int, dtype: torch.dtype, rw: List[Tensor], read: Tensor) -> None:
         self.numel = numel
         self.code = DTYPE_CODES[dtype]
-        self.rw = [torch.zeros(numel, dtype=dtype) for _ in range(rw_streams)]
-        # The grad of a one-tensor case is read in place; else one tensor of the total size.
-        self.read = read if read is not None else torch.full((numel,), 0.01, dtype=dtype)
-        self.rw_ptrs = [t.data_ptr() for t in self.rw]
+        self.rw = rw
+        self.read = read
+        self.rw_ptrs = [t.data_ptr() for t in rw]
         self.warm: set = set()
 
     def call(self, streams: int, threads: int) -> None:
         _C.stream_probe(self.rw_ptrs[:streams], self.read.data_ptr(), self.numel, self.code, threads)
 
     def block(self, cfg: Config, streams: int, threads: int) -> List[float]:
-        """One block of timed probe calls (the first block at a (streams, threads) warms up first)."""
+        """One block of timed probe calls: a third of ``min_time``, at least 2 calls.
+
+        The first block at a (streams, threads) pair warms up with one call.
+        """
         torch.set_num_threads(threads)
         key = (streams, threads)
-        warmup = 1 if key not in self.warm else 0
+        warmup = 0 if key in self.warm else 1
         self.warm.add(key)
-        if cfg.repeats is not None:
-            reps = max(1, math.ceil(cfg.repeats / 2))
-            fixed = lambda est: reps  # noqa: E731
-        else:
-            fixed = lambda est: _repeats_for(cfg, est, cfg.min_time / 2, 2)  # noqa: E731
-        gc.disable()
-        try:
-            if warmup:
-                self.call(streams, threads)
-            t0 = time.perf_counter()
-            self.call(streams, threads)
-            first = time.perf_counter() - t0
-            samples = [first]
-            for _ in range(fixed(first) - 1):
-                t0 = time.perf_counter()
-                self.call(streams, threads)
-                samples.append(time.perf_counter() - t0)
-        finally:
-            gc.enable()
-        return samples
+        repeats = None if cfg.repeats is None else max(1, math.ceil(cfg.repeats / 2))
+        t = time_calls(lambda: self.call(streams, threads), warmup, repeats, 2, cfg.min_time / 3, cfg.max_repeats,
+                       cfg.max_time)
+        return t.samples
 
 
 def measure_triad(cfg: Config, threads: int) -> Timing:
@@ -303,14 +333,9 @@ def measure_triad(cfg: Config, threads: int) -> Timing:
     n = cfg.triad_numel
     a, b, c = torch.zeros(n), torch.full((n,), 1.0), torch.full((n,), 2.0)
     torch.set_num_threads(threads)
-    try:
-        return time_calls(
-            lambda: _C.triad(a.data_ptr(), b.data_ptr(), c.data_ptr(), 3.0, n, threads),
-            max(cfg.warmup, 1),
-            lambda est: _repeats_for(cfg, est, cfg.min_time, cfg.min_repeats),
-        )
-    finally:
-        del a, b, c
+    pa, pb, pc = a.data_ptr(), b.data_ptr(), c.data_ptr()
+    return time_calls(lambda: _C.triad(pa, pb, pc, 3.0, n, threads), max(cfg.warmup, 1), cfg.repeats,
+                      cfg.min_repeats, cfg.min_time, cfg.max_repeats, cfg.max_time)
 
 
 # --------------------------------------------------------------------------------------------
@@ -423,36 +448,62 @@ def run(cfg: Config, progress: Optional[TextIO] = sys.stderr, report: Optional[R
     if report is None:
         report = Report(machine=machine_facts(), config=config_dict(cfg))
     prog = _Progress(planned_measurements(cfg), progress)
+    busy = other_cpu_load()
+    report.machine["other_cpu_load_at_start_pct"] = None if busy is None else round(busy, 1)
+    if busy is not None and busy > 10 and progress is not None:
+        print(f"warning: other processes are using {busy:.0f}% of the CPUs: timings, and torch's multi-thread "
+              "(OpenMP) steps above all, will be off", file=progress, flush=True)
+    load = CpuLoad()
+    load.start()
     impls = _usable_impls(cfg)
     saved_threads = torch.get_num_threads()
     try:
         for threads in cfg.threads:
             t = measure_triad(cfg, threads)
             nbytes = 3 * 4 * cfg.triad_numel
-            row = Row("stream", "triad", f"triad {_human(cfg.triad_numel)}", "fp32", threads, 3, cfg.triad_numel,
-                      t.median * 1e3, *(q * 1e3 for q in t.quartiles), len(t.samples), nbytes,
-                      nbytes / t.median / 1e9, note="STREAM triad a = b + s*c, 12 B/element")
+            q1, q3 = t.quartiles
+            row = Row(optimizer="stream", implementation="triad", case=f"triad {_human(cfg.triad_numel)}",
+                      dtype="fp32", threads=threads, tensors=3, numel=cfg.triad_numel, median_ms=t.median * 1e3,
+                      q1_ms=q1 * 1e3, q3_ms=q3 * 1e3, repeats=len(t.samples), bytes_per_step=nbytes,
+                      gb_per_s=nbytes / t.median / 1e9, note="STREAM triad a = b + s*c, 12 B/element")
             report.triad.append(row)
             prog(f"STREAM triad fp32 {_human(cfg.triad_numel)} {_thr(threads)}", f"{row.gb_per_s:6.1f} GB/s")
 
+        arena = _make_arena(cfg)
         for case in cfg.cases:
             for dtype_name in cfg.dtypes:
-                _run_case(cfg, case, dtype_name, impls, report, prog)
+                _run_case(cfg, case, dtype_name, impls, report, prog, arena)
                 gc.collect()
+        del arena
         report.complete = True
     finally:
         torch.set_num_threads(saved_threads)
         report.wall_s = time.perf_counter() - t_start
+        during = load.stop()
+        report.machine["other_cpu_load_during_run_pct"] = None if during is None else round(during, 1)
     return report
 
 
-def _run_case(cfg: Config, case: Case, dtype_name: str, impls: List[str], report: Report, prog: _Progress) -> None:
+def _elem_size(dtype_name: str) -> int:
+    return torch.empty((), dtype=DTYPES[dtype_name]).element_size()
+
+
+def _make_arena(cfg: Config) -> _ProbeArena:
+    streams = max(OPTIMIZERS[o].rw_streams for o in cfg.optimizers)
+    es = max((_elem_size(d) for d in cfg.dtypes), default=4)
+    stream_bytes = max((c.numel for c in cfg.cases), default=0) * es
+    read_bytes = max((c.numel for c in cfg.cases if c.num_tensors > 1), default=0) * es
+    return _ProbeArena(streams, stream_bytes, read_bytes)
+
+
+def _run_case(cfg: Config, case: Case, dtype_name: str, impls: List[str], report: Report, prog: _Progress,
+              arena: _ProbeArena) -> None:
     dtype = DTYPES[dtype_name]
     es = torch.empty((), dtype=dtype).element_size()
     params = build_tensors(case, dtype, cfg.seed)
-    streams_needed = max(OPTIMIZERS[o].rw_streams for o in cfg.optimizers)
     single = case.num_tensors == 1
-    probe = _Probe(case.numel, dtype, streams_needed, params[0].grad.view(-1) if single else None)
+    grad0 = params[0].grad
+    probe = arena.probe(case.numel, dtype, grad0.view(-1) if single and grad0 is not None else None)
     limit_note = "" if single else "limit measured on one tensor of the same total size"
     try:
         for opt_name in cfg.optimizers:
@@ -460,6 +511,7 @@ def _run_case(cfg: Config, case: Case, dtype_name: str, impls: List[str], report
             nbytes = spec.bytes_per_param(es) * case.numel
             probe_samples: Dict[int, List[float]] = {t: [] for t in cfg.threads}
             group: List[Row] = []
+            start = len(report.rows)  # the limits go first; rows are reported as they are measured
             for impl in impls:
                 why = _applicable(cfg, spec, impl, case)
                 if why is not None:
@@ -475,25 +527,38 @@ def _run_case(cfg: Config, case: Case, dtype_name: str, impls: List[str], report
                         prog(f"{opt_name} {impl} {case.name} {dtype_name} {_thr(threads)}", f"skipped: {exc}")
                     continue
                 try:
+                    # The first step creates the state (page faults, plans): never timed, and not
+                    # a warm-up step, so a slow warm-up means a slow step (see time_calls).
+                    set_threads(opt, impl, cfg.threads[0])
+                    try:
+                        opt.step()
+                    except Exception as exc:  # noqa: BLE001 - an implementation that fails here is skipped
+                        report.skipped.append(dict(optimizer=opt_name, implementation=impl, case=case.name,
+                                                   dtype=dtype_name, reason=f"{type(exc).__name__}: {exc}"))
+                        for threads in cfg.threads:
+                            prog(f"{opt_name} {impl} {case.name} {dtype_name} {_thr(threads)}",
+                                 f"failed: {type(exc).__name__}: {exc}")
+                        continue
                     for threads in cfg.threads:
                         probe_samples[threads] += probe.block(cfg, spec.rw_streams, threads)
                         set_threads(opt, impl, threads)
                         what = f"{opt_name} {impl} {case.name} {dtype_name} {_thr(threads)}"
                         try:
-                            t = time_calls(opt.step, cfg.warmup,
-                                           lambda est: _repeats_for(cfg, est, cfg.min_time, cfg.min_repeats))
+                            t = _time_steps(cfg, opt.step)
                         except Exception as exc:  # noqa: BLE001 - an implementation that fails here is skipped
                             report.skipped.append(dict(optimizer=opt_name, implementation=impl, case=case.name,
                                                        dtype=dtype_name, threads=threads,
                                                        reason=f"{type(exc).__name__}: {exc}"))
                             prog(what, f"failed: {type(exc).__name__}: {exc}")
                             continue
-                        row = _row(opt_name, impl, case, dtype_name, threads, t, nbytes)
+                        row = _row(opt_name, impl, case, dtype_name, threads, t, nbytes, note=t.note)
                         group.append(row)
+                        report.rows.append(row)
                         prog(what, _fmt_result(row))
                 finally:
                     del opt
                     gc.collect()
+            limits: List[Row] = []
             for threads in cfg.threads:
                 probe_samples[threads] += probe.block(cfg, spec.rw_streams, threads)
                 limit = _row(opt_name, "limit", case, dtype_name, threads, Timing(probe_samples[threads]), nbytes,
@@ -505,17 +570,18 @@ def _run_case(cfg: Config, case: Case, dtype_name: str, impls: List[str], report
                     r.pct_of_limit = 100.0 * r.gb_per_s / limit.gb_per_s
                     if fused is not None:
                         r.speedup_vs_torch_fused = fused.median_ms / r.median_ms
-                report.rows.append(limit)
-                report.rows.extend(rows)
+                limits.append(limit)
                 prog(f"{opt_name} limit {case.name} {dtype_name} {_thr(threads)}",
                      _fmt_result(limit) + (" (one tensor)" if not single else ""))
+            report.rows[start:start] = limits
     finally:
         del params, probe
         gc.collect()
 
 
 def _fmt_result(r: Row) -> str:
-    return f"{r.median_ms:9.3f} ms/step  [{r.q1_ms:.3f}, {r.q3_ms:.3f}]  {r.gb_per_s:6.1f} GB/s  n={r.repeats}"
+    out = f"{r.median_ms:9.3f} ms/step  [{r.q1_ms:.3f}, {r.q3_ms:.3f}]  {r.gb_per_s:6.1f} GB/s  n={r.repeats}"
+    return out + (f" ({r.note})" if r.note and r.implementation != "limit" else "")
 
 
 def _thr(threads: int) -> str:
@@ -534,6 +600,51 @@ def _human(n: int) -> str:
 # --------------------------------------------------------------------------------------------
 
 
+class CpuLoad:
+    """CPU time used by *other* processes between :meth:`start` and :meth:`stop`, from /proc/stat.
+
+    A benchmark of multi-threaded steps is only as good as the idle cores it
+    runs on; this tells the reader whether it had them.
+    """
+
+    def __init__(self) -> None:
+        self._t0: Optional[Tuple[float, float, float]] = None
+
+    @staticmethod
+    def _snapshot() -> Optional[Tuple[float, float, float]]:
+        text = _read("/proc/stat")
+        if not text or not text.startswith("cpu "):
+            return None
+        vals = [int(x) for x in text.splitlines()[0].split()[1:]]
+        hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        total = sum(vals[:8]) / hz  # user nice system idle iowait irq softirq steal
+        idle = (vals[3] + vals[4]) / hz
+        ru = os.times()
+        return total, total - idle, ru.user + ru.system
+
+    def start(self) -> None:
+        self._t0 = self._snapshot()
+
+    def stop(self) -> Optional[float]:
+        """Percent of all CPUs' time that other processes used since :meth:`start` (None if unknown)."""
+        t1 = self._snapshot()
+        if self._t0 is None or t1 is None:
+            return None
+        total = t1[0] - self._t0[0]
+        if total <= 0:
+            return None
+        others = (t1[1] - self._t0[1]) - (t1[2] - self._t0[2])
+        return max(0.0, min(100.0, 100.0 * others / total))
+
+
+def other_cpu_load(seconds: float = 0.5) -> Optional[float]:
+    """Percent of the CPUs that other processes use, sampled for ``seconds`` while we sleep."""
+    load = CpuLoad()
+    load.start()
+    time.sleep(seconds)
+    return load.stop()
+
+
 def _read(path: str) -> Optional[str]:
     try:
         with open(path) as f:
@@ -549,6 +660,25 @@ def cpu_model() -> str:
         if line.startswith("model name") and ":" in line:
             return line.split(":", 1)[1].strip()
     return platform.processor() or platform.machine() or "unknown"
+
+
+def source_revision() -> Optional[str]:
+    """The git commit of fusedoptim's source (``+dirty`` with local changes to it), when it is a checkout."""
+    import subprocess
+
+    where = os.path.dirname(os.path.abspath(fusedoptim.__file__))
+    try:
+        rev = subprocess.run(["git", "-C", where, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             timeout=5)
+        if rev.returncode != 0:
+            return None
+        # Local changes to the optimizer's sources (the benchmark's own files don't count).
+        dirty = subprocess.run(["git", "-C", where, "status", "--porcelain", "--untracked-files=no", "--",
+                                ":/csrc", ":/python", ":/CMakeLists.txt", ":(exclude,top)python/fusedoptim/bench"],
+                               capture_output=True, text=True, timeout=5)
+        return rev.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def machine_facts() -> Dict[str, Any]:
@@ -586,6 +716,7 @@ def machine_facts() -> Dict[str, Any]:
         "torch_threads_default": torch.get_num_threads(),
         "fusedoptim_version": fusedoptim.__version__,
         "fusedoptim_compiler": info.get("compiler"),
+        "fusedoptim_git": source_revision(),
         "deepspeed_version": ds,
         "python_version": platform.python_version(),
         "platform": platform.platform(),
@@ -600,7 +731,7 @@ def config_dict(cfg: Config) -> Dict[str, Any]:
         {"name": c.name, "tensors": c.num_tensors, "numel": c.numel, "description": c.description} for c in cfg.cases
     ]
     d["optimizers"] = {n: OPTIMIZERS[n].description for n in cfg.optimizers}
-    d["command"] = " ".join([os.path.basename(sys.argv[0]) or "fusedoptim-bench"] + sys.argv[1:])
+    d["command"] = shlex.join([os.path.basename(sys.argv[0]) or "fusedoptim-bench"] + sys.argv[1:])
     return d
 
 
@@ -625,8 +756,13 @@ def format_table(report: Report) -> str:
     """The one table: per (optimizer, case, dtype, threads) the limit and every implementation side by side."""
     rows = report.rows
     impls = [i for i in IMPLEMENTATIONS if any(r.implementation == i for r in rows)]
-    by_key: Dict[Tuple[str, str, str, int], Dict[str, Row]] = {}
+    order: Dict[Tuple[str, Any], int] = {}
     for r in rows:
+        for field_name in ("optimizer", "case", "dtype"):
+            order.setdefault((field_name, getattr(r, field_name)), len(order))
+    by_key: Dict[Tuple[str, str, str, int], Dict[str, Row]] = {}
+    for r in sorted(rows, key=lambda r: (order[("optimizer", r.optimizer)], order[("case", r.case)],
+                                         order[("dtype", r.dtype)], r.threads)):
         by_key.setdefault((r.optimizer, r.case, r.dtype, r.threads), {})[r.implementation] = r
 
     header1 = ["", "", "", "", "limit", ""]
@@ -646,6 +782,7 @@ def format_table(report: Report) -> str:
     seps: List[int] = []
     last_opt = None
     multi = set()
+    cuts = False
     for key, cells in by_key.items():
         opt, case, dtype, threads = key
         if last_opt is not None and opt != last_opt:
@@ -657,11 +794,13 @@ def format_table(report: Report) -> str:
         line = [opt, case + ("*" if lim is not None and lim.note else ""), dtype, str(threads),
                 _fmt_ms(lim.median_ms if lim else None), f"{lim.gb_per_s:.1f}" if lim else "-"]
         for i in impls:
-            r = cells.get(i)
-            line.append(_fmt_ms(r.median_ms if r else None))
+            cell = cells.get(i)
+            cut = cell is not None and bool(cell.note)
+            cuts |= cut
+            line.append(_fmt_ms(cell.median_ms if cell else None) + ("~" if cut else ""))
             if i == "fusedoptim":
-                line.append(f"{r.gb_per_s:.1f}" if r else "-")
-            line.append(_fmt_pct(r.pct_of_limit if r else None))
+                line.append(f"{cell.gb_per_s:.1f}" if cell else "-")
+            line.append(_fmt_pct(cell.pct_of_limit if cell else None))
         fo = cells.get("fusedoptim")
         line.append(f"{fo.speedup_vs_torch_fused:.2f}x" if fo and fo.speedup_vs_torch_fused else "-")
         body.append(line)
@@ -687,14 +826,12 @@ def format_table(report: Report) -> str:
     # header1 labels span their group: left-align them at the group's first column
     def fmt_h1() -> str:
         out = []
-        k = 0
         starts = sorted(group_starts)
         spans = [(s, (starts[j + 1] if j + 1 < len(starts) else ncol)) for j, s in enumerate(starts)]
         out.append(" ".join("".ljust(widths[x]) for x in range(4)))
         for s, e in spans:
             width = sum(widths[s:e]) + (e - s - 1)
             out.append("| " + header1[s].ljust(width))
-            k = e
         return " ".join(out).rstrip()
 
     lines = [fmt_h1(), fmt(header2)]
@@ -719,6 +856,8 @@ def format_table(report: Report) -> str:
     ]
     if multi:
         notes.append("* limit measured on one tensor of the same total size.")
+    if cuts:
+        notes.append("~ = fewer timed steps than asked: the steps hit --max-time (see the rows' note).")
     skipped = {(s["implementation"], s["reason"]) for s in report.skipped}
     if any("--full" in reason for _, reason in skipped):
         notes.append("- = not run: torch for-loop/foreach are skipped on cases of >= 64M params by default "
@@ -726,9 +865,49 @@ def format_table(report: Report) -> str:
     triad = ", ".join(f"{_thr(r.threads)} {r.gb_per_s:.1f} GB/s" for r in report.triad)
     if triad:
         notes.append(f"STREAM triad (fp32, {report.triad[0].case.split()[-1]} elements): {triad}.")
+    during = m.get("other_cpu_load_during_run_pct")
+    if during is not None:
+        notes.append(f"Other processes used {during:.0f}% of the CPUs' time during the run"
+                     + (" (timings disturbed; rerun on an idle machine)." if during > 10 else "."))
     if not report.complete:
         notes.append("(interrupted: partial results)")
     return "\n".join(lines + notes)
+
+
+def write_markdown(report: Report, path: str, files: Sequence[str] = ()) -> None:
+    """A results page: the machine, the command, the table, and links to ``files`` (JSON, CSV, chart)."""
+    m = report.machine
+    cfg = report.config
+    out = [
+        "# fusedoptim benchmark results",
+        "",
+        f"Command: `{cfg.get('command', 'fusedoptim-bench')}` ({report.wall_s:.0f} s of measuring"
+        + ("" if report.complete else ", interrupted") + ").",
+        "",
+        "| machine | |",
+        "| --- | --- |",
+        f"| CPU | {m['cpu_model']}, {m['usable_cores']} cores, L3 {m.get('l3_cache') or '?'}, "
+        f"{m.get('memory_gib')} GiB RAM |",
+        f"| fusedoptim | {m['fusedoptim_version']}"
+        + (f" (git {m['fusedoptim_git']})" if m.get("fusedoptim_git") else "")
+        + f", ISA {m['isa']} (vector width {m.get('vector_width')}), {m.get('fusedoptim_compiler')} |",
+        f"| torch | {m['torch_version']} |",
+        f"| Python, OS | {m['python_version']}, {m['platform']} |",
+        f"| date (UTC) | {m['date']} |",
+        f"| other processes' CPU load | {m.get('other_cpu_load_at_start_pct')}% at start, "
+        f"{m.get('other_cpu_load_during_run_pct')}% during the run |",
+        "",
+    ]
+    pngs = [f for f in files if f.endswith(".png")]
+    for png in pngs:
+        out += [f"![GB/s per case and implementation]({png})", ""]
+    out += ["```", format_table(report), "```", ""]
+    data = [f for f in files if not f.endswith(".png")]
+    if data:
+        out += ["Tidy rows: " + ", ".join(f"[{f}]({f})" for f in data) + ".", ""]
+    _ensure_dir(path)
+    with open(path, "w") as f:
+        f.write("\n".join(out))
 
 
 def _row_dicts(report: Report) -> List[Dict[str, Any]]:
@@ -815,22 +994,29 @@ def write_plot(report: Report, path: str) -> None:
     fig, axes = plt.subplots(len(panels), len(threads), figsize=(6.4 * len(threads), 3.5 * len(panels)),
                              squeeze=False)
     width = 0.8 / max(len(impls), 1)
+    any_cut = False
     for pi, (opt, dtype) in enumerate(panels):
         for ti, th in enumerate(threads):
             ax = axes[pi][ti]
             pcases = [c for c in cases if (opt, dtype, th, c, "limit") in index]
             for k, impl in enumerate(impls):
-                xs, ys = [], []
+                xs, ys, cut = [], [], []
                 for ci, c in enumerate(pcases):
                     r = index.get((opt, dtype, th, c, impl))
                     if r is not None:
                         xs.append(ci - 0.4 + width * (k + 0.5))
                         ys.append(r.gb_per_s)
+                        cut.append(bool(r.note))
+                        any_cut |= bool(r.note)
                         if impl == "fusedoptim" and r.pct_of_limit is not None:
                             ax.annotate(f"{r.pct_of_limit:.0f}%", (xs[-1], ys[-1]), xytext=(0, 2),
                                         textcoords="offset points", ha="center", va="bottom", fontsize=7,
                                         color=_COLORS["fusedoptim"])
-                ax.bar(xs, ys, width=width * 0.92, color=_COLORS.get(impl, None), edgecolor="none", zorder=2)
+                bars = ax.bar(xs, ys, width=width * 0.92, color=_COLORS.get(impl, None), edgecolor="none", zorder=2)
+                for bar, was_cut in zip(bars.patches, cut):
+                    if was_cut:
+                        bar.set_hatch("///")
+                        bar.set_edgecolor("0.3")
             for ci, c in enumerate(pcases):
                 lim = index[(opt, dtype, th, c, "limit")]
                 ax.hlines(lim.gb_per_s, ci - 0.45, ci + 0.45, colors="black", linewidth=2.2, zorder=3)
@@ -844,10 +1030,12 @@ def write_plot(report: Report, path: str) -> None:
             ax.set_axisbelow(True)
             ax.set_ylim(0, ax.get_ylim()[1] * 1.08)
 
-    handles = [Patch(color=_COLORS.get(i), label=IMPLEMENTATIONS[i]) for i in impls]
+    handles: List[Any] = [Patch(color=_COLORS.get(i), label=IMPLEMENTATIONS[i]) for i in impls]
     handles.append(Line2D([], [], color="black", linewidth=2.2, label="limit (stream probe, same streams)"))
     if triad:
         handles.append(Line2D([], [], color="0.45", linestyle="--", label="STREAM triad (fp32)"))
+    if any_cut:
+        handles.append(Patch(facecolor="white", edgecolor="0.3", hatch="///", label="< 5 steps (hit --max-time)"))
     m = report.machine
     fig.suptitle(
         f"Optimizer step bandwidth (bytes moved / median step time); % = fusedoptim of limit\n"
