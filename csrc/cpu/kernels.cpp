@@ -26,6 +26,17 @@ namespace fusedoptim { using VecISA = VecAVX512; }
 #error "FUSEDOPTIM_ISA must be 0, 1 or 2"
 #endif
 
+namespace fusedoptim {
+// The vector type a kernel uses for storage type S: VecISA, except where a
+// variant has a cheaper layout for a 16-bit format (see VecAVX2x2).
+template <class S>
+struct VecFor { using type = VecISA; };
+#if FUSEDOPTIM_ISA == 1
+template <>
+struct VecFor<bf16_t> { using type = VecAVX2x2; };
+#endif
+}  // namespace fusedoptim
+
 #define FO_CAT_(a, b) a##b
 #define FO_CAT(a, b) FO_CAT_(a, b)
 
@@ -51,11 +62,12 @@ void adam_segment(const AdamTensor& t, int64_t begin, int64_t end, const AdamHyp
   S* m = static_cast<S*>(t.exp_avg);
   S* v = static_cast<S*>(t.exp_avg_sq);
   S* vmax = static_cast<S*>(t.max_exp_avg_sq);
-  const AdamConsts<VecISA> cv(h, t.coeffs);
+  using V = typename VecFor<S>::type;
+  const AdamConsts<V> cv(h, t.coeffs);
   const AdamConsts<VecScalar> cs(h, t.coeffs);
-  constexpr int W = VecISA::kWidth;
+  constexpr int W = V::kWidth;
   int64_t i = begin;
-  for (; i + W <= end; i += W) adam_elems<VecISA, S, kWD, kAms, kMax>(p, g, m, v, vmax, i, cv);
+  for (; i + W <= end; i += W) adam_elems<V, S, kWD, kAms, kMax>(p, g, m, v, vmax, i, cv);
   for (; i < end; ++i) adam_elems<VecScalar, S, kWD, kAms, kMax>(p, g, m, v, vmax, i, cs);
 }
 
@@ -73,11 +85,12 @@ void sgd_segment(const SGDTensor& t, int64_t begin, int64_t end, const SGDHyper&
   S* p = static_cast<S*>(t.param);
   const S* g = static_cast<const S*>(t.grad);
   S* buf = static_cast<S*>(t.momentum_buffer);
-  const SGDConsts<VecISA> cv(h);
+  using V = typename VecFor<S>::type;
+  const SGDConsts<V> cv(h);
   const SGDConsts<VecScalar> cs(h);
-  constexpr int W = VecISA::kWidth;
+  constexpr int W = V::kWidth;
   int64_t i = begin;
-  for (; i + W <= end; i += W) sgd_elems<VecISA, S, kWD, kMom, kMax, kFirst>(p, g, buf, i, cv);
+  for (; i + W <= end; i += W) sgd_elems<V, S, kWD, kMom, kMax, kFirst>(p, g, buf, i, cv);
   for (; i < end; ++i) sgd_elems<VecScalar, S, kWD, kMom, kMax, kFirst>(p, g, buf, i, cs);
 }
 

@@ -23,13 +23,17 @@ struct VecAVX2 {
     return VecAVX2(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
   }
   void store(float* p) const { _mm256_storeu_ps(p, x); }
-  void store(bf16_t* p) const {
-    // Round to nearest even in the integer unit, NaN -> 0x7FC0 (convert.h).
-    const __m256i u = _mm256_castps_si256(x);
+  // Round to nearest even in the integer unit, NaN -> 0x7FC0 (convert.h):
+  // the bf16 bits in the low half of each 32-bit lane.
+  static __m256i bf16_bits(__m256 v) {
+    const __m256i u = _mm256_castps_si256(v);
     const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), lsb), 16);
-    const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(x, x, _CMP_UNORD_Q));
-    r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7fc0), nan);
+    const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), lsb), 16);
+    const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    return _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7fc0), nan);
+  }
+  void store(bf16_t* p) const {
+    const __m256i r = bf16_bits(x);
     const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0xd8);
     _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
   }
@@ -51,5 +55,38 @@ inline VecAVX2 max_nan(VecAVX2 a, VecAVX2 b) {
   const __m256 m = _mm256_max_ps(a.x, b.x);
   return VecAVX2(_mm256_blendv_ps(m, a.x, _mm256_cmp_ps(a.x, a.x, _CMP_UNORD_Q)));
 }
+
+// Sixteen bf16 lanes as two VecAVX2, so that loads and stores need no
+// cross-lane shuffle: unpacking 16 bf16 against zero puts elements 0-3 and
+// 8-11 in `lo`, 4-7 and 12-15 in `hi`, and packing lo and hi back restores
+// the order. The math is element by element, so the lane order never shows
+// and the results are those of VecAVX2 bit for bit.
+struct VecAVX2x2 {
+  static constexpr int kWidth = 16;
+  VecAVX2 lo, hi;
+  VecAVX2x2() = default;
+  explicit VecAVX2x2(float v) : lo(v), hi(v) {}
+  VecAVX2x2(VecAVX2 a, VecAVX2 b) : lo(a), hi(b) {}
+
+  static VecAVX2x2 load(const bf16_t* p) {
+    const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    const __m256i z = _mm256_setzero_si256();
+    return {VecAVX2(_mm256_castsi256_ps(_mm256_unpacklo_epi16(z, x))),
+            VecAVX2(_mm256_castsi256_ps(_mm256_unpackhi_epi16(z, x)))};
+  }
+  void store(bf16_t* p) const {
+    const __m256i packed = _mm256_packus_epi32(VecAVX2::bf16_bits(lo.x), VecAVX2::bf16_bits(hi.x));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), packed);
+  }
+};
+
+inline VecAVX2x2 add(VecAVX2x2 a, VecAVX2x2 b) { return {add(a.lo, b.lo), add(a.hi, b.hi)}; }
+inline VecAVX2x2 sub(VecAVX2x2 a, VecAVX2x2 b) { return {sub(a.lo, b.lo), sub(a.hi, b.hi)}; }
+inline VecAVX2x2 mul(VecAVX2x2 a, VecAVX2x2 b) { return {mul(a.lo, b.lo), mul(a.hi, b.hi)}; }
+inline VecAVX2x2 div(VecAVX2x2 a, VecAVX2x2 b) { return {div(a.lo, b.lo), div(a.hi, b.hi)}; }
+inline VecAVX2x2 sqrt(VecAVX2x2 a) { return {sqrt(a.lo), sqrt(a.hi)}; }
+inline VecAVX2x2 fma(VecAVX2x2 a, VecAVX2x2 b, VecAVX2x2 c) { return {fma(a.lo, b.lo, c.lo), fma(a.hi, b.hi, c.hi)}; }
+inline VecAVX2x2 neg(VecAVX2x2 a) { return {neg(a.lo), neg(a.hi)}; }
+inline VecAVX2x2 max_nan(VecAVX2x2 a, VecAVX2x2 b) { return {max_nan(a.lo, b.lo), max_nan(a.hi, b.hi)}; }
 
 }  // namespace fusedoptim
