@@ -72,6 +72,15 @@ constexpr int64_t kMinElemsPerThread = 1 << 15;
 // 256 B of fp32, 128 B of bf16/fp16, so whole cache lines of each stream.
 constexpr int64_t kChunkAlign = 64;
 
+// Many small tensors are separate allocations, and the hardware prefetcher
+// starts over at each one: while a tensor is updated, ask for the first
+// cache lines of every stream of the next one.
+inline void prefetch_head(const void* p, size_t esize, int64_t numel) {
+  const char* c = static_cast<const char*>(p);
+  const int64_t bytes = std::min<int64_t>(numel * int64_t(esize), 512);
+  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(c + off);
+}
+
 // Runs fn(tensor_index, begin, end) over all tensors, split across threads.
 template <class Fn>
 void run_flat(const std::vector<int64_t>& numels, int num_threads, Fn&& fn) {
@@ -151,7 +160,18 @@ void adam_step(const std::vector<AdamTensor>& tensors, const AdamHyper& hyper, i
   if (fn == nullptr) throw std::invalid_argument("adam_step: unsupported dtype or weight-decay mode");
   std::vector<int64_t> numels(tensors.size());
   for (size_t k = 0; k < tensors.size(); ++k) numels[k] = tensors[k].numel;
-  run_flat(numels, num_threads, [&](size_t k, int64_t b, int64_t e) { fn(tensors[k], b, e, hyper); });
+  const size_t esize = dtype_size(dtype);
+  run_flat(numels, num_threads, [&](size_t k, int64_t b, int64_t e) {
+    if (k + 1 < tensors.size()) {
+      const AdamTensor& n = tensors[k + 1];
+      prefetch_head(n.param, esize, n.numel);
+      prefetch_head(n.grad, esize, n.numel);
+      prefetch_head(n.exp_avg, esize, n.numel);
+      prefetch_head(n.exp_avg_sq, esize, n.numel);
+      if (n.max_exp_avg_sq != nullptr) prefetch_head(n.max_exp_avg_sq, esize, n.numel);
+    }
+    fn(tensors[k], b, e, hyper);
+  });
 }
 
 void sgd_step(const std::vector<SGDTensor>& tensors, const SGDHyper& hyper, int32_t dtype,
@@ -161,7 +181,14 @@ void sgd_step(const std::vector<SGDTensor>& tensors, const SGDHyper& hyper, int3
   if (steady == nullptr || first == nullptr) throw std::invalid_argument("sgd_step: unsupported dtype or momentum mode");
   std::vector<int64_t> numels(tensors.size());
   for (size_t k = 0; k < tensors.size(); ++k) numels[k] = tensors[k].numel;
+  const size_t esize = dtype_size(dtype);
   run_flat(numels, num_threads, [&](size_t k, int64_t b, int64_t e) {
+    if (k + 1 < tensors.size()) {
+      const SGDTensor& n = tensors[k + 1];
+      prefetch_head(n.param, esize, n.numel);
+      prefetch_head(n.grad, esize, n.numel);
+      if (n.momentum_buffer != nullptr) prefetch_head(n.momentum_buffer, esize, n.numel);
+    }
     (tensors[k].first_step ? first : steady)(tensors[k], b, e, hyper);
   });
 }
