@@ -22,6 +22,7 @@ small tensors therefore costs one ``collect`` and one ``run`` call per group.
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -135,6 +136,14 @@ def _scalar(value: Any, name: str) -> float:
         raise TypeError(f"{name} must be a number or a 1-element tensor, got {type(value).__name__}") from None
     if out != out:
         raise ValueError(f"Invalid {name}: nan")
+    return out
+
+
+def _hyper(value: Any, name: str, upper: float = math.inf) -> float:
+    """A hyperparameter that must lie in [0, upper): torch's message otherwise."""
+    out = _scalar(value, name)
+    if not 0.0 <= out < upper:
+        raise ValueError(f"Invalid {name}: {out}")
     return out
 
 

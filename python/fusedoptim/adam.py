@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import inspect
-import math
 from typing import Any, Dict, Iterable, Tuple, Union
 
 import torch
 from torch import Tensor
 
 from . import _C
-from ._backend import FusedOptimizerMixin, _Bucket, _scalar
+from ._backend import FusedOptimizerMixin, _Bucket, _hyper
 
 __all__ = ["Adam", "AdamW"]
 
@@ -39,21 +38,11 @@ class _FusedAdamMixin(FusedOptimizerMixin):
             self._step_supports_amp_scaling = True
 
     def _fo_hyper(self, group: Dict[str, Any]) -> Tuple[Any, ...]:
-        lr = _scalar(group["lr"], "learning rate")
-        beta1 = _scalar(group["betas"][0], "beta parameter at index 0")
-        beta2 = _scalar(group["betas"][1], "beta parameter at index 1")
-        eps = _scalar(group["eps"], "epsilon value")
-        wd = _scalar(group["weight_decay"], "weight_decay value")
-        if not 0.0 <= lr < math.inf:
-            raise ValueError(f"Invalid learning rate: {lr}")
-        if not 0.0 <= eps < math.inf:
-            raise ValueError(f"Invalid epsilon value: {eps}")
-        if not 0.0 <= beta1 < 1.0:
-            raise ValueError(f"Invalid beta parameter at index 0: {beta1}")
-        if not 0.0 <= beta2 < 1.0:
-            raise ValueError(f"Invalid beta parameter at index 1: {beta2}")
-        if not 0.0 <= wd < math.inf:
-            raise ValueError(f"Invalid weight_decay value: {wd}")
+        lr = _hyper(group["lr"], "learning rate")
+        beta1 = _hyper(group["betas"][0], "beta parameter at index 0", upper=1.0)
+        beta2 = _hyper(group["betas"][1], "beta parameter at index 1", upper=1.0)
+        eps = _hyper(group["eps"], "epsilon value")
+        wd = _hyper(group["weight_decay"], "weight_decay value")
         decoupled = self._fo_always_decoupled or bool(group.get("decoupled_weight_decay", False))
         return lr, beta1, beta2, eps, wd, decoupled, bool(group["amsgrad"]), bool(group["maximize"])
 

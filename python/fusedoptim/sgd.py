@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from . import _C
-from ._backend import FusedOptimizerMixin, _Bucket, _scalar
+from ._backend import FusedOptimizerMixin, _Bucket, _hyper, _scalar
 from .adam import ParamsT, _check_fused, _check_grad_matches
 
 __all__ = ["SGD"]
@@ -67,16 +67,10 @@ class SGD(FusedOptimizerMixin, torch.optim.SGD):
             self._step_supports_amp_scaling = True
 
     def _fo_hyper(self, group: Dict[str, Any]) -> Tuple[Any, ...]:
-        lr = _scalar(group["lr"], "learning rate")
-        momentum = _scalar(group["momentum"], "momentum value")
-        dampening = _scalar(group["dampening"], "dampening value")
-        wd = _scalar(group["weight_decay"], "weight_decay value")
-        if not 0.0 <= lr < math.inf:
-            raise ValueError(f"Invalid learning rate: {lr}")
-        if not 0.0 <= momentum < math.inf:
-            raise ValueError(f"Invalid momentum value: {momentum}")
-        if not 0.0 <= wd < math.inf:
-            raise ValueError(f"Invalid weight_decay value: {wd}")
+        lr = _hyper(group["lr"], "learning rate")
+        momentum = _hyper(group["momentum"], "momentum value")
+        wd = _hyper(group["weight_decay"], "weight_decay value")
+        dampening = _scalar(group["dampening"], "dampening value")  # torch allows any finite value
         if not math.isfinite(dampening):
             raise ValueError(f"Invalid dampening value: {dampening}")
         nesterov = bool(group["nesterov"])
