@@ -179,6 +179,16 @@ class _Plan:
         self.fallback: List[int] = []  # positions that torch updates
 
 
+def _plain(t: Tensor) -> bool:
+    """A tensor whose storage is its own memory: not a wrapper subclass such
+    as FSDP2's DTensor (whose data lives in a local shard), a fake or a
+    functional tensor. Only these have a data pointer the kernels can use."""
+    return type(t).__torch_dispatch__ is _TENSOR_DISPATCH and (t.numel() == 0 or t.data_ptr() != 0)
+
+
+_TENSOR_DISPATCH = torch.Tensor.__torch_dispatch__
+
+
 def _grads_of(params: Sequence[Tensor]) -> Tuple[List[Tensor], List[Tensor]]:
     ps, gs = [], []
     for p in params:
@@ -388,6 +398,8 @@ class FusedOptimizerMixin:
                 self._fo_check_state(i, p, state, group)
             usable = (
                 native_ok
+                and _plain(p)
+                and _plain(g)
                 and p.device.type == "cpu"
                 and p.dtype in DTYPE_CODES
                 and p.layout == torch.strided
