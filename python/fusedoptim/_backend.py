@@ -398,12 +398,12 @@ class FusedOptimizerMixin:
                 self._fo_check_state(i, p, state, group)
             usable = (
                 native_ok
+                and p.layout == torch.strided
+                and g.layout == torch.strided
                 and _plain(p)
                 and _plain(g)
                 and p.device.type == "cpu"
                 and p.dtype in DTYPE_CODES
-                and p.layout == torch.strided
-                and g.layout == torch.strided
                 and p.is_contiguous()
                 and (not state or self._fo_state_usable(p, state, group))
             )
