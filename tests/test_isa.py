@@ -141,7 +141,7 @@ THREAD_SHAPES = [[(70001,), (33,)], [(40003,), (3, 17)]]
 
 
 def _thread_run(case, dtype, threads=None, global_threads=None, torch_threads=None, steps=3):
-    from cases import make_problem, run_case
+    from cases import make_problem
 
     problem = make_problem(THREAD_SHAPES, dtype, seed=12, steps=steps)
     if global_threads is not None:

@@ -167,13 +167,12 @@ class _Bucket:
 class _Plan:
     """Routing and pointer tables of one param group, valid while unchanged."""
 
-    __slots__ = ("pptrs", "state_obj", "state_dicts", "state_keys", "buckets", "fallback", "native")
+    __slots__ = ("built", "state_dicts", "state_keys", "buckets", "fallback", "native")
 
     def __init__(self) -> None:
-        self.pptrs: List[int] = []
+        self.built = False  # state created and tables filled (phase 2)
         self.state_dicts: List[dict] = []  # per native param, in bucket order
         self.state_keys: Tuple[str, ...] = ()
-        self.state_obj: Any = None
         self.native: Optional[_C.StepPlan] = None  # the same tables, checked and run from C
         self.buckets: List[_Bucket] = []
         self.fallback: List[int] = []  # positions that torch updates
@@ -327,7 +326,7 @@ class FusedOptimizerMixin:
                 if plan is None:
                     names.append("none")
                     continue
-                if plan.pptrs is None:
+                if not plan.built:
                     self._fo_build(plan, group, ps)
                     plans[id(group)] = (group, plan)
                     if plan.native is not None and not plan.fallback:
@@ -384,7 +383,6 @@ class FusedOptimizerMixin:
         in phase 2 (:meth:`_fo_build`), once missing state exists.
         """
         plan = _Plan()
-        plan.pptrs = None  # type: ignore[assignment]  # not built yet
         plan.state_keys = self._fo_state_keys(group)
         native_ok = not group.get("differentiable", False)
         if self._fo_has_step and _step_dtype() != torch.float32:
@@ -462,8 +460,7 @@ class FusedOptimizerMixin:
                     bucket.steps.append(state["step"].data_ptr())
                     bucket.refs.append(state["step"])
                 plan.state_dicts.append(state)
-        plan.state_obj = state_all
-        plan.pptrs = pptrs
+        plan.built = True
         plan.native = None
         params = group["params"]
         if plan.buckets and isinstance(params, list):
