@@ -18,6 +18,11 @@
 #include "../cpu/cpu_features.h"
 #include "../cpu/dispatch.h"
 #include "../cpu/thread_pool.h"
+#include "../cuda/api.h"
+
+#ifndef FUSEDOPTIM_HAVE_CUDA
+#define FUSEDOPTIM_HAVE_CUDA 0
+#endif
 
 namespace py = pybind11;
 using namespace fusedoptim;
@@ -527,6 +532,232 @@ class StepPlan {
   bool collected_ = false;
 };
 
+// ---------------------------------------------------------------------------
+// The CUDA backend (cuda::real, when built with nvcc) and its emulation on
+// the CPU (cuda::emu, always built). Both take the same arguments; pointers
+// are device addresses for the real one and host addresses for the emulation.
+
+cuda::ParamSpace param_space(const std::string& name) {
+  if (name == "auto") return cuda::ParamSpace::kAuto;
+  if (name == "large") return cuda::ParamSpace::kLarge;
+  if (name == "small") return cuda::ParamSpace::kSmall;
+  throw py::value_error("param_space must be 'auto', 'large' or 'small', got '" + name + "'");
+}
+
+cuda::LaunchCommon launch_common(int32_t dtype, uintptr_t grad_scale, uintptr_t found_inf, int device,
+                                 uintptr_t stream, const std::string& space) {
+  check_dtype(dtype);
+  if (device < 0) throw py::value_error("device must be a CUDA device index");
+  check_ptr(grad_scale, grad_scale ? 1 : 0, alignof(float), "grad_scale", 0);
+  check_ptr(found_inf, found_inf ? 1 : 0, alignof(float), "found_inf", 0);
+  cuda::LaunchCommon c;
+  c.dtype = dtype;
+  c.device = device;
+  c.stream = stream;
+  c.space = param_space(space);
+  c.grad_scale = reinterpret_cast<const float*>(grad_scale);
+  c.found_inf = reinterpret_cast<const float*>(found_inf);
+  return c;
+}
+
+py::dict stats_dict(const cuda::LaunchStats& st) {
+  py::dict d;
+  d["launches"] = st.launches;
+  d["blocks"] = st.blocks;
+  d["max_tensors_per_launch"] = st.max_tensors_per_launch;
+  d["capacity"] = st.capacity;
+  d["param_bytes"] = st.param_bytes;
+  return d;
+}
+
+using CudaAdamFn = cuda::LaunchStats (*)(const cuda::AdamRequest&);
+using CudaSGDFn = cuda::LaunchStats (*)(const cuda::SGDRequest&);
+
+py::dict cuda_adam_step(CudaAdamFn fn, py::handle params, py::handle grads, py::handle exp_avgs,
+                        py::handle exp_avg_sqs, py::handle max_exp_avg_sqs, py::handle steps, py::handle numels_obj,
+                        int32_t dtype, double lr, double beta1, double beta2, double eps, double weight_decay,
+                        bool decoupled, bool amsgrad, bool maximize, bool device_steps, uintptr_t lr_ptr,
+                        uintptr_t grad_scale, uintptr_t found_inf, int device, uintptr_t stream,
+                        const std::string& space) {
+  cuda::AdamRequest r;
+  r.common = launch_common(dtype, grad_scale, found_inf, device, stream, space);
+  const AdamCall call = adam_call(lr, beta1, beta2, eps, weight_decay, decoupled);
+  if (lr_ptr != 0 && !device_steps) throw py::value_error("lr_ptr needs device_steps=True");
+  check_ptr(lr_ptr, lr_ptr ? 1 : 0, alignof(float), "lr_ptr", 0);
+  r.hyper = call.hyper;
+  r.wd_mode = call.wd_mode;
+  r.amsgrad = amsgrad;
+  r.maximize = maximize;
+  r.device_steps = device_steps;
+  r.lr = lr;
+  r.beta1 = beta1;
+  r.beta2 = beta2;
+  r.weight_decay = weight_decay;
+  r.lr_ptr = reinterpret_cast<const float*>(lr_ptr);
+  const std::vector<int64_t> numels = counts(numels_obj);
+  const size_t n = numels.size();
+  const auto p = addresses(params, "params", n);
+  const auto g = addresses(grads, "grads", n);
+  const auto m = addresses(exp_avgs, "exp_avgs", n);
+  const auto v = addresses(exp_avg_sqs, "exp_avg_sqs", n);
+  std::vector<uintptr_t> vmax;
+  if (amsgrad) {
+    if (max_exp_avg_sqs.is_none()) throw py::value_error("amsgrad=True needs max_exp_avg_sqs");
+    vmax = addresses(max_exp_avg_sqs, "max_exp_avg_sqs", n);
+  }
+  const auto s = addresses(steps, "steps", n);
+  const size_t align = dtype_size(dtype);
+  for (size_t k = 0; k < n; ++k) {
+    check_ptr(p[k], numels[k], align, "params", k);
+    check_ptr(g[k], numels[k], align, "grads", k);
+    check_ptr(m[k], numels[k], align, "exp_avgs", k);
+    check_ptr(v[k], numels[k], align, "exp_avg_sqs", k);
+    if (amsgrad) check_ptr(vmax[k], numels[k], align, "max_exp_avg_sqs", k);
+    check_ptr(s[k], 1, alignof(float), "steps", k);
+  }
+  // Everything is checked: from here on we write. Host step counters are
+  // incremented here, as the CPU path does; device ones by a kernel.
+  cpu::AdamCoeffCache coeff_cache(lr, beta1, beta2);
+  r.tensors.resize(n);
+  if (device_steps) r.steps.resize(n);
+  for (size_t k = 0; k < n; ++k) {
+    AdamTensor& t = r.tensors[k];
+    t.param = reinterpret_cast<void*>(p[k]);
+    t.grad = reinterpret_cast<const void*>(g[k]);
+    t.exp_avg = reinterpret_cast<void*>(m[k]);
+    t.exp_avg_sq = reinterpret_cast<void*>(v[k]);
+    t.max_exp_avg_sq = amsgrad ? reinterpret_cast<void*>(vmax[k]) : nullptr;
+    t.numel = numels[k];
+    if (device_steps) {
+      r.steps[k] = reinterpret_cast<float*>(s[k]);
+      t.coeffs = AdamCoeffs{0.0f, 0.0f};
+    } else {
+      float* step = reinterpret_cast<float*>(s[k]);
+      *step += 1.0f;
+      t.coeffs = coeff_cache.get(*step);
+    }
+  }
+  cuda::LaunchStats st;
+  {
+    py::gil_scoped_release release;
+    st = fn(r);
+  }
+  return stats_dict(st);
+}
+
+py::dict cuda_sgd_step(CudaSGDFn fn, py::handle params, py::handle grads, py::handle momentum_buffers,
+                       py::handle first_step, py::handle numels_obj, int32_t dtype, double lr, double weight_decay,
+                       double momentum, double dampening, bool nesterov, bool maximize, uintptr_t grad_scale,
+                       uintptr_t found_inf, int device, uintptr_t stream, const std::string& space) {
+  cuda::SGDRequest r;
+  r.common = launch_common(dtype, grad_scale, found_inf, device, stream, space);
+  const SGDCall call = sgd_call(lr, weight_decay, momentum, dampening, nesterov);
+  r.hyper = call.hyper;
+  r.weight_decay = weight_decay != 0.0;
+  r.momentum_mode = call.momentum_mode;
+  r.maximize = maximize;
+  const std::vector<int64_t> numels = counts(numels_obj);
+  const size_t n = numels.size();
+  const auto p = addresses(params, "params", n);
+  const auto g = addresses(grads, "grads", n);
+  const bool use_momentum = momentum != 0.0;
+  std::vector<uintptr_t> b;
+  std::vector<char> first(n, 0);
+  if (use_momentum) {
+    if (momentum_buffers.is_none() || first_step.is_none()) {
+      throw py::value_error("momentum != 0 needs momentum_buffers and first_step");
+    }
+    b = addresses(momentum_buffers, "momentum_buffers", n);
+    if (!PyList_Check(first_step.ptr()) || size_t(PyList_GET_SIZE(first_step.ptr())) != n) {
+      throw py::value_error("first_step must be a list of bools, one per tensor");
+    }
+    for (size_t k = 0; k < n; ++k) first[k] = char(PyObject_IsTrue(PyList_GET_ITEM(first_step.ptr(), Py_ssize_t(k))) == 1);
+  }
+  const size_t align = dtype_size(dtype);
+  for (size_t k = 0; k < n; ++k) {
+    check_ptr(p[k], numels[k], align, "params", k);
+    check_ptr(g[k], numels[k], align, "grads", k);
+    if (use_momentum) check_ptr(b[k], numels[k], align, "momentum_buffers", k);
+  }
+  r.tensors.resize(n);
+  for (size_t k = 0; k < n; ++k) {
+    SGDTensor& t = r.tensors[k];
+    t.param = reinterpret_cast<void*>(p[k]);
+    t.grad = reinterpret_cast<const void*>(g[k]);
+    t.momentum_buffer = use_momentum ? reinterpret_cast<void*>(b[k]) : nullptr;
+    t.numel = numels[k];
+    t.first_step = first[k] != 0;
+  }
+  cuda::LaunchStats st;
+  {
+    py::gil_scoped_release release;
+    st = fn(r);
+  }
+  return stats_dict(st);
+}
+
+// Registers adam_step/sgd_step of one CUDA backend on module m.
+void def_cuda_backend(py::module_& m, CudaAdamFn adam, CudaSGDFn sgd) {
+  m.def(
+      "adam_step",
+      [adam](py::handle params, py::handle grads, py::handle exp_avgs, py::handle exp_avg_sqs,
+             py::handle max_exp_avg_sqs, py::handle steps, py::handle numels, int32_t dtype, double lr, double beta1,
+             double beta2, double eps, double weight_decay, bool decoupled, bool amsgrad, bool maximize,
+             bool device_steps, uintptr_t lr_ptr, uintptr_t grad_scale, uintptr_t found_inf, int device,
+             uintptr_t stream, const std::string& param_space) {
+        return cuda_adam_step(adam, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, numels, dtype, lr,
+                              beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize, device_steps, lr_ptr,
+                              grad_scale, found_inf, device, stream, param_space);
+      },
+      py::arg("params"), py::arg("grads"), py::arg("exp_avgs"), py::arg("exp_avg_sqs"), py::arg("max_exp_avg_sqs"),
+      py::arg("steps"), py::arg("numels"), py::arg("dtype"), py::arg("lr"), py::arg("beta1"), py::arg("beta2"),
+      py::arg("eps"), py::arg("weight_decay"), py::arg("decoupled"), py::arg("amsgrad"), py::arg("maximize"),
+      py::arg("device_steps") = false, py::arg("lr_ptr") = 0, py::arg("grad_scale") = 0, py::arg("found_inf") = 0,
+      py::arg("device") = 0, py::arg("stream") = 0, py::arg("param_space") = "auto",
+      "Multi-tensor Adam/AdamW launch(es) on `stream` of `device`. Returns launch statistics.");
+  m.def(
+      "sgd_step",
+      [sgd](py::handle params, py::handle grads, py::handle momentum_buffers, py::handle first_step,
+            py::handle numels, int32_t dtype, double lr, double weight_decay, double momentum, double dampening,
+            bool nesterov, bool maximize, uintptr_t grad_scale, uintptr_t found_inf, int device, uintptr_t stream,
+            const std::string& param_space) {
+        return cuda_sgd_step(sgd, params, grads, momentum_buffers, first_step, numels, dtype, lr, weight_decay,
+                             momentum, dampening, nesterov, maximize, grad_scale, found_inf, device, stream,
+                             param_space);
+      },
+      py::arg("params"), py::arg("grads"), py::arg("momentum_buffers"), py::arg("first_step"), py::arg("numels"),
+      py::arg("dtype"), py::arg("lr"), py::arg("weight_decay"), py::arg("momentum"), py::arg("dampening"),
+      py::arg("nesterov"), py::arg("maximize"), py::arg("grad_scale") = 0, py::arg("found_inf") = 0,
+      py::arg("device") = 0, py::arg("stream") = 0, py::arg("param_space") = "auto",
+      "Multi-tensor SGD launch(es) on `stream` of `device`. Returns launch statistics.");
+}
+
+py::dict cuda_info() {
+  py::dict d;
+#if FUSEDOPTIM_HAVE_CUDA
+  std::string reason;
+  const bool ok = cuda::real::available(&reason);
+  d["compiled"] = true;
+  d["available"] = ok;
+  d["reason"] = ok ? std::string() : reason;
+  d["device_count"] = cuda::real::device_count();
+  d["driver_version"] = cuda::real::driver_version();
+  d["runtime_version"] = cuda::real::runtime_version();
+  d["archs"] = cuda::real::compiled_archs();
+  d["large_param_space"] = cuda::real::large_param_space();
+#else
+  d["compiled"] = false;
+  d["available"] = false;
+  d["reason"] = "this build of fusedoptim has no CUDA backend (built without a CUDA compiler)";
+  d["device_count"] = 0;
+  d["driver_version"] = 0;
+  d["runtime_version"] = 0;
+  d["archs"] = std::vector<int>();
+  d["large_param_space"] = false;
+#endif
+  return d;
+}
+
 py::dict backend_info() {
   const cpu::CpuFeatures& f = cpu::cpu_features();
   py::dict features;
@@ -557,7 +788,7 @@ py::dict backend_info() {
 #else
   info["compiler"] = "unknown";
 #endif
-  info["cuda_compiled"] = false;
+  info["cuda_compiled"] = bool(FUSEDOPTIM_HAVE_CUDA);
   return info;
 }
 
@@ -611,4 +842,13 @@ PYBIND11_MODULE(_C, m) {
   m.def("set_cpu_isa", [](const std::string& name) { cpu::set_isa(name); }, py::arg("name"),
         "Force a CPU variant: 'scalar', 'avx2' or 'avx512'.");
   m.def("get_cpu_isa", [] { return std::string(cpu::active_kernels().isa); });
+
+  py::module_ emu = m.def_submodule(
+      "cuda_emulation", "The CUDA kernels compiled for the host and run on the CPU (tests); host pointers.");
+  def_cuda_backend(emu, &cuda::emu::adam_step, &cuda::emu::sgd_step);
+  m.def("cuda_info", &cuda_info, "Whether the CUDA backend was compiled and can run here, and why not.");
+#if FUSEDOPTIM_HAVE_CUDA
+  py::module_ gpu = m.def_submodule("cuda", "The CUDA kernels; device pointers, launched on the given stream.");
+  def_cuda_backend(gpu, &cuda::real::adam_step, &cuda::real::sgd_step);
+#endif
 }

@@ -145,15 +145,6 @@ void set_isa(const std::string& name) {
   g_active.store(t);
 }
 
-AdamCoeffs adam_coeffs(double lr, double beta1, double beta2, double step) {
-  const double bc1 = 1.0 - std::pow(beta1, step);
-  const double bc2 = 1.0 - std::pow(beta2, step);
-  AdamCoeffs c;
-  c.neg_step_size = float(-(lr / bc1));
-  c.inv_bc2_sqrt = float(1.0 / std::sqrt(bc2));
-  return c;
-}
-
 void adam_step(const std::vector<AdamTensor>& tensors, const AdamHyper& hyper, int32_t dtype,
                int wd_mode, bool amsgrad, bool maximize, int num_threads) {
   const AdamSegmentFn fn = g_active.load()->adam(dtype, wd_mode, amsgrad, maximize);

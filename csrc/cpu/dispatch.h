@@ -5,6 +5,7 @@
 #include <string>
 #include <vector>
 
+#include "../common/adam_coeffs.h"
 #include "../common/params.h"
 #include "kernels.h"
 
@@ -21,9 +22,6 @@ const KernelTable& active_kernels();
 // Forces a variant; throws std::invalid_argument for an unknown name and
 // std::runtime_error for one this machine cannot run.
 void set_isa(const std::string& name);
-
-// Host-side step scalars, in double as torch computes them in Python.
-AdamCoeffs adam_coeffs(double lr, double beta1, double beta2, double step);
 
 // adam_coeffs for a run of tensors that mostly share one step count: two
 // pow() per tensor would cost more than the update of a small tensor.

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import _use_grad_for_differentiable
 
-from . import _C
+from . import _C, _cuda, _ops
 
 __all__ = [
     "backend_info",
@@ -97,8 +97,10 @@ def backend_info() -> Dict[str, Any]:
     info["isa_request"] = request
     info["isa_request_honored"] = request is None or request == info["isa"]
     info["num_threads"] = get_num_threads()
-    info["cuda_available"] = False
-    info["cuda_reason"] = "this build of fusedoptim has no CUDA backend; CUDA params use torch's own implementation"
+    cuda = _cuda.info()
+    info["cuda_available"] = bool(cuda["available"])
+    info["cuda_reason"] = cuda["reason"] or None
+    info["cuda"] = cuda
     info["torch_version"] = torch.__version__
     return info
 
@@ -167,7 +169,7 @@ class _Bucket:
 class _Plan:
     """Routing and pointer tables of one param group, valid while unchanged."""
 
-    __slots__ = ("built", "state_dicts", "state_keys", "buckets", "fallback", "native")
+    __slots__ = ("built", "state_dicts", "state_keys", "buckets", "fallback", "native", "cuda")
 
     def __init__(self) -> None:
         self.built = False  # state created and tables filled (phase 2)
@@ -176,6 +178,7 @@ class _Plan:
         self.native: Optional[_C.StepPlan] = None  # the same tables, checked and run from C
         self.buckets: List[_Bucket] = []
         self.fallback: List[int] = []  # positions that torch updates
+        self.cuda: List[int] = []  # positions the CUDA kernels update (real or emulated)
 
 
 def _plain(t: Tensor) -> bool:
@@ -258,6 +261,7 @@ class FusedOptimizerMixin:
         self._fo_plans = {}
 
     # -- the step -------------------------------------------------------------------
+    @_ops.compile_aware  # under torch.compile: _ops.compiled_step, custom ops, no graph break
     @_use_grad_for_differentiable
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
         """Perform a single optimization step.
@@ -278,7 +282,10 @@ class FusedOptimizerMixin:
         # flag to the step (_step_supports_amp_scaling) instead of unscaling.
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        if found_inf is not None and bool(found_inf.item()):
+        # A found_inf on a GPU (or under CUDA emulation) goes to the kernels
+        # as a pointer: reading it here would be a host sync.
+        defer_inf = found_inf is not None and (found_inf.device.type != "cpu" or _cuda.emulating())
+        if found_inf is not None and not defer_inf and bool(found_inf.item()):
             self._fo_last = ["skipped (found_inf)"] * len(self.param_groups)  # type: ignore[attr-defined]
             return loss
 
@@ -296,6 +303,7 @@ class FusedOptimizerMixin:
                     plan is not None
                     and plan.native is not None
                     and not plan.fallback
+                    and not plan.cuda
                     and plan.state_keys == self._fo_state_keys(group)
                 ):
                     # Fast path: the cached plan checks itself in C.
@@ -313,9 +321,21 @@ class FusedOptimizerMixin:
                 plan = self._fo_route(group, ps, gs)
                 work.append((group, plan, ps, gs, hyper, False))
 
+            if defer_inf and any(w[1] is not None and (w[1].buckets or w[1].fallback) for w in work):
+                # Work outside the CUDA kernels cannot read the flag on the device.
+                if bool(found_inf.item()):  # type: ignore[union-attr]
+                    self._fo_last = ["skipped (found_inf)"] * len(self.param_groups)  # type: ignore[attr-defined]
+                    return loss
+                defer_inf = False
             if grad_scale is not None:
-                grads = [g for w in work for g in (w[3] if w[3] is not None else _grads_of(w[0]["params"])[1])]
-                _unscale_(grads, grad_scale)
+                # The CUDA kernels unscale their own grads in place; the rest here.
+                grads = []
+                for w in work:
+                    wg = w[3] if w[3] is not None else _grads_of(w[0]["params"])[1]
+                    skip = set(w[1].cuda) if w[1] is not None else ()
+                    grads.extend(g for k, g in enumerate(wg) if k not in skip)
+                if grads:
+                    _unscale_(grads, grad_scale)
 
             # Phase 2: create missing state, run the kernels, then torch.
             names: List[str] = []
@@ -345,6 +365,12 @@ class FusedOptimizerMixin:
                     if plan.native is not None:
                         plan.native.clear_first()
                     used.append(f"native-cpu/{isa}")
+                if plan.cuda:
+                    self._fo_run_cuda(
+                        group, [ps[i] for i in plan.cuda], [gs[i] for i in plan.cuda], hyper,
+                        grad_scale, found_inf if defer_inf else None,
+                    )
+                    used.append("native-cuda" + ("-emulated" if _cuda.emulating() else ""))
                 if plan.fallback:
                     sub = dict(group)
                     sub["params"] = [ps[i] for i in plan.fallback]
@@ -394,17 +420,24 @@ class FusedOptimizerMixin:
             state = state_all.get(p)
             if state:
                 self._fo_check_state(i, p, state, group)
-            usable = (
+            kernel_ok = (
                 native_ok
                 and p.layout == torch.strided
                 and g.layout == torch.strided
                 and _plain(p)
                 and _plain(g)
-                and p.device.type == "cpu"
                 and p.dtype in DTYPE_CODES
                 and p.is_contiguous()
-                and (not state or self._fo_state_usable(p, state, group))
             )
+            if kernel_ok and _cuda.takes(p):
+                if not state or self._fo_state_usable_cuda(p, state, group):
+                    plan.cuda.append(i)
+                else:
+                    plan.fallback.append(i)
+                continue
+            if p.device.type == "cuda":
+                _cuda.warn_unavailable(p)
+            usable = kernel_ok and p.device.type == "cpu" and (not state or self._fo_state_usable(p, state, group))
             if usable:
                 code = DTYPE_CODES[p.dtype]
                 bucket = buckets.get(code)
@@ -414,11 +447,13 @@ class FusedOptimizerMixin:
             else:
                 plan.fallback.append(i)
         plan.buckets = list(buckets.values())
-        if plan.buckets and not _disjoint(ps, [i for b in plan.buckets for i in b.index]):
+        native = [i for b in plan.buckets for i in b.index] + plan.cuda
+        if native and not _disjoint(ps, native):
             # Params that share memory are updated one after the other by
             # torch, never by threads that would race on the shared bytes.
-            plan.fallback = sorted(plan.fallback + [i for b in plan.buckets for i in b.index])
+            plan.fallback = sorted(plan.fallback + native)
             plan.buckets = []
+            plan.cuda = []
         return plan
 
     def _fo_check_state(self, i: int, p: Tensor, state: dict, group: Dict[str, Any]) -> None:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import inspect
-from typing import Any, Dict, Iterable, Tuple, Union
+from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 
-from . import _C
-from ._backend import FusedOptimizerMixin, _Bucket, _hyper
+from . import _C, _cuda
+from ._backend import DTYPE_CODES, FusedOptimizerMixin, _Bucket, _hyper
 
 __all__ = ["Adam", "AdamW"]
 
@@ -38,7 +38,10 @@ class _FusedAdamMixin(FusedOptimizerMixin):
             self._step_supports_amp_scaling = True
 
     def _fo_hyper(self, group: Dict[str, Any]) -> Tuple[Any, ...]:
-        lr = _hyper(group["lr"], "learning rate")
+        lr = group["lr"]
+        if not (isinstance(lr, Tensor) and lr.device.type != "cpu"):
+            lr = _hyper(lr, "learning rate")
+        # else: a device lr (capturable); the CUDA kernels read it on the device.
         beta1 = _hyper(group["betas"][0], "beta parameter at index 0", upper=1.0)
         beta2 = _hyper(group["betas"][1], "beta parameter at index 1", upper=1.0)
         eps = _hyper(group["eps"], "epsilon value")
@@ -76,12 +79,53 @@ class _FusedAdamMixin(FusedOptimizerMixin):
                 state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return False
 
+    def _fo_state_usable_cuda(self, p: Tensor, state: Dict[str, Any], group: Dict[str, Any]) -> bool:
+        # Step counters on the host (torch's default layout) or on the
+        # param's device (capturable=True or fused=True); moments beside the param.
+        step = state.get("step")
+        if not (isinstance(step, Tensor) and step.dtype == torch.float32 and step.numel() == 1
+                and not step.requires_grad and (step.device.type == "cpu" or step.device == p.device)):
+            return False
+        for key in self._fo_state_keys(group):
+            t = state.get(key)
+            if t is not None and not (t.dtype == p.dtype and t.device == p.device and t.is_contiguous()):
+                return False
+        return True
+
+    def _fo_run_cuda(self, group: Dict[str, Any], params: List[Tensor], grads: List[Tensor],
+                     hyper: Tuple[Any, ...], grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
+        """Create missing state (torch's layout) and launch the CUDA kernels."""
+        keys = self._fo_state_keys(group)
+        on_device = bool(group.get("capturable")) or bool(group.get("fused"))
+        state_all = self.state  # type: ignore[attr-defined]
+        batches: Dict[Tuple[Any, ...], Tuple[List[Tensor], List[Tensor], List[Dict[str, Any]]]] = {}
+        for p, g in zip(params, grads):
+            state = state_all[p]
+            if "step" not in state:
+                state["step"] = (torch.zeros((), dtype=torch.float32, device=p.device) if on_device
+                                 else torch.tensor(0.0, dtype=torch.float32))
+            for key in keys:
+                if state.get(key) is None:
+                    state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            device_steps = state["step"].device.type != "cpu" or (_cuda.emulating() and on_device)
+            batch = batches.setdefault((p.device, p.dtype, device_steps), ([], [], []))
+            batch[0].append(p)
+            batch[1].append(g)
+            batch[2].append(state)
+        for (_, dtype, device_steps), (ps, gs, states) in batches.items():
+            if not device_steps and found_inf is not None and bool(found_inf.item()):
+                continue  # host step counters must not count a skipped step
+            _cuda.adam_launch(ps, gs, states, DTYPE_CODES[dtype], hyper, device_steps, hyper[0],
+                              grad_scale, found_inf)
+
     def _fo_run_plan(self, plan: "_C.StepPlan", hyper: Tuple[Any, ...], threads: int) -> None:
         lr, beta1, beta2, eps, wd, decoupled, amsgrad, maximize = hyper
+        lr = float(lr)
         plan.run_adam(lr, beta1, beta2, eps, wd, decoupled, amsgrad, maximize, threads)
 
     def _fo_native(self, bucket: _Bucket, group: Dict[str, Any], hyper: Tuple[Any, ...], gptrs, threads: int) -> None:
         lr, beta1, beta2, eps, wd, decoupled, amsgrad, maximize = hyper
+        lr = float(lr)
         s = bucket.streams
         _C.adam_step(
             bucket.pptrs, gptrs, s["exp_avg"], s["exp_avg_sq"], s.get("max_exp_avg_sq"), bucket.steps,

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 
-from . import _C
-from ._backend import FusedOptimizerMixin, _Bucket, _hyper, _scalar
+from . import _C, _cuda
+from ._backend import DTYPE_CODES, FusedOptimizerMixin, _Bucket, _hyper, _scalar
 from .adam import ParamsT, _check_fused, _check_grad_matches
 
 __all__ = ["SGD"]
@@ -105,6 +105,38 @@ class SGD(FusedOptimizerMixin, torch.optim.SGD):
             state["momentum_buffer"] = torch.empty_like(p, memory_format=torch.preserve_format)
             return True
         return False
+
+    def _fo_state_usable_cuda(self, p: Tensor, state: Dict[str, Any], group: Dict[str, Any]) -> bool:
+        return self._fo_state_usable(p, state, group)
+
+    def _fo_run_cuda(self, group: Dict[str, Any], params: List[Tensor], grads: List[Tensor],
+                     hyper: Tuple[Any, ...], grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
+        """Create missing momentum buffers and launch the CUDA kernels."""
+        use_momentum = hyper[1] != 0
+        state_all = self.state  # type: ignore[attr-defined]
+        first = [use_momentum and state_all[p].get("momentum_buffer") is None for p in params] if use_momentum else []
+        if found_inf is not None and any(first):
+            # A first step creates the buffers (buf = grad): it must know now
+            # whether the step happens, which costs one host sync on the very
+            # first step only. Torch's own fused SGD leaves them uninitialised.
+            if bool(found_inf.item()):
+                return
+            found_inf = None
+        batches: Dict[Tuple[Any, ...], Tuple[List[Tensor], List[Tensor], List[Tensor], List[bool]]] = {}
+        for k, (p, g) in enumerate(zip(params, grads)):
+            batch = batches.setdefault((p.device, p.dtype), ([], [], [], []))
+            batch[0].append(p)
+            batch[1].append(g)
+            if use_momentum:
+                state = state_all[p]
+                if first[k]:
+                    # Written by the kernel with the (decayed) gradient: torch's buf = grad.
+                    state["momentum_buffer"] = torch.empty_like(p, memory_format=torch.preserve_format)
+                batch[2].append(state["momentum_buffer"])
+                batch[3].append(first[k])
+        for (_, dtype), (ps, gs, bufs, firsts) in batches.items():
+            _cuda.sgd_launch(ps, gs, bufs if use_momentum else None, firsts if use_momentum else None,
+                             DTYPE_CODES[dtype], hyper, grad_scale, found_inf)
 
     def _fo_run_plan(self, plan: "_C.StepPlan", hyper: Tuple[Any, ...], threads: int) -> None:
         lr, momentum, dampening, wd, nesterov, maximize = hyper

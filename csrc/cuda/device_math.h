@@ -1,0 +1,92 @@
+// The vector type of the CUDA kernels: one fp32 lane per thread.
+//
+// It satisfies the contract of Note [one source of math] with the CUDA
+// intrinsics that are correctly rounded whatever nvcc's -fmad, -prec-div and
+// -prec-sqrt flags say (__fadd_rn, __fdiv_rn, __fsqrt_rn, __fmaf_rn...), so
+// a GPU computes the same bits as the CPU scalar variant. Under the emulation
+// header the same intrinsics are host operations (see emulation.h).
+#pragma once
+
+#include "../common/convert.h"
+#include "../common/update_math.h"
+
+#if defined(__CUDACC__)
+#define FO_DEVICE __device__ __forceinline__
+#else
+#define FO_DEVICE inline
+#endif
+
+namespace fusedoptim {
+namespace cuda {
+
+struct VecF {
+  float x;
+  VecF() = default;
+  FO_DEVICE explicit VecF(float v) : x(v) {}
+};
+
+FO_DEVICE VecF add(VecF a, VecF b) { return VecF(__fadd_rn(a.x, b.x)); }
+FO_DEVICE VecF sub(VecF a, VecF b) { return VecF(__fsub_rn(a.x, b.x)); }
+FO_DEVICE VecF mul(VecF a, VecF b) { return VecF(__fmul_rn(a.x, b.x)); }
+FO_DEVICE VecF div(VecF a, VecF b) { return VecF(__fdiv_rn(a.x, b.x)); }
+FO_DEVICE VecF sqrt(VecF a) { return VecF(__fsqrt_rn(a.x)); }
+FO_DEVICE VecF fma(VecF a, VecF b, VecF c) { return VecF(__fmaf_rn(a.x, b.x, c.x)); }
+FO_DEVICE VecF neg(VecF a) { return VecF(bits_float(float_bits(a.x) ^ 0x80000000u)); }
+FO_DEVICE VecF max_nan(VecF a, VecF b) { return (a.x != a.x) ? a : (a.x > b.x ? a : b); }
+
+// Storage formats <-> fp32, one element.
+FO_DEVICE float to_float(float v) { return v; }
+FO_DEVICE float to_float(bf16_t v) { return bf16_to_float(v.bits); }
+FO_DEVICE float to_float(f16_t v) { return f16_to_float(v.bits); }
+
+template <class S>
+FO_DEVICE S from_float(float f);
+template <>
+FO_DEVICE float from_float<float>(float f) { return f; }
+template <>
+FO_DEVICE bf16_t from_float<bf16_t>(float f) { return bf16_t{float_to_bf16(f)}; }
+template <>
+FO_DEVICE f16_t from_float<f16_t>(float f) { return f16_t{float_to_f16(f)}; }
+
+// A 16-byte packet: 4 fp32 or 8 16-bit elements, loaded and stored with one
+// 128-bit instruction where the address allows it.
+using Pack16 = uint4;
+
+FO_DEVICE unsigned word(const Pack16& p, int j) { return j == 0 ? p.x : j == 1 ? p.y : j == 2 ? p.z : p.w; }
+FO_DEVICE void set_word(Pack16& p, int j, unsigned v) {
+  if (j == 0) p.x = v;
+  else if (j == 1) p.y = v;
+  else if (j == 2) p.z = v;
+  else p.w = v;
+}
+
+template <class S>
+struct Lanes;
+
+template <>
+struct Lanes<float> {
+  static constexpr int kCount = 4;
+  static FO_DEVICE float get(const Pack16& p, int j) { return bits_float(word(p, j)); }
+  static FO_DEVICE void set(Pack16& p, int j, float v) { set_word(p, j, float_bits(v)); }
+};
+
+template <class S>
+struct Lanes16 {
+  static constexpr int kCount = 8;
+  static FO_DEVICE float get(const Pack16& p, int j) {
+    const uint16_t h = uint16_t((j & 1) ? (word(p, j >> 1) >> 16) : (word(p, j >> 1) & 0xffffu));
+    return to_float(S{h});
+  }
+  static FO_DEVICE void set(Pack16& p, int j, float v) {
+    const unsigned h = from_float<S>(v).bits;
+    const unsigned w = word(p, j >> 1);
+    set_word(p, j >> 1, (j & 1) ? ((w & 0xffffu) | (h << 16)) : ((w & 0xffff0000u) | h));
+  }
+};
+template <>
+struct Lanes<bf16_t> : Lanes16<bf16_t> {};
+template <>
+struct Lanes<f16_t> : Lanes16<f16_t> {};
+
+}  // namespace cuda
+}  // namespace fusedoptim

@@ -1,0 +1,203 @@
+"""The CUDA path: which params it takes, and the launches.
+
+CUDA params of the drop-in classes go to the multi-tensor kernels of
+``csrc/cuda/mta.h`` (one launch per up to ~450 tensors of one device and
+dtype, on torch's current stream of that device) when this build has the
+CUDA backend and a GPU is usable; otherwise torch's own implementation runs
+them, with one warning that says why.
+
+The same kernels are also compiled for the CPU (``_C.cuda_emulation``, see
+Note [CUDA emulation] in csrc/cuda/emulation.h). :func:`emulate` makes the
+optimizers send CPU params through this whole path (state layout, AMP
+pointers, device step counters, launch packing) with those emulated
+kernels, so the CUDA path is tested on machines without a GPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import _C
+
+__all__ = ["emulate", "emulating", "info", "available"]
+
+_INFO: Dict[str, Any] = dict(_C.cuda_info())
+_emulate: bool = False
+_param_space: str = "auto"
+_warned: bool = False
+#: Statistics of the last launches (launches, blocks, tensors per launch), for tests and benchmarks.
+last_stats: List[Dict[str, Any]] = []
+
+
+def info() -> Dict[str, Any]:
+    """What the CUDA backend is: compiled, usable here and why not, archs, versions."""
+    out = dict(_INFO)
+    out["emulating"] = _emulate
+    return out
+
+
+def available() -> bool:
+    """Whether CUDA params can run on fusedoptim's kernels in this process."""
+    return bool(_INFO["available"])
+
+
+@contextlib.contextmanager
+def emulate(enabled: bool = True, param_space: str = "auto") -> Iterator[None]:
+    """Run CPU params through the CUDA path with the host-compiled kernels.
+
+    For tests: inside the block, fusedoptim's optimizers treat CPU params as
+    if they were on a GPU (``param_space`` ``"small"`` forces the 4 KB
+    kernel parameter block, ``"large"`` the 32 KB one).
+    """
+    global _emulate, _param_space
+    if param_space not in ("auto", "large", "small"):
+        raise ValueError(f"param_space must be 'auto', 'large' or 'small', got {param_space!r}")
+    saved = (_emulate, _param_space)
+    _emulate, _param_space = enabled, param_space
+    try:
+        yield
+    finally:
+        _emulate, _param_space = saved
+
+
+def emulating() -> bool:
+    return _emulate
+
+
+def takes(p: Tensor) -> bool:
+    """Whether param ``p`` is routed to the CUDA kernels (real or emulated)."""
+    if _emulate:
+        return p.device.type == "cpu"
+    return p.device.type == "cuda" and bool(_INFO["available"])
+
+
+def warn_unavailable(p: Tensor) -> None:
+    """Once per process: a CUDA param meets a build or machine without the CUDA backend."""
+    global _warned
+    if _warned or p.device.type != "cuda" or _INFO["available"]:
+        return
+    _warned = True
+    warnings.warn(
+        f"fusedoptim: CUDA params run torch's own implementation because {_INFO['reason']}. "
+        "Install a fusedoptim wheel built with the CUDA backend (see README, 'CUDA') to use its kernels.",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+
+
+def _module() -> Any:
+    return _C.cuda_emulation if _emulate else _C.cuda  # type: ignore[attr-defined]
+
+
+def _where(device: torch.device) -> Tuple[int, int]:
+    """(device index, stream handle) of a launch on ``device``."""
+    if _emulate:
+        return 0, 0
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return index, torch.cuda.current_stream(device).cuda_stream
+
+
+def _on(t: Optional[Tensor], device: torch.device, keep: List[Tensor]) -> int:
+    """Address of a float32 scalar (AMP scale, inf flag, lr) on ``device``; 0 for None."""
+    if t is None:
+        return 0
+    if t.device != device or t.dtype != torch.float32 or not t.is_contiguous():
+        t = t.to(device=device, dtype=torch.float32, non_blocking=True).contiguous()
+    keep.append(t)
+    return t.data_ptr()
+
+
+def contiguous_grads(grads: List[Tensor], grad_scale: Optional[Tensor]) -> Tuple[List[Tensor], bool]:
+    """Grads the kernels can read. A strided grad is read through a contiguous
+    copy; with AMP it is unscaled in place first (the kernel could only write
+    the unscaled values into the copy), and the launch then gets no scale."""
+    if all(g.is_contiguous() for g in grads):
+        return grads, False
+    if grad_scale is not None:
+        torch._foreach_div_(list(grads), grad_scale.to(grads[0].device))
+    return [g if g.is_contiguous() else g.contiguous() for g in grads], True
+
+
+def adam_launch(
+    params: List[Tensor],
+    grads: List[Tensor],
+    states: List[Dict[str, Any]],
+    code: int,
+    hyper: Tuple[Any, ...],
+    device_steps: bool,
+    lr: Any,
+    grad_scale: Optional[Tensor],
+    found_inf: Optional[Tensor],
+) -> None:
+    """One call of the CUDA backend for params of one device and dtype."""
+    _lr, beta1, beta2, eps, wd, decoupled, amsgrad, maximize = hyper
+    device = params[0].device
+    keep: List[Tensor] = []
+    grads, unscaled = contiguous_grads(grads, grad_scale)
+    lr_ptr = 0
+    if isinstance(lr, Tensor):
+        if device_steps and lr.device == device and lr.dtype == torch.float32 and lr.numel() == 1:
+            lr_ptr = lr.data_ptr()
+            keep.append(lr)
+            lr_value = 0.0
+        else:
+            lr_value = float(lr.item())
+    else:
+        lr_value = float(lr)
+    index, stream = _where(device)
+    stats = _module().adam_step(
+        [p.data_ptr() for p in params],
+        [g.data_ptr() for g in grads],
+        [s["exp_avg"].data_ptr() for s in states],
+        [s["exp_avg_sq"].data_ptr() for s in states],
+        [s["max_exp_avg_sq"].data_ptr() for s in states] if amsgrad else None,
+        [s["step"].data_ptr() for s in states],
+        [p.numel() for p in params],
+        code, lr_value, beta1, beta2, eps, wd, decoupled, amsgrad, maximize,
+        device_steps=device_steps,
+        lr_ptr=lr_ptr,
+        grad_scale=0 if unscaled else _on(grad_scale, device, keep),
+        found_inf=_on(found_inf, device, keep),
+        device=index,
+        stream=stream,
+        param_space=_param_space,
+    )
+    last_stats.append(stats)
+    del keep, grads
+
+
+def sgd_launch(
+    params: List[Tensor],
+    grads: List[Tensor],
+    buffers: Optional[List[Tensor]],
+    first: Optional[List[bool]],
+    code: int,
+    hyper: Tuple[Any, ...],
+    grad_scale: Optional[Tensor],
+    found_inf: Optional[Tensor],
+) -> None:
+    lr, momentum, dampening, wd, nesterov, maximize = hyper
+    device = params[0].device
+    keep: List[Tensor] = []
+    grads, unscaled = contiguous_grads(grads, grad_scale)
+    index, stream = _where(device)
+    stats = _module().sgd_step(
+        [p.data_ptr() for p in params],
+        [g.data_ptr() for g in grads],
+        [b.data_ptr() for b in buffers] if buffers is not None else None,
+        first,
+        [p.numel() for p in params],
+        code, float(lr), wd, momentum, dampening, nesterov, maximize,
+        grad_scale=0 if unscaled else _on(grad_scale, device, keep),
+        found_inf=_on(found_inf, device, keep),
+        device=index,
+        stream=stream,
+        param_space=_param_space,
+    )
+    last_stats.append(stats)
+    del keep, grads
