@@ -133,3 +133,72 @@ class StepPlan:
     def release(self) -> None:
         """Drop the grad references taken by collect()."""
     def __len__(self) -> int: ...
+
+
+def cuda_info() -> Dict[str, Any]:
+    """Whether the CUDA backend was compiled and can run here (``reason`` if not), archs and versions."""
+
+class _CudaBackend:
+    """``_C.cuda`` (real kernels, device pointers; only in builds with CUDA) and
+    ``_C.cuda_emulation`` (the same kernels compiled for the host, host pointers)."""
+
+    @staticmethod
+    def adam_step(
+        params: List[int],
+        grads: List[int],
+        exp_avgs: List[int],
+        exp_avg_sqs: List[int],
+        max_exp_avg_sqs: Optional[List[int]],
+        steps: List[int],
+        numels: List[int],
+        dtype: int,
+        lr: float,
+        beta1: float,
+        beta2: float,
+        eps: float,
+        weight_decay: float,
+        decoupled: bool,
+        amsgrad: bool,
+        maximize: bool,
+        device_steps: bool = False,
+        lr_ptr: int = 0,
+        grad_scale: int = 0,
+        found_inf: int = 0,
+        device: int = 0,
+        stream: int = 0,
+        param_space: str = "auto",
+    ) -> Dict[str, int]:
+        """Multi-tensor Adam/AdamW launches on ``stream`` of ``device``.
+
+        ``device_steps``: the float32 step counters live on the device and a
+        kernel increments them (skipped when ``*found_inf != 0``); otherwise
+        they are host memory, incremented before the launch. ``grad_scale``
+        and ``found_inf`` are addresses of float32 scalars (0: none). Returns
+        ``launches``, ``blocks``, ``max_tensors_per_launch``, ``capacity``
+        and ``param_bytes``.
+        """
+
+    @staticmethod
+    def sgd_step(
+        params: List[int],
+        grads: List[int],
+        momentum_buffers: Optional[List[int]],
+        first_step: Optional[List[bool]],
+        numels: List[int],
+        dtype: int,
+        lr: float,
+        weight_decay: float,
+        momentum: float,
+        dampening: float,
+        nesterov: bool,
+        maximize: bool,
+        grad_scale: int = 0,
+        found_inf: int = 0,
+        device: int = 0,
+        stream: int = 0,
+        param_space: str = "auto",
+    ) -> Dict[str, int]:
+        """Multi-tensor SGD launches on ``stream`` of ``device``; see ``adam_step``."""
+
+cuda_emulation: _CudaBackend
+cuda: _CudaBackend
