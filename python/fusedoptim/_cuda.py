@@ -26,7 +26,7 @@ from . import _C
 
 __all__ = ["emulate", "emulating", "info", "available"]
 
-_INFO: Dict[str, Any] = dict(_C.cuda_info())
+_INFO: Optional[Dict[str, Any]] = None
 _emulate: bool = False
 _param_space: str = "auto"
 _warned: bool = False
@@ -34,16 +34,26 @@ _warned: bool = False
 last_stats: List[Dict[str, Any]] = []
 
 
+def _info() -> Dict[str, Any]:
+    # Asked on first use, never at import: asking initialises the CUDA
+    # driver, after which a forked child process could not use CUDA (torch
+    # defers its own initialisation for the same reason).
+    global _INFO
+    if _INFO is None:
+        _INFO = dict(_C.cuda_info())
+    return _INFO
+
+
 def info() -> Dict[str, Any]:
     """What the CUDA backend is: compiled, usable here and why not, archs, versions."""
-    out = dict(_INFO)
+    out = dict(_info())
     out["emulating"] = _emulate
     return out
 
 
 def available() -> bool:
     """Whether CUDA params can run on fusedoptim's kernels in this process."""
-    return bool(_INFO["available"])
+    return bool(_info()["available"])
 
 
 @contextlib.contextmanager
@@ -73,17 +83,17 @@ def takes(p: Tensor) -> bool:
     """Whether param ``p`` is routed to the CUDA kernels (real or emulated)."""
     if _emulate:
         return p.device.type == "cpu"
-    return p.device.type == "cuda" and bool(_INFO["available"])
+    return p.device.type == "cuda" and bool(_info()["available"])
 
 
 def warn_unavailable(p: Tensor) -> None:
     """Once per process: a CUDA param meets a build or machine without the CUDA backend."""
     global _warned
-    if _warned or p.device.type != "cuda" or _INFO["available"]:
+    if _warned or p.device.type != "cuda" or _info()["available"]:
         return
     _warned = True
     warnings.warn(
-        f"fusedoptim: CUDA params run torch's own implementation because {_INFO['reason']}. "
+        f"fusedoptim: CUDA params run torch's own implementation because {_info()['reason']}. "
         "Install a fusedoptim wheel built with the CUDA backend (see README, 'CUDA') to use its kernels.",
         RuntimeWarning,
         stacklevel=4,
