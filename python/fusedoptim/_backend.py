@@ -191,6 +191,31 @@ def _plain(t: Tensor) -> bool:
 _TENSOR_DISPATCH = torch.Tensor.__torch_dispatch__
 
 
+def _local(t: Tensor) -> Tensor:
+    """The memory the kernels update: a DTensor's local shard (FSDP2 and
+    other sharded params, whose optimizer state is sharded alike), else the
+    tensor itself. The update is element-wise, so a shard updates like a
+    whole tensor."""
+    if type(t).__name__ == "DTensor":
+        local = getattr(t, "_local_tensor", None)
+        if isinstance(local, Tensor):
+            return local
+    return t
+
+
+def _same_sharding(p: Tensor, g: Tensor) -> bool:
+    """A DTensor param and its grad must be laid out alike for their shards to match."""
+    if p is _local(p) and g is _local(g):
+        return True
+    if p is _local(p) or g is _local(g):
+        return False
+    try:
+        return (p.placements == g.placements and p.device_mesh == g.device_mesh  # type: ignore[attr-defined]
+                and _local(p).shape == _local(g).shape)
+    except Exception:
+        return False
+
+
 def _grads_of(params: Sequence[Tensor]) -> Tuple[List[Tensor], List[Tensor]]:
     ps, gs = [], []
     for p in params:
@@ -420,14 +445,16 @@ class FusedOptimizerMixin:
             state = state_all.get(p)
             if state:
                 self._fo_check_state(i, p, state, group)
+            lp, lg = _local(p), _local(g)
             kernel_ok = (
                 native_ok
                 and p.layout == torch.strided
                 and g.layout == torch.strided
-                and _plain(p)
-                and _plain(g)
+                and _same_sharding(p, g)
+                and _plain(lp)
+                and _plain(lg)
                 and p.dtype in DTYPE_CODES
-                and p.is_contiguous()
+                and lp.is_contiguous()
             )
             if kernel_ok and _cuda.takes(p):
                 if not state or self._fo_state_usable_cuda(p, state, group):
@@ -473,7 +500,9 @@ class FusedOptimizerMixin:
         """Phase 2: create missing state and fill the plan's pointer tables."""
         state_all = self.state  # type: ignore[attr-defined]
         keys = plan.state_keys
-        pptrs = [p.data_ptr() for p in ps]
+        locals_ = [_local(p) for p in ps]
+        pptrs = [lp.data_ptr() for lp in locals_]
+        sharded = False
         plan.state_dicts = []
         for bucket in plan.buckets:
             bucket.params, bucket.numels, bucket.pptrs, bucket.steps, bucket.first, bucket.refs = [], [], [], [], [], []
@@ -485,11 +514,12 @@ class FusedOptimizerMixin:
                 state = state_all[p] if (keys or self._fo_has_step) else {}
                 bucket.first.append(self._fo_init_state(p, state, group))
                 bucket.params.append(p)
-                bucket.numels.append(p.numel())
+                bucket.numels.append(locals_[i].numel())
+                sharded = sharded or locals_[i] is not p
                 bucket.pptrs.append(pptrs[i])
                 for k in keys:
                     t = state[k]
-                    bucket.streams[k].append(t.data_ptr())
+                    bucket.streams[k].append(_local(t).data_ptr())
                     bucket.refs.append(t)
                 if self._fo_has_step:
                     bucket.steps.append(state["step"].data_ptr())
@@ -498,7 +528,9 @@ class FusedOptimizerMixin:
         plan.built = True
         plan.native = None
         params = group["params"]
-        if plan.buckets and isinstance(params, list):
+        # Sharded params take the general path every step: the C plan checks
+        # params by their own addresses, which a DTensor does not have.
+        if plan.buckets and isinstance(params, list) and not sharded:
             tracked = self._fo_tracked_keys(plan)
             plan.native = _C.StepPlan(
                 params,
@@ -527,7 +559,7 @@ def _grad_ptrs(bucket: _Bucket, gs: List[Tensor]) -> Tuple[List[int], List[Tenso
     """Addresses of a bucket's grads. A grad whose strides differ from its
     (contiguous) param is read through a contiguous copy; the grad itself is
     never written."""
-    grads = [gs[i] for i in bucket.index]
+    grads = [_local(gs[i]) for i in bucket.index]
     ptrs = [g.data_ptr() for g in grads]
     keep: List[Tensor] = []
     if not all([g.is_contiguous() for g in grads]):
@@ -542,7 +574,7 @@ def _grad_ptrs(bucket: _Bucket, gs: List[Tensor]) -> Tuple[List[int], List[Tenso
 def _disjoint(ps: List[Tensor], index: List[int]) -> bool:
     spans = []
     for i in index:
-        p = ps[i]
+        p = _local(ps[i])
         n = p.numel() * p.element_size()
         if n:
             start = p.data_ptr()

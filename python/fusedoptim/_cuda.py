@@ -126,7 +126,9 @@ def contiguous_grads(grads: List[Tensor], grad_scale: Optional[Tensor]) -> Tuple
     """Grads the kernels can read. A strided grad is read through a contiguous
     copy; with AMP it is unscaled in place first (the kernel could only write
     the unscaled values into the copy), and the launch then gets no scale."""
-    if all(g.is_contiguous() for g in grads):
+    from ._backend import _local
+
+    if all(_local(g).is_contiguous() for g in grads):
         return grads, False
     if grad_scale is not None:
         torch._foreach_div_(list(grads), grad_scale.to(grads[0].device))
@@ -160,14 +162,16 @@ def adam_launch(
     else:
         lr_value = float(lr)
     index, stream = _where(device)
+    from ._backend import _local  # DTensor params: their local shards
+
     stats = _module().adam_step(
-        [p.data_ptr() for p in params],
-        [g.data_ptr() for g in grads],
-        [s["exp_avg"].data_ptr() for s in states],
-        [s["exp_avg_sq"].data_ptr() for s in states],
-        [s["max_exp_avg_sq"].data_ptr() for s in states] if amsgrad else None,
+        [_local(p).data_ptr() for p in params],
+        [_local(g).data_ptr() for g in grads],
+        [_local(s["exp_avg"]).data_ptr() for s in states],
+        [_local(s["exp_avg_sq"]).data_ptr() for s in states],
+        [_local(s["max_exp_avg_sq"]).data_ptr() for s in states] if amsgrad else None,
         [s["step"].data_ptr() for s in states],
-        [p.numel() for p in params],
+        [_local(p).numel() for p in params],
         code, lr_value, beta1, beta2, eps, wd, decoupled, amsgrad, maximize,
         device_steps=device_steps,
         lr_ptr=lr_ptr,
@@ -196,12 +200,14 @@ def sgd_launch(
     keep: List[Tensor] = []
     grads, unscaled = contiguous_grads(grads, grad_scale)
     index, stream = _where(device)
+    from ._backend import _local  # DTensor params: their local shards
+
     stats = _module().sgd_step(
-        [p.data_ptr() for p in params],
-        [g.data_ptr() for g in grads],
-        [b.data_ptr() for b in buffers] if buffers is not None else None,
+        [_local(p).data_ptr() for p in params],
+        [_local(g).data_ptr() for g in grads],
+        [_local(b).data_ptr() for b in buffers] if buffers is not None else None,
         first,
-        [p.numel() for p in params],
+        [_local(p).numel() for p in params],
         code, float(lr), wd, momentum, dampening, nesterov, maximize,
         grad_scale=0 if unscaled else _on(grad_scale, device, keep),
         found_inf=_on(found_inf, device, keep),

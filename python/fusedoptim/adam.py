@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from . import _C, _cuda
-from ._backend import DTYPE_CODES, FusedOptimizerMixin, _Bucket, _hyper
+from ._backend import DTYPE_CODES, FusedOptimizerMixin, _Bucket, _hyper, _local
 
 __all__ = ["Adam", "AdamW"]
 
@@ -66,7 +66,8 @@ class _FusedAdamMixin(FusedOptimizerMixin):
             return False
         for key in self._fo_state_keys(group):
             t = state.get(key)
-            if t is not None and not (t.dtype == p.dtype and t.device == p.device and t.is_contiguous()):
+            if t is not None and not (t.dtype == p.dtype and t.device == p.device and _local(t).is_contiguous()
+                                      and _local(t).shape == _local(p).shape):
                 return False
         return True
 
@@ -88,7 +89,8 @@ class _FusedAdamMixin(FusedOptimizerMixin):
             return False
         for key in self._fo_state_keys(group):
             t = state.get(key)
-            if t is not None and not (t.dtype == p.dtype and t.device == p.device and t.is_contiguous()):
+            if t is not None and not (t.dtype == p.dtype and t.device == p.device and _local(t).is_contiguous()
+                                      and _local(t).shape == _local(p).shape):
                 return False
         return True
 

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from . import _C, _cuda
-from ._backend import DTYPE_CODES, FusedOptimizerMixin, _Bucket, _hyper, _scalar
+from ._backend import DTYPE_CODES, FusedOptimizerMixin, _Bucket, _hyper, _local, _scalar
 from .adam import ParamsT, _check_fused, _check_grad_matches
 
 __all__ = ["SGD"]
@@ -94,7 +94,8 @@ class SGD(FusedOptimizerMixin, torch.optim.SGD):
     def _fo_state_usable(self, p: Tensor, state: Dict[str, Any], group: Dict[str, Any]) -> bool:
         buf = state.get("momentum_buffer")
         return buf is None or (
-            isinstance(buf, Tensor) and buf.dtype == p.dtype and buf.device == p.device and buf.is_contiguous()
+            isinstance(buf, Tensor) and buf.dtype == p.dtype and buf.device == p.device and _local(buf).is_contiguous()
+            and _local(buf).shape == _local(p).shape
         )
 
     def _fo_init_state(self, p: Tensor, state: Dict[str, Any], group: Dict[str, Any]) -> bool:
