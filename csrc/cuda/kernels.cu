@@ -121,7 +121,9 @@ int runtime_version() { return CUDART_VERSION; }
 
 std::vector<int> compiled_archs() {
 #if defined(__CUDA_ARCH_LIST__)
-  return {__CUDA_ARCH_LIST__};
+  std::vector<int> archs = {__CUDA_ARCH_LIST__};  // 800, 860, ...
+  for (int& a : archs) a /= 10;                   // as in sm_80
+  return archs;
 #else
   return {};
 #endif

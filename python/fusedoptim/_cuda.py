@@ -15,6 +15,7 @@ kernels, so the CUDA path is tested on machines without a GPU.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import warnings
 from typing import Any, Dict, Iterator, List, Optional, Tuple
@@ -30,8 +31,9 @@ _INFO: Optional[Dict[str, Any]] = None
 _emulate: bool = False
 _param_space: str = "auto"
 _warned: bool = False
-#: Statistics of the last launches (launches, blocks, tensors per launch), for tests and benchmarks.
-last_stats: List[Dict[str, Any]] = []
+#: Statistics of the most recent backend calls (launches, blocks, tensors per
+#: launch, capacity, parameter bytes), newest last; for tests and benchmarks.
+last_stats: "collections.deque[Dict[str, Any]]" = collections.deque(maxlen=64)
 
 
 def _info() -> Dict[str, Any]:
@@ -122,17 +124,31 @@ def _on(t: Optional[Tensor], device: torch.device, keep: List[Tensor]) -> int:
     return t.data_ptr()
 
 
-def contiguous_grads(grads: List[Tensor], grad_scale: Optional[Tensor]) -> Tuple[List[Tensor], bool]:
-    """Grads the kernels can read. A strided grad is read through a contiguous
-    copy; with AMP it is unscaled in place first (the kernel could only write
-    the unscaled values into the copy), and the launch then gets no scale."""
+def contiguous_grads(grads: List[Tensor]) -> Tuple[List[Tensor], List[Tuple[Tensor, Tensor]]]:
+    """Grads the kernels can read: a strided grad is read through a
+    contiguous copy. Returns the list and the (grad, copy) pairs; with AMP the
+    kernel unscales the copy (or leaves it alone with found_inf), and
+    :func:`write_back` then copies it into the grad, on the same stream and
+    without a host sync."""
     from ._backend import _local
 
     if all(_local(g).is_contiguous() for g in grads):
-        return grads, False
+        return grads, []
+    out, pairs = [], []
+    for g in grads:
+        if _local(g).is_contiguous():
+            out.append(g)
+        else:
+            c = g.contiguous()
+            out.append(c)
+            pairs.append((g, c))
+    return out, pairs
+
+
+def write_back(pairs: List[Tuple[Tensor, Tensor]], grad_scale: Optional[Tensor]) -> None:
     if grad_scale is not None:
-        torch._foreach_div_(list(grads), grad_scale.to(grads[0].device))
-    return [g if g.is_contiguous() else g.contiguous() for g in grads], True
+        for g, c in pairs:
+            g.copy_(c)
 
 
 def adam_launch(
@@ -150,7 +166,7 @@ def adam_launch(
     _lr, beta1, beta2, eps, wd, decoupled, amsgrad, maximize = hyper
     device = params[0].device
     keep: List[Tensor] = []
-    grads, unscaled = contiguous_grads(grads, grad_scale)
+    grads, copies = contiguous_grads(grads)
     lr_ptr = 0
     if isinstance(lr, Tensor):
         if device_steps and lr.device == device and lr.dtype == torch.float32 and lr.numel() == 1:
@@ -175,13 +191,14 @@ def adam_launch(
         code, lr_value, beta1, beta2, eps, wd, decoupled, amsgrad, maximize,
         device_steps=device_steps,
         lr_ptr=lr_ptr,
-        grad_scale=0 if unscaled else _on(grad_scale, device, keep),
+        grad_scale=_on(grad_scale, device, keep),
         found_inf=_on(found_inf, device, keep),
         device=index,
         stream=stream,
         param_space=_param_space,
     )
     last_stats.append(stats)
+    write_back(copies, grad_scale)
     del keep, grads
 
 
@@ -198,7 +215,7 @@ def sgd_launch(
     lr, momentum, dampening, wd, nesterov, maximize = hyper
     device = params[0].device
     keep: List[Tensor] = []
-    grads, unscaled = contiguous_grads(grads, grad_scale)
+    grads, copies = contiguous_grads(grads)
     index, stream = _where(device)
     from ._backend import _local  # DTensor params: their local shards
 
@@ -209,11 +226,12 @@ def sgd_launch(
         first,
         [_local(p).numel() for p in params],
         code, float(lr), wd, momentum, dampening, nesterov, maximize,
-        grad_scale=0 if unscaled else _on(grad_scale, device, keep),
+        grad_scale=_on(grad_scale, device, keep),
         found_inf=_on(found_inf, device, keep),
         device=index,
         stream=stream,
         param_space=_param_space,
     )
     last_stats.append(stats)
+    write_back(copies, grad_scale)
     del keep, grads
