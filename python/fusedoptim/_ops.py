@@ -27,7 +27,8 @@ tensor subclasses, ``differentiable=True``, tensor ``betas`` / ``eps`` /
 
 import functools
 import inspect
-from typing import Any, Callable, Dict, List, Optional, Tuple
+import math
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 from torch import Tensor
@@ -95,6 +96,8 @@ def _grad_ptrs(grads: List[Tensor], params: List[Tensor], index: List[int], keep
     for i in index:
         g, p = grads[i], params[i]
         _check_cpu("grads", i, g, p.dtype, p.numel(), contiguous=False)
+        if g.shape != p.shape:  # the copy pairs elements by position in the param's shape
+            raise ValueError(f"grads[{i}] has shape {tuple(g.shape)} but params[{i}] has {tuple(p.shape)}")
         if not g.is_contiguous():
             g = g.contiguous()
             keep.append(g)
@@ -162,7 +165,9 @@ if _HAVE_CUSTOM_OP:
             lr, beta1, beta2, eps, weight_decay: the group's hyperparameters.
             decoupled: AdamW-style weight decay (else L2 added to the grad).
             amsgrad, maximize: torch's flags.
-            lr_tensor: a 1-element tensor lr, read here (it overrides ``lr``).
+            lr_tensor: a 1-element tensor lr, read when the op runs; it
+                overrides ``lr`` (the traced step always passes one, see
+                Note [hyperparameters under Dynamo]).
             num_threads: CPU threads; 0 follows :func:`fusedoptim.get_num_threads`.
 
         Raises ValueError before anything is written when a tensor or a
@@ -190,11 +195,10 @@ if _HAVE_CUSTOM_OP:
                 _CODES[params[index[0]].dtype],
                 keep,
             ))
-        # Everything was checked: now write.
+        # Everything was checked: now write (`keep` holds the grads' contiguous copies).
         for pp, gp, mp, vp, vmaxp, sp, numels, code, keep in calls:
             _C.adam_step(pp, gp, mp, vp, vmaxp, sp, numels, code, lr, beta1, beta2, eps, weight_decay,
                          decoupled, amsgrad, maximize, threads)
-            del keep
 
     @adam_step_.register_fake
     def _adam_step_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, beta1, beta2,
@@ -228,7 +232,8 @@ if _HAVE_CUSTOM_OP:
                 old contents are not read.
             lr, weight_decay, momentum, dampening, nesterov, maximize: the
                 group's hyperparameters.
-            lr_tensor: a 1-element tensor lr, read here (it overrides ``lr``).
+            lr_tensor: a 1-element tensor lr, read when the op runs; it
+                overrides ``lr`` (the traced step always passes one).
             num_threads: CPU threads; 0 follows :func:`fusedoptim.get_num_threads`.
 
         Raises ValueError before anything is written when a tensor or a
@@ -257,7 +262,6 @@ if _HAVE_CUSTOM_OP:
         for pp, gp, bp, first, numels, code, keep in calls:
             _C.sgd_step(pp, gp, bp, first, numels, code, lr, weight_decay, momentum, dampening, nesterov,
                         maximize, threads)
-            del keep
 
     @sgd_step_.register_fake
     def _sgd_step_fake(params, grads, momentum_buffers, first_step, lr, weight_decay, momentum, dampening,
@@ -287,7 +291,6 @@ def compile_aware(eager_step: Callable) -> Callable:
     return step
 
 
-@torch.compiler.disable
 def _run_eager(eager_step: Callable, opt: Any, closure: Optional[Callable[[], Any]]) -> Any:
     return eager_step(opt, closure)
 
@@ -300,8 +303,8 @@ def compiled_step(opt: Any, closure: Optional[Callable[[], Any]] = None, eager_s
     layout), each param is routed as the eager step routes it, the native
     params go through one custom op call and the rest through torch's
     functional for-loop implementation. Hyperparameters are read from the
-    param groups when tracing (a float ``lr`` that changes recompiles, as with
-    torch's optimizers; a tensor ``lr`` is passed to the op as a tensor).
+    param groups when tracing; see Note [hyperparameters under Dynamo] for
+    what a changed value recompiles.
 
     Args:
         opt: a fusedoptim Adam, AdamW or SGD.
@@ -315,7 +318,8 @@ def compiled_step(opt: Any, closure: Optional[Callable[[], Any]] = None, eager_s
     if eager_step is not None and (
         getattr(opt, "grad_scale", None) is not None or getattr(opt, "found_inf", None) is not None
     ):
-        return _run_eager(eager_step, opt, closure)
+        # Wrapped here, not at import: torch.compiler.disable imports Dynamo.
+        return torch.compiler.disable(_run_eager)(eager_step, opt, closure)
     loss = None
     if closure is not None:
         with torch.enable_grad():
@@ -340,17 +344,56 @@ def _kernel_ok(p: Tensor, g: Tensor) -> bool:
     )
 
 
-def _lr_split(group: Dict[str, Any]) -> Tuple[Dict[str, Any], Optional[Tensor]]:
-    """A tensor lr goes to the op as a tensor (``.item()`` would break the
-    graph); the group seen by ``_fo_hyper`` gets a placeholder float."""
-    lr = group["lr"]
+# Note [hyperparameters under Dynamo]
+# A float hyperparameter is a constant in the first graph. When its value
+# changes, Dynamo recompiles and first tries it as a symbolic float, so the
+# traced code must work on both. The lr reaches the op as a float64 0-d
+# tensor holding exactly the Python float, and nothing in the trace compares
+# it: a float lr that an LR schedule changes every step then becomes a graph
+# input after one recompile (as with torch's Adam) instead of a recompile per
+# step; the op checks it when it runs (finite, >= 0). The other
+# hyperparameters are checked here as the eager step checks them (same
+# messages), with plain comparisons that Dynamo turns into guards
+# (math.isfinite or float() on a symbolic float would break the graph), and
+# passed as floats: when one changes, Dynamo specializes it on the new value
+# and recompiles.
+
+
+def _checked(value: Any, name: str, upper: float = math.inf) -> Any:
+    if not 0.0 <= value < upper:  # also rejects NaN
+        raise ValueError(f"Invalid {name}: {value}")
+    return value
+
+
+def _lr_arg(lr: Any) -> Tensor:
+    # Checked when the op reads it (one element, finite, >= 0). `zeros + lr`
+    # (exact) rather than torch.tensor(lr): an addition is what Dynamo can turn
+    # into a graph input when lr is a symbolic float. On the CPU, where the op
+    # runs, whatever the default device.
     if isinstance(lr, Tensor):
-        return dict(group, lr=0.0), lr
-    return group, None
+        return lr if lr.device.type == "cpu" else lr.to("cpu")
+    return torch.zeros((), dtype=torch.float64, device="cpu") + lr
 
 
 def _threads_arg(opt: Any) -> int:
     return opt.num_threads if opt.num_threads is not None else 0
+
+
+# Note [state under Dynamo]
+# Dynamo runs `optimizer._init_group(...)` for real while tracing (torch's
+# OptimizerVariable does this so that state creation is never traced) and
+# hands back the lists it filled, wrapped as graph inputs. Its view of
+# `optimizer.state` itself is taken once, at the first group: entries that a
+# later group's _init_group creates are invisible there, and when Dynamo
+# restarts an analysis (see Note [hyperparameters under Dynamo]) they are
+# visible the second time. So the traced step reads the state only from
+# those lists, as torch's own step does, and never looks up `opt.state[p]`
+# (a defaultdict lookup whose path would differ between the two traces); a
+# new SGD momentum buffer is stored with one assignment, _store_buffer.
+
+
+def _store_buffer(opt: Any, p: Tensor, buf: Tensor) -> None:
+    opt.state[p] = dict(opt.state.get(p, {}), momentum_buffer=buf)
 
 
 def _adam_group(opt: Any, group: Dict[str, Any]) -> None:
@@ -363,18 +406,19 @@ def _adam_group(opt: Any, group: Dict[str, Any]) -> None:
     has_complex = opt._init_group(group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps)
     if not params:
         return
-    amsgrad = group["amsgrad"]
+    amsgrad = bool(group["amsgrad"])
     beta1, beta2 = group["betas"]
+    eps, wd = group["eps"], group["weight_decay"]
     decoupled = opt._fo_always_decoupled or bool(group.get("decoupled_weight_decay", False))
-    native_ok = not group["differentiable"] and not any(
-        isinstance(v, Tensor) for v in (beta1, beta2, group["eps"], group["weight_decay"])
-    )
+    native_ok = not group["differentiable"] and not any(isinstance(v, Tensor) for v in (beta1, beta2, eps, wd))
     native: List[int] = []
     fallback: List[int] = []
     for i in range(len(params)):
         p, g = params[i], grads[i]
         opt._fo_check_grad(i, p, g)
-        state = opt.state[p]
+        state = {"step": state_steps[i], "exp_avg": exp_avgs[i], "exp_avg_sq": exp_avg_sqs[i]}
+        if amsgrad:
+            state["max_exp_avg_sq"] = max_exp_avg_sqs[i]
         opt._fo_check_state(i, p, state, group)
         if native_ok and _kernel_ok(p, g) and opt._fo_state_usable(p, state, group):
             native.append(i)
@@ -382,8 +426,6 @@ def _adam_group(opt: Any, group: Dict[str, Any]) -> None:
             fallback.append(i)
 
     if native:
-        hyper_group, lr_tensor = _lr_split(group)
-        lr, b1, b2, eps, wd, decoupled, amsgrad, maximize = opt._fo_hyper(hyper_group)
         torch.ops.fusedoptim.adam_step_(
             [params[i] for i in native],
             [grads[i] for i in native],
@@ -391,7 +433,16 @@ def _adam_group(opt: Any, group: Dict[str, Any]) -> None:
             [exp_avg_sqs[i] for i in native],
             [max_exp_avg_sqs[i] for i in native] if amsgrad else [],
             [state_steps[i] for i in native],
-            lr, b1, b2, eps, wd, decoupled, amsgrad, maximize, lr_tensor, _threads_arg(opt),
+            0.0,
+            _checked(beta1, "beta parameter at index 0", upper=1.0),
+            _checked(beta2, "beta parameter at index 1", upper=1.0),
+            _checked(eps, "epsilon value"),
+            _checked(wd, "weight_decay value"),
+            decoupled,
+            amsgrad,
+            bool(group["maximize"]),
+            _lr_arg(group["lr"]),
+            _threads_arg(opt),
         )
     if fallback:
         kwargs = dict(
@@ -406,8 +457,8 @@ def _adam_group(opt: Any, group: Dict[str, Any]) -> None:
             beta1=beta1,
             beta2=beta2,
             lr=group["lr"],
-            weight_decay=group["weight_decay"],
-            eps=group["eps"],
+            weight_decay=wd,
+            eps=eps,
             maximize=group["maximize"],
         )
         functional = _torch_adam.adam
@@ -433,14 +484,15 @@ def _sgd_group(opt: Any, group: Dict[str, Any]) -> None:
     has_sparse_grad = opt._init_group(group, params, grads, bufs)
     if not params:
         return
-    use_momentum = group["momentum"] != 0
-    native_ok = not group["differentiable"] and not isinstance(group["weight_decay"], Tensor)
+    momentum, dampening, wd = group["momentum"], group["dampening"], group["weight_decay"]
+    use_momentum = momentum != 0
+    native_ok = not group["differentiable"] and not any(isinstance(v, Tensor) for v in (momentum, dampening, wd))
     native: List[int] = []
     fallback: List[int] = []
     for i in range(len(params)):
         p, g = params[i], grads[i]
         opt._fo_check_grad(i, p, g)
-        state = opt.state[p] if use_momentum else {}
+        state = {"momentum_buffer": bufs[i]} if use_momentum and bufs[i] is not None else {}
         if state:
             opt._fo_check_state(i, p, state, group)
         if native_ok and _kernel_ok(p, g) and opt._fo_state_usable(p, state, group):
@@ -449,8 +501,13 @@ def _sgd_group(opt: Any, group: Dict[str, Any]) -> None:
             fallback.append(i)
 
     if native:
-        hyper_group, lr_tensor = _lr_split(group)
-        lr, momentum, dampening, wd, nesterov, maximize = opt._fo_hyper(hyper_group)
+        nesterov = bool(group["nesterov"])
+        _checked(momentum, "momentum value")
+        _checked(wd, "weight_decay value")
+        if not -math.inf < dampening < math.inf:  # torch allows any finite value
+            raise ValueError(f"Invalid dampening value: {dampening}")
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
         native_bufs: List[Tensor] = []
         first: List[bool] = []
         if use_momentum:
@@ -461,18 +518,26 @@ def _sgd_group(opt: Any, group: Dict[str, Any]) -> None:
                 first.append(buf is None)
                 if buf is None:
                     buf = torch.empty_like(params[i], memory_format=torch.preserve_format)
-                    opt.state[params[i]]["momentum_buffer"] = buf
+                    _store_buffer(opt, params[i], buf)
                 native_bufs.append(buf)
         torch.ops.fusedoptim.sgd_step_(
             [params[i] for i in native],
             [grads[i] for i in native],
             native_bufs,
             first,
-            lr, wd, momentum, dampening, nesterov, maximize, lr_tensor, _threads_arg(opt),
+            0.0,
+            wd,
+            momentum,
+            dampening,
+            nesterov,
+            bool(group["maximize"]),
+            _lr_arg(group["lr"]),
+            _threads_arg(opt),
         )
     if fallback:
         fb_params = [params[i] for i in fallback]
         fb_bufs = [bufs[i] for i in fallback] if use_momentum else []
+        new = [buf is None for buf in fb_bufs]
         _torch_sgd.sgd(
             fb_params,
             [grads[i] for i in fallback],
@@ -482,14 +547,14 @@ def _sgd_group(opt: Any, group: Dict[str, Any]) -> None:
             fused=False,
             grad_scale=None,
             found_inf=None,
-            weight_decay=group["weight_decay"],
-            momentum=group["momentum"],
+            weight_decay=wd,
+            momentum=momentum,
             lr=group["lr"],
-            dampening=group["dampening"],
+            dampening=dampening,
             nesterov=group["nesterov"],
             maximize=group["maximize"],
         )
-        if use_momentum:
-            # torch's step stores the buffers its functional form created.
-            for k in range(len(fb_params)):
-                opt.state[fb_params[k]]["momentum_buffer"] = fb_bufs[k]
+        # torch's step stores the buffers its functional form created.
+        for k in range(len(new)):
+            if new[k]:
+                _store_buffer(opt, fb_params[k], fb_bufs[k])
