@@ -130,13 +130,15 @@ SGDCall sgd_call(double lr, double weight_decay, double momentum, double dampeni
   return c;
 }
 
-void adam_step(py::handle params, py::handle grads, py::handle exp_avgs, py::handle exp_avg_sqs,
-               py::handle max_exp_avg_sqs, py::handle steps, py::handle numels_obj, int32_t dtype,
-               double lr, double beta1, double beta2, double eps, double weight_decay, bool decoupled,
-               bool amsgrad, bool maximize, int num_threads) {
-  check_dtype(dtype);
-  const AdamCall call = adam_call(lr, beta1, beta2, eps, weight_decay, decoupled);
-  const int threads = resolve_threads(num_threads);
+// The tensor lists of an Adam call, parsed and checked; nothing written yet.
+struct AdamLists {
+  std::vector<AdamTensor> tensors;  // coeffs unset until count_host_steps()
+  std::vector<float*> steps;        // float32 step counters, one per tensor
+};
+
+AdamLists adam_lists(py::handle params, py::handle grads, py::handle exp_avgs, py::handle exp_avg_sqs,
+                     py::handle max_exp_avg_sqs, py::handle steps, py::handle numels_obj, int32_t dtype,
+                     bool amsgrad) {
   const std::vector<int64_t> numels = counts(numels_obj);
   const size_t n = numels.size();
   const auto p = addresses(params, "params", n);
@@ -158,37 +160,41 @@ void adam_step(py::handle params, py::handle grads, py::handle exp_avgs, py::han
     if (amsgrad) check_ptr(vmax[k], numels[k], align, "max_exp_avg_sqs", k);
     check_ptr(s[k], 1, alignof(float), "steps", k);
   }
-
-  py::gil_scoped_release release;
-  cpu::AdamCoeffCache coeff_cache(lr, beta1, beta2);
-  std::vector<AdamTensor> ts(n);
+  AdamLists out;
+  out.tensors.resize(n);
+  out.steps.resize(n);
   for (size_t k = 0; k < n; ++k) {
-    // Every check has passed: from here on we write. The step counter is a
-    // float32 scalar incremented in fp32, as torch does with `step_t += 1`.
-    float* step = reinterpret_cast<float*>(s[k]);
-    *step += 1.0f;
-    ts[k].param = reinterpret_cast<void*>(p[k]);
-    ts[k].grad = reinterpret_cast<const void*>(g[k]);
-    ts[k].exp_avg = reinterpret_cast<void*>(m[k]);
-    ts[k].exp_avg_sq = reinterpret_cast<void*>(v[k]);
-    ts[k].max_exp_avg_sq = amsgrad ? reinterpret_cast<void*>(vmax[k]) : nullptr;
-    ts[k].numel = numels[k];
-    ts[k].coeffs = coeff_cache.get(*step);
+    AdamTensor& t = out.tensors[k];
+    t.param = reinterpret_cast<void*>(p[k]);
+    t.grad = reinterpret_cast<const void*>(g[k]);
+    t.exp_avg = reinterpret_cast<void*>(m[k]);
+    t.exp_avg_sq = reinterpret_cast<void*>(v[k]);
+    t.max_exp_avg_sq = amsgrad ? reinterpret_cast<void*>(vmax[k]) : nullptr;
+    t.numel = numels[k];
+    t.coeffs = AdamCoeffs{0.0f, 0.0f};
+    out.steps[k] = reinterpret_cast<float*>(s[k]);
   }
-  cpu::adam_step(ts, call.hyper, dtype, call.wd_mode, amsgrad, maximize, threads);
+  return out;
 }
 
-void sgd_step(py::handle params, py::handle grads, py::handle momentum_buffers, py::handle first_step,
-              py::handle numels_obj, int32_t dtype, double lr, double weight_decay, double momentum,
-              double dampening, bool nesterov, bool maximize, int num_threads) {
-  check_dtype(dtype);
-  const SGDCall call = sgd_call(lr, weight_decay, momentum, dampening, nesterov);
-  const int threads = resolve_threads(num_threads);
+// Host step counters: the first write of a step. Each float32 counter is
+// incremented in fp32, as torch does with `step_t += 1`, and gives its
+// tensor's bias corrections.
+void count_host_steps(AdamLists& lists, double lr, double beta1, double beta2) {
+  cpu::AdamCoeffCache coeff_cache(lr, beta1, beta2);
+  for (size_t k = 0; k < lists.tensors.size(); ++k) {
+    *lists.steps[k] += 1.0f;
+    lists.tensors[k].coeffs = coeff_cache.get(*lists.steps[k]);
+  }
+}
+
+// The tensor lists of an SGD call, parsed and checked; nothing written yet.
+std::vector<SGDTensor> sgd_lists(py::handle params, py::handle grads, py::handle momentum_buffers,
+                                 py::handle first_step, py::handle numels_obj, int32_t dtype, bool use_momentum) {
   const std::vector<int64_t> numels = counts(numels_obj);
   const size_t n = numels.size();
   const auto p = addresses(params, "params", n);
   const auto g = addresses(grads, "grads", n);
-  const bool use_momentum = momentum != 0.0;
   std::vector<uintptr_t> b;
   std::vector<char> first(n, 0);
   if (use_momentum) {
@@ -207,8 +213,6 @@ void sgd_step(py::handle params, py::handle grads, py::handle momentum_buffers, 
     check_ptr(g[k], numels[k], align, "grads", k);
     if (use_momentum) check_ptr(b[k], numels[k], align, "momentum_buffers", k);
   }
-
-  py::gil_scoped_release release;
   std::vector<SGDTensor> ts(n);
   for (size_t k = 0; k < n; ++k) {
     ts[k].param = reinterpret_cast<void*>(p[k]);
@@ -217,6 +221,32 @@ void sgd_step(py::handle params, py::handle grads, py::handle momentum_buffers, 
     ts[k].numel = numels[k];
     ts[k].first_step = first[k] != 0;
   }
+  return ts;
+}
+
+void adam_step(py::handle params, py::handle grads, py::handle exp_avgs, py::handle exp_avg_sqs,
+               py::handle max_exp_avg_sqs, py::handle steps, py::handle numels_obj, int32_t dtype,
+               double lr, double beta1, double beta2, double eps, double weight_decay, bool decoupled,
+               bool amsgrad, bool maximize, int num_threads) {
+  check_dtype(dtype);
+  const AdamCall call = adam_call(lr, beta1, beta2, eps, weight_decay, decoupled);
+  const int threads = resolve_threads(num_threads);
+  AdamLists lists = adam_lists(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, numels_obj, dtype, amsgrad);
+  // Every check has passed: from here on we write.
+  py::gil_scoped_release release;
+  count_host_steps(lists, lr, beta1, beta2);
+  cpu::adam_step(lists.tensors, call.hyper, dtype, call.wd_mode, amsgrad, maximize, threads);
+}
+
+void sgd_step(py::handle params, py::handle grads, py::handle momentum_buffers, py::handle first_step,
+              py::handle numels_obj, int32_t dtype, double lr, double weight_decay, double momentum,
+              double dampening, bool nesterov, bool maximize, int num_threads) {
+  check_dtype(dtype);
+  const SGDCall call = sgd_call(lr, weight_decay, momentum, dampening, nesterov);
+  const int threads = resolve_threads(num_threads);
+  const std::vector<SGDTensor> ts =
+      sgd_lists(params, grads, momentum_buffers, first_step, numels_obj, dtype, momentum != 0.0);
+  py::gil_scoped_release release;
   cpu::sgd_step(ts, call.hyper, dtype, weight_decay != 0.0, call.momentum_mode, maximize, threads);
 }
 
@@ -594,49 +624,15 @@ py::dict cuda_adam_step(CudaAdamFn fn, py::handle params, py::handle grads, py::
   r.beta2 = beta2;
   r.weight_decay = weight_decay;
   r.lr_ptr = reinterpret_cast<const float*>(lr_ptr);
-  const std::vector<int64_t> numels = counts(numels_obj);
-  const size_t n = numels.size();
-  const auto p = addresses(params, "params", n);
-  const auto g = addresses(grads, "grads", n);
-  const auto m = addresses(exp_avgs, "exp_avgs", n);
-  const auto v = addresses(exp_avg_sqs, "exp_avg_sqs", n);
-  std::vector<uintptr_t> vmax;
-  if (amsgrad) {
-    if (max_exp_avg_sqs.is_none()) throw py::value_error("amsgrad=True needs max_exp_avg_sqs");
-    vmax = addresses(max_exp_avg_sqs, "max_exp_avg_sqs", n);
+  AdamLists lists = adam_lists(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, numels_obj, dtype, amsgrad);
+  // Every check has passed: from here on we write. Host step counters are
+  // counted here, as the CPU path does; device ones by a kernel.
+  if (device_steps) {
+    r.steps = std::move(lists.steps);
+  } else {
+    count_host_steps(lists, lr, beta1, beta2);
   }
-  const auto s = addresses(steps, "steps", n);
-  const size_t align = dtype_size(dtype);
-  for (size_t k = 0; k < n; ++k) {
-    check_ptr(p[k], numels[k], align, "params", k);
-    check_ptr(g[k], numels[k], align, "grads", k);
-    check_ptr(m[k], numels[k], align, "exp_avgs", k);
-    check_ptr(v[k], numels[k], align, "exp_avg_sqs", k);
-    if (amsgrad) check_ptr(vmax[k], numels[k], align, "max_exp_avg_sqs", k);
-    check_ptr(s[k], 1, alignof(float), "steps", k);
-  }
-  // Everything is checked: from here on we write. Host step counters are
-  // incremented here, as the CPU path does; device ones by a kernel.
-  cpu::AdamCoeffCache coeff_cache(lr, beta1, beta2);
-  r.tensors.resize(n);
-  if (device_steps) r.steps.resize(n);
-  for (size_t k = 0; k < n; ++k) {
-    AdamTensor& t = r.tensors[k];
-    t.param = reinterpret_cast<void*>(p[k]);
-    t.grad = reinterpret_cast<const void*>(g[k]);
-    t.exp_avg = reinterpret_cast<void*>(m[k]);
-    t.exp_avg_sq = reinterpret_cast<void*>(v[k]);
-    t.max_exp_avg_sq = amsgrad ? reinterpret_cast<void*>(vmax[k]) : nullptr;
-    t.numel = numels[k];
-    if (device_steps) {
-      r.steps[k] = reinterpret_cast<float*>(s[k]);
-      t.coeffs = AdamCoeffs{0.0f, 0.0f};
-    } else {
-      float* step = reinterpret_cast<float*>(s[k]);
-      *step += 1.0f;
-      t.coeffs = coeff_cache.get(*step);
-    }
-  }
+  r.tensors = std::move(lists.tensors);
   cuda::LaunchStats st;
   {
     py::gil_scoped_release release;
@@ -656,38 +652,7 @@ py::dict cuda_sgd_step(CudaSGDFn fn, py::handle params, py::handle grads, py::ha
   r.weight_decay = weight_decay != 0.0;
   r.momentum_mode = call.momentum_mode;
   r.maximize = maximize;
-  const std::vector<int64_t> numels = counts(numels_obj);
-  const size_t n = numels.size();
-  const auto p = addresses(params, "params", n);
-  const auto g = addresses(grads, "grads", n);
-  const bool use_momentum = momentum != 0.0;
-  std::vector<uintptr_t> b;
-  std::vector<char> first(n, 0);
-  if (use_momentum) {
-    if (momentum_buffers.is_none() || first_step.is_none()) {
-      throw py::value_error("momentum != 0 needs momentum_buffers and first_step");
-    }
-    b = addresses(momentum_buffers, "momentum_buffers", n);
-    if (!PyList_Check(first_step.ptr()) || size_t(PyList_GET_SIZE(first_step.ptr())) != n) {
-      throw py::value_error("first_step must be a list of bools, one per tensor");
-    }
-    for (size_t k = 0; k < n; ++k) first[k] = char(PyObject_IsTrue(PyList_GET_ITEM(first_step.ptr(), Py_ssize_t(k))) == 1);
-  }
-  const size_t align = dtype_size(dtype);
-  for (size_t k = 0; k < n; ++k) {
-    check_ptr(p[k], numels[k], align, "params", k);
-    check_ptr(g[k], numels[k], align, "grads", k);
-    if (use_momentum) check_ptr(b[k], numels[k], align, "momentum_buffers", k);
-  }
-  r.tensors.resize(n);
-  for (size_t k = 0; k < n; ++k) {
-    SGDTensor& t = r.tensors[k];
-    t.param = reinterpret_cast<void*>(p[k]);
-    t.grad = reinterpret_cast<const void*>(g[k]);
-    t.momentum_buffer = use_momentum ? reinterpret_cast<void*>(b[k]) : nullptr;
-    t.numel = numels[k];
-    t.first_step = first[k] != 0;
-  }
+  r.tensors = sgd_lists(params, grads, momentum_buffers, first_step, numels_obj, dtype, momentum != 0.0);
   cuda::LaunchStats st;
   {
     py::gil_scoped_release release;

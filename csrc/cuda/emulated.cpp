@@ -27,12 +27,12 @@ struct HostLauncher {
 
 LaunchStats adam_step(const AdamRequest& r) {
   HostLauncher l;
-  return dispatch_adam(r, l, /*large_ok=*/true);
+  return dispatch(r, l, /*large_ok=*/true);
 }
 
 LaunchStats sgd_step(const SGDRequest& r) {
   HostLauncher l;
-  return dispatch_sgd(r, l, /*large_ok=*/true);
+  return dispatch(r, l, /*large_ok=*/true);
 }
 
 }  // namespace emu

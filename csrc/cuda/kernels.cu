@@ -78,13 +78,13 @@ bool large_param_space() {
 LaunchStats adam_step(const AdamRequest& r) {
   DeviceGuard guard(r.common.device);
   DeviceLauncher l{reinterpret_cast<cudaStream_t>(r.common.stream)};
-  return dispatch_adam(r, l, large_param_space());
+  return dispatch(r, l, large_param_space());
 }
 
 LaunchStats sgd_step(const SGDRequest& r) {
   DeviceGuard guard(r.common.device);
   DeviceLauncher l{reinterpret_cast<cudaStream_t>(r.common.stream)};
-  return dispatch_sgd(r, l, large_param_space());
+  return dispatch(r, l, large_param_space());
 }
 
 int device_count() {

@@ -552,29 +552,35 @@ LaunchStats run_sgd(const SGDRequest& r, Launcher& launcher) {
   return st;
 }
 
+// The parameter blocks of each request type.
+template <class Request>
+struct BlocksOf;
+template <>
+struct BlocksOf<AdamRequest> {
+  using Large = AdamArgsLarge;
+  using Small = AdamArgsSmall;
+};
+template <>
+struct BlocksOf<SGDRequest> {
+  using Large = SGDArgsLarge;
+  using Small = SGDArgsSmall;
+};
+
+template <class Args, class Launcher>
+LaunchStats run(const AdamRequest& r, Launcher& launcher) { return run_adam<Args>(r, launcher); }
+template <class Args, class Launcher>
+LaunchStats run(const SGDRequest& r, Launcher& launcher) { return run_sgd<Args>(r, launcher); }
+
 // The parameter block a request gets: the large one unless the request or
 // the driver asks for the small one.
-template <class Launcher>
-LaunchStats dispatch_adam(const AdamRequest& r, Launcher& launcher, bool large_ok) {
+template <class Request, class Launcher>
+LaunchStats dispatch(const Request& r, Launcher& launcher, bool large_ok) {
   const bool large = r.common.space == ParamSpace::kLarge || (r.common.space == ParamSpace::kAuto && large_ok);
 #if FO_MTA_LARGE
-  if (large) return run_adam<AdamArgsLarge>(r, launcher);
+  if (large) return run<typename BlocksOf<Request>::Large>(r, launcher);
 #endif
 #if FO_MTA_SMALL
-  if (!large) return run_adam<AdamArgsSmall>(r, launcher);
-#endif
-  throw std::runtime_error(std::string("this build has no CUDA kernels for the ") + (large ? "large" : "small") +
-                           " kernel parameter block");
-}
-
-template <class Launcher>
-LaunchStats dispatch_sgd(const SGDRequest& r, Launcher& launcher, bool large_ok) {
-  const bool large = r.common.space == ParamSpace::kLarge || (r.common.space == ParamSpace::kAuto && large_ok);
-#if FO_MTA_LARGE
-  if (large) return run_sgd<SGDArgsLarge>(r, launcher);
-#endif
-#if FO_MTA_SMALL
-  if (!large) return run_sgd<SGDArgsSmall>(r, launcher);
+  if (!large) return run<typename BlocksOf<Request>::Small>(r, launcher);
 #endif
   throw std::runtime_error(std::string("this build has no CUDA kernels for the ") + (large ? "large" : "small") +
                            " kernel parameter block");
