@@ -1005,3 +1005,59 @@ def test_launch_statistics_do_not_grow_without_bound():
     assert lengths[0] >= 1 and _cuda.last_stats[-1]["launches"] == 1
     assert lengths[1] == lengths[0] <= 1500, \
         f"last_stats grows with every launch: {lengths[0]} entries after 1500 steps, {lengths[1]} after 3000"
+
+
+# ---------------------------------------------------------------------------
+# The cached CUDA plan: after the first step, a group that is all CUDA is
+# checked from C and only its grads' addresses are read. Every change to the
+# group must send it back through the full check, and results must not care.
+
+def _cached(opt) -> bool:
+    plan = opt._fo_plans[id(opt.param_groups[0])][1]
+    return plan.cuda_native is not None
+
+
+@pytest.mark.parametrize("cls,kw", [
+    (fusedoptim.AdamW, dict(lr=1e-2, weight_decay=0.1, fused=True)),
+    (fusedoptim.Adam, dict(lr=1e-2, amsgrad=True)),
+    (fusedoptim.SGD, dict(lr=1e-2, momentum=0.9, nesterov=True)),
+], ids=["AdamW-fused", "Adam-amsgrad", "SGD-nesterov"])
+def test_cached_cuda_plan_follows_every_change(cls, kw):
+    torch.manual_seed(3)
+    shapes = [(5,), (1000,), (17, 33), (1,)]
+    ours = [torch.randn(s, requires_grad=True) for s in shapes]
+    ref = [p.detach().clone().requires_grad_() for p in ours]
+    opt, ref_opt = cls(ours, **kw), cls(ref, **kw)  # ref_opt: the CPU native path
+
+    def step(grads):
+        for p, q, g in zip(ours, ref, grads):
+            p.grad = None if g is None else g.clone()
+            q.grad = None if g is None else g.clone()
+        with _cuda.emulate():
+            opt.step()
+        ref_opt.step()
+        for p, q in zip(ours, ref):
+            assert torch.equal(p, q)
+
+    step([torch.randn(s) for s in shapes])
+    assert _cached(opt)
+    step([torch.randn(s) for s in shapes])          # cached path
+    assert opt.last_backends == ["native-cuda-emulated"]
+    # A strided grad: the general path reads it through a copy.
+    g = torch.randn(33, 17).t()
+    step([torch.randn(5), torch.randn(1000), g, torch.randn(1)])
+    # A param without a grad: the plan is stale, the step skips it.
+    step([torch.randn(5), None, torch.randn(17, 33), torch.randn(1)])
+    # New state tensors (load_state_dict): cached addresses must not be used.
+    opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+    ref_opt.load_state_dict(copy.deepcopy(ref_opt.state_dict()))
+    step([torch.randn(s) for s in shapes])
+    step([torch.randn(s) for s in shapes])
+    assert _cached(opt)
+    # A param's memory swapped under the optimizer (p.data = ...).
+    with torch.no_grad():
+        ours[1].data = ours[1].data.clone()
+    step([torch.randn(s) for s in shapes])
+    for key in opt.state[ours[0]]:
+        if isinstance(opt.state[ours[0]][key], torch.Tensor):
+            assert torch.equal(opt.state[ours[0]][key], ref_opt.state[ref[0]][key]), key

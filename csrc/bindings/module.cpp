@@ -481,6 +481,22 @@ class StepPlan {
   // After a step that ran through the general path.
   void clear_first() { std::fill(first_.begin(), first_.end(), char(0)); }
 
+  // The grads' addresses read by collect(), in plan order, for a backend
+  // that runs outside this plan (the CUDA kernels). Drops the references
+  // collect() took, like run_*: the caller's grads stay alive through the
+  // params until the step returns.
+  py::list take_grad_ptrs() {
+    take_collected();
+    py::list out(grad_ptrs_.size());
+    for (size_t k = 0; k < grad_ptrs_.size(); ++k) {
+      PyObject* v = PyLong_FromUnsignedLongLong(static_cast<unsigned long long>(grad_ptrs_[k]));
+      if (v == nullptr) throw py::error_already_set();
+      PyList_SET_ITEM(out.ptr(), Py_ssize_t(k), v);
+    }
+    release();
+    return out;
+  }
+
   // Drops the references collect() took (the grads), keeping the cache.
   void release() {
     wg_grads_.clear();
@@ -801,6 +817,8 @@ PYBIND11_MODULE(_C, m) {
       .def("run_sgd", &StepPlan::run_sgd, py::arg("lr"), py::arg("weight_decay"), py::arg("momentum"),
            py::arg("dampening"), py::arg("nesterov"), py::arg("maximize"), py::arg("num_threads"))
       .def("clear_first", &StepPlan::clear_first, "Mark every momentum buffer as initialised.")
+      .def("take_grad_ptrs", &StepPlan::take_grad_ptrs,
+           "The grads' addresses read by a successful collect(), in plan order (for the CUDA backend).")
       .def("release", &StepPlan::release, "Drop the grad references taken by collect().")
       .def("__len__", &StepPlan::size);
   m.def("backend_info", &backend_info, "What was compiled, the CPU features found and the ISA in use.");

@@ -128,6 +128,8 @@ class StepPlan:
         maximize: bool,
         num_threads: int,
     ) -> None: ...
+    def take_grad_ptrs(self) -> List[int]:
+        """The grads' addresses read by a successful collect(), in plan order."""
     def clear_first(self) -> None:
         """Mark every momentum buffer as initialised."""
     def release(self) -> None:

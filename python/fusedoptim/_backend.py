@@ -169,7 +169,7 @@ class _Bucket:
 class _Plan:
     """Routing and pointer tables of one param group, valid while unchanged."""
 
-    __slots__ = ("built", "state_dicts", "state_keys", "buckets", "fallback", "native", "cuda")
+    __slots__ = ("built", "state_dicts", "state_keys", "buckets", "fallback", "native", "cuda", "cuda_native")
 
     def __init__(self) -> None:
         self.built = False  # state created and tables filled (phase 2)
@@ -179,6 +179,19 @@ class _Plan:
         self.buckets: List[_Bucket] = []
         self.fallback: List[int] = []  # positions that torch updates
         self.cuda: List[int] = []  # positions the CUDA kernels update (real or emulated)
+        self.cuda_native: Optional[_CudaPlan] = None  # cached CUDA batches, for groups that are all CUDA
+
+
+class _CudaPlan:
+    """A group whose params all go to the CUDA kernels: a :class:`_C.StepPlan`
+    that checks the group from C each step and reads its grads' addresses,
+    and the cached batches (addresses of params and state) those feed."""
+
+    __slots__ = ("native", "batches")
+
+    def __init__(self, native: "_C.StepPlan", batches: List["_cuda.Batch"]) -> None:
+        self.native = native
+        self.batches = batches
 
 
 def _plain(t: Tensor) -> bool:
@@ -336,6 +349,16 @@ class FusedOptimizerMixin:
                     if plan.native.collect(group["params"], state_all) == 0:
                         work.append((group, plan, None, None, hyper, True))
                         continue
+                elif (
+                    plan is not None
+                    and plan.cuda_native is not None
+                    and plan.state_keys == self._fo_state_keys(group)
+                ):
+                    # The same for a group that is all CUDA.
+                    hyper = self._fo_hyper(group)
+                    if plan.cuda_native.native.collect(group["params"], state_all) == 0:
+                        work.append((group, plan, None, None, hyper, "cuda"))
+                        continue
                 ps, gs = _grads_of(group["params"])
                 if not ps:
                     work.append((group, None, ps, gs, None, False))
@@ -367,9 +390,17 @@ class FusedOptimizerMixin:
             fallback_groups: List[Dict[str, Any]] = []
             isa = _C.get_cpu_isa()
             threads = self.num_threads if self.num_threads is not None else get_num_threads()
+            cuda_name = "native-cuda" + ("-emulated" if _cuda.emulating() else "")
             for group, plan, ps, gs, hyper, fast in work:
                 if plan is None:
                     names.append("none")
+                    continue
+                if fast == "cuda":
+                    cp = plan.cuda_native
+                    gptrs = cp.native.take_grad_ptrs()
+                    for b in cp.batches:
+                        self._fo_cuda_call(b, gptrs[b.lo:b.hi], hyper, grad_scale, found_inf if defer_inf else None)
+                    names.append(cuda_name)
                     continue
                 if not plan.built:
                     self._fo_build(plan, group, ps)
@@ -391,11 +422,13 @@ class FusedOptimizerMixin:
                         plan.native.clear_first()
                     used.append(f"native-cpu/{isa}")
                 if plan.cuda:
-                    self._fo_run_cuda(
+                    batches = self._fo_run_cuda(
                         group, [ps[i] for i in plan.cuda], [gs[i] for i in plan.cuda], hyper,
                         grad_scale, found_inf if defer_inf else None,
                     )
-                    used.append("native-cuda" + ("-emulated" if _cuda.emulating() else ""))
+                    if not plan.buckets and not plan.fallback:
+                        plan.cuda_native = self._fo_build_cuda(group, ps, plan, batches)
+                    used.append(cuda_name)
                 if plan.fallback:
                     sub = dict(group)
                     sub["params"] = [ps[i] for i in plan.fallback]
@@ -409,6 +442,8 @@ class FusedOptimizerMixin:
             for w in work:
                 if w[1] is not None and w[1].native is not None:
                     w[1].native.release()
+                if w[1] is not None and w[1].cuda_native is not None:
+                    w[1].cuda_native.native.release()
 
         if fallback_groups:
             self._fo_torch_step(fallback_groups)
@@ -550,6 +585,52 @@ class FusedOptimizerMixin:
                 [p.dtype for b in plan.buckets for p in b.params],
                 [tuple(p.shape) for b in plan.buckets for p in b.params],
             )
+
+    def _fo_build_cuda(self, group: Dict[str, Any], ps: List[Tensor], plan: _Plan,
+                       batches: List[Tuple["_cuda.Batch", List[int]]]) -> Optional[_CudaPlan]:
+        """Cache a group that is all CUDA, for the next steps (see _CudaPlan).
+
+        Returns None (the general path again next step) unless every param's
+        state is complete and every param is a plain tensor with its own address.
+        """
+        params = group["params"]
+        if not batches or not isinstance(params, list):
+            return None
+        state_all = self.state  # type: ignore[attr-defined]
+        keys = plan.state_keys
+        tracked = self._fo_tracked_keys(plan)
+        positions, state_dicts, expected, numels, pptrs, streams, steps = [], [], [], [], [], [], []
+        dtypes, shapes, bucket_dtype, bucket_size = [], [], [], []
+        k = 0
+        for b, idx in batches:
+            for j in idx:
+                i = plan.cuda[j]
+                p = ps[i]
+                if _local(p) is not p:
+                    return None  # sharded: the C plan checks params by their own addresses
+                state = state_all[p] if (keys or self._fo_has_step) else {}
+                if any(state.get(key) is None for key in tracked):
+                    return None  # e.g. SGD buffers a skipped first step did not create
+                positions.append(i)
+                state_dicts.append(state)
+                expected.extend(state.get(key) for key in tracked)
+                dtypes.append(p.dtype)
+                shapes.append(tuple(p.shape))
+            b.lo, b.hi = k, k + len(idx)
+            k = b.hi
+            numels.extend(b.numels)
+            pptrs.extend(b.pptrs)
+            for n in range(len(idx)):
+                streams.extend(b.streams[s][n] for s in range(len(keys)))
+            steps.extend(b.steps)
+            bucket_dtype.append(b.code)
+            bucket_size.append(len(idx))
+        native = _C.StepPlan(
+            params, [p.grad is not None for p in params], state_dicts, list(keys), expected, state_all,
+            positions, bucket_dtype, bucket_size, numels, pptrs, streams, steps, [False] * len(positions),
+            dtypes, shapes,
+        )
+        return _CudaPlan(native, [b for b, _ in batches])
 
     def _fo_tracked_keys(self, plan: _Plan) -> Tuple[str, ...]:
         return plan.state_keys + (("step",) if self._fo_has_step else ())

@@ -151,87 +151,93 @@ def write_back(pairs: List[Tuple[Tensor, Tensor]], grad_scale: Optional[Tensor])
             g.copy_(c)
 
 
-def adam_launch(
-    params: List[Tensor],
-    grads: List[Tensor],
-    states: List[Dict[str, Any]],
-    code: int,
-    hyper: Tuple[Any, ...],
-    device_steps: bool,
-    lr: Any,
-    grad_scale: Optional[Tensor],
-    found_inf: Optional[Tensor],
-) -> None:
-    """One call of the CUDA backend for params of one device and dtype."""
-    _lr, beta1, beta2, eps, wd, decoupled, amsgrad, maximize = hyper
-    device = params[0].device
+class Batch:
+    """One backend call: params of one device and dtype (and, for Adam, one
+    step-counter location), with the addresses that stay valid between steps.
+
+    A cached CUDA plan (see ``FusedOptimizerMixin._fo_build_cuda``) keeps one
+    per call and only reads the grads' addresses each step.
+    """
+
+    __slots__ = ("device", "code", "device_steps", "lo", "hi", "pptrs", "streams", "steps", "numels")
+
+    def __init__(self, device: torch.device, code: int, device_steps: bool = False) -> None:
+        self.device = device
+        self.code = code
+        self.device_steps = device_steps
+        self.lo = self.hi = 0  # this batch's slice of the plan's grad addresses
+        self.pptrs: List[int] = []
+        self.streams: List[List[int]] = []  # one address list per state key, in key order
+        self.steps: List[int] = []
+        self.numels: List[int] = []
+
+
+def batch_of(device: torch.device, code: int, params: List[Tensor], states: List[Dict[str, Any]],
+             keys: Tuple[str, ...], device_steps: bool = False, with_steps: bool = False) -> Batch:
+    from ._backend import _local  # DTensor params: their local shards
+
+    b = Batch(device, code, device_steps)
+    b.pptrs = [_local(p).data_ptr() for p in params]
+    b.numels = [_local(p).numel() for p in params]
+    b.streams = [[_local(s[k]).data_ptr() for s in states] for k in keys]
+    if with_steps:
+        b.steps = [s["step"].data_ptr() for s in states]
+    return b
+
+
+def adam_call(b: Batch, gptrs: List[int], hyper: Tuple[Any, ...], grad_scale: Optional[Tensor],
+              found_inf: Optional[Tensor]) -> None:
+    """Adam/AdamW launches for batch ``b`` with these grads."""
+    lr, beta1, beta2, eps, wd, decoupled, amsgrad, maximize = hyper
     keep: List[Tensor] = []
-    grads, copies = contiguous_grads(grads)
     lr_ptr = 0
     if isinstance(lr, Tensor):
-        if device_steps and lr.device == device and lr.dtype == torch.float32 and lr.numel() == 1:
-            lr_ptr = lr.data_ptr()
+        if b.device_steps and lr.device == b.device and lr.dtype == torch.float32 and lr.numel() == 1:
+            lr_ptr = lr.data_ptr()  # read on the device: capturable, no sync
             keep.append(lr)
             lr_value = 0.0
         else:
             lr_value = float(lr.item())
     else:
         lr_value = float(lr)
-    index, stream = _where(device)
-    from ._backend import _local  # DTensor params: their local shards
-
+    index, stream = _where(b.device)
     stats = _module().adam_step(
-        [_local(p).data_ptr() for p in params],
-        [_local(g).data_ptr() for g in grads],
-        [_local(s["exp_avg"]).data_ptr() for s in states],
-        [_local(s["exp_avg_sq"]).data_ptr() for s in states],
-        [_local(s["max_exp_avg_sq"]).data_ptr() for s in states] if amsgrad else None,
-        [s["step"].data_ptr() for s in states],
-        [_local(p).numel() for p in params],
-        code, lr_value, beta1, beta2, eps, wd, decoupled, amsgrad, maximize,
-        device_steps=device_steps,
+        b.pptrs, gptrs, b.streams[0], b.streams[1], b.streams[2] if amsgrad else None, b.steps, b.numels,
+        b.code, lr_value, beta1, beta2, eps, wd, decoupled, amsgrad, maximize,
+        device_steps=b.device_steps,
         lr_ptr=lr_ptr,
-        grad_scale=_on(grad_scale, device, keep),
-        found_inf=_on(found_inf, device, keep),
+        grad_scale=_on(grad_scale, b.device, keep),
+        found_inf=_on(found_inf, b.device, keep),
         device=index,
         stream=stream,
         param_space=_param_space,
     )
     last_stats.append(stats)
-    write_back(copies, grad_scale)
-    del keep, grads
+    del keep
 
 
-def sgd_launch(
-    params: List[Tensor],
-    grads: List[Tensor],
-    buffers: Optional[List[Tensor]],
-    first: Optional[List[bool]],
-    code: int,
-    hyper: Tuple[Any, ...],
-    grad_scale: Optional[Tensor],
-    found_inf: Optional[Tensor],
-) -> None:
+def sgd_call(b: Batch, gptrs: List[int], first: Optional[List[bool]], hyper: Tuple[Any, ...],
+             grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
+    """SGD launches for batch ``b`` with these grads (``first``: buffers this step initialises)."""
     lr, momentum, dampening, wd, nesterov, maximize = hyper
-    device = params[0].device
     keep: List[Tensor] = []
-    grads, copies = contiguous_grads(grads)
-    index, stream = _where(device)
-    from ._backend import _local  # DTensor params: their local shards
-
+    index, stream = _where(b.device)
     stats = _module().sgd_step(
-        [_local(p).data_ptr() for p in params],
-        [_local(g).data_ptr() for g in grads],
-        [_local(b).data_ptr() for b in buffers] if buffers is not None else None,
-        first,
-        [_local(p).numel() for p in params],
-        code, float(lr), wd, momentum, dampening, nesterov, maximize,
-        grad_scale=_on(grad_scale, device, keep),
-        found_inf=_on(found_inf, device, keep),
+        b.pptrs, gptrs, b.streams[0] if momentum != 0 else None, first if momentum != 0 else None, b.numels,
+        b.code, float(lr), wd, momentum, dampening, nesterov, maximize,
+        grad_scale=_on(grad_scale, b.device, keep),
+        found_inf=_on(found_inf, b.device, keep),
         device=index,
         stream=stream,
         param_space=_param_space,
     )
     last_stats.append(stats)
-    write_back(copies, grad_scale)
-    del keep, grads
+    del keep
+
+
+def grad_ptrs(grads: List[Tensor]) -> Tuple[List[int], List[Tuple[Tensor, Tensor]], List[Tensor]]:
+    """Grad addresses for the general path: (addresses, strided copies to write back, tensors to keep alive)."""
+    from ._backend import _local
+
+    gs, copies = contiguous_grads(grads)
+    return [_local(g).data_ptr() for g in gs], copies, gs

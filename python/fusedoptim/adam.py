@@ -95,13 +95,19 @@ class _FusedAdamMixin(FusedOptimizerMixin):
         return True
 
     def _fo_run_cuda(self, group: Dict[str, Any], params: List[Tensor], grads: List[Tensor],
-                     hyper: Tuple[Any, ...], grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
-        """Create missing state (torch's layout) and launch the CUDA kernels."""
+                     hyper: Tuple[Any, ...], grad_scale: Optional[Tensor],
+                     found_inf: Optional[Tensor]) -> List[Tuple["_cuda.Batch", List[int]]]:
+        """Create missing state (torch's layout) and launch the CUDA kernels.
+
+        Returns the batches and, for each, its positions in ``params``, from
+        which the step caches a plan for the next steps.
+        """
         keys = self._fo_state_keys(group)
         on_device = bool(group.get("capturable")) or bool(group.get("fused"))
         state_all = self.state  # type: ignore[attr-defined]
-        batches: Dict[Tuple[Any, ...], Tuple[List[Tensor], List[Tensor], List[Dict[str, Any]]]] = {}
-        for p, g in zip(params, grads):
+        batches: Dict[Tuple[Any, ...], List[int]] = {}
+        states = []
+        for j, p in enumerate(params):
             state = state_all[p]
             if "step" not in state:
                 state["step"] = (torch.zeros((), dtype=torch.float32, device=p.device) if on_device
@@ -109,16 +115,25 @@ class _FusedAdamMixin(FusedOptimizerMixin):
             for key in keys:
                 if state.get(key) is None:
                     state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            states.append(state)
             device_steps = state["step"].device.type != "cpu" or (_cuda.emulating() and on_device)
-            batch = batches.setdefault((p.device, p.dtype, device_steps), ([], [], []))
-            batch[0].append(p)
-            batch[1].append(g)
-            batch[2].append(state)
-        for (_, dtype, device_steps), (ps, gs, states) in batches.items():
-            if not device_steps and found_inf is not None and bool(found_inf.item()):
-                continue  # host step counters must not count a skipped step
-            _cuda.adam_launch(ps, gs, states, DTYPE_CODES[dtype], hyper, device_steps, hyper[0],
-                              grad_scale, found_inf)
+            batches.setdefault((p.device, p.dtype, device_steps), []).append(j)
+        out = []
+        for (device, dtype, device_steps), idx in batches.items():
+            b = _cuda.batch_of(device, DTYPE_CODES[dtype], [params[j] for j in idx], [states[j] for j in idx],
+                               keys, device_steps, with_steps=True)
+            out.append((b, idx))
+            gptrs, copies, keep = _cuda.grad_ptrs([grads[j] for j in idx])
+            self._fo_cuda_call(b, gptrs, hyper, grad_scale, found_inf)
+            _cuda.write_back(copies, grad_scale)
+            del keep
+        return out
+
+    def _fo_cuda_call(self, b: "_cuda.Batch", gptrs: List[int], hyper: Tuple[Any, ...],
+                      grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
+        if not b.device_steps and found_inf is not None and bool(found_inf.item()):
+            return  # host step counters must not count a skipped step
+        _cuda.adam_call(b, gptrs, hyper, grad_scale, found_inf)
 
     def _fo_run_plan(self, plan: "_C.StepPlan", hyper: Tuple[Any, ...], threads: int) -> None:
         lr, beta1, beta2, eps, wd, decoupled, amsgrad, maximize = hyper

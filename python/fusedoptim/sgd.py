@@ -111,33 +111,45 @@ class SGD(FusedOptimizerMixin, torch.optim.SGD):
         return self._fo_state_usable(p, state, group)
 
     def _fo_run_cuda(self, group: Dict[str, Any], params: List[Tensor], grads: List[Tensor],
-                     hyper: Tuple[Any, ...], grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
-        """Create missing momentum buffers and launch the CUDA kernels."""
+                     hyper: Tuple[Any, ...], grad_scale: Optional[Tensor],
+                     found_inf: Optional[Tensor]) -> List[Tuple["_cuda.Batch", List[int]]]:
+        """Create missing momentum buffers and launch the CUDA kernels; see Adam's."""
         use_momentum = hyper[1] != 0
         state_all = self.state  # type: ignore[attr-defined]
-        first = [use_momentum and state_all[p].get("momentum_buffer") is None for p in params] if use_momentum else []
+        first = [state_all[p].get("momentum_buffer") is None for p in params] if use_momentum else []
         if found_inf is not None and any(first):
             # A first step creates the buffers (buf = grad): it must know now
             # whether the step happens, which costs one host sync on the very
             # first step only. Torch's own fused SGD leaves them uninitialised.
             if bool(found_inf.item()):
-                return
+                return []
             found_inf = None
-        batches: Dict[Tuple[Any, ...], Tuple[List[Tensor], List[Tensor], List[Tensor], List[bool]]] = {}
-        for k, (p, g) in enumerate(zip(params, grads)):
-            batch = batches.setdefault((p.device, p.dtype), ([], [], [], []))
-            batch[0].append(p)
-            batch[1].append(g)
+        batches: Dict[Tuple[Any, ...], List[int]] = {}
+        states = []
+        for j, p in enumerate(params):
+            state: Dict[str, Any] = {}
             if use_momentum:
                 state = state_all[p]
-                if first[k]:
+                if first[j]:
                     # Written by the kernel with the (decayed) gradient: torch's buf = grad.
                     state["momentum_buffer"] = torch.empty_like(p, memory_format=torch.preserve_format)
-                batch[2].append(state["momentum_buffer"])
-                batch[3].append(first[k])
-        for (_, dtype), (ps, gs, bufs, firsts) in batches.items():
-            _cuda.sgd_launch(ps, gs, bufs if use_momentum else None, firsts if use_momentum else None,
-                             DTYPE_CODES[dtype], hyper, grad_scale, found_inf)
+            states.append(state)
+            batches.setdefault((p.device, p.dtype), []).append(j)
+        keys = self._fo_state_keys(group)
+        out = []
+        for (device, dtype), idx in batches.items():
+            b = _cuda.batch_of(device, DTYPE_CODES[dtype], [params[j] for j in idx], [states[j] for j in idx], keys)
+            out.append((b, idx))
+            gptrs, copies, keep = _cuda.grad_ptrs([grads[j] for j in idx])
+            _cuda.sgd_call(b, gptrs, [first[j] for j in idx] if use_momentum else None, hyper, grad_scale, found_inf)
+            _cuda.write_back(copies, grad_scale)
+            del keep
+        return out
+
+    def _fo_cuda_call(self, b: "_cuda.Batch", gptrs: List[int], hyper: Tuple[Any, ...],
+                      grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
+        # A cached plan exists only once every buffer does: never a first step.
+        _cuda.sgd_call(b, gptrs, [False] * len(gptrs), hyper, grad_scale, found_inf)
 
     def _fo_run_plan(self, plan: "_C.StepPlan", hyper: Tuple[Any, ...], threads: int) -> None:
         lr, momentum, dampening, wd, nesterov, maximize = hyper
