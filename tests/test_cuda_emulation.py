@@ -1061,3 +1061,24 @@ def test_cached_cuda_plan_follows_every_change(cls, kw):
     for key in opt.state[ours[0]]:
         if isinstance(opt.state[ours[0]][key], torch.Tensor):
             assert torch.equal(opt.state[ours[0]][key], ref_opt.state[ref[0]][key]), key
+
+
+def test_cached_plans_hold_to_their_mode():
+    # A plan cached under emulation holds host addresses for the emulated
+    # kernels: outside emulate() the same optimizer must take the CPU path,
+    # and back inside, the CUDA path again (never a plan of the other mode).
+    torch.manual_seed(4)
+    ours = [torch.randn(100, requires_grad=True) for _ in range(3)]
+    ref = [p.detach().clone().requires_grad_() for p in ours]
+    opt, ref_opt = fusedoptim.AdamW(ours, lr=1e-2), fusedoptim.AdamW(ref, lr=1e-2)
+    for k, emulated in enumerate([True, True, False, False, True, True]):
+        for p, q in zip(ours, ref):
+            g = torch.randn(100)
+            p.grad, q.grad = g.clone(), g.clone()
+        with _cuda.emulate(emulated):
+            opt.step()
+        ref_opt.step()
+        expected = "native-cuda-emulated" if emulated else f"native-cpu/{fusedoptim.get_cpu_isa()}"
+        assert opt.last_backends == [expected], k
+        for p, q in zip(ours, ref):
+            assert torch.equal(p, q), k

@@ -187,11 +187,12 @@ class _CudaPlan:
     that checks the group from C each step and reads its grads' addresses,
     and the cached batches (addresses of params and state) those feed."""
 
-    __slots__ = ("native", "batches")
+    __slots__ = ("native", "batches", "emulated")
 
     def __init__(self, native: "_C.StepPlan", batches: List["_cuda.Batch"]) -> None:
         self.native = native
         self.batches = batches
+        self.emulated = _cuda.emulating()  # host addresses for the emulated kernels
 
 
 def _plain(t: Tensor) -> bool:
@@ -329,6 +330,7 @@ class FusedOptimizerMixin:
 
         plans: Dict[int, Tuple[dict, _Plan]] = self.__dict__.setdefault("_fo_plans", {})
         state_all = self.state  # type: ignore[attr-defined]
+        emulating = _cuda.emulating()  # cached plans hold to the mode they were built in
 
         # Phase 1: check everything, write nothing.
         work = []
@@ -342,6 +344,7 @@ class FusedOptimizerMixin:
                     and plan.native is not None
                     and not plan.fallback
                     and not plan.cuda
+                    and not emulating
                     and plan.state_keys == self._fo_state_keys(group)
                 ):
                     # Fast path: the cached plan checks itself in C.
@@ -352,6 +355,7 @@ class FusedOptimizerMixin:
                 elif (
                     plan is not None
                     and plan.cuda_native is not None
+                    and plan.cuda_native.emulated == emulating
                     and plan.state_keys == self._fo_state_keys(group)
                 ):
                     # The same for a group that is all CUDA.
