@@ -1082,3 +1082,32 @@ def test_cached_plans_hold_to_their_mode():
         assert opt.last_backends == [expected], k
         for p, q in zip(ours, ref):
             assert torch.equal(p, q), k
+
+
+def test_device_lr_through_the_optimizer():
+    # capturable=True with a tensor lr: the kernels read the lr on the device
+    # at every launch (as a replayed CUDA graph would), so changing the
+    # tensor in place changes the next step, with no host read. Compared with
+    # the CPU path given the same lr as a float.
+    torch.manual_seed(5)
+    shapes = [(300,), (7, 9)]
+    ours = [torch.randn(s, requires_grad=True) for s in shapes]
+    ref = [p.detach().clone().requires_grad_() for p in ours]
+    lr = torch.tensor(0.01)
+    opt = fusedoptim.AdamW(ours, lr=lr, weight_decay=0.1, capturable=True)
+    ref_opt = fusedoptim.AdamW(ref, lr=0.01, weight_decay=0.1)
+    stats_before = len(_cuda.last_stats)
+    for k, value in enumerate([0.01, 0.01, 0.003, 0.05]):
+        lr.fill_(value)
+        ref_opt.param_groups[0]["lr"] = float(lr)
+        for p, q in zip(ours, ref):
+            g = torch.randn(p.shape)
+            p.grad, q.grad = g.clone(), g.clone()
+        with _cuda.emulate():
+            opt.step()
+        ref_opt.step()
+        assert opt.last_backends == ["native-cuda-emulated"], k
+        for p, q in zip(ours, ref):
+            assert torch.equal(p, q), k
+    assert len(_cuda.last_stats) > stats_before or len(_cuda.last_stats) == _cuda.last_stats.maxlen
+    assert opt.param_groups[0]["lr"] is lr  # never replaced by a float

@@ -39,9 +39,10 @@ class _FusedAdamMixin(FusedOptimizerMixin):
 
     def _fo_hyper(self, group: Dict[str, Any]) -> Tuple[Any, ...]:
         lr = group["lr"]
-        if not (isinstance(lr, Tensor) and lr.device.type != "cpu"):
+        if not (isinstance(lr, Tensor) and (lr.device.type != "cpu" or _cuda.emulating())):
             lr = _hyper(lr, "learning rate")
-        # else: a device lr (capturable); the CUDA kernels read it on the device.
+        # else: a device lr (capturable); the CUDA kernels read it on the device
+        # (under emulation the "device" is the CPU).
         beta1 = _hyper(group["betas"][0], "beta parameter at index 0", upper=1.0)
         beta2 = _hyper(group["betas"][1], "beta parameter at index 1", upper=1.0)
         eps = _hyper(group["eps"], "epsilon value")
