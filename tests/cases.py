@@ -10,6 +10,7 @@ problem see exactly the same numbers.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 from dataclasses import dataclass, field
@@ -433,3 +434,14 @@ def supported_isas() -> List[str]:
 
 def compiled_isas() -> List[str]:
     return list(fusedoptim.backend_info()["compiled_isas"])
+
+
+@contextlib.contextmanager
+def scalar_cpu():
+    """The CPU native path with its scalar variant; the ISA in use is restored after."""
+    saved = fusedoptim.get_cpu_isa()
+    fusedoptim.set_cpu_isa("scalar")
+    try:
+        yield
+    finally:
+        fusedoptim.set_cpu_isa(saved)

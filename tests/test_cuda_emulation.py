@@ -38,7 +38,6 @@ the few chunk-boundary cases only.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -51,7 +50,7 @@ import fusedoptim
 from fusedoptim import _C, _cuda
 from cases import (ALL_CASES, CASES_BY_ID, DTYPE_IDS, DTYPES, SMALL_GROUP_SHAPES, OptCase, assert_close,
                    assert_same_bits, assert_snapshot_equal, bits, flat64, make_problem, param_groups, record, run_case,
-                   snapshot, special_problem, state_tensors)
+                   scalar_cpu, snapshot, special_problem, state_tensors)
 from tolerances import (FP16_ADAM_EPS, FP32_STATE_VS_TORCH, FP32_TRAINING_LOOP, FP32_VS_TORCH, LOWP_FLOOR_ULPS,
                         LOWP_MAX_RATIO)
 
@@ -82,15 +81,6 @@ def _fresh_stats():
     _cuda.last_stats.clear()
 
 
-@contextlib.contextmanager
-def scalar_cpu():
-    """The CPU native path with its scalar variant; the ISA in use is restored after."""
-    saved = fusedoptim.get_cpu_isa()
-    fusedoptim.set_cpu_isa("scalar")
-    try:
-        yield
-    finally:
-        fusedoptim.set_cpu_isa(saved)
 
 
 # --------------------------------------------------------------------------- runners
