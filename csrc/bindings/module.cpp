@@ -14,11 +14,12 @@
 #include <vector>
 
 #include "../common/params.h"
+#include "../common/precision.h"
 #include "../common/update_math.h"
 #include "../cpu/cpu_features.h"
 #include "../cpu/dispatch.h"
 #include "../cpu/thread_pool.h"
-#include "../cuda/api.h"
+#include "parse.h"
 
 #ifndef FUSEDOPTIM_HAVE_CUDA
 #define FUSEDOPTIM_HAVE_CUDA 0
@@ -26,228 +27,61 @@
 
 namespace py = pybind11;
 using namespace fusedoptim;
+using namespace fusedoptim::bind;
 
 namespace {
-
-// Python list of ints -> addresses. Much cheaper than the generic caster for
-// the thousands of pointers a large model passes on every step.
-std::vector<uintptr_t> addresses(const py::handle& obj, const char* what, size_t expect) {
-  if (!PyList_Check(obj.ptr())) throw py::type_error(std::string(what) + " must be a list of ints");
-  const Py_ssize_t n = PyList_GET_SIZE(obj.ptr());
-  if (size_t(n) != expect) {
-    throw py::value_error(std::string(what) + " has " + std::to_string(n) + " entries, expected " + std::to_string(expect));
-  }
-  std::vector<uintptr_t> out(static_cast<size_t>(n));
-  for (Py_ssize_t i = 0; i < n; ++i) {
-    const unsigned long long v = PyLong_AsUnsignedLongLong(PyList_GET_ITEM(obj.ptr(), i));
-    if (v == static_cast<unsigned long long>(-1) && PyErr_Occurred()) throw py::error_already_set();
-    out[size_t(i)] = uintptr_t(v);
-  }
-  return out;
-}
-
-std::vector<int64_t> counts(const py::handle& obj) {
-  if (!PyList_Check(obj.ptr())) throw py::type_error("numels must be a list of ints");
-  const Py_ssize_t n = PyList_GET_SIZE(obj.ptr());
-  std::vector<int64_t> out(static_cast<size_t>(n));
-  for (Py_ssize_t i = 0; i < n; ++i) {
-    const long long v = PyLong_AsLongLong(PyList_GET_ITEM(obj.ptr(), i));
-    if (v == -1 && PyErr_Occurred()) throw py::error_already_set();
-    if (v < 0) throw py::value_error("numels must be non-negative");
-    out[size_t(i)] = v;
-  }
-  return out;
-}
-
-void check_dtype(int32_t dtype) {
-  if (dtype != kFloat32 && dtype != kBFloat16 && dtype != kFloat16) {
-    throw py::value_error("unsupported dtype code " + std::to_string(dtype));
-  }
-}
-
-void check_finite(double v, const char* name, bool allow_negative = false) {
-  if (!std::isfinite(v) || (!allow_negative && v < 0)) {
-    throw py::value_error(std::string("Invalid ") + name + " value: " + std::to_string(v));
-  }
-}
-
-void check_ptr(uintptr_t p, int64_t numel, size_t align, const char* what, size_t k) {
-  if (numel == 0) return;
-  if (p == 0) throw py::value_error(std::string(what) + "[" + std::to_string(k) + "] is a null pointer");
-  if (p % align != 0) throw py::value_error(std::string(what) + "[" + std::to_string(k) + "] is misaligned for its dtype");
-}
-
-int resolve_threads(int num_threads) {
-  if (num_threads < 1) throw py::value_error("num_threads must be at least 1");
-  return num_threads;
-}
-
-// Validated hyperparameters of one Adam call: the step-independent scalars
-// and the weight-decay mode. Throws ValueError before anything is written.
-struct AdamCall {
-  AdamHyper hyper;
-  int wd_mode;
-};
-
-AdamCall adam_call(double lr, double beta1, double beta2, double eps, double weight_decay, bool decoupled) {
-  check_finite(lr, "learning rate");
-  check_finite(eps, "epsilon");
-  check_finite(weight_decay, "weight_decay");
-  if (!(beta1 >= 0.0 && beta1 < 1.0)) throw py::value_error("Invalid beta parameter at index 0: " + std::to_string(beta1));
-  if (!(beta2 >= 0.0 && beta2 < 1.0)) throw py::value_error("Invalid beta parameter at index 1: " + std::to_string(beta2));
-  AdamCall c;
-  const float w = float(1.0 - beta1);  // torch passes 1 - beta1 to lerp_ as a float
-  c.hyper.lerp_from_grad = !(w < 0.5f);
-  c.hyper.lerp_coeff = c.hyper.lerp_from_grad ? w - 1.0f : w;
-  c.hyper.beta2 = float(beta2);
-  c.hyper.one_minus_beta2 = float(1.0 - beta2);
-  c.hyper.eps = float(eps);
-  c.hyper.weight_decay = float(weight_decay);
-  c.hyper.decay = decoupled ? float(1.0 - lr * weight_decay) : 1.0f;
-  c.wd_mode = weight_decay == 0.0 ? kNoDecay : (decoupled ? kDecoupled : kL2);
-  return c;
-}
-
-struct SGDCall {
-  SGDHyper hyper;
-  int momentum_mode;
-};
-
-SGDCall sgd_call(double lr, double weight_decay, double momentum, double dampening, bool nesterov) {
-  check_finite(lr, "learning rate");
-  check_finite(weight_decay, "weight_decay");
-  check_finite(momentum, "momentum value");
-  check_finite(dampening, "dampening value", /*allow_negative=*/true);
-  if (nesterov && (momentum <= 0.0 || dampening != 0.0)) {
-    throw py::value_error("Nesterov momentum requires a momentum and zero dampening");
-  }
-  SGDCall c;
-  c.hyper.neg_lr = float(-lr);
-  c.hyper.weight_decay = float(weight_decay);
-  c.hyper.momentum = float(momentum);
-  c.hyper.one_minus_dampening = float(1.0 - dampening);
-  c.momentum_mode = momentum == 0.0 ? kNoMomentum : (nesterov ? kNesterov : kMomentum);
-  return c;
-}
-
-// The tensor lists of an Adam call, parsed and checked; nothing written yet.
-struct AdamLists {
-  std::vector<AdamTensor> tensors;  // coeffs unset until count_host_steps()
-  std::vector<float*> steps;        // float32 step counters, one per tensor
-};
-
-AdamLists adam_lists(py::handle params, py::handle grads, py::handle exp_avgs, py::handle exp_avg_sqs,
-                     py::handle max_exp_avg_sqs, py::handle steps, py::handle numels_obj, int32_t dtype,
-                     bool amsgrad) {
-  const std::vector<int64_t> numels = counts(numels_obj);
-  const size_t n = numels.size();
-  const auto p = addresses(params, "params", n);
-  const auto g = addresses(grads, "grads", n);
-  const auto m = addresses(exp_avgs, "exp_avgs", n);
-  const auto v = addresses(exp_avg_sqs, "exp_avg_sqs", n);
-  std::vector<uintptr_t> vmax;
-  if (amsgrad) {
-    if (max_exp_avg_sqs.is_none()) throw py::value_error("amsgrad=True needs max_exp_avg_sqs");
-    vmax = addresses(max_exp_avg_sqs, "max_exp_avg_sqs", n);
-  }
-  const auto s = addresses(steps, "steps", n);
-  const size_t align = dtype_size(dtype);
-  for (size_t k = 0; k < n; ++k) {
-    check_ptr(p[k], numels[k], align, "params", k);
-    check_ptr(g[k], numels[k], align, "grads", k);
-    check_ptr(m[k], numels[k], align, "exp_avgs", k);
-    check_ptr(v[k], numels[k], align, "exp_avg_sqs", k);
-    if (amsgrad) check_ptr(vmax[k], numels[k], align, "max_exp_avg_sqs", k);
-    check_ptr(s[k], 1, alignof(float), "steps", k);
-  }
-  AdamLists out;
-  out.tensors.resize(n);
-  out.steps.resize(n);
-  for (size_t k = 0; k < n; ++k) {
-    AdamTensor& t = out.tensors[k];
-    t.param = reinterpret_cast<void*>(p[k]);
-    t.grad = reinterpret_cast<const void*>(g[k]);
-    t.exp_avg = reinterpret_cast<void*>(m[k]);
-    t.exp_avg_sq = reinterpret_cast<void*>(v[k]);
-    t.max_exp_avg_sq = amsgrad ? reinterpret_cast<void*>(vmax[k]) : nullptr;
-    t.numel = numels[k];
-    t.coeffs = AdamCoeffs{0.0f, 0.0f};
-    out.steps[k] = reinterpret_cast<float*>(s[k]);
-  }
-  return out;
-}
-
-// Host step counters: the first write of a step. Each float32 counter is
-// incremented in fp32, as torch does with `step_t += 1`, and gives its
-// tensor's bias corrections.
-void count_host_steps(AdamLists& lists, double lr, double beta1, double beta2) {
-  cpu::AdamCoeffCache coeff_cache(lr, beta1, beta2);
-  for (size_t k = 0; k < lists.tensors.size(); ++k) {
-    *lists.steps[k] += 1.0f;
-    lists.tensors[k].coeffs = coeff_cache.get(*lists.steps[k]);
-  }
-}
-
-// The tensor lists of an SGD call, parsed and checked; nothing written yet.
-std::vector<SGDTensor> sgd_lists(py::handle params, py::handle grads, py::handle momentum_buffers,
-                                 py::handle first_step, py::handle numels_obj, int32_t dtype, bool use_momentum) {
-  const std::vector<int64_t> numels = counts(numels_obj);
-  const size_t n = numels.size();
-  const auto p = addresses(params, "params", n);
-  const auto g = addresses(grads, "grads", n);
-  std::vector<uintptr_t> b;
-  std::vector<char> first(n, 0);
-  if (use_momentum) {
-    if (momentum_buffers.is_none() || first_step.is_none()) {
-      throw py::value_error("momentum != 0 needs momentum_buffers and first_step");
-    }
-    b = addresses(momentum_buffers, "momentum_buffers", n);
-    if (!PyList_Check(first_step.ptr()) || size_t(PyList_GET_SIZE(first_step.ptr())) != n) {
-      throw py::value_error("first_step must be a list of bools, one per tensor");
-    }
-    for (size_t k = 0; k < n; ++k) first[k] = char(PyObject_IsTrue(PyList_GET_ITEM(first_step.ptr(), Py_ssize_t(k))) == 1);
-  }
-  const size_t align = dtype_size(dtype);
-  for (size_t k = 0; k < n; ++k) {
-    check_ptr(p[k], numels[k], align, "params", k);
-    check_ptr(g[k], numels[k], align, "grads", k);
-    if (use_momentum) check_ptr(b[k], numels[k], align, "momentum_buffers", k);
-  }
-  std::vector<SGDTensor> ts(n);
-  for (size_t k = 0; k < n; ++k) {
-    ts[k].param = reinterpret_cast<void*>(p[k]);
-    ts[k].grad = reinterpret_cast<const void*>(g[k]);
-    ts[k].momentum_buffer = use_momentum ? reinterpret_cast<void*>(b[k]) : nullptr;
-    ts[k].numel = numels[k];
-    ts[k].first_step = first[k] != 0;
-  }
-  return ts;
-}
 
 void adam_step(py::handle params, py::handle grads, py::handle exp_avgs, py::handle exp_avg_sqs,
                py::handle max_exp_avg_sqs, py::handle steps, py::handle numels_obj, int32_t dtype,
                double lr, double beta1, double beta2, double eps, double weight_decay, bool decoupled,
-               bool amsgrad, bool maximize, int num_threads) {
-  check_dtype(dtype);
-  const AdamCall call = adam_call(lr, beta1, beta2, eps, weight_decay, decoupled);
+               bool amsgrad, bool maximize, int num_threads, int32_t state_dtype, int store, py::handle extras,
+               py::handle ids, uint64_t seed, double grad_mul) {
+  const Options o = options(dtype, state_dtype, store, seed, grad_mul);
+  AdamCall call = adam_call(lr, beta1, beta2, eps, weight_decay, decoupled);
+  call.hyper.grad_mul = o.grad_mul;
   const int threads = resolve_threads(num_threads);
-  AdamLists lists = adam_lists(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, numels_obj, dtype, amsgrad);
+  AdamLists lists = adam_lists(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, numels_obj, o, amsgrad,
+                               extras, ids);
   // Every check has passed: from here on we write.
   py::gil_scoped_release release;
-  count_host_steps(lists, lr, beta1, beta2);
-  cpu::adam_step(lists.tensors, call.hyper, dtype, call.wd_mode, amsgrad, maximize, threads);
+  count_host_steps(lists, lr, beta1, beta2, o);
+  cpu::adam_step(lists.tensors, call.hyper, cpu::Layout{o.dtype, o.state_dtype, o.store}, call.wd_mode, amsgrad,
+                 maximize, threads);
 }
 
 void sgd_step(py::handle params, py::handle grads, py::handle momentum_buffers, py::handle first_step,
               py::handle numels_obj, int32_t dtype, double lr, double weight_decay, double momentum,
-              double dampening, bool nesterov, bool maximize, int num_threads) {
-  check_dtype(dtype);
-  const SGDCall call = sgd_call(lr, weight_decay, momentum, dampening, nesterov);
+              double dampening, bool nesterov, bool maximize, int num_threads, int32_t state_dtype, int store,
+              py::handle extras, py::handle steps, py::handle ids, uint64_t seed, double grad_mul) {
+  const Options o = options(dtype, state_dtype, store, seed, grad_mul);
+  SGDCall call = sgd_call(lr, weight_decay, momentum, dampening, nesterov);
+  call.hyper.grad_mul = o.grad_mul;
   const int threads = resolve_threads(num_threads);
-  const std::vector<SGDTensor> ts =
-      sgd_lists(params, grads, momentum_buffers, first_step, numels_obj, dtype, momentum != 0.0);
+  SGDLists lists = sgd_lists(params, grads, momentum_buffers, first_step, numels_obj, o, momentum != 0.0, extras,
+                             steps, ids);
   py::gil_scoped_release release;
-  cpu::sgd_step(ts, call.hyper, dtype, weight_decay != 0.0, call.momentum_mode, maximize, threads);
+  count_sgd_steps(lists, o);
+  cpu::sgd_step(lists.tensors, call.hyper, cpu::Layout{o.dtype, o.state_dtype, o.store}, weight_decay != 0.0,
+                call.momentum_mode, maximize, threads);
+}
+
+// Sum of the squares of every element of the grads, in double, by the fixed
+// order of Note [precision options]: the same bits for any thread count
+// and CPU variant.
+double grad_norm_sq(py::handle grads, py::handle numels_obj, std::vector<int32_t> dtypes, int num_threads) {
+  const std::vector<int64_t> numels = counts(numels_obj);
+  const size_t n = numels.size();
+  const auto g = addresses(grads, "grads", n);
+  if (dtypes.size() != n) throw py::value_error("dtypes must have one entry per grad");
+  std::vector<cpu::NormTensor> ts(n);
+  for (size_t k = 0; k < n; ++k) {
+    check_dtype(dtypes[k]);
+    check_ptr(g[k], numels[k], dtype_size(dtypes[k]), "grads", k);
+    ts[k] = cpu::NormTensor{reinterpret_cast<const void*>(g[k]), numels[k], dtypes[k]};
+  }
+  const int threads = resolve_threads(num_threads);
+  py::gil_scoped_release release;
+  return cpu::grad_norm_sq(ts, threads);
 }
 
 void stream_probe(py::handle rw_obj, uintptr_t read, int64_t numel, int32_t dtype, int num_threads) {
@@ -442,7 +276,8 @@ class StepPlan {
         ts[j].numel = numels_[k];
         ts[j].coeffs = coeff_cache.get(*step);
       }
-      cpu::adam_step(ts, call.hyper, bucket_dtype_[b], call.wd_mode, amsgrad, maximize, threads);
+      cpu::adam_step(ts, call.hyper, cpu::Layout{bucket_dtype_[b], bucket_dtype_[b], kStorePlain}, call.wd_mode, amsgrad,
+                     maximize, threads);
       k0 += n;
     }
     }
@@ -470,7 +305,8 @@ class StepPlan {
         ts[j].numel = numels_[k];
         ts[j].first_step = use_momentum && first_[k] != 0;
       }
-      cpu::sgd_step(ts, call.hyper, bucket_dtype_[b], weight_decay != 0.0, call.momentum_mode, maximize, threads);
+      cpu::sgd_step(ts, call.hyper, cpu::Layout{bucket_dtype_[b], bucket_dtype_[b], kStorePlain}, weight_decay != 0.0,
+                    call.momentum_mode, maximize, threads);
       k0 += n;
     }
     }
@@ -578,167 +414,6 @@ class StepPlan {
   bool collected_ = false;
 };
 
-// ---------------------------------------------------------------------------
-// The CUDA backend (cuda::real, when built with nvcc) and its emulation on
-// the CPU (cuda::emu, always built). Both take the same arguments; pointers
-// are device addresses for the real one and host addresses for the emulation.
-
-cuda::ParamSpace param_space(const std::string& name) {
-  if (name == "auto") return cuda::ParamSpace::kAuto;
-  if (name == "large") return cuda::ParamSpace::kLarge;
-  if (name == "small") return cuda::ParamSpace::kSmall;
-  throw py::value_error("param_space must be 'auto', 'large' or 'small', got '" + name + "'");
-}
-
-cuda::LaunchCommon launch_common(int32_t dtype, uintptr_t grad_scale, uintptr_t found_inf, int device,
-                                 uintptr_t stream, const std::string& space) {
-  check_dtype(dtype);
-  if (device < 0) throw py::value_error("device must be a CUDA device index");
-  check_ptr(grad_scale, grad_scale ? 1 : 0, alignof(float), "grad_scale", 0);
-  check_ptr(found_inf, found_inf ? 1 : 0, alignof(float), "found_inf", 0);
-  cuda::LaunchCommon c;
-  c.dtype = dtype;
-  c.device = device;
-  c.stream = stream;
-  c.space = param_space(space);
-  c.grad_scale = reinterpret_cast<const float*>(grad_scale);
-  c.found_inf = reinterpret_cast<const float*>(found_inf);
-  return c;
-}
-
-py::dict stats_dict(const cuda::LaunchStats& st) {
-  py::dict d;
-  d["launches"] = st.launches;
-  d["blocks"] = st.blocks;
-  d["max_tensors_per_launch"] = st.max_tensors_per_launch;
-  d["capacity"] = st.capacity;
-  d["param_bytes"] = st.param_bytes;
-  return d;
-}
-
-using CudaAdamFn = cuda::LaunchStats (*)(const cuda::AdamRequest&);
-using CudaSGDFn = cuda::LaunchStats (*)(const cuda::SGDRequest&);
-
-py::dict cuda_adam_step(CudaAdamFn fn, py::handle params, py::handle grads, py::handle exp_avgs,
-                        py::handle exp_avg_sqs, py::handle max_exp_avg_sqs, py::handle steps, py::handle numels_obj,
-                        int32_t dtype, double lr, double beta1, double beta2, double eps, double weight_decay,
-                        bool decoupled, bool amsgrad, bool maximize, bool device_steps, uintptr_t lr_ptr,
-                        uintptr_t grad_scale, uintptr_t found_inf, int device, uintptr_t stream,
-                        const std::string& space) {
-  cuda::AdamRequest r;
-  r.common = launch_common(dtype, grad_scale, found_inf, device, stream, space);
-  const AdamCall call = adam_call(lr, beta1, beta2, eps, weight_decay, decoupled);
-  if (lr_ptr != 0 && !device_steps) throw py::value_error("lr_ptr needs device_steps=True");
-  check_ptr(lr_ptr, lr_ptr ? 1 : 0, alignof(float), "lr_ptr", 0);
-  r.hyper = call.hyper;
-  r.wd_mode = call.wd_mode;
-  r.amsgrad = amsgrad;
-  r.maximize = maximize;
-  r.device_steps = device_steps;
-  r.lr = lr;
-  r.beta1 = beta1;
-  r.beta2 = beta2;
-  r.weight_decay = weight_decay;
-  r.lr_ptr = reinterpret_cast<const float*>(lr_ptr);
-  AdamLists lists = adam_lists(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, numels_obj, dtype, amsgrad);
-  // Every check has passed: from here on we write. Host step counters are
-  // counted here, as the CPU path does; device ones by a kernel.
-  if (device_steps) {
-    r.steps = std::move(lists.steps);
-  } else {
-    count_host_steps(lists, lr, beta1, beta2);
-  }
-  r.tensors = std::move(lists.tensors);
-  cuda::LaunchStats st;
-  {
-    py::gil_scoped_release release;
-    st = fn(r);
-  }
-  return stats_dict(st);
-}
-
-py::dict cuda_sgd_step(CudaSGDFn fn, py::handle params, py::handle grads, py::handle momentum_buffers,
-                       py::handle first_step, py::handle numels_obj, int32_t dtype, double lr, double weight_decay,
-                       double momentum, double dampening, bool nesterov, bool maximize, uintptr_t grad_scale,
-                       uintptr_t found_inf, int device, uintptr_t stream, const std::string& space) {
-  cuda::SGDRequest r;
-  r.common = launch_common(dtype, grad_scale, found_inf, device, stream, space);
-  const SGDCall call = sgd_call(lr, weight_decay, momentum, dampening, nesterov);
-  r.hyper = call.hyper;
-  r.weight_decay = weight_decay != 0.0;
-  r.momentum_mode = call.momentum_mode;
-  r.maximize = maximize;
-  r.tensors = sgd_lists(params, grads, momentum_buffers, first_step, numels_obj, dtype, momentum != 0.0);
-  cuda::LaunchStats st;
-  {
-    py::gil_scoped_release release;
-    st = fn(r);
-  }
-  return stats_dict(st);
-}
-
-// Registers adam_step/sgd_step of one CUDA backend on module m.
-void def_cuda_backend(py::module_& m, CudaAdamFn adam, CudaSGDFn sgd) {
-  m.def(
-      "adam_step",
-      [adam](py::handle params, py::handle grads, py::handle exp_avgs, py::handle exp_avg_sqs,
-             py::handle max_exp_avg_sqs, py::handle steps, py::handle numels, int32_t dtype, double lr, double beta1,
-             double beta2, double eps, double weight_decay, bool decoupled, bool amsgrad, bool maximize,
-             bool device_steps, uintptr_t lr_ptr, uintptr_t grad_scale, uintptr_t found_inf, int device,
-             uintptr_t stream, const std::string& param_space) {
-        return cuda_adam_step(adam, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, numels, dtype, lr,
-                              beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize, device_steps, lr_ptr,
-                              grad_scale, found_inf, device, stream, param_space);
-      },
-      py::arg("params"), py::arg("grads"), py::arg("exp_avgs"), py::arg("exp_avg_sqs"), py::arg("max_exp_avg_sqs"),
-      py::arg("steps"), py::arg("numels"), py::arg("dtype"), py::arg("lr"), py::arg("beta1"), py::arg("beta2"),
-      py::arg("eps"), py::arg("weight_decay"), py::arg("decoupled"), py::arg("amsgrad"), py::arg("maximize"),
-      py::arg("device_steps") = false, py::arg("lr_ptr") = 0, py::arg("grad_scale") = 0, py::arg("found_inf") = 0,
-      py::arg("device") = 0, py::arg("stream") = 0, py::arg("param_space") = "auto",
-      "Multi-tensor Adam/AdamW launch(es) on `stream` of `device`. Returns launch statistics.");
-  m.def(
-      "sgd_step",
-      [sgd](py::handle params, py::handle grads, py::handle momentum_buffers, py::handle first_step,
-            py::handle numels, int32_t dtype, double lr, double weight_decay, double momentum, double dampening,
-            bool nesterov, bool maximize, uintptr_t grad_scale, uintptr_t found_inf, int device, uintptr_t stream,
-            const std::string& param_space) {
-        return cuda_sgd_step(sgd, params, grads, momentum_buffers, first_step, numels, dtype, lr, weight_decay,
-                             momentum, dampening, nesterov, maximize, grad_scale, found_inf, device, stream,
-                             param_space);
-      },
-      py::arg("params"), py::arg("grads"), py::arg("momentum_buffers"), py::arg("first_step"), py::arg("numels"),
-      py::arg("dtype"), py::arg("lr"), py::arg("weight_decay"), py::arg("momentum"), py::arg("dampening"),
-      py::arg("nesterov"), py::arg("maximize"), py::arg("grad_scale") = 0, py::arg("found_inf") = 0,
-      py::arg("device") = 0, py::arg("stream") = 0, py::arg("param_space") = "auto",
-      "Multi-tensor SGD launch(es) on `stream` of `device`. Returns launch statistics.");
-}
-
-py::dict cuda_info() {
-  py::dict d;
-#if FUSEDOPTIM_HAVE_CUDA
-  std::string reason;
-  const bool ok = cuda::real::available(&reason);
-  d["compiled"] = true;
-  d["available"] = ok;
-  d["reason"] = ok ? std::string() : reason;
-  d["device_count"] = cuda::real::device_count();
-  d["driver_version"] = cuda::real::driver_version();
-  d["runtime_version"] = cuda::real::runtime_version();
-  d["archs"] = cuda::real::compiled_archs();
-  d["large_param_space"] = cuda::real::large_param_space();
-#else
-  d["compiled"] = false;
-  d["available"] = false;
-  d["reason"] = "this build of fusedoptim has no CUDA backend (built without a CUDA compiler)";
-  d["device_count"] = 0;
-  d["driver_version"] = 0;
-  d["runtime_version"] = 0;
-  d["archs"] = std::vector<int>();
-  d["large_param_space"] = false;
-#endif
-  return d;
-}
-
 py::dict backend_info() {
   const cpu::CpuFeatures& f = cpu::cpu_features();
   py::dict features;
@@ -781,19 +456,44 @@ PYBIND11_MODULE(_C, m) {
   m.attr("DTYPE_BFLOAT16") = int(kBFloat16);
   m.attr("DTYPE_FLOAT16") = int(kFloat16);
 
+  m.attr("STORE_PLAIN") = int(kStorePlain);
+  m.attr("STORE_MASTER") = int(kStoreMaster);
+  m.attr("STORE_STOCHASTIC") = int(kStoreStochastic);
+  m.attr("STORE_KAHAN") = int(kStoreKahan);
+
   m.def("adam_step", &adam_step, py::arg("params"), py::arg("grads"), py::arg("exp_avgs"),
         py::arg("exp_avg_sqs"), py::arg("max_exp_avg_sqs"), py::arg("steps"), py::arg("numels"),
         py::arg("dtype"), py::arg("lr"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"),
         py::arg("weight_decay"), py::arg("decoupled"), py::arg("amsgrad"), py::arg("maximize"),
-        py::arg("num_threads"),
+        py::arg("num_threads"), py::kw_only(), py::arg("state_dtype") = -1, py::arg("store") = int(kStorePlain),
+        py::arg("extras") = py::none(), py::arg("tensor_ids") = py::none(), py::arg("seed") = 0,
+        py::arg("grad_mul") = 1.0,
         "Fused Adam/AdamW update of many tensors in one call. Pointers are data addresses; "
-        "steps point at float32 step counters, incremented in place before use.");
+        "steps point at float32 step counters, incremented in place before use. The keyword "
+        "arguments select the precision options of Note [precision options]: the states' dtype "
+        "code (-1: the params'), the store mode, its extra stream per tensor (fp32 master or "
+        "Kahan compensation), the tensor ids and seed of stochastic rounding, and the factor "
+        "(clip coefficient) the grads are multiplied by.");
   m.def("sgd_step", &sgd_step, py::arg("params"), py::arg("grads"), py::arg("momentum_buffers"),
         py::arg("first_step"), py::arg("numels"), py::arg("dtype"), py::arg("lr"),
         py::arg("weight_decay"), py::arg("momentum"), py::arg("dampening"), py::arg("nesterov"),
-        py::arg("maximize"), py::arg("num_threads"),
+        py::arg("maximize"), py::arg("num_threads"), py::kw_only(), py::arg("state_dtype") = -1,
+        py::arg("store") = int(kStorePlain), py::arg("extras") = py::none(), py::arg("steps") = py::none(),
+        py::arg("tensor_ids") = py::none(), py::arg("seed") = 0, py::arg("grad_mul") = 1.0,
         "Fused SGD update of many tensors in one call. first_step[k] marks a momentum buffer "
-        "that this call initialises with the gradient.");
+        "that this call initialises with the gradient. Keyword arguments as for adam_step; "
+        "stochastic rounding also takes float32 step counters (incremented in place).");
+  m.def("grad_norm_sq", &grad_norm_sq, py::arg("grads"), py::arg("numels"), py::arg("dtypes"),
+        py::arg("num_threads"),
+        "Sum of squares of all grad elements in double, in a fixed order (deterministic for any "
+        "thread count and CPU variant).");
+  m.def("clip_coef", [](double sumsq, double max_norm) {
+          if (!(max_norm > 0.0) || !std::isfinite(max_norm)) throw py::value_error("max_norm must be positive and finite");
+          float norm = 0.0f;
+          const float coef = clip_coef(sumsq, float(max_norm), &norm);
+          return py::make_tuple(norm, coef);
+        }, py::arg("sumsq"), py::arg("max_norm"),
+        "(total_norm, coefficient) of clip_grad_norm_ from a sum of squares, in fp32 as torch computes them.");
   m.def("stream_probe", &stream_probe, py::arg("rw"), py::arg("read"), py::arg("numel"), py::arg("dtype"),
         py::arg("num_threads"),
         "Bandwidth probe: x += read for each read-write stream x (1 to 4), on the optimizer's "
@@ -826,12 +526,5 @@ PYBIND11_MODULE(_C, m) {
         "Force a CPU variant: 'scalar', 'avx2' or 'avx512'.");
   m.def("get_cpu_isa", [] { return std::string(cpu::active_kernels().isa); });
 
-  py::module_ emu = m.def_submodule(
-      "cuda_emulation", "The CUDA kernels compiled for the host and run on the CPU (tests); host pointers.");
-  def_cuda_backend(emu, &cuda::emu::adam_step, &cuda::emu::sgd_step);
-  m.def("cuda_info", &cuda_info, "Whether the CUDA backend was compiled and can run here, and why not.");
-#if FUSEDOPTIM_HAVE_CUDA
-  py::module_ gpu = m.def_submodule("cuda", "The CUDA kernels; device pointers, launched on the given stream.");
-  def_cuda_backend(gpu, &cuda::real::adam_step, &cuda::real::sgd_step);
-#endif
+  def_cuda(m);
 }

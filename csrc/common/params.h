@@ -47,6 +47,7 @@ struct AdamHyper {
   float eps;
   float weight_decay;      // L2 coefficient (Adam); unused by AdamW
   float decay;             // AdamW: 1 - lr * weight_decay; 1 otherwise
+  float grad_mul = 1.0f;   // grads are multiplied by it first: the clip coefficient, else 1
 };
 
 struct SGDHyper {
@@ -54,6 +55,7 @@ struct SGDHyper {
   float weight_decay;
   float momentum;
   float one_minus_dampening;
+  float grad_mul = 1.0f;   // as AdamHyper::grad_mul
 };
 
 // One tensor of a fused call: the streams it owns plus its element count.
@@ -64,16 +66,22 @@ struct AdamTensor {
   void* exp_avg;
   void* exp_avg_sq;
   void* max_exp_avg_sq;
+  // The store's extra stream (Note [precision options] in precision.h):
+  // the fp32 master copy (kStoreMaster), the compensation (kStoreKahan).
+  void* extra = nullptr;
   int64_t numel;
   AdamCoeffs coeffs;
+  uint32_t sr_key = 0;     // kStoreStochastic: sr_key(seed, step, tensor id)
 };
 
 struct SGDTensor {
   void* param;
   const void* grad;
   void* momentum_buffer;   // null when momentum == 0
+  void* extra = nullptr;   // as AdamTensor::extra
   int64_t numel;
   bool first_step;         // buffer not yet initialised: buf = grad
+  uint32_t sr_key = 0;     // as AdamTensor::sr_key
 };
 
 }  // namespace fusedoptim

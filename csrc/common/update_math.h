@@ -14,6 +14,8 @@
 // bits for the same inputs. Any change here changes every backend at once.
 //
 // The formulas follow torch.optim's for-loop implementations:
+// g starts as grad * grad_mul (the clip coefficient of max_grad_norm, else 1:
+// multiplying by 1 is exact, so torch's results are unchanged).
 //   Adam   g = maximize ? -grad : grad;  g += wd * p           (L2)
 //          p *= 1 - lr * wd                                    (AdamW)
 //          m = lerp(m, g, 1 - beta1)      (torch's two-sided lerp, see below)
@@ -43,19 +45,20 @@ enum WeightDecayMode : int { kNoDecay = 0, kL2 = 1, kDecoupled = 2 };
 template <class V>
 struct AdamConsts {
   V lerp_coeff, beta2, one_minus_beta2, eps, weight_decay, decay;
-  V neg_step_size, inv_bc2_sqrt;
+  V neg_step_size, inv_bc2_sqrt, grad_mul;
   bool lerp_from_grad;
 
   FO_HD AdamConsts(const AdamHyper& h, const AdamCoeffs& c)
       : lerp_coeff(V(h.lerp_coeff)), beta2(V(h.beta2)),
         one_minus_beta2(V(h.one_minus_beta2)), eps(V(h.eps)),
         weight_decay(V(h.weight_decay)), decay(V(h.decay)),
-        neg_step_size(V(c.neg_step_size)), inv_bc2_sqrt(V(c.inv_bc2_sqrt)),
+        neg_step_size(V(c.neg_step_size)), inv_bc2_sqrt(V(c.inv_bc2_sqrt)), grad_mul(V(h.grad_mul)),
         lerp_from_grad(h.lerp_from_grad) {}
 };
 
 template <int kWD, bool kAmsgrad, bool kMaximize, class V>
 FO_HD void adam_update(V& p, V g, V& m, V& v, V& vmax, const AdamConsts<V>& c) {
+  g = mul(g, c.grad_mul);
   if (kMaximize) g = neg(g);
   if (kWD == kL2) g = fma(p, c.weight_decay, g);
   if (kWD == kDecoupled) p = mul(p, c.decay);
@@ -77,11 +80,11 @@ FO_HD void adam_update(V& p, V g, V& m, V& v, V& vmax, const AdamConsts<V>& c) {
 // Scalars of one SGD call, broadcast to the lanes of V.
 template <class V>
 struct SGDConsts {
-  V neg_lr, weight_decay, momentum, one_minus_dampening;
+  V neg_lr, weight_decay, momentum, one_minus_dampening, grad_mul;
 
   FO_HD explicit SGDConsts(const SGDHyper& h)
       : neg_lr(V(h.neg_lr)), weight_decay(V(h.weight_decay)),
-        momentum(V(h.momentum)), one_minus_dampening(V(h.one_minus_dampening)) {}
+        momentum(V(h.momentum)), one_minus_dampening(V(h.one_minus_dampening)), grad_mul(V(h.grad_mul)) {}
 };
 
 // How SGD uses its momentum buffer.
@@ -89,6 +92,7 @@ enum MomentumMode : int { kNoMomentum = 0, kMomentum = 1, kNesterov = 2 };
 
 template <bool kWeightDecay, int kMom, bool kMaximize, bool kFirst, class V>
 FO_HD void sgd_update(V& p, V g, V& buf, const SGDConsts<V>& c) {
+  g = mul(g, c.grad_mul);
   if (kMaximize) g = neg(g);
   if (kWeightDecay) g = fma(p, c.weight_decay, g);
   if (kMom != kNoMomentum) {

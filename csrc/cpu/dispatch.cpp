@@ -1,5 +1,7 @@
 #include "dispatch.h"
 
+#include "../common/precision.h"
+
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -145,43 +147,91 @@ void set_isa(const std::string& name) {
   g_active.store(t);
 }
 
-void adam_step(const std::vector<AdamTensor>& tensors, const AdamHyper& hyper, int32_t dtype,
+void adam_step(const std::vector<AdamTensor>& tensors, const AdamHyper& hyper, const Layout& layout,
                int wd_mode, bool amsgrad, bool maximize, int num_threads) {
-  const AdamSegmentFn fn = g_active.load()->adam(dtype, wd_mode, amsgrad, maximize);
-  if (fn == nullptr) throw std::invalid_argument("adam_step: unsupported dtype or weight-decay mode");
+  const AdamSegmentFn fn = g_active.load()->adam(layout, wd_mode, amsgrad, maximize);
+  if (fn == nullptr) throw std::invalid_argument("adam_step: unsupported layout or weight-decay mode");
   std::vector<int64_t> numels(tensors.size());
   for (size_t k = 0; k < tensors.size(); ++k) numels[k] = tensors[k].numel;
-  const size_t esize = dtype_size(dtype);
+  const size_t esize = dtype_size(layout.dtype);
+  const size_t ssize = dtype_size(layout.state_dtype);
+  const size_t xsize = layout.store == kStoreMaster ? sizeof(float) : esize;
   run_flat(numels, num_threads, [&](size_t k, int64_t b, int64_t e) {
     if (k + 1 < tensors.size()) {
       const AdamTensor& n = tensors[k + 1];
       prefetch_head(n.param, esize, n.numel);
       prefetch_head(n.grad, esize, n.numel);
-      prefetch_head(n.exp_avg, esize, n.numel);
-      prefetch_head(n.exp_avg_sq, esize, n.numel);
-      if (n.max_exp_avg_sq != nullptr) prefetch_head(n.max_exp_avg_sq, esize, n.numel);
+      prefetch_head(n.exp_avg, ssize, n.numel);
+      prefetch_head(n.exp_avg_sq, ssize, n.numel);
+      if (n.max_exp_avg_sq != nullptr) prefetch_head(n.max_exp_avg_sq, ssize, n.numel);
+      if (n.extra != nullptr) prefetch_head(n.extra, xsize, n.numel);
     }
     fn(tensors[k], b, e, hyper);
   });
 }
 
-void sgd_step(const std::vector<SGDTensor>& tensors, const SGDHyper& hyper, int32_t dtype,
+void sgd_step(const std::vector<SGDTensor>& tensors, const SGDHyper& hyper, const Layout& layout,
               bool weight_decay, int momentum_mode, bool maximize, int num_threads) {
-  const SGDSegmentFn steady = g_active.load()->sgd(dtype, weight_decay, momentum_mode, maximize, false);
-  const SGDSegmentFn first = g_active.load()->sgd(dtype, weight_decay, momentum_mode, maximize, true);
-  if (steady == nullptr || first == nullptr) throw std::invalid_argument("sgd_step: unsupported dtype or momentum mode");
+  const SGDSegmentFn steady = g_active.load()->sgd(layout, weight_decay, momentum_mode, maximize, false);
+  const SGDSegmentFn first = g_active.load()->sgd(layout, weight_decay, momentum_mode, maximize, true);
+  if (steady == nullptr || first == nullptr) throw std::invalid_argument("sgd_step: unsupported layout or momentum mode");
   std::vector<int64_t> numels(tensors.size());
   for (size_t k = 0; k < tensors.size(); ++k) numels[k] = tensors[k].numel;
-  const size_t esize = dtype_size(dtype);
+  const size_t esize = dtype_size(layout.dtype);
+  const size_t ssize = dtype_size(layout.state_dtype);
+  const size_t xsize = layout.store == kStoreMaster ? sizeof(float) : esize;
   run_flat(numels, num_threads, [&](size_t k, int64_t b, int64_t e) {
     if (k + 1 < tensors.size()) {
       const SGDTensor& n = tensors[k + 1];
       prefetch_head(n.param, esize, n.numel);
       prefetch_head(n.grad, esize, n.numel);
-      if (n.momentum_buffer != nullptr) prefetch_head(n.momentum_buffer, esize, n.numel);
+      if (n.momentum_buffer != nullptr) prefetch_head(n.momentum_buffer, ssize, n.numel);
+      if (n.extra != nullptr) prefetch_head(n.extra, xsize, n.numel);
     }
     (tensors[k].first_step ? first : steady)(tensors[k], b, e, hyper);
   });
+}
+
+double grad_norm_sq(const std::vector<NormTensor>& grads, int num_threads) {
+  const KernelTable& kt = *g_active.load();
+  // Chunk j of the whole list: tensor chunk_tensor[j], elements from chunk_begin[j].
+  std::vector<size_t> chunk_tensor;
+  std::vector<int64_t> chunk_begin;
+  std::vector<NormChunkFn> fns(grads.size());
+  for (size_t k = 0; k < grads.size(); ++k) {
+    fns[k] = kt.norm(grads[k].dtype);
+    if (fns[k] == nullptr) throw std::invalid_argument("grad_norm_sq: unsupported dtype");
+    for (int64_t b = 0; b < grads[k].numel; b += kNormChunk) {
+      chunk_tensor.push_back(k);
+      chunk_begin.push_back(b);
+    }
+  }
+  const int64_t nchunks = int64_t(chunk_tensor.size());
+  std::vector<double> sums(size_t(nchunks), 0.0);
+  // Threads take contiguous runs of chunks; a chunk's sum never depends on
+  // which thread computes it.
+  const int64_t threads = std::min<int64_t>(std::max(num_threads, 1), std::max<int64_t>(1, nchunks / 8));
+  auto work = [&](int64_t lo, int64_t hi) {
+    for (int64_t j = lo; j < hi; ++j) {
+      const NormTensor& t = grads[chunk_tensor[size_t(j)]];
+      const int64_t b = chunk_begin[size_t(j)];
+      sums[size_t(j)] = fns[chunk_tensor[size_t(j)]](t.grad, b, std::min(b + kNormChunk, t.numel));
+    }
+  };
+  if (threads <= 1) {
+    work(0, nchunks);
+  } else {
+    parallel_run(int(threads), [&](int tid) { work(nchunks * tid / threads, nchunks * (tid + 1) / threads); });
+  }
+  // Chunk sums in order: within a tensor, then across tensors.
+  double total = 0.0;
+  size_t j = 0;
+  for (size_t k = 0; k < grads.size(); ++k) {
+    double tsum = 0.0;
+    for (; j < chunk_tensor.size() && chunk_tensor[j] == k; ++j) tsum += sums[j];
+    total += tsum;
+  }
+  return total;
 }
 
 void probe_streams(const std::vector<void*>& rw, const void* r, int64_t numel, int32_t dtype, int num_threads) {

@@ -46,10 +46,21 @@ class AdamCoeffCache {
 
 // One fused call over every tensor of a group: a single parallel region over
 // the flattened list, cut into chunks aligned to 64 elements of each tensor.
-void adam_step(const std::vector<AdamTensor>& tensors, const AdamHyper& hyper, int32_t dtype,
+void adam_step(const std::vector<AdamTensor>& tensors, const AdamHyper& hyper, const Layout& layout,
                int wd_mode, bool amsgrad, bool maximize, int num_threads);
-void sgd_step(const std::vector<SGDTensor>& tensors, const SGDHyper& hyper, int32_t dtype,
+void sgd_step(const std::vector<SGDTensor>& tensors, const SGDHyper& hyper, const Layout& layout,
               bool weight_decay, int momentum_mode, bool maximize, int num_threads);
+
+// One grad of a norm reduction.
+struct NormTensor {
+  const void* grad;
+  int64_t numel;
+  int32_t dtype;
+};
+// Sum of squares of every element, in the fixed order of Note [precision
+// options]: chunks of kNormChunk elements of each tensor, in parallel; the
+// chunk sums then add up in order, so any thread count gives the same bits.
+double grad_norm_sq(const std::vector<NormTensor>& grads, int num_threads);
 
 // Bandwidth references for benchmarks, on the same thread split as the steps.
 void probe_streams(const std::vector<void*>& rw, const void* r, int64_t numel, int32_t dtype, int num_threads);

@@ -8,6 +8,7 @@
 // lane, so they cannot disagree.
 #include "kernels.h"
 
+#include "../common/precision.h"
 #include "../common/update_math.h"
 #include "vec_scalar.h"
 
@@ -19,6 +20,7 @@ namespace fusedoptim { using VecISA = VecScalar; }
 namespace fusedoptim { using VecISA = VecAVX2; }
 #define FO_VARIANT avx2
 #elif FUSEDOPTIM_ISA == 2
+#include "vec_avx2.h"
 #include "vec_avx512.h"
 namespace fusedoptim { using VecISA = VecAVX512; }
 #define FO_VARIANT avx512
@@ -27,13 +29,14 @@ namespace fusedoptim { using VecISA = VecAVX512; }
 #endif
 
 namespace fusedoptim {
-// The vector type a kernel uses for storage type S: VecISA, except where a
-// variant has a cheaper layout for a 16-bit format (see VecAVX2x2).
-template <class S>
+// The vector type a kernel uses for params of S and states of T: VecISA,
+// except where a variant has a cheaper layout for a 16-bit format (see
+// VecAVX2x2, which loads and stores bf16 only).
+template <class S, class T>
 struct VecFor { using type = VecISA; };
 #if FUSEDOPTIM_ISA == 1
 template <>
-struct VecFor<bf16_t> { using type = VecAVX2x2; };
+struct VecFor<bf16_t, bf16_t> { using type = VecAVX2x2; };
 #endif
 }  // namespace fusedoptim
 
@@ -44,112 +47,217 @@ namespace fusedoptim {
 namespace cpu {
 namespace {
 
-template <class V, class S, int kWD, bool kAms, bool kMax>
-inline void adam_elems(S* p, const S* g, S* m, S* v, S* vmax, int64_t i, const AdamConsts<V>& c) {
-  V pv = V::load(p + i), mv = V::load(m + i), vv = V::load(v + i);
+// The param the update starts from: the fp32 master copy or the param.
+template <int kStore, class V, class S>
+inline V load_param(const S* p, const void* extra, int64_t i) {
+  if constexpr (kStore == kStoreMaster) {
+    return V::load(static_cast<const float*>(extra) + i);
+  } else {
+    return V::load(p + i);
+  }
+}
+
+// Stores the update's result pv (p0: the value it started from) as the
+// store mode says; see Note [precision options] in common/precision.h.
+template <int kStore, class V, class S>
+inline void store_param(S* p, void* extra, V p0, V pv, int64_t i, uint32_t key_hi) {
+  if constexpr (kStore == kStorePlain) {
+    pv.store(p + i);
+  } else if constexpr (kStore == kStoreMaster) {
+    pv.store(static_cast<float*>(extra) + i);
+    pv.store(p + i);
+  } else if constexpr (kStore == kStoreStochastic) {
+    pv.store_sr(p + i, key_hi, uint32_t(uint64_t(i)));
+  } else {
+    S* comp = static_cast<S*>(extra);
+    V cv = V::load(comp + i);
+    const V stored = kahan_store<S>(p0, pv, cv);
+    stored.store(p + i);
+    cv.store(comp + i);
+  }
+}
+
+// The random key of the elements from i on (stochastic rounding only).
+template <int kStore>
+inline uint32_t key_at(uint32_t key, int64_t i) {
+  return kStore == kStoreStochastic ? sr_key_hi(key, uint32_t(uint64_t(i) >> 32)) : 0u;
+}
+
+template <class V, class S, class T, int kStore, int kWD, bool kAms, bool kMax>
+inline void adam_elems(const AdamTensor& t, int64_t i, const AdamConsts<V>& c) {
+  S* p = static_cast<S*>(t.param);
+  const S* g = static_cast<const S*>(t.grad);
+  T* m = static_cast<T*>(t.exp_avg);
+  T* v = static_cast<T*>(t.exp_avg_sq);
+  T* vmax = static_cast<T*>(t.max_exp_avg_sq);
+  const V p0 = load_param<kStore, V>(p, t.extra, i);
+  V pv = p0, mv = V::load(m + i), vv = V::load(v + i);
   V vmaxv = kAms ? V::load(vmax + i) : V(0.0f);
   adam_update<kWD, kAms, kMax>(pv, V::load(g + i), mv, vv, vmaxv, c);
-  pv.store(p + i);
+  store_param<kStore, V, S>(p, t.extra, p0, pv, i, key_at<kStore>(t.sr_key, i));
   mv.store(m + i);
   vv.store(v + i);
   if (kAms) vmaxv.store(vmax + i);
 }
 
-template <class S, int kWD, bool kAms, bool kMax>
+template <class S, class T, int kStore, int kWD, bool kAms, bool kMax>
 void adam_segment(const AdamTensor& t, int64_t begin, int64_t end, const AdamHyper& h) {
-  S* p = static_cast<S*>(t.param);
-  const S* g = static_cast<const S*>(t.grad);
-  S* m = static_cast<S*>(t.exp_avg);
-  S* v = static_cast<S*>(t.exp_avg_sq);
-  S* vmax = static_cast<S*>(t.max_exp_avg_sq);
-  using V = typename VecFor<S>::type;
+  using V = typename VecFor<S, T>::type;
   const AdamConsts<V> cv(h, t.coeffs);
   const AdamConsts<VecScalar> cs(h, t.coeffs);
   constexpr int W = V::kWidth;
   int64_t i = begin;
-  for (; i + W <= end; i += W) adam_elems<V, S, kWD, kAms, kMax>(p, g, m, v, vmax, i, cv);
-  for (; i < end; ++i) adam_elems<VecScalar, S, kWD, kAms, kMax>(p, g, m, v, vmax, i, cs);
+  for (; i + W <= end; i += W) adam_elems<V, S, T, kStore, kWD, kAms, kMax>(t, i, cv);
+  for (; i < end; ++i) adam_elems<VecScalar, S, T, kStore, kWD, kAms, kMax>(t, i, cs);
 }
 
-template <class V, class S, bool kWD, int kMom, bool kMax, bool kFirst>
-inline void sgd_elems(S* p, const S* g, S* buf, int64_t i, const SGDConsts<V>& c) {
-  V pv = V::load(p + i);
+template <class V, class S, class T, int kStore, bool kWD, int kMom, bool kMax, bool kFirst>
+inline void sgd_elems(const SGDTensor& t, int64_t i, const SGDConsts<V>& c) {
+  S* p = static_cast<S*>(t.param);
+  const S* g = static_cast<const S*>(t.grad);
+  T* buf = static_cast<T*>(t.momentum_buffer);
+  const V p0 = load_param<kStore, V>(p, t.extra, i);
+  V pv = p0;
   V bv = (kMom != kNoMomentum && !kFirst) ? V::load(buf + i) : V(0.0f);
   sgd_update<kWD, kMom, kMax, kFirst>(pv, V::load(g + i), bv, c);
-  pv.store(p + i);
+  store_param<kStore, V, S>(p, t.extra, p0, pv, i, key_at<kStore>(t.sr_key, i));
   if (kMom != kNoMomentum) bv.store(buf + i);
 }
 
-template <class S, bool kWD, int kMom, bool kMax, bool kFirst>
+template <class S, class T, int kStore, bool kWD, int kMom, bool kMax, bool kFirst>
 void sgd_segment(const SGDTensor& t, int64_t begin, int64_t end, const SGDHyper& h) {
-  S* p = static_cast<S*>(t.param);
-  const S* g = static_cast<const S*>(t.grad);
-  S* buf = static_cast<S*>(t.momentum_buffer);
-  using V = typename VecFor<S>::type;
+  using V = typename VecFor<S, T>::type;
   const SGDConsts<V> cv(h);
   const SGDConsts<VecScalar> cs(h);
   constexpr int W = V::kWidth;
   int64_t i = begin;
-  for (; i + W <= end; i += W) sgd_elems<V, S, kWD, kMom, kMax, kFirst>(p, g, buf, i, cv);
-  for (; i < end; ++i) sgd_elems<VecScalar, S, kWD, kMom, kMax, kFirst>(p, g, buf, i, cs);
+  for (; i + W <= end; i += W) sgd_elems<V, S, T, kStore, kWD, kMom, kMax, kFirst>(t, i, cv);
+  for (; i < end; ++i) sgd_elems<VecScalar, S, T, kStore, kWD, kMom, kMax, kFirst>(t, i, cs);
 }
 
 // Runtime flags -> template arguments, one level at a time.
-template <class S, int kWD, bool kAms>
+template <class S, class T, int kStore, int kWD, bool kAms>
 AdamSegmentFn pick_adam_max(bool maximize) {
-  return maximize ? &adam_segment<S, kWD, kAms, true> : &adam_segment<S, kWD, kAms, false>;
+  return maximize ? &adam_segment<S, T, kStore, kWD, kAms, true> : &adam_segment<S, T, kStore, kWD, kAms, false>;
 }
-template <class S, int kWD>
+template <class S, class T, int kStore, int kWD>
 AdamSegmentFn pick_adam_ams(bool amsgrad, bool maximize) {
-  return amsgrad ? pick_adam_max<S, kWD, true>(maximize) : pick_adam_max<S, kWD, false>(maximize);
+  return amsgrad ? pick_adam_max<S, T, kStore, kWD, true>(maximize) : pick_adam_max<S, T, kStore, kWD, false>(maximize);
 }
-template <class S>
+template <class S, class T, int kStore>
 AdamSegmentFn pick_adam_wd(int wd_mode, bool amsgrad, bool maximize) {
   switch (wd_mode) {
-    case kNoDecay: return pick_adam_ams<S, kNoDecay>(amsgrad, maximize);
-    case kL2: return pick_adam_ams<S, kL2>(amsgrad, maximize);
-    case kDecoupled: return pick_adam_ams<S, kDecoupled>(amsgrad, maximize);
+    case kNoDecay: return pick_adam_ams<S, T, kStore, kNoDecay>(amsgrad, maximize);
+    case kL2: return pick_adam_ams<S, T, kStore, kL2>(amsgrad, maximize);
+    case kDecoupled: return pick_adam_ams<S, T, kStore, kDecoupled>(amsgrad, maximize);
     default: return nullptr;
   }
 }
 
-AdamSegmentFn pick_adam(int32_t dtype, int wd_mode, bool amsgrad, bool maximize) {
-  switch (dtype) {
-    case kFloat32: return pick_adam_wd<float>(wd_mode, amsgrad, maximize);
-    case kBFloat16: return pick_adam_wd<bf16_t>(wd_mode, amsgrad, maximize);
-    case kFloat16: return pick_adam_wd<f16_t>(wd_mode, amsgrad, maximize);
-    default: return nullptr;
-  }
-}
-
-template <class S, bool kWD, int kMom, bool kMax>
+template <class S, class T, bool kWD, int kMom, bool kMax, int kStore>
 SGDSegmentFn pick_sgd_first(bool first) {
-  if (kMom == kNoMomentum) return &sgd_segment<S, kWD, kMom, kMax, false>;
-  return first ? &sgd_segment<S, kWD, kMom, kMax, true> : &sgd_segment<S, kWD, kMom, kMax, false>;
+  if (kMom == kNoMomentum) return &sgd_segment<S, T, kStore, kWD, kMom, kMax, false>;
+  return first ? &sgd_segment<S, T, kStore, kWD, kMom, kMax, true> : &sgd_segment<S, T, kStore, kWD, kMom, kMax, false>;
 }
-template <class S, bool kWD, int kMom>
+template <class S, class T, int kStore, bool kWD, int kMom>
 SGDSegmentFn pick_sgd_max(bool maximize, bool first) {
-  return maximize ? pick_sgd_first<S, kWD, kMom, true>(first) : pick_sgd_first<S, kWD, kMom, false>(first);
+  return maximize ? pick_sgd_first<S, T, kWD, kMom, true, kStore>(first)
+                  : pick_sgd_first<S, T, kWD, kMom, false, kStore>(first);
 }
-template <class S, bool kWD>
+template <class S, class T, int kStore, bool kWD>
 SGDSegmentFn pick_sgd_mom(int mom, bool maximize, bool first) {
   switch (mom) {
-    case kNoMomentum: return pick_sgd_max<S, kWD, kNoMomentum>(maximize, first);
-    case kMomentum: return pick_sgd_max<S, kWD, kMomentum>(maximize, first);
-    case kNesterov: return pick_sgd_max<S, kWD, kNesterov>(maximize, first);
+    case kNoMomentum: return pick_sgd_max<S, T, kStore, kWD, kNoMomentum>(maximize, first);
+    case kMomentum: return pick_sgd_max<S, T, kStore, kWD, kMomentum>(maximize, first);
+    case kNesterov: return pick_sgd_max<S, T, kStore, kWD, kNesterov>(maximize, first);
     default: return nullptr;
   }
 }
-template <class S>
+template <class S, class T, int kStore>
 SGDSegmentFn pick_sgd_wd(bool wd, int mom, bool maximize, bool first) {
-  return wd ? pick_sgd_mom<S, true>(mom, maximize, first) : pick_sgd_mom<S, false>(mom, maximize, first);
+  return wd ? pick_sgd_mom<S, T, kStore, true>(mom, maximize, first)
+            : pick_sgd_mom<S, T, kStore, false>(mom, maximize, first);
 }
 
-SGDSegmentFn pick_sgd(int32_t dtype, bool wd, int mom, bool maximize, bool first) {
+// The layouts of precision.h's layout_supported(), one instantiation each.
+template <class Fn, class Pick>
+Fn pick_layout(const Layout& l, const Pick& pick) {
+  if (!layout_supported(l.dtype, l.state_dtype, l.store)) return nullptr;
+  switch (l.store) {
+    case kStorePlain:
+      if (l.dtype == kFloat32) {
+        return l.state_dtype == kFloat32 ? pick.template get<float, float, kStorePlain>()
+                                         : pick.template get<float, bf16_t, kStorePlain>();
+      }
+      if (l.dtype == kBFloat16) return pick.template get<bf16_t, bf16_t, kStorePlain>();
+      return pick.template get<f16_t, f16_t, kStorePlain>();
+    case kStoreMaster:
+      if (l.dtype == kBFloat16) return pick.template get<bf16_t, float, kStoreMaster>();
+      return pick.template get<f16_t, float, kStoreMaster>();
+    case kStoreStochastic:
+      return pick.template get<bf16_t, bf16_t, kStoreStochastic>();
+    case kStoreKahan:
+      if (l.dtype == kBFloat16) return pick.template get<bf16_t, bf16_t, kStoreKahan>();
+      return pick.template get<f16_t, f16_t, kStoreKahan>();
+    default:
+      return nullptr;
+  }
+}
+
+struct AdamPick {
+  int wd_mode;
+  bool amsgrad, maximize;
+  template <class S, class T, int kStore>
+  AdamSegmentFn get() const { return pick_adam_wd<S, T, kStore>(wd_mode, amsgrad, maximize); }
+};
+
+struct SGDPick {
+  bool wd;
+  int mom;
+  bool maximize, first;
+  template <class S, class T, int kStore>
+  SGDSegmentFn get() const { return pick_sgd_wd<S, T, kStore>(wd, mom, maximize, first); }
+};
+
+AdamSegmentFn pick_adam(const Layout& l, int wd_mode, bool amsgrad, bool maximize) {
+  return pick_layout<AdamSegmentFn>(l, AdamPick{wd_mode, amsgrad, maximize});
+}
+
+SGDSegmentFn pick_sgd(const Layout& l, bool wd, int mom, bool maximize, bool first) {
+  return pick_layout<SGDSegmentFn>(l, SGDPick{wd, mom, maximize, first});
+}
+
+// One chunk of the grad-norm reduction (Note [precision options]): squares
+// in double (exact for fp32 inputs) into kNormLanes accumulators by index.
+template <class S>
+double norm_chunk(const void* grad, int64_t begin, int64_t end) {
+  const S* g = static_cast<const S*>(grad);
+  double lanes[kNormLanes] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = begin;
+#if FUSEDOPTIM_ISA >= 1
+  __m256d acc0 = _mm256_setzero_pd(), acc1 = _mm256_setzero_pd();
+  for (; i + 8 <= end; i += 8) {
+    const __m256 x = VecAVX2::load(g + i).x;
+    const __m256d lo = _mm256_cvtps_pd(_mm256_castps256_ps128(x));
+    const __m256d hi = _mm256_cvtps_pd(_mm256_extractf128_ps(x, 1));
+    acc0 = _mm256_add_pd(acc0, _mm256_mul_pd(lo, lo));
+    acc1 = _mm256_add_pd(acc1, _mm256_mul_pd(hi, hi));
+  }
+  _mm256_storeu_pd(lanes, acc0);
+  _mm256_storeu_pd(lanes + 4, acc1);
+#endif
+  for (; i < end; ++i) {
+    const double x = double(VecScalar::load(g + i).x);
+    lanes[(i - begin) % kNormLanes] += x * x;
+  }
+  return norm_lanes_sum(lanes);
+}
+
+NormChunkFn pick_norm(int32_t dtype) {
   switch (dtype) {
-    case kFloat32: return pick_sgd_wd<float>(wd, mom, maximize, first);
-    case kBFloat16: return pick_sgd_wd<bf16_t>(wd, mom, maximize, first);
-    case kFloat16: return pick_sgd_wd<f16_t>(wd, mom, maximize, first);
+    case kFloat32: return &norm_chunk<float>;
+    case kBFloat16: return &norm_chunk<bf16_t>;
+    case kFloat16: return &norm_chunk<f16_t>;
     default: return nullptr;
   }
 }
@@ -207,7 +315,8 @@ void triad_segment(float* a, const float* b, const float* c, float s, int64_t be
 #define FO_STR_(x) #x
 #define FO_STR(x) FO_STR_(x)
 
-const KernelTable kTable = {FO_STR(FO_VARIANT), VecISA::kWidth, &pick_adam, &pick_sgd, &pick_probe, &triad_segment};
+const KernelTable kTable = {FO_STR(FO_VARIANT), VecISA::kWidth, &pick_adam, &pick_sgd, &pick_probe, &triad_segment,
+                            &pick_norm};
 
 }  // namespace
 

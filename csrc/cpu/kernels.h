@@ -8,6 +8,14 @@
 namespace fusedoptim {
 namespace cpu {
 
+// Which storage a call uses: params/grads, states, and the store mode
+// (Note [precision options] in common/precision.h).
+struct Layout {
+  int32_t dtype;
+  int32_t state_dtype;
+  int store;
+};
+
 // Update elements [begin, end) of one tensor. All flags are resolved to a
 // template instantiation once per call, so the loop has no branches.
 using AdamSegmentFn = void (*)(const AdamTensor&, int64_t begin, int64_t end, const AdamHyper&);
@@ -17,16 +25,20 @@ using SGDSegmentFn = void (*)(const SGDTensor&, int64_t begin, int64_t end, cons
 // read-write streams x, which touches exactly the bytes of an optimizer
 // step with the same number of streams (Adam: 3 read-write + the grad).
 using ProbeSegmentFn = void (*)(void* const* rw, const void* r, int64_t begin, int64_t end);
+// One chunk of the grad-norm reduction: the sum of squares of elements
+// [begin, end) of a grad, in double, in the fixed order of precision.h.
+using NormChunkFn = double (*)(const void* grad, int64_t begin, int64_t end);
 // STREAM triad a = b + s * c in fp32, for reference.
 using TriadSegmentFn = void (*)(float* a, const float* b, const float* c, float s, int64_t begin, int64_t end);
 
 struct KernelTable {
   const char* isa;  // "scalar", "avx2", "avx512"
   int vector_width; // fp32 lanes
-  AdamSegmentFn (*adam)(int32_t dtype, int wd_mode, bool amsgrad, bool maximize);
-  SGDSegmentFn (*sgd)(int32_t dtype, bool weight_decay, int momentum_mode, bool maximize, bool first_step);
+  AdamSegmentFn (*adam)(const Layout& layout, int wd_mode, bool amsgrad, bool maximize);
+  SGDSegmentFn (*sgd)(const Layout& layout, bool weight_decay, int momentum_mode, bool maximize, bool first_step);
   ProbeSegmentFn (*probe)(int32_t dtype, int nrw);
   TriadSegmentFn triad;
+  NormChunkFn (*norm)(int32_t dtype);
 };
 
 // Defined once per variant in kernels.cpp; variants not built for this

@@ -4,8 +4,21 @@
 #include <immintrin.h>
 
 #include "../common/convert.h"
+#include "../common/precision.h"
 
 namespace fusedoptim {
+
+// mix32 and sr_bits of precision.h on eight 32-bit lanes.
+inline __m256i mix32_avx2(__m256i x) {
+  x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
+  x = _mm256_mullo_epi32(x, _mm256_set1_epi32(int(0x7feb352du)));
+  x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 15));
+  x = _mm256_mullo_epi32(x, _mm256_set1_epi32(int(0x846ca68bu)));
+  return _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
+}
+inline __m256i sr_bits_avx2(uint32_t key_hi, __m256i lo) {
+  return mix32_avx2(_mm256_xor_si256(_mm256_set1_epi32(int(key_hi)), _mm256_mullo_epi32(lo, _mm256_set1_epi32(int(0x9e3779b9u)))));
+}
 
 struct VecAVX2 {
   static constexpr int kWidth = 8;
@@ -34,6 +47,19 @@ struct VecAVX2 {
   }
   void store(bf16_t* p) const {
     const __m256i r = bf16_bits(x);
+    const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0xd8);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+  }
+  // float_to_bf16_sr of precision.h with the random bits `bits` of each lane.
+  static __m256i bf16_bits_sr(__m256 v, __m256i bits) {
+    const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_castps_si256(v), _mm256_srli_epi32(bits, 16)), 16);
+    const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    return _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7fc0), nan);
+  }
+  // Stochastic rounding of elements lo .. lo + 7 (low words of their indices).
+  void store_sr(bf16_t* p, uint32_t key_hi, uint32_t lo) const {
+    const __m256i idx = _mm256_add_epi32(_mm256_set1_epi32(int(lo)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    const __m256i r = bf16_bits_sr(x, sr_bits_avx2(key_hi, idx));
     const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0xd8);
     _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
   }
@@ -76,6 +102,15 @@ struct VecAVX2x2 {
   }
   void store(bf16_t* p) const {
     const __m256i packed = _mm256_packus_epi32(VecAVX2::bf16_bits(lo.x), VecAVX2::bf16_bits(hi.x));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), packed);
+  }
+  // Stochastic rounding; `lo` holds elements 0-3 and 8-11, `hi` 4-7 and 12-15.
+  void store_sr(bf16_t* p, uint32_t key_hi, uint32_t first) const {
+    const __m256i base = _mm256_set1_epi32(int(first));
+    const __m256i ilo = _mm256_add_epi32(base, _mm256_setr_epi32(0, 1, 2, 3, 8, 9, 10, 11));
+    const __m256i ihi = _mm256_add_epi32(base, _mm256_setr_epi32(4, 5, 6, 7, 12, 13, 14, 15));
+    const __m256i packed = _mm256_packus_epi32(VecAVX2::bf16_bits_sr(lo.x, sr_bits_avx2(key_hi, ilo)),
+                                               VecAVX2::bf16_bits_sr(hi.x, sr_bits_avx2(key_hi, ihi)));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), packed);
   }
 };

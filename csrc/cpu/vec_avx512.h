@@ -9,6 +9,7 @@
 #include <immintrin.h>
 
 #include "../common/convert.h"
+#include "../common/precision.h"
 
 namespace fusedoptim {
 
@@ -38,6 +39,21 @@ struct VecAVX512 {
   }
   void store(f16_t* p) const {
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT));
+  }
+  // Stochastic rounding of elements lo .. lo + 15: float_to_bf16_sr with
+  // the bits sr_bits(key_hi, lo + k) of precision.h.
+  void store_sr(bf16_t* p, uint32_t key_hi, uint32_t lo) const {
+    const __m512i idx = _mm512_add_epi32(_mm512_set1_epi32(int(lo)),
+                                         _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+    __m512i b = _mm512_xor_si512(_mm512_set1_epi32(int(key_hi)), _mm512_mullo_epi32(idx, _mm512_set1_epi32(int(0x9e3779b9u))));
+    b = _mm512_xor_si512(b, _mm512_srli_epi32(b, 16));
+    b = _mm512_mullo_epi32(b, _mm512_set1_epi32(int(0x7feb352du)));
+    b = _mm512_xor_si512(b, _mm512_srli_epi32(b, 15));
+    b = _mm512_mullo_epi32(b, _mm512_set1_epi32(int(0x846ca68bu)));
+    b = _mm512_xor_si512(b, _mm512_srli_epi32(b, 16));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_castps_si512(x), _mm512_srli_epi32(b, 16)), 16);
+    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc0));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
   }
 };
 

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "../common/params.h"
+#include "../common/update_math.h"
 
 namespace fusedoptim {
 namespace cuda {

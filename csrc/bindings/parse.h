@@ -1,0 +1,325 @@
+// Parsing and checking of the binding layer's arguments, shared by the CPU
+// entry points (module.cpp) and the CUDA ones (cuda.cpp). Everything here
+// throws a Python exception before anything is written.
+#pragma once
+
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cmath>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "../common/params.h"
+#include "../common/precision.h"
+#include "../common/update_math.h"
+#include "../cpu/dispatch.h"
+
+namespace fusedoptim {
+namespace bind {
+
+namespace py = pybind11;
+
+// Python list of ints -> addresses. Much cheaper than the generic caster for
+// the thousands of pointers a large model passes on every step.
+inline std::vector<uintptr_t> addresses(const py::handle& obj, const char* what, size_t expect) {
+  if (!PyList_Check(obj.ptr())) throw py::type_error(std::string(what) + " must be a list of ints");
+  const Py_ssize_t n = PyList_GET_SIZE(obj.ptr());
+  if (size_t(n) != expect) {
+    throw py::value_error(std::string(what) + " has " + std::to_string(n) + " entries, expected " + std::to_string(expect));
+  }
+  std::vector<uintptr_t> out(static_cast<size_t>(n));
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    const unsigned long long v = PyLong_AsUnsignedLongLong(PyList_GET_ITEM(obj.ptr(), i));
+    if (v == static_cast<unsigned long long>(-1) && PyErr_Occurred()) throw py::error_already_set();
+    out[size_t(i)] = uintptr_t(v);
+  }
+  return out;
+}
+
+inline std::vector<int64_t> counts(const py::handle& obj) {
+  if (!PyList_Check(obj.ptr())) throw py::type_error("numels must be a list of ints");
+  const Py_ssize_t n = PyList_GET_SIZE(obj.ptr());
+  std::vector<int64_t> out(static_cast<size_t>(n));
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    const long long v = PyLong_AsLongLong(PyList_GET_ITEM(obj.ptr(), i));
+    if (v == -1 && PyErr_Occurred()) throw py::error_already_set();
+    if (v < 0) throw py::value_error("numels must be non-negative");
+    out[size_t(i)] = v;
+  }
+  return out;
+}
+
+inline void check_dtype(int32_t dtype) {
+  if (dtype != kFloat32 && dtype != kBFloat16 && dtype != kFloat16) {
+    throw py::value_error("unsupported dtype code " + std::to_string(dtype));
+  }
+}
+
+inline void check_finite(double v, const char* name, bool allow_negative = false) {
+  if (!std::isfinite(v) || (!allow_negative && v < 0)) {
+    throw py::value_error(std::string("Invalid ") + name + " value: " + std::to_string(v));
+  }
+}
+
+inline void check_ptr(uintptr_t p, int64_t numel, size_t align, const char* what, size_t k) {
+  if (numel == 0) return;
+  if (p == 0) throw py::value_error(std::string(what) + "[" + std::to_string(k) + "] is a null pointer");
+  if (p % align != 0) throw py::value_error(std::string(what) + "[" + std::to_string(k) + "] is misaligned for its dtype");
+}
+
+inline int resolve_threads(int num_threads) {
+  if (num_threads < 1) throw py::value_error("num_threads must be at least 1");
+  return num_threads;
+}
+
+// Validated hyperparameters of one Adam call: the step-independent scalars
+// and the weight-decay mode. Throws ValueError before anything is written.
+struct AdamCall {
+  AdamHyper hyper;
+  int wd_mode;
+};
+
+inline AdamCall adam_call(double lr, double beta1, double beta2, double eps, double weight_decay, bool decoupled) {
+  check_finite(lr, "learning rate");
+  check_finite(eps, "epsilon");
+  check_finite(weight_decay, "weight_decay");
+  if (!(beta1 >= 0.0 && beta1 < 1.0)) throw py::value_error("Invalid beta parameter at index 0: " + std::to_string(beta1));
+  if (!(beta2 >= 0.0 && beta2 < 1.0)) throw py::value_error("Invalid beta parameter at index 1: " + std::to_string(beta2));
+  AdamCall c;
+  const float w = float(1.0 - beta1);  // torch passes 1 - beta1 to lerp_ as a float
+  c.hyper.lerp_from_grad = !(w < 0.5f);
+  c.hyper.lerp_coeff = c.hyper.lerp_from_grad ? w - 1.0f : w;
+  c.hyper.beta2 = float(beta2);
+  c.hyper.one_minus_beta2 = float(1.0 - beta2);
+  c.hyper.eps = float(eps);
+  c.hyper.weight_decay = float(weight_decay);
+  c.hyper.decay = decoupled ? float(1.0 - lr * weight_decay) : 1.0f;
+  c.wd_mode = weight_decay == 0.0 ? kNoDecay : (decoupled ? kDecoupled : kL2);
+  return c;
+}
+
+struct SGDCall {
+  SGDHyper hyper;
+  int momentum_mode;
+};
+
+inline SGDCall sgd_call(double lr, double weight_decay, double momentum, double dampening, bool nesterov) {
+  check_finite(lr, "learning rate");
+  check_finite(weight_decay, "weight_decay");
+  check_finite(momentum, "momentum value");
+  check_finite(dampening, "dampening value", /*allow_negative=*/true);
+  if (nesterov && (momentum <= 0.0 || dampening != 0.0)) {
+    throw py::value_error("Nesterov momentum requires a momentum and zero dampening");
+  }
+  SGDCall c;
+  c.hyper.neg_lr = float(-lr);
+  c.hyper.weight_decay = float(weight_decay);
+  c.hyper.momentum = float(momentum);
+  c.hyper.one_minus_dampening = float(1.0 - dampening);
+  c.momentum_mode = momentum == 0.0 ? kNoMomentum : (nesterov ? kNesterov : kMomentum);
+  return c;
+}
+
+// Precision options of a call (Note [precision options] in
+// common/precision.h), checked: which storage the states use, how the
+// param is stored, the stochastic-rounding seed and the grad multiplier.
+struct Options {
+  int32_t dtype = kFloat32;        // params and grads
+  int32_t state_dtype = kFloat32;  // exp_avg, exp_avg_sq, max_exp_avg_sq, momentum_buffer
+  int store = kStorePlain;
+  uint64_t seed = 0;
+  float grad_mul = 1.0f;
+};
+
+inline Options options(int32_t dtype, int32_t state_dtype, int store, uint64_t seed, double grad_mul) {
+  check_dtype(dtype);
+  Options o;
+  o.dtype = dtype;
+  o.state_dtype = state_dtype < 0 ? dtype : state_dtype;
+  check_dtype(o.state_dtype);
+  o.store = store;
+  if (!layout_supported(o.dtype, o.state_dtype, store)) {
+    throw py::value_error(std::string("unsupported combination: ") + dtype_name(o.dtype) + " params, " +
+                          dtype_name(o.state_dtype) + " states, store mode " + std::to_string(store));
+  }
+  // The multiplier is the clip coefficient: NaN or 0 are legitimate (a
+  // non-finite grad norm), a negative or larger-than-1 one is not.
+  if (!(grad_mul >= 0.0 && grad_mul <= 1.0) && !std::isnan(grad_mul)) {
+    throw py::value_error("grad_mul must lie in [0, 1] (or be NaN), got " + std::to_string(grad_mul));
+  }
+  o.grad_mul = float(grad_mul);
+  o.seed = seed;
+  return o;
+}
+
+// The extra stream of each tensor (fp32 master or Kahan compensation), or
+// nothing for the other store modes.
+inline std::vector<uintptr_t> extra_streams(py::handle extras, const Options& o, const std::vector<int64_t>& numels) {
+  const size_t n = numels.size();
+  const bool needed = o.store == kStoreMaster || o.store == kStoreKahan;
+  if (!needed) {
+    if (!extras.is_none()) throw py::value_error("extras are only taken with store mode master or kahan");
+    return {};
+  }
+  if (extras.is_none()) throw py::value_error("store mode master/kahan needs extras (one stream per tensor)");
+  const auto x = addresses(extras, "extras", n);
+  const size_t align = o.store == kStoreMaster ? sizeof(float) : dtype_size(o.dtype);
+  for (size_t k = 0; k < n; ++k) check_ptr(x[k], numels[k], align, "extras", k);
+  return x;
+}
+
+// Tensor ids of stochastic rounding: part of each tensor's random key.
+inline std::vector<uint32_t> tensor_ids(py::handle ids, const Options& o, size_t n) {
+  if (o.store != kStoreStochastic) return {};
+  if (ids.is_none()) throw py::value_error("stochastic rounding needs tensor_ids (one per tensor)");
+  const auto v = addresses(ids, "tensor_ids", n);
+  std::vector<uint32_t> out(n);
+  for (size_t k = 0; k < n; ++k) {
+    if (v[k] > 0xffffffffu) throw py::value_error("tensor_ids must fit in 32 bits");
+    out[k] = uint32_t(v[k]);
+  }
+  return out;
+}
+
+// The tensor lists of an Adam call, parsed and checked; nothing written yet.
+struct AdamLists {
+  std::vector<AdamTensor> tensors;  // coeffs and sr_key unset until count_host_steps()
+  std::vector<float*> steps;        // float32 step counters, one per tensor
+  std::vector<uint32_t> ids;        // stochastic rounding: tensor ids
+};
+
+inline AdamLists adam_lists(py::handle params, py::handle grads, py::handle exp_avgs, py::handle exp_avg_sqs,
+                            py::handle max_exp_avg_sqs, py::handle steps, py::handle numels_obj, const Options& o,
+                            bool amsgrad, py::handle extras = py::none(), py::handle ids = py::none()) {
+  const std::vector<int64_t> numels = counts(numels_obj);
+  const size_t n = numels.size();
+  const auto p = addresses(params, "params", n);
+  const auto g = addresses(grads, "grads", n);
+  const auto m = addresses(exp_avgs, "exp_avgs", n);
+  const auto v = addresses(exp_avg_sqs, "exp_avg_sqs", n);
+  std::vector<uintptr_t> vmax;
+  if (amsgrad) {
+    if (max_exp_avg_sqs.is_none()) throw py::value_error("amsgrad=True needs max_exp_avg_sqs");
+    vmax = addresses(max_exp_avg_sqs, "max_exp_avg_sqs", n);
+  }
+  const auto s = addresses(steps, "steps", n);
+  const auto x = extra_streams(extras, o, numels);
+  AdamLists out;
+  out.ids = tensor_ids(ids, o, n);
+  const size_t align = dtype_size(o.dtype);
+  const size_t salign = dtype_size(o.state_dtype);
+  for (size_t k = 0; k < n; ++k) {
+    check_ptr(p[k], numels[k], align, "params", k);
+    check_ptr(g[k], numels[k], align, "grads", k);
+    check_ptr(m[k], numels[k], salign, "exp_avgs", k);
+    check_ptr(v[k], numels[k], salign, "exp_avg_sqs", k);
+    if (amsgrad) check_ptr(vmax[k], numels[k], salign, "max_exp_avg_sqs", k);
+    check_ptr(s[k], 1, alignof(float), "steps", k);
+  }
+  out.tensors.resize(n);
+  out.steps.resize(n);
+  for (size_t k = 0; k < n; ++k) {
+    AdamTensor& t = out.tensors[k];
+    t.param = reinterpret_cast<void*>(p[k]);
+    t.grad = reinterpret_cast<const void*>(g[k]);
+    t.exp_avg = reinterpret_cast<void*>(m[k]);
+    t.exp_avg_sq = reinterpret_cast<void*>(v[k]);
+    t.max_exp_avg_sq = amsgrad ? reinterpret_cast<void*>(vmax[k]) : nullptr;
+    t.extra = x.empty() ? nullptr : reinterpret_cast<void*>(x[k]);
+    t.numel = numels[k];
+    t.coeffs = AdamCoeffs{0.0f, 0.0f};
+    out.steps[k] = reinterpret_cast<float*>(s[k]);
+  }
+  return out;
+}
+
+// Host step counters: the first write of a step. Each float32 counter is
+// incremented in fp32, as torch does with `step_t += 1`, and gives its
+// tensor's bias corrections (and, with stochastic rounding, its random key).
+inline void count_host_steps(AdamLists& lists, double lr, double beta1, double beta2, const Options& o) {
+  cpu::AdamCoeffCache coeff_cache(lr, beta1, beta2);
+  const bool sr = o.store == kStoreStochastic;
+  for (size_t k = 0; k < lists.tensors.size(); ++k) {
+    *lists.steps[k] += 1.0f;
+    lists.tensors[k].coeffs = coeff_cache.get(*lists.steps[k]);
+    if (sr) lists.tensors[k].sr_key = sr_key(o.seed, uint32_t(*lists.steps[k]), lists.ids[k]);
+  }
+}
+
+// The tensor lists of an SGD call, parsed and checked; nothing written yet.
+// With stochastic rounding, `steps` are float32 step counters (SGD keeps
+// none in torch) that give the random keys.
+struct SGDLists {
+  std::vector<SGDTensor> tensors;
+  std::vector<float*> steps;
+  std::vector<uint32_t> ids;
+};
+
+inline SGDLists sgd_lists(py::handle params, py::handle grads, py::handle momentum_buffers, py::handle first_step,
+                          py::handle numels_obj, const Options& o, bool use_momentum,
+                          py::handle extras = py::none(), py::handle steps = py::none(),
+                          py::handle ids = py::none()) {
+  const std::vector<int64_t> numels = counts(numels_obj);
+  const size_t n = numels.size();
+  const auto p = addresses(params, "params", n);
+  const auto g = addresses(grads, "grads", n);
+  std::vector<uintptr_t> b;
+  std::vector<char> first(n, 0);
+  if (use_momentum) {
+    if (momentum_buffers.is_none() || first_step.is_none()) {
+      throw py::value_error("momentum != 0 needs momentum_buffers and first_step");
+    }
+    b = addresses(momentum_buffers, "momentum_buffers", n);
+    if (!PyList_Check(first_step.ptr()) || size_t(PyList_GET_SIZE(first_step.ptr())) != n) {
+      throw py::value_error("first_step must be a list of bools, one per tensor");
+    }
+    for (size_t k = 0; k < n; ++k) first[k] = char(PyObject_IsTrue(PyList_GET_ITEM(first_step.ptr(), Py_ssize_t(k))) == 1);
+  }
+  const auto x = extra_streams(extras, o, numels);
+  SGDLists out;
+  out.ids = tensor_ids(ids, o, n);
+  std::vector<uintptr_t> s;
+  if (o.store == kStoreStochastic) {
+    if (steps.is_none()) throw py::value_error("stochastic rounding needs steps (one counter per tensor)");
+    s = addresses(steps, "steps", n);
+  } else if (!steps.is_none()) {
+    throw py::value_error("SGD takes steps only with stochastic rounding");
+  }
+  const size_t align = dtype_size(o.dtype);
+  for (size_t k = 0; k < n; ++k) {
+    check_ptr(p[k], numels[k], align, "params", k);
+    check_ptr(g[k], numels[k], align, "grads", k);
+    if (use_momentum) check_ptr(b[k], numels[k], dtype_size(o.state_dtype), "momentum_buffers", k);
+    if (!s.empty()) check_ptr(s[k], 1, alignof(float), "steps", k);
+  }
+  out.tensors.resize(n);
+  for (size_t k = 0; k < n; ++k) {
+    SGDTensor& t = out.tensors[k];
+    t.param = reinterpret_cast<void*>(p[k]);
+    t.grad = reinterpret_cast<const void*>(g[k]);
+    t.momentum_buffer = use_momentum ? reinterpret_cast<void*>(b[k]) : nullptr;
+    t.extra = x.empty() ? nullptr : reinterpret_cast<void*>(x[k]);
+    t.numel = numels[k];
+    t.first_step = first[k] != 0;
+    if (!s.empty()) out.steps.push_back(reinterpret_cast<float*>(s[k]));
+  }
+  return out;
+}
+
+// SGD step counters (stochastic rounding only): +1 in fp32, then the keys.
+inline void count_sgd_steps(SGDLists& lists, const Options& o) {
+  if (o.store != kStoreStochastic) return;
+  for (size_t k = 0; k < lists.tensors.size(); ++k) {
+    *lists.steps[k] += 1.0f;
+    lists.tensors[k].sr_key = sr_key(o.seed, uint32_t(*lists.steps[k]), lists.ids[k]);
+  }
+}
+
+// Registers the CUDA backends (module cuda.cpp): _C.cuda_emulation always,
+// _C.cuda when built with nvcc, and _C.cuda_info.
+void def_cuda(py::module_& m);
+
+}  // namespace bind
+}  // namespace fusedoptim
