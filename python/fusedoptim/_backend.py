@@ -30,7 +30,8 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import _use_grad_for_differentiable
 
-from . import _C, _cuda, _ops
+from . import _C, _cuda, _ops, _precision
+from ._precision import OPTION_DEFAULTS, Options
 
 __all__ = [
     "backend_info",
@@ -152,7 +153,7 @@ def _hyper(value: Any, name: str, upper: float = math.inf) -> float:
 class _Bucket:
     """One native call: the tensors of one group that share a dtype."""
 
-    __slots__ = ("code", "index", "params", "numels", "pptrs", "streams", "steps", "first", "refs")
+    __slots__ = ("code", "index", "params", "numels", "pptrs", "streams", "steps", "first", "refs", "ids")
 
     def __init__(self, code: int) -> None:
         self.code = code
@@ -164,6 +165,7 @@ class _Bucket:
         self.steps: List[int] = []
         self.first: List[bool] = []
         self.refs: List[Tensor] = []  # keeps every tensor we hold a pointer to alive
+        self.ids: List[int] = []  # stochastic rounding: the params' positions in the optimizer
 
 
 class _Plan:
@@ -265,6 +267,8 @@ class FusedOptimizerMixin:
 
     _torch_cls: type
     _fo_has_step: bool = False
+    #: The clip coefficient of max_grad_norm for this step's kernels (None: no clipping).
+    _fo_clip: Any = None
     #: Threads of the CPU kernels for this optimizer; None follows
     #: :func:`fusedoptim.get_num_threads`.
     num_threads: Optional[int] = None
@@ -280,10 +284,125 @@ class FusedOptimizerMixin:
         """
         return list(self.__dict__.get("_fo_last", []))
 
+    @property
+    def last_grad_norm(self) -> Optional[Tensor]:
+        """With ``max_grad_norm``: the global grad norm of the last step (a
+        0-d float32 tensor, what ``clip_grad_norm_`` returns), else None."""
+        return self.__dict__.get("_fo_last_norm")
+
+    def torch_state_dict(self) -> Dict[str, Any]:
+        """A ``state_dict`` for torch.optim: without the state of fusedoptim's
+        precision options (``master_param``, ``kahan_comp``, SGD's ``step``)
+        and with the moments in each param's dtype, as torch keeps them.
+
+        Warns (UserWarning) when something is dropped: e.g. torch keeps no
+        fp32 master copy, so the params' rounded values carry on.
+        """
+        sd = self.state_dict()  # type: ignore[attr-defined]
+        params = [p for g in self.param_groups for p in g["params"]]  # type: ignore[attr-defined]
+        dropped = set()
+        new_state = {}
+        for pid, st in sd["state"].items():
+            p = params[pid] if isinstance(pid, int) and pid < len(params) else None
+            out = {}
+            for key, v in st.items():
+                if key in _precision.EXTRA_KEYS or (key == "step" and not self._fo_has_step):
+                    dropped.add(key)
+                    continue
+                if key in _precision.MOMENT_KEYS and isinstance(v, Tensor) and p is not None and v.dtype != p.dtype:
+                    v = v.to(p.dtype)
+                    dropped.add(f"{key} precision")
+                out[key] = v
+            new_state[pid] = out
+        groups = []
+        for g in sd["param_groups"]:
+            g = {k: v for k, v in g.items() if k not in OPTION_DEFAULTS and k != "sr_seed"}
+            groups.append(g)
+        if dropped:
+            import warnings
+
+            warnings.warn(
+                "torch_state_dict(): dropped fusedoptim-only state torch.optim does not use: "
+                + ", ".join(sorted(dropped)),
+                UserWarning,
+                stacklevel=2,
+            )
+        return {"state": new_state, "param_groups": groups}
+
     # -- torch.optim.Optimizer protocol ------------------------------------------
+    def add_param_group(self, param_group: Dict[str, Any]) -> None:
+        super().add_param_group(param_group)  # type: ignore[misc]
+        if "master_weights" in self.defaults:  # type: ignore[attr-defined]  # (after __init__)
+            self._fo_check_group_options(self.param_groups[-1], len(self.param_groups) - 1)  # type: ignore[attr-defined]
+
+    def _fo_setup_options(self, options: Dict[str, Any]) -> None:
+        """Validate the precision options of the constructor and store them in
+        ``defaults`` and every group (they are param-group options)."""
+        _precision.check_options(options)
+        options = dict(options)
+        if options["stochastic_rounding"]:
+            options["sr_seed"] = _precision.draw_seed()
+        self.defaults.update(options)  # type: ignore[attr-defined]
+        for gi, group in enumerate(self.param_groups):  # type: ignore[attr-defined]
+            for k, v in options.items():
+                group.setdefault(k, v)
+            self._fo_check_group_options(group, gi)
+
+    def _fo_check_group_options(self, group: Dict[str, Any], gi: int) -> None:
+        _precision.check_options({k: group.get(k, v) for k, v in OPTION_DEFAULTS.items()})
+        if group.get("stochastic_rounding") and "sr_seed" not in group:
+            group["sr_seed"] = _precision.draw_seed()
+        _precision.check_group(self._fo_opts(group), group, gi)
+
+    def _fo_opts(self, group: Dict[str, Any]) -> Options:
+        get = group.get
+        return Options(bool(get("master_weights", False)), bool(get("stochastic_rounding", False)),
+                       bool(get("kahan_summation", False)), get("state_dtype"), get("max_grad_norm"),
+                       int(get("sr_seed", 0)))
+
+    def _fo_uses_step(self, group: Dict[str, Any]) -> bool:
+        """Whether params of this group keep a float32 ``step`` the kernels count."""
+        return self._fo_has_step or bool(group.get("stochastic_rounding", False))
+
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         self._fo_plans = {}
+        # torch's loader casts every floating state tensor to its param's
+        # dtype; the precision options keep other dtypes (fp32 master and
+        # moments, bf16 moments). Keep the saved tensors and cast them here.
+        saved = []
+        for g_saved, g in zip(state_dict.get("param_groups", []), self.param_groups):  # type: ignore[attr-defined]
+            for sid, p in zip(g_saved.get("params", []), g["params"]):
+                st = state_dict.get("state", {}).get(sid)
+                if isinstance(st, dict):
+                    for key, v in st.items():
+                        if isinstance(v, Tensor) and (key in _precision.MOMENT_KEYS or key in _precision.EXTRA_KEYS):
+                            saved.append((p, key, v))
         super().load_state_dict(state_dict)  # type: ignore[misc]
+        # A checkpoint without the options (e.g. torch's) keeps this optimizer's.
+        for gi, group in enumerate(self.param_groups):  # type: ignore[attr-defined]
+            for k in OPTION_DEFAULTS:
+                group.setdefault(k, self.defaults.get(k, OPTION_DEFAULTS[k]))  # type: ignore[attr-defined]
+            if group.get("stochastic_rounding") and "sr_seed" not in group:
+                group["sr_seed"] = self.defaults.get("sr_seed", 0) or _precision.draw_seed()  # type: ignore[attr-defined]
+        group_of = {id(p): g for g in self.param_groups for p in g["params"]}  # type: ignore[attr-defined]
+        dropped = set()
+        for p, key, v in saved:
+            o = self._fo_opts(group_of[id(p)])
+            st = self.state[p]  # type: ignore[attr-defined]
+            if key in _precision.EXTRA_KEYS and key != o.extra_key:
+                st.pop(key, None)
+                dropped.add(key)
+            elif p.is_floating_point():
+                st[key] = v.to(dtype=o.key_dtype(p, key), device=p.device)
+        if dropped:
+            import warnings
+
+            warnings.warn(
+                f"load_state_dict: ignored state of precision options this optimizer does not use: "
+                f"{', '.join(sorted(dropped))}",
+                UserWarning,
+                stacklevel=2,
+            )
         self._fo_plans = {}
 
     def __getstate__(self) -> Dict[str, Any]:
@@ -339,6 +458,8 @@ class FusedOptimizerMixin:
                 hyper = None
                 cached = plans.get(id(group))
                 plan = cached[1] if cached is not None and cached[0] is group else None
+                if plan is not None and self._fo_opts(group).active:
+                    plan = None  # precision options take the general path
                 if (
                     plan is not None
                     and plan.native is not None
@@ -389,11 +510,18 @@ class FusedOptimizerMixin:
                 if grads:
                     _unscale_(grads, grad_scale)
 
+            threads = self.num_threads if self.num_threads is not None else get_num_threads()
+            # max_grad_norm: the global norm of all grads (after AMP
+            # unscaling), before anything is updated.
+            self._fo_clip = None
+            max_norm = self._fo_max_grad_norm()
+            if max_norm is not None:
+                self._fo_clip = self._fo_grad_norm(work, max_norm, threads)
+
             # Phase 2: create missing state, run the kernels, then torch.
             names: List[str] = []
             fallback_groups: List[Dict[str, Any]] = []
             isa = _C.get_cpu_isa()
-            threads = self.num_threads if self.num_threads is not None else get_num_threads()
             cuda_name = "native-cuda" + ("-emulated" if _cuda.emulating() else "")
             for group, plan, ps, gs, hyper, fast in work:
                 if plan is None:
@@ -520,7 +648,69 @@ class FusedOptimizerMixin:
             plan.fallback = sorted(plan.fallback + native)
             plan.buckets = []
             plan.cuda = []
+        opts = self._fo_opts(group)
+        if opts.active:
+            self._fo_check_precision(group, opts, ps, plan)
         return plan
+
+    def _fo_check_precision(self, group: Dict[str, Any], opts: Options, ps: List[Tensor], plan: _Plan) -> None:
+        """Phase 1 for a group with precision options: every param must be one
+        the kernels take (torch has no implementation of these options)."""
+        gi = next(k for k, g in enumerate(self.param_groups) if g is group)  # type: ignore[attr-defined]
+        for i, p in enumerate(ps):
+            _precision.check_param(opts, p, f"param {i} of group {gi}")
+        if plan.fallback:
+            i = plan.fallback[0]
+            p = ps[i]
+            why = f"a {p.layout} {p.dtype} tensor on {p.device}"
+            if not _local(p).is_contiguous():
+                why += ", not contiguous"
+            if group.get("differentiable"):
+                why += ", with differentiable=True"
+            raise RuntimeError(
+                f"{type(self).__name__}: the precision options (master_weights, stochastic_rounding, "
+                f"kahan_summation, state_dtype, max_grad_norm) need params the fused kernels take: dense, "
+                f"contiguous, not sharing memory, float32/bfloat16/float16 on the CPU (or a usable GPU), "
+                f"with state in the options' layout; param {i} of group {gi} ({why}) is not one. "
+                f"Nothing was updated."
+            )
+        if plan.cuda and not _cuda.precision_supported():
+            raise RuntimeError(
+                f"{type(self).__name__}: the precision options are not supported on the CUDA path of "
+                f"this build (param {plan.cuda[0]} of group {gi}). Nothing was updated."
+            )
+
+    def _fo_max_grad_norm(self) -> Optional[float]:
+        """The optimizer's max_grad_norm: one value for all groups, or None."""
+        values = {g.get("max_grad_norm") for g in self.param_groups}  # type: ignore[attr-defined]
+        if values == {None}:
+            return None
+        if len(values) > 1:
+            raise ValueError(
+                "max_grad_norm clips the global norm of all grads of the optimizer: every param group "
+                f"must have the same value, got {sorted(values, key=str)}"
+            )
+        return float(values.pop())
+
+    def _fo_grad_norm(self, work: List[Tuple[Any, ...]], max_norm: float, threads: int) -> Tuple[float, Any]:
+        """The global grad norm of this step and the clip coefficient.
+
+        Returns (coefficient for the CPU kernels, device coefficient or None).
+        Sets :attr:`last_grad_norm`.
+        """
+        grads: List[Tensor] = []
+        for group, plan, ps, gs, hyper, fast in work:
+            if gs:
+                grads.extend(_local(g) for g in gs)
+        cpu = [g for g in grads if g.device.type == "cpu"]
+        if len(cpu) != len(grads):
+            return _cuda.clip_on_device(self, grads, max_norm)
+        keep = [g if g.is_contiguous() else g.contiguous() for g in cpu]
+        sumsq = _C.grad_norm_sq([g.data_ptr() for g in keep], [g.numel() for g in keep],
+                                [DTYPE_CODES[g.dtype] for g in keep], threads)
+        norm, coef = _C.clip_coef(sumsq, max_norm)
+        self._fo_last_norm = torch.tensor(norm, dtype=torch.float32)
+        return coef
 
     def _fo_check_state(self, i: int, p: Tensor, state: dict, group: Dict[str, Any]) -> None:
         """Existing state must fit its param, else torch's code would fail midway."""
@@ -543,6 +733,9 @@ class FusedOptimizerMixin:
         pptrs = [lp.data_ptr() for lp in locals_]
         sharded = False
         plan.state_dicts = []
+        opts = self._fo_opts(group)
+        uses_step = self._fo_uses_step(group)
+        position = self._fo_positions() if opts.stochastic_rounding else {}
         for bucket in plan.buckets:
             bucket.params, bucket.numels, bucket.pptrs, bucket.steps, bucket.first, bucket.refs = [], [], [], [], [], []
             bucket.streams = {k: [] for k in keys}
@@ -550,7 +743,7 @@ class FusedOptimizerMixin:
                 p = ps[i]
                 # Touch optimizer.state only where torch would keep state
                 # (SGD without momentum keeps none).
-                state = state_all[p] if (keys or self._fo_has_step) else {}
+                state = state_all[p] if (keys or uses_step) else {}
                 bucket.first.append(self._fo_init_state(p, state, group))
                 bucket.params.append(p)
                 bucket.numels.append(locals_[i].numel())
@@ -560,16 +753,18 @@ class FusedOptimizerMixin:
                     t = state[k]
                     bucket.streams[k].append(_local(t).data_ptr())
                     bucket.refs.append(t)
-                if self._fo_has_step:
+                if uses_step:
                     bucket.steps.append(state["step"].data_ptr())
                     bucket.refs.append(state["step"])
+                if opts.stochastic_rounding:
+                    bucket.ids.append(position[id(p)])
                 plan.state_dicts.append(state)
         plan.built = True
         plan.native = None
         params = group["params"]
         # Sharded params take the general path every step: the C plan checks
         # params by their own addresses, which a DTensor does not have.
-        if plan.buckets and isinstance(params, list) and not sharded:
+        if plan.buckets and isinstance(params, list) and not sharded and not opts.active:
             tracked = self._fo_tracked_keys(plan)
             plan.native = _C.StepPlan(
                 params,
@@ -635,6 +830,15 @@ class FusedOptimizerMixin:
             dtypes, shapes,
         )
         return _CudaPlan(native, [b for b, _ in batches])
+
+    def _fo_positions(self) -> Dict[int, int]:
+        """id(param) -> its position in the optimizer, over all groups in order
+        (the tensor id of stochastic rounding; stable across state_dicts)."""
+        out: Dict[int, int] = {}
+        for g in self.param_groups:  # type: ignore[attr-defined]
+            for p in g["params"]:
+                out.setdefault(id(p), len(out))
+        return out
 
     def _fo_tracked_keys(self, plan: _Plan) -> Tuple[str, ...]:
         return plan.state_keys + (("step",) if self._fo_has_step else ())

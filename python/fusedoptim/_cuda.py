@@ -77,6 +77,16 @@ def emulate(enabled: bool = True, param_space: str = "auto") -> Iterator[None]:
         _emulate, _param_space = saved
 
 
+def precision_supported() -> bool:
+    """Whether the CUDA path (real or emulated) takes the precision options."""
+    return False
+
+
+def clip_on_device(opt: Any, grads: List[Tensor], max_norm: float) -> Any:
+    """max_grad_norm over grads on a GPU: the norm and coefficient stay on the device."""
+    raise RuntimeError("max_grad_norm with CUDA params is not supported by this build")
+
+
 def emulating() -> bool:
     return _emulate
 

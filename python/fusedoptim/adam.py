@@ -10,6 +10,7 @@ from torch import Tensor
 
 from . import _C, _cuda
 from ._backend import DTYPE_CODES, FusedOptimizerMixin, _Bucket, _hyper, _local
+from ._precision import OPTION_DEFAULTS, Options
 
 __all__ = ["Adam", "AdamW"]
 
@@ -51,9 +52,9 @@ class _FusedAdamMixin(FusedOptimizerMixin):
         return lr, beta1, beta2, eps, wd, decoupled, bool(group["amsgrad"]), bool(group["maximize"])
 
     def _fo_state_keys(self, group: Dict[str, Any]) -> Tuple[str, ...]:
-        if group["amsgrad"]:
-            return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
-        return ("exp_avg", "exp_avg_sq")
+        keys: Tuple[str, ...] = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if group["amsgrad"] else ("exp_avg", "exp_avg_sq")
+        extra = self._fo_opts(group).extra_key
+        return keys + (extra,) if extra else keys
 
     def _fo_check_grad(self, i: int, p: Tensor, g: Tensor) -> None:
         if g.is_sparse:
@@ -65,20 +66,17 @@ class _FusedAdamMixin(FusedOptimizerMixin):
         if not (isinstance(step, Tensor) and step.dtype == torch.float32 and step.device.type == "cpu"
                 and step.numel() == 1 and not step.requires_grad):
             return False
-        for key in self._fo_state_keys(group):
-            t = state.get(key)
-            if t is not None and not (t.dtype == p.dtype and t.device == p.device and _local(t).is_contiguous()
-                                      and _local(t).shape == _local(p).shape):
-                return False
-        return True
+        return _states_fit(p, state, self._fo_state_keys(group), self._fo_opts(group))
 
     def _fo_init_state(self, p: Tensor, state: Dict[str, Any], group: Dict[str, Any]) -> bool:
-        # torch's layout: a float32 0-d `step` and moments shaped like the param.
+        # torch's layout: a float32 0-d `step` and moments shaped like the param
+        # (in the dtypes of the precision options, when set).
         if "step" not in state:
             state["step"] = torch.tensor(0.0, dtype=torch.float32)
+        opts = self._fo_opts(group)
         for key in self._fo_state_keys(group):
             if state.get(key) is None:
-                state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state[key] = _new_state(p, key, opts)
         return False
 
     def _fo_state_usable_cuda(self, p: Tensor, state: Dict[str, Any], group: Dict[str, Any]) -> bool:
@@ -88,12 +86,7 @@ class _FusedAdamMixin(FusedOptimizerMixin):
         if not (isinstance(step, Tensor) and step.dtype == torch.float32 and step.numel() == 1
                 and not step.requires_grad and (step.device.type == "cpu" or step.device == p.device)):
             return False
-        for key in self._fo_state_keys(group):
-            t = state.get(key)
-            if t is not None and not (t.dtype == p.dtype and t.device == p.device and _local(t).is_contiguous()
-                                      and _local(t).shape == _local(p).shape):
-                return False
-        return True
+        return _states_fit(p, state, self._fo_state_keys(group), self._fo_opts(group))
 
     def _fo_run_cuda(self, group: Dict[str, Any], params: List[Tensor], grads: List[Tensor],
                      hyper: Tuple[Any, ...], grad_scale: Optional[Tensor],
@@ -145,10 +138,53 @@ class _FusedAdamMixin(FusedOptimizerMixin):
         lr, beta1, beta2, eps, wd, decoupled, amsgrad, maximize = hyper
         lr = float(lr)
         s = bucket.streams
+        opts = self._fo_opts(group)
+        if not opts.active:
+            _C.adam_step(
+                bucket.pptrs, gptrs, s["exp_avg"], s["exp_avg_sq"], s.get("max_exp_avg_sq"), bucket.steps,
+                bucket.numels, bucket.code, lr, beta1, beta2, eps, wd, decoupled, amsgrad, maximize, threads,
+            )
+            return
         _C.adam_step(
             bucket.pptrs, gptrs, s["exp_avg"], s["exp_avg_sq"], s.get("max_exp_avg_sq"), bucket.steps,
             bucket.numels, bucket.code, lr, beta1, beta2, eps, wd, decoupled, amsgrad, maximize, threads,
+            **_precision_kwargs(self, bucket, opts),
         )
+
+
+def _new_state(p: Tensor, key: str, opts: "Options") -> Tensor:
+    """A new state tensor: zeros (moments, Kahan compensation) or the param
+    itself in float32 (master weights), in the options' dtype."""
+    if key == "master_param":
+        return p.detach().to(dtype=torch.float32, memory_format=torch.preserve_format, copy=True)
+    return torch.zeros_like(p, dtype=opts.key_dtype(p, key), memory_format=torch.preserve_format)
+
+
+def _states_fit(p: Tensor, state: Dict[str, Any], keys: Tuple[str, ...], opts: "Options") -> bool:
+    """Whether the existing state tensors of p are in the layout the kernels expect."""
+    lp = _local(p)
+    for key in keys:
+        t = state.get(key)
+        if t is not None and not (isinstance(t, Tensor) and t.dtype == opts.key_dtype(p, key) and t.device == p.device
+                                  and _local(t).is_contiguous() and _local(t).shape == lp.shape):
+            return False
+    return True
+
+
+def _precision_kwargs(opt: Any, bucket: _Bucket, opts: "Options") -> Dict[str, Any]:
+    """Keyword arguments of the native step for a group with precision options."""
+    p0 = bucket.params[0]
+    kw: Dict[str, Any] = {
+        "state_dtype": DTYPE_CODES[opts.moment_dtype(p0)],
+        "store": opts.store,
+        "grad_mul": 1.0 if opt._fo_clip is None else opt._fo_clip,
+    }
+    if opts.extra_key is not None:
+        kw["extras"] = bucket.streams[opts.extra_key]
+    if opts.stochastic_rounding:
+        kw["tensor_ids"] = bucket.ids
+        kw["seed"] = opts.seed
+    return kw
 
 
 def _check_grad_matches(i: int, p: Tensor, g: Tensor) -> None:
@@ -189,6 +225,26 @@ class Adam(_FusedAdamMixin, torch.optim.Adam):
         fused: accepted; the CPU step is always fused. ``True`` also lets
             ``torch.amp.GradScaler`` hand the unscaling to the step.
         decoupled_weight_decay: AdamW-style decay (default: False).
+        master_weights: bf16/fp16 params only: keep an fp32 copy of each param
+            (``state["master_param"]``) and fp32 moments; the update runs on
+            the copy and the param receives it rounded to nearest.
+        stochastic_rounding: bf16 params only: round each updated param up
+            or down at random, with probability by distance (unbiased), so
+            updates below half a bf16 step still count on average. The bits
+            are reproducible: a hash of (seed, step, param, element); the
+            seed comes from torch's generator and is kept in the param group.
+        kahan_summation: bf16/fp16 params only: carry each store's rounding
+            error into the next step (``state["kahan_comp"]``, param dtype).
+        state_dtype: ``torch.bfloat16`` stores the moments of fp32 params in
+            bf16 (math in fp32): 4 instead of 8 bytes of state per param.
+        max_grad_norm: clip the global L2 norm of all grads of the optimizer
+            to this value in the same step, as ``clip_grad_norm_`` followed
+            by the step would, without writing the grads;
+            :attr:`last_grad_norm` gives the norm.
+
+    The precision options are off by default (torch's results). They need
+    params the fused kernels take (dense, contiguous, CPU or GPU) and raise
+    otherwise; bad combinations raise ValueError.
 
     Threads default to :func:`torch.get_num_threads`; set
     :func:`fusedoptim.set_num_threads` or the ``num_threads`` attribute to
@@ -212,6 +268,11 @@ class Adam(_FusedAdamMixin, torch.optim.Adam):
         differentiable: bool = False,
         fused: bool | None = None,
         decoupled_weight_decay: bool = False,
+        master_weights: bool = False,
+        stochastic_rounding: bool = False,
+        kahan_summation: bool = False,
+        state_dtype: Optional[torch.dtype] = None,
+        max_grad_norm: Optional[float] = None,
     ) -> None:
         _check_fused(fused, foreach, differentiable)
         kwargs: Dict[str, Any] = dict(
@@ -225,6 +286,10 @@ class Adam(_FusedAdamMixin, torch.optim.Adam):
             )
         torch.optim.Adam.__init__(self, params, lr, betas, eps, weight_decay, amsgrad, **kwargs)
         self._fo_set_fused(fused)
+        self._fo_setup_options(dict(
+            master_weights=master_weights, stochastic_rounding=stochastic_rounding,
+            kahan_summation=kahan_summation, state_dtype=state_dtype, max_grad_norm=max_grad_norm,
+        ))
 
 
 class AdamW(_FusedAdamMixin, torch.optim.AdamW):
@@ -232,7 +297,9 @@ class AdamW(_FusedAdamMixin, torch.optim.AdamW):
 
     Same arguments, defaults (``weight_decay=1e-2``), validation and
     ``state_dict`` as torch's AdamW; see :class:`fusedoptim.Adam` for what
-    runs natively and what falls back to torch.
+    runs natively and what falls back to torch, and for the precision
+    options (``master_weights``, ``stochastic_rounding``,
+    ``kahan_summation``, ``state_dtype``, ``max_grad_norm``).
     """
 
     _torch_cls = torch.optim.AdamW
@@ -252,6 +319,11 @@ class AdamW(_FusedAdamMixin, torch.optim.AdamW):
         capturable: bool = False,
         differentiable: bool = False,
         fused: bool | None = None,
+        master_weights: bool = False,
+        stochastic_rounding: bool = False,
+        kahan_summation: bool = False,
+        state_dtype: Optional[torch.dtype] = None,
+        max_grad_norm: Optional[float] = None,
     ) -> None:
         _check_fused(fused, foreach, differentiable)
         torch.optim.AdamW.__init__(
@@ -259,3 +331,7 @@ class AdamW(_FusedAdamMixin, torch.optim.AdamW):
             maximize=maximize, foreach=foreach, capturable=capturable, differentiable=differentiable, fused=None,
         )
         self._fo_set_fused(fused)
+        self._fo_setup_options(dict(
+            master_weights=master_weights, stochastic_rounding=stochastic_rounding,
+            kahan_summation=kahan_summation, state_dtype=state_dtype, max_grad_norm=max_grad_norm,
+        ))

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from . import _C, _cuda
 from ._backend import DTYPE_CODES, FusedOptimizerMixin, _Bucket, _hyper, _local, _scalar
-from .adam import ParamsT, _check_fused, _check_grad_matches
+from .adam import ParamsT, _check_fused, _check_grad_matches, _new_state, _precision_kwargs, _states_fit
 
 __all__ = ["SGD"]
 
@@ -37,6 +37,10 @@ class SGD(FusedOptimizerMixin, torch.optim.SGD):
         differentiable: run torch's differentiable implementation.
         fused: accepted; the CPU step is always fused. ``True`` also lets
             ``torch.amp.GradScaler`` hand the unscaling to the step.
+        master_weights, stochastic_rounding, kahan_summation, state_dtype,
+            max_grad_norm: the precision options, as for
+            :class:`fusedoptim.Adam` (``state_dtype`` sets the momentum
+            buffer's dtype; stochastic rounding keeps a float32 ``step``).
     """
 
     _torch_cls = torch.optim.SGD
@@ -54,6 +58,11 @@ class SGD(FusedOptimizerMixin, torch.optim.SGD):
         foreach: bool | None = None,
         differentiable: bool = False,
         fused: bool | None = None,
+        master_weights: bool = False,
+        stochastic_rounding: bool = False,
+        kahan_summation: bool = False,
+        state_dtype: Optional[torch.dtype] = None,
+        max_grad_norm: Optional[float] = None,
     ) -> None:
         _check_fused(fused, foreach, differentiable)
         torch.optim.SGD.__init__(
@@ -65,6 +74,10 @@ class SGD(FusedOptimizerMixin, torch.optim.SGD):
             group["fused"] = fused
         if fused:
             self._step_supports_amp_scaling = True
+        self._fo_setup_options(dict(
+            master_weights=master_weights, stochastic_rounding=stochastic_rounding,
+            kahan_summation=kahan_summation, state_dtype=state_dtype, max_grad_norm=max_grad_norm,
+        ))
 
     def _fo_hyper(self, group: Dict[str, Any]) -> Tuple[Any, ...]:
         lr = _hyper(group["lr"], "learning rate")
@@ -79,7 +92,9 @@ class SGD(FusedOptimizerMixin, torch.optim.SGD):
         return lr, momentum, dampening, wd, nesterov, bool(group["maximize"])
 
     def _fo_state_keys(self, group: Dict[str, Any]) -> Tuple[str, ...]:
-        return ("momentum_buffer",) if group["momentum"] != 0 else ()
+        keys: Tuple[str, ...] = ("momentum_buffer",) if group["momentum"] != 0 else ()
+        extra = self._fo_opts(group).extra_key
+        return keys + (extra,) if extra else keys
 
     def _fo_check_grad(self, i: int, p: Tensor, g: Tensor) -> None:
         if g.layout != torch.strided:
@@ -92,18 +107,26 @@ class SGD(FusedOptimizerMixin, torch.optim.SGD):
         _check_grad_matches(i, p, g)
 
     def _fo_state_usable(self, p: Tensor, state: Dict[str, Any], group: Dict[str, Any]) -> bool:
-        buf = state.get("momentum_buffer")
-        return buf is None or (
-            isinstance(buf, Tensor) and buf.dtype == p.dtype and buf.device == p.device and _local(buf).is_contiguous()
-            and _local(buf).shape == _local(p).shape
-        )
+        opts = self._fo_opts(group)
+        if opts.stochastic_rounding:
+            step = state.get("step")
+            if step is not None and not (isinstance(step, Tensor) and step.dtype == torch.float32
+                                         and step.device.type == "cpu" and step.numel() == 1):
+                return False
+        return _states_fit(p, state, ("momentum_buffer",) + ((opts.extra_key,) if opts.extra_key else ()), opts)
 
     def _fo_init_state(self, p: Tensor, state: Dict[str, Any], group: Dict[str, Any]) -> bool:
+        opts = self._fo_opts(group)
+        if opts.stochastic_rounding and "step" not in state:
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)  # the random keys count steps
+        if opts.extra_key is not None and state.get(opts.extra_key) is None:
+            state[opts.extra_key] = _new_state(p, opts.extra_key, opts)
         if group["momentum"] == 0:
             return False
         if state.get("momentum_buffer") is None:
             # Filled by the kernel with the (decayed) gradient: torch's buf = grad.
-            state["momentum_buffer"] = torch.empty_like(p, memory_format=torch.preserve_format)
+            state["momentum_buffer"] = torch.empty_like(p, dtype=opts.moment_dtype(p),
+                                                        memory_format=torch.preserve_format)
             return True
         return False
 
@@ -158,8 +181,14 @@ class SGD(FusedOptimizerMixin, torch.optim.SGD):
     def _fo_native(self, bucket: _Bucket, group: Dict[str, Any], hyper: Tuple[Any, ...], gptrs, threads: int) -> None:
         lr, momentum, dampening, wd, nesterov, maximize = hyper
         use_momentum = momentum != 0
+        opts = self._fo_opts(group)
+        kw = {}
+        if opts.active:
+            kw = _precision_kwargs(self, bucket, opts)
+            if opts.stochastic_rounding:
+                kw["steps"] = bucket.steps
         _C.sgd_step(
             bucket.pptrs, gptrs, bucket.streams.get("momentum_buffer") if use_momentum else None,
             bucket.first if use_momentum else None, bucket.numels, bucket.code,
-            lr, wd, momentum, dampening, nesterov, maximize, threads,
+            lr, wd, momentum, dampening, nesterov, maximize, threads, **kw,
         )
