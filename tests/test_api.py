@@ -28,15 +28,26 @@ def _ids(c):
 
 
 # ---------------------------------------------------------------- signatures and classes
+PRECISION_OPTIONS = {"master_weights": False, "stochastic_rounding": False, "kahan_summation": False,
+                     "state_dtype": None, "max_grad_norm": None}
+
+
 @pytest.mark.parametrize("ours,theirs", PAIRS, ids=lambda c: c.__name__)
 def test_signature_matches_torch(ours, theirs):
+    """torch's parameters in torch's order, kinds and defaults, then only the
+    precision options: keyword-only and off by default."""
     so, st = inspect.signature(ours), inspect.signature(theirs)
     po, pt = list(so.parameters.values()), list(st.parameters.values())
-    assert [p.name for p in po] == [p.name for p in pt]
+    assert [p.name for p in po[:len(pt)]] == [p.name for p in pt]
     for a, b in zip(po, pt):
         assert a.kind == b.kind, f"{a.name}: {a.kind} vs torch {b.kind}"
         assert a.default == b.default and type(a.default) is type(b.default), \
             f"{a.name}: default {a.default!r} vs torch {b.default!r}"
+    extra = po[len(pt):]
+    assert [p.name for p in extra] == list(PRECISION_OPTIONS)
+    for p in extra:
+        assert p.kind == inspect.Parameter.KEYWORD_ONLY
+        assert p.default is PRECISION_OPTIONS[p.name]
 
 
 @pytest.mark.parametrize("ours,theirs", PAIRS, ids=lambda c: c.__name__)

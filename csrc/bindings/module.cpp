@@ -251,18 +251,27 @@ class StepPlan {
   }
 
   void run_adam(double lr, double beta1, double beta2, double eps, double weight_decay, bool decoupled, bool amsgrad,
-                bool maximize, int num_threads) {
+                bool maximize, int num_threads, int32_t state_dtype, int store, uint64_t seed, double grad_mul) {
     take_collected();
     const size_t nk = keys_.size();
-    if (nk != (amsgrad ? 3u : 2u) || step_ptrs_.empty()) throw py::value_error("plan was built for other Adam flags");
-    const AdamCall call = adam_call(lr, beta1, beta2, eps, weight_decay, decoupled);
+    const bool extra = store == kStoreMaster || store == kStoreKahan;
+    if (nk != (amsgrad ? 3u : 2u) + (extra ? 1u : 0u) || step_ptrs_.empty()) {
+      throw py::value_error("plan was built for other Adam flags");
+    }
+    if (store == kStoreStochastic && ids_.size() != positions_.size()) throw py::value_error("plan has no tensor ids");
+    AdamCall call = adam_call(lr, beta1, beta2, eps, weight_decay, decoupled);
     const int threads = resolve_threads(num_threads);
+    // Every bucket's options are checked before the first step counter moves.
+    std::vector<Options> opts;
+    for (int32_t d : bucket_dtype_) opts.push_back(options(d, state_dtype, store, seed, grad_mul));
+    call.hyper.grad_mul = opts.empty() ? 1.0f : opts[0].grad_mul;
     {
     py::gil_scoped_release release;
     cpu::AdamCoeffCache coeff_cache(lr, beta1, beta2);
     size_t k0 = 0;
     for (size_t b = 0; b < bucket_size_.size(); ++b) {
       const size_t n = size_t(bucket_size_[b]);
+      const Options& o = opts[b];
       std::vector<AdamTensor> ts(n);
       for (size_t j = 0; j < n; ++j) {
         const size_t k = k0 + j;
@@ -273,11 +282,13 @@ class StepPlan {
         ts[j].exp_avg = reinterpret_cast<void*>(stream_ptrs_[k * nk + 0]);
         ts[j].exp_avg_sq = reinterpret_cast<void*>(stream_ptrs_[k * nk + 1]);
         ts[j].max_exp_avg_sq = amsgrad ? reinterpret_cast<void*>(stream_ptrs_[k * nk + 2]) : nullptr;
+        ts[j].extra = extra ? reinterpret_cast<void*>(stream_ptrs_[k * nk + nk - 1]) : nullptr;
         ts[j].numel = numels_[k];
         ts[j].coeffs = coeff_cache.get(*step);
+        if (store == kStoreStochastic) ts[j].sr_key = sr_key(seed, uint32_t(*step), ids_[k]);
       }
-      cpu::adam_step(ts, call.hyper, cpu::Layout{bucket_dtype_[b], bucket_dtype_[b], kStorePlain}, call.wd_mode, amsgrad,
-                     maximize, threads);
+      cpu::adam_step(ts, call.hyper, cpu::Layout{o.dtype, o.state_dtype, o.store}, call.wd_mode, amsgrad, maximize,
+                     threads);
       k0 += n;
     }
     }
@@ -285,33 +296,67 @@ class StepPlan {
   }
 
   void run_sgd(double lr, double weight_decay, double momentum, double dampening, bool nesterov, bool maximize,
-               int num_threads) {
+               int num_threads, int32_t state_dtype, int store, uint64_t seed, double grad_mul) {
     take_collected();
     const bool use_momentum = momentum != 0.0;
-    if (keys_.size() != (use_momentum ? 1u : 0u)) throw py::value_error("plan was built for other SGD flags");
-    const SGDCall call = sgd_call(lr, weight_decay, momentum, dampening, nesterov);
+    const bool extra = store == kStoreMaster || store == kStoreKahan;
+    const size_t nk = keys_.size();
+    if (nk != (use_momentum ? 1u : 0u) + (extra ? 1u : 0u)) throw py::value_error("plan was built for other SGD flags");
+    if (store == kStoreStochastic && (ids_.size() != positions_.size() || step_ptrs_.size() != positions_.size())) {
+      throw py::value_error("plan has no tensor ids or step counters");
+    }
+    SGDCall call = sgd_call(lr, weight_decay, momentum, dampening, nesterov);
     const int threads = resolve_threads(num_threads);
+    std::vector<Options> opts;
+    for (int32_t d : bucket_dtype_) opts.push_back(options(d, state_dtype, store, seed, grad_mul));
+    call.hyper.grad_mul = opts.empty() ? 1.0f : opts[0].grad_mul;
     {
     py::gil_scoped_release release;
     size_t k0 = 0;
     for (size_t b = 0; b < bucket_size_.size(); ++b) {
       const size_t n = size_t(bucket_size_[b]);
+      const Options& o = opts[b];
       std::vector<SGDTensor> ts(n);
       for (size_t j = 0; j < n; ++j) {
         const size_t k = k0 + j;
         ts[j].param = reinterpret_cast<void*>(pptrs_[k]);
         ts[j].grad = reinterpret_cast<const void*>(grad_ptrs_[k]);
-        ts[j].momentum_buffer = use_momentum ? reinterpret_cast<void*>(stream_ptrs_[k]) : nullptr;
+        ts[j].momentum_buffer = use_momentum ? reinterpret_cast<void*>(stream_ptrs_[k * nk]) : nullptr;
+        ts[j].extra = extra ? reinterpret_cast<void*>(stream_ptrs_[k * nk + nk - 1]) : nullptr;
         ts[j].numel = numels_[k];
         ts[j].first_step = use_momentum && first_[k] != 0;
+        if (store == kStoreStochastic) {
+          float* step = reinterpret_cast<float*>(step_ptrs_[k]);
+          *step += 1.0f;
+          ts[j].sr_key = sr_key(seed, uint32_t(*step), ids_[k]);
+        }
       }
-      cpu::sgd_step(ts, call.hyper, cpu::Layout{bucket_dtype_[b], bucket_dtype_[b], kStorePlain}, weight_decay != 0.0,
+      cpu::sgd_step(ts, call.hyper, cpu::Layout{o.dtype, o.state_dtype, o.store}, weight_decay != 0.0,
                     call.momentum_mode, maximize, threads);
       k0 += n;
     }
     }
     std::fill(first_.begin(), first_.end(), char(0));
     release();
+  }
+
+  // Stochastic rounding: each entry's tensor id (its position in the optimizer).
+  void set_ids(std::vector<uint32_t> ids) {
+    if (ids.size() != positions_.size()) throw py::value_error("set_ids: one id per entry");
+    ids_ = std::move(ids);
+  }
+
+  // The grads' addresses read by a successful collect(), in plan order,
+  // leaving the plan ready to run (for the grad norm of max_grad_norm).
+  py::list grad_ptrs() const {
+    if (!collected_) throw py::value_error("StepPlan.grad_ptrs needs a successful collect() first");
+    py::list out(grad_ptrs_.size());
+    for (size_t k = 0; k < grad_ptrs_.size(); ++k) {
+      PyObject* v = PyLong_FromUnsignedLongLong(static_cast<unsigned long long>(grad_ptrs_[k]));
+      if (v == nullptr) throw py::error_already_set();
+      PyList_SET_ITEM(out.ptr(), Py_ssize_t(k), v);
+    }
+    return out;
   }
 
   // After a step that ran through the general path.
@@ -409,6 +454,7 @@ class StepPlan {
   std::vector<uintptr_t> step_ptrs_;
   std::vector<char> first_;
   std::vector<uintptr_t> grad_ptrs_;
+  std::vector<uint32_t> ids_;             // stochastic rounding: tensor ids
   std::vector<PyObject*> wg_params_;      // params with a grad, this step (borrowed: params_ owns them)
   std::vector<py::object> wg_grads_;      // their grads, held until the next collect()
   bool collected_ = false;
@@ -513,9 +559,15 @@ PYBIND11_MODULE(_C, m) {
            "0: cache valid and grads read; 1: stale (rebuild); 2: a grad needs the general path. Writes nothing.")
       .def("run_adam", &StepPlan::run_adam, py::arg("lr"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"),
            py::arg("weight_decay"), py::arg("decoupled"), py::arg("amsgrad"), py::arg("maximize"),
-           py::arg("num_threads"))
+           py::arg("num_threads"), py::kw_only(), py::arg("state_dtype") = -1, py::arg("store") = int(kStorePlain),
+           py::arg("seed") = 0, py::arg("grad_mul") = 1.0)
       .def("run_sgd", &StepPlan::run_sgd, py::arg("lr"), py::arg("weight_decay"), py::arg("momentum"),
-           py::arg("dampening"), py::arg("nesterov"), py::arg("maximize"), py::arg("num_threads"))
+           py::arg("dampening"), py::arg("nesterov"), py::arg("maximize"), py::arg("num_threads"), py::kw_only(),
+           py::arg("state_dtype") = -1, py::arg("store") = int(kStorePlain), py::arg("seed") = 0,
+           py::arg("grad_mul") = 1.0)
+      .def("set_ids", &StepPlan::set_ids, py::arg("ids"), "Stochastic rounding: the entries' tensor ids.")
+      .def("grad_ptrs", &StepPlan::grad_ptrs,
+           "The grads' addresses read by a successful collect(), in plan order; the plan stays ready to run.")
       .def("clear_first", &StepPlan::clear_first, "Mark every momentum buffer as initialised.")
       .def("take_grad_ptrs", &StepPlan::take_grad_ptrs,
            "The grads' addresses read by a successful collect(), in plan order (for the CUDA backend).")

@@ -11,6 +11,11 @@ from typing import Any, Dict, List, Optional, Tuple
 DTYPE_FLOAT32: int
 DTYPE_BFLOAT16: int
 DTYPE_FLOAT16: int
+#: Store modes of the precision options (Note [precision options]).
+STORE_PLAIN: int
+STORE_MASTER: int
+STORE_STOCHASTIC: int
+STORE_KAHAN: int
 
 def adam_step(
     params: List[int],
@@ -30,13 +35,26 @@ def adam_step(
     amsgrad: bool,
     maximize: bool,
     num_threads: int,
+    *,
+    state_dtype: int = -1,
+    store: int = ...,
+    extras: Optional[List[int]] = None,
+    tensor_ids: Optional[List[int]] = None,
+    seed: int = 0,
+    grad_mul: float = 1.0,
 ) -> None:
     """Fused Adam/AdamW step over many tensors.
 
     ``steps`` holds the addresses of float32 step counters; each is
     incremented by one before its tensor's bias corrections are computed.
-    Raises ValueError for bad hyperparameters, lengths or pointers before
-    anything is written.
+    The keyword arguments are the precision options: the moments' dtype code
+    (-1: the params'), the store mode (``STORE_*``), one extra stream per
+    tensor for ``STORE_MASTER`` (fp32 master) and ``STORE_KAHAN``
+    (compensation, param dtype), the tensor ids and seed of
+    ``STORE_STOCHASTIC``, and the clip coefficient grads are multiplied by.
+    Raises ValueError for bad hyperparameters, lengths, pointers or an
+    unsupported (dtype, state dtype, store) combination before anything is
+    written.
     """
 
 def sgd_step(
@@ -53,8 +71,28 @@ def sgd_step(
     nesterov: bool,
     maximize: bool,
     num_threads: int,
+    *,
+    state_dtype: int = -1,
+    store: int = ...,
+    extras: Optional[List[int]] = None,
+    steps: Optional[List[int]] = None,
+    tensor_ids: Optional[List[int]] = None,
+    seed: int = 0,
+    grad_mul: float = 1.0,
 ) -> None:
-    """Fused SGD step over many tensors; ``first_step[k]`` initialises buffer k with the gradient."""
+    """Fused SGD step over many tensors; ``first_step[k]`` initialises buffer k with the gradient.
+
+    Precision options as for :func:`adam_step`; stochastic rounding also
+    takes float32 step counters (``steps``), incremented before use.
+    """
+
+def grad_norm_sq(grads: List[int], numels: List[int], dtypes: List[int], num_threads: int) -> float:
+    """Sum of squares of every grad element, in double, in a fixed order:
+    the same bits for any thread count and CPU variant."""
+
+def clip_coef(sumsq: float, max_norm: float) -> Tuple[float, float]:
+    """``(total_norm, coefficient)`` of ``clip_grad_norm_`` from a sum of
+    squares, in float32 as torch computes them."""
 
 def backend_info() -> Dict[str, Any]:
     """Compiled variants, CPU features, the ISA in use and build facts."""

@@ -171,7 +171,7 @@ class _Bucket:
 class _Plan:
     """Routing and pointer tables of one param group, valid while unchanged."""
 
-    __slots__ = ("built", "state_dicts", "state_keys", "buckets", "fallback", "native", "cuda", "cuda_native")
+    __slots__ = ("built", "state_dicts", "state_keys", "buckets", "fallback", "native", "cuda", "cuda_native", "opts")
 
     def __init__(self) -> None:
         self.built = False  # state created and tables filled (phase 2)
@@ -182,6 +182,7 @@ class _Plan:
         self.fallback: List[int] = []  # positions that torch updates
         self.cuda: List[int] = []  # positions the CUDA kernels update (real or emulated)
         self.cuda_native: Optional[_CudaPlan] = None  # cached CUDA batches, for groups that are all CUDA
+        self.opts: Optional[Options] = None  # the precision options the plan was built for
 
 
 class _CudaPlan:
@@ -332,21 +333,26 @@ class FusedOptimizerMixin:
     # -- torch.optim.Optimizer protocol ------------------------------------------
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
         super().add_param_group(param_group)  # type: ignore[misc]
-        if "master_weights" in self.defaults:  # type: ignore[attr-defined]  # (after __init__)
+        if self.__dict__.get("_fo_options_set"):  # (after __init__; torch's __init__ adds groups too)
             self._fo_check_group_options(self.param_groups[-1], len(self.param_groups) - 1)  # type: ignore[attr-defined]
 
     def _fo_setup_options(self, options: Dict[str, Any]) -> None:
         """Validate the precision options of the constructor and store them in
-        ``defaults`` and every group (they are param-group options)."""
+        ``defaults`` and every group (they are param-group options, so a group
+        may override them). With every option off nothing is stored: the
+        defaults, groups and state_dicts stay exactly torch's."""
         _precision.check_options(options)
         options = dict(options)
-        if options["stochastic_rounding"]:
-            options["sr_seed"] = _precision.draw_seed()
-        self.defaults.update(options)  # type: ignore[attr-defined]
+        if any(options[k] != v for k, v in OPTION_DEFAULTS.items()):
+            if options["stochastic_rounding"]:
+                options["sr_seed"] = _precision.draw_seed()
+            self.defaults.update(options)  # type: ignore[attr-defined]
+            for group in self.param_groups:  # type: ignore[attr-defined]
+                for k, v in options.items():
+                    group.setdefault(k, v)
         for gi, group in enumerate(self.param_groups):  # type: ignore[attr-defined]
-            for k, v in options.items():
-                group.setdefault(k, v)
             self._fo_check_group_options(group, gi)
+        self._fo_options_set = True
 
     def _fo_check_group_options(self, group: Dict[str, Any], gi: int) -> None:
         _precision.check_options({k: group.get(k, v) for k, v in OPTION_DEFAULTS.items()})
@@ -381,7 +387,8 @@ class FusedOptimizerMixin:
         # A checkpoint without the options (e.g. torch's) keeps this optimizer's.
         for gi, group in enumerate(self.param_groups):  # type: ignore[attr-defined]
             for k in OPTION_DEFAULTS:
-                group.setdefault(k, self.defaults.get(k, OPTION_DEFAULTS[k]))  # type: ignore[attr-defined]
+                if k in self.defaults:  # type: ignore[attr-defined]
+                    group.setdefault(k, self.defaults[k])  # type: ignore[attr-defined]
             if group.get("stochastic_rounding") and "sr_seed" not in group:
                 group["sr_seed"] = self.defaults.get("sr_seed", 0) or _precision.draw_seed()  # type: ignore[attr-defined]
         group_of = {id(p): g for g in self.param_groups for p in g["params"]}  # type: ignore[attr-defined]
@@ -458,8 +465,8 @@ class FusedOptimizerMixin:
                 hyper = None
                 cached = plans.get(id(group))
                 plan = cached[1] if cached is not None and cached[0] is group else None
-                if plan is not None and self._fo_opts(group).active:
-                    plan = None  # precision options take the general path
+                if plan is not None and plan.opts != self._fo_opts(group):
+                    plan = None  # built for other precision options
                 if (
                     plan is not None
                     and plan.native is not None
@@ -541,7 +548,7 @@ class FusedOptimizerMixin:
                         fast = plan.native.collect(group["params"], state_all) == 0
                 used = []
                 if fast:
-                    self._fo_run_plan(plan.native, hyper, threads)
+                    self._fo_run_plan(plan.native, group, hyper, threads)
                     used.append(f"native-cpu/{isa}")
                 elif plan.buckets:
                     for bucket in plan.buckets:
@@ -602,6 +609,7 @@ class FusedOptimizerMixin:
         """
         plan = _Plan()
         plan.state_keys = self._fo_state_keys(group)
+        plan.opts = self._fo_opts(group)
         native_ok = not group.get("differentiable", False)
         if self._fo_has_step and _step_dtype() != torch.float32:
             native_ok = False
@@ -648,9 +656,8 @@ class FusedOptimizerMixin:
             plan.fallback = sorted(plan.fallback + native)
             plan.buckets = []
             plan.cuda = []
-        opts = self._fo_opts(group)
-        if opts.active:
-            self._fo_check_precision(group, opts, ps, plan)
+        if plan.opts.active:
+            self._fo_check_precision(group, plan.opts, ps, plan)
         return plan
 
     def _fo_check_precision(self, group: Dict[str, Any], opts: Options, ps: List[Tensor], plan: _Plan) -> None:
@@ -698,16 +705,41 @@ class FusedOptimizerMixin:
         Returns (coefficient for the CPU kernels, device coefficient or None).
         Sets :attr:`last_grad_norm`.
         """
-        grads: List[Tensor] = []
+        # The CPU grads in the order of the plans' entries (bucket by bucket),
+        # which the cached fast path reads too: the same sum either way.
+        ptrs: List[int] = []
+        numels: List[int] = []
+        codes: List[int] = []
+        keep: List[Tensor] = []
+        device_grads: List[Tensor] = []
         for group, plan, ps, gs, hyper, fast in work:
-            if gs:
-                grads.extend(_local(g) for g in gs)
-        cpu = [g for g in grads if g.device.type == "cpu"]
-        if len(cpu) != len(grads):
-            return _cuda.clip_on_device(self, grads, max_norm)
-        keep = [g if g.is_contiguous() else g.contiguous() for g in cpu]
-        sumsq = _C.grad_norm_sq([g.data_ptr() for g in keep], [g.numel() for g in keep],
-                                [DTYPE_CODES[g.dtype] for g in keep], threads)
+            if plan is None:
+                continue
+            if fast == "cuda":
+                device_grads.extend(_grads_of(group["params"])[1])
+                continue
+            if fast:
+                ptrs.extend(plan.native.grad_ptrs())
+                numels.extend(n for b in plan.buckets for n in b.numels)
+                codes.extend(b.code for b in plan.buckets for _ in b.index)
+                continue
+            for b in plan.buckets:
+                for i in b.index:
+                    g = _local(gs[i])
+                    if not g.is_contiguous():
+                        g = g.contiguous()
+                        keep.append(g)
+                    ptrs.append(g.data_ptr())
+                    numels.append(g.numel())
+                    codes.append(DTYPE_CODES[g.dtype])
+            device_grads.extend(gs[i] for i in plan.cuda)
+        if device_grads:
+            if ptrs:
+                raise RuntimeError("max_grad_norm needs all params of the optimizer on one device type "
+                                   "(CPU or CUDA), not both")
+            return _cuda.clip_on_device(self, device_grads, max_norm)
+        sumsq = _C.grad_norm_sq(ptrs, numels, codes, threads)
+        del keep
         norm, coef = _C.clip_coef(sumsq, max_norm)
         self._fo_last_norm = torch.tensor(norm, dtype=torch.float32)
         return coef
@@ -764,8 +796,8 @@ class FusedOptimizerMixin:
         params = group["params"]
         # Sharded params take the general path every step: the C plan checks
         # params by their own addresses, which a DTensor does not have.
-        if plan.buckets and isinstance(params, list) and not sharded and not opts.active:
-            tracked = self._fo_tracked_keys(plan)
+        if plan.buckets and isinstance(params, list) and not sharded:
+            tracked = self._fo_tracked_keys(plan, group)
             plan.native = _C.StepPlan(
                 params,
                 [p.grad is not None for p in params],
@@ -784,6 +816,8 @@ class FusedOptimizerMixin:
                 [p.dtype for b in plan.buckets for p in b.params],
                 [tuple(p.shape) for b in plan.buckets for p in b.params],
             )
+            if opts.stochastic_rounding:
+                plan.native.set_ids([q for b in plan.buckets for q in b.ids])
 
     def _fo_build_cuda(self, group: Dict[str, Any], ps: List[Tensor], plan: _Plan,
                        batches: List[Tuple["_cuda.Batch", List[int]]]) -> Optional[_CudaPlan]:
@@ -797,7 +831,7 @@ class FusedOptimizerMixin:
             return None
         state_all = self.state  # type: ignore[attr-defined]
         keys = plan.state_keys
-        tracked = self._fo_tracked_keys(plan)
+        tracked = self._fo_tracked_keys(plan, group)
         positions, state_dicts, expected, numels, pptrs, streams, steps = [], [], [], [], [], [], []
         dtypes, shapes, bucket_dtype, bucket_size = [], [], [], []
         k = 0
@@ -840,8 +874,8 @@ class FusedOptimizerMixin:
                 out.setdefault(id(p), len(out))
         return out
 
-    def _fo_tracked_keys(self, plan: _Plan) -> Tuple[str, ...]:
-        return plan.state_keys + (("step",) if self._fo_has_step else ())
+    def _fo_tracked_keys(self, plan: _Plan, group: Dict[str, Any]) -> Tuple[str, ...]:
+        return plan.state_keys + (("step",) if self._fo_uses_step(group) else ())
 
 
 def _grad_ptrs(bucket: _Bucket, gs: List[Tensor]) -> Tuple[List[int], List[Tensor]]:

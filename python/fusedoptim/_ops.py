@@ -310,13 +310,18 @@ def compiled_step(opt: Any, closure: Optional[Callable[[], Any]] = None, eager_s
         opt: a fusedoptim Adam, AdamW or SGD.
         closure: evaluated first, with grad enabled (its backward graph-breaks
             as any ``backward()`` does under Dynamo).
-        eager_step: the eager step, run (outside the graph) for the one case
+        eager_step: the eager step, run (outside the graph) for the cases
             traced here not at all: AMP with ``fused=True``, where
             ``torch.amp.GradScaler`` hands the step ``grad_scale`` and
-            ``found_inf`` and the step must read the inf flag.
+            ``found_inf`` and the step must read the inf flag, and the
+            precision options (master weights, stochastic rounding, Kahan
+            summation, bf16 states, max_grad_norm), whose state layout
+            torch's ``_init_group`` does not create.
     """
     if eager_step is not None and (
-        getattr(opt, "grad_scale", None) is not None or getattr(opt, "found_inf", None) is not None
+        getattr(opt, "grad_scale", None) is not None
+        or getattr(opt, "found_inf", None) is not None
+        or any(opt._fo_opts(group).active for group in opt.param_groups)
     ):
         # Wrapped here, not at import: torch.compiler.disable imports Dynamo.
         return torch.compiler.disable(_run_eager)(eager_step, opt, closure)

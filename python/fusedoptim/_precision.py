@@ -82,6 +82,15 @@ class Options(NamedTuple):
             return "kahan_comp"
         return None
 
+    @property
+    def state_code(self) -> int:
+        """The moments' dtype code for the kernels, -1 for "the param's"."""
+        if self.master_weights:
+            return _C.DTYPE_FLOAT32
+        if self.state_dtype == torch.bfloat16:
+            return _C.DTYPE_BFLOAT16
+        return -1
+
     def moment_dtype(self, p: Tensor) -> torch.dtype:
         """dtype of exp_avg, exp_avg_sq, max_exp_avg_sq and momentum_buffer for param p."""
         if self.master_weights:

@@ -129,10 +129,15 @@ class _FusedAdamMixin(FusedOptimizerMixin):
             return  # host step counters must not count a skipped step
         _cuda.adam_call(b, gptrs, hyper, grad_scale, found_inf)
 
-    def _fo_run_plan(self, plan: "_C.StepPlan", hyper: Tuple[Any, ...], threads: int) -> None:
+    def _fo_run_plan(self, plan: "_C.StepPlan", group: Dict[str, Any], hyper: Tuple[Any, ...], threads: int) -> None:
         lr, beta1, beta2, eps, wd, decoupled, amsgrad, maximize = hyper
         lr = float(lr)
-        plan.run_adam(lr, beta1, beta2, eps, wd, decoupled, amsgrad, maximize, threads)
+        opts = self._fo_opts(group)
+        if not opts.active:
+            plan.run_adam(lr, beta1, beta2, eps, wd, decoupled, amsgrad, maximize, threads)
+            return
+        plan.run_adam(lr, beta1, beta2, eps, wd, decoupled, amsgrad, maximize, threads, state_dtype=opts.state_code,
+                      store=opts.store, seed=opts.seed, grad_mul=1.0 if self._fo_clip is None else self._fo_clip)
 
     def _fo_native(self, bucket: _Bucket, group: Dict[str, Any], hyper: Tuple[Any, ...], gptrs, threads: int) -> None:
         lr, beta1, beta2, eps, wd, decoupled, amsgrad, maximize = hyper

@@ -174,9 +174,14 @@ class SGD(FusedOptimizerMixin, torch.optim.SGD):
         # A cached plan exists only once every buffer does: never a first step.
         _cuda.sgd_call(b, gptrs, [False] * len(gptrs), hyper, grad_scale, found_inf)
 
-    def _fo_run_plan(self, plan: "_C.StepPlan", hyper: Tuple[Any, ...], threads: int) -> None:
+    def _fo_run_plan(self, plan: "_C.StepPlan", group: Dict[str, Any], hyper: Tuple[Any, ...], threads: int) -> None:
         lr, momentum, dampening, wd, nesterov, maximize = hyper
-        plan.run_sgd(lr, wd, momentum, dampening, nesterov, maximize, threads)
+        opts = self._fo_opts(group)
+        if not opts.active:
+            plan.run_sgd(lr, wd, momentum, dampening, nesterov, maximize, threads)
+            return
+        plan.run_sgd(lr, wd, momentum, dampening, nesterov, maximize, threads, state_dtype=opts.state_code,
+                     store=opts.store, seed=opts.seed, grad_mul=1.0 if self._fo_clip is None else self._fo_clip)
 
     def _fo_native(self, bucket: _Bucket, group: Dict[str, Any], hyper: Tuple[Any, ...], gptrs, threads: int) -> None:
         lr, momentum, dampening, wd, nesterov, maximize = hyper
