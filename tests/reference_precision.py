@@ -70,7 +70,7 @@ def spacing(x: np.ndarray, fmt: Format) -> np.ndarray:
     x = np.abs(np.asarray(x, dtype=np.float64))
     with np.errstate(divide="ignore", invalid="ignore"):
         _, e = np.frexp(x)  # x = f * 2**e, 0.5 <= f < 1, so the binade exponent is e - 1
-    e = np.maximum(e.astype(np.int64) - 1, fmt.emin)
+    e = np.where(x == 0, fmt.emin, np.maximum(e.astype(np.int64) - 1, fmt.emin))
     return np.ldexp(1.0, e - (fmt.mant - 1))
 
 
@@ -89,6 +89,16 @@ def round_nearest_even(x: np.ndarray, fmt: Format) -> np.ndarray:
     r = np.where(np.abs(r) > fmt.max, np.copysign(np.inf, xs), r)
     out[fin] = np.copysign(r, xs)  # keep the sign of zero results
     return out
+
+
+def to_fp32(x: np.ndarray) -> np.ndarray:
+    """float64 -> the nearest float32 value (as float64)."""
+    return round_nearest_even(x, FP32)
+
+
+def store(x: np.ndarray, fmt: Format) -> np.ndarray:
+    """An fp32 result stored in ``fmt`` with round to nearest even (rne(fp32(x)))."""
+    return round_nearest_even(to_fp32(x), fmt)
 
 
 def ulps_apart(a: np.ndarray, b: np.ndarray, fmt: Format) -> np.ndarray:
@@ -158,7 +168,8 @@ def kahan_store(p_old: np.ndarray, p_new: np.ndarray, comp: np.ndarray, fmt: For
                 arith=np.float64) -> Tuple[np.ndarray, np.ndarray]:
     """The compensated store of Note [precision options], every operation in
     ``arith`` (np.float64 for the reference; np.float32 gives the exact
-    single-precision evaluation of the same formula):
+    single-precision evaluation of the same formula); the two stores round
+    like every store here (:func:`store`):
         y = (p' - p) + c;  s = p + y;  param = rne(s);  c = rne(y - (param - p))
     Returns (param, comp) as float64 arrays of ``fmt`` values."""
     p_old = np.asarray(p_old, dtype=arith)
@@ -167,9 +178,9 @@ def kahan_store(p_old: np.ndarray, p_new: np.ndarray, comp: np.ndarray, fmt: For
     with np.errstate(over="ignore", invalid="ignore"):
         y = (p_new - p_old) + comp
         s = p_old + y
-        stored = round_nearest_even(s.astype(np.float64), fmt)
+        stored = store(s.astype(np.float64), fmt)
         new_comp = y - (stored.astype(arith) - p_old)
-    return stored, round_nearest_even(new_comp.astype(np.float64), fmt)
+    return stored, store(new_comp.astype(np.float64), fmt)
 
 
 # --------------------------------------------------------------------------- gradient clipping
@@ -233,7 +244,15 @@ class PrecisionReference:
     the params' stored values). ``param_fmt``: the params' storage format
     ("fp32", "bf16", "fp16"). ``option``: "plain", "master", "stochastic",
     "kahan" or "state_bf16". ``max_grad_norm`` scales every grad by the
-    clip coefficient of the global norm first. ``seed``: stochastic rounding's.
+    clip coefficient of the global norm first. ``seed``: stochastic rounding's
+    (a group's ``sr_seed`` takes precedence).
+
+    Every store into a 16-bit format goes through float32 first (``to_fp32``):
+    the options define the math as fp32 and the store as a rounding of that
+    fp32 result. That matters at exact ties, which are common: with
+    1 - beta1 = 0.1, 0.9 * m + 0.1 * g is dyadic whenever m's significand is a
+    multiple of 5, and the float32 lerp weight 0.1f lands the fp32 result on
+    the tie (ties to even) where a direct float64 rounding would go the other way.
 
     After each step ``params`` holds the stored values (rounded to the
     format), ``masters`` the float64 master copies, ``comps`` the Kahan
@@ -248,6 +267,7 @@ class PrecisionReference:
     option: str = "plain"
     max_grad_norm: Optional[float] = None
     seed: int = 0
+    fp32_scalars: bool = True
     states: Dict[Tuple[int, int], object] = field(default_factory=dict)
     masters: Dict[Tuple[int, int], np.ndarray] = field(default_factory=dict)
     comps: Dict[Tuple[int, int], np.ndarray] = field(default_factory=dict)
@@ -271,7 +291,26 @@ class PrecisionReference:
         for name in ("m", "v", "v_max", "b"):
             val = getattr(st, name, None)
             if val is not None:
-                setattr(st, name, round_nearest_even(val, self.state_fmt))
+                setattr(st, name, store(val, self.state_fmt))
+
+    def _hyper(self, group: Dict) -> Dict:
+        """The group's hyperparameters; with ``fp32_scalars`` the ones the fp32
+        arithmetic multiplies by directly are their float32 values, as in
+        torch's fp32 code (``buf.mul_(momentum)``, ``grad.add(p, alpha=wd)``
+        cast the Python scalar to float32): SGD's lr, momentum, 1 - dampening
+        and weight decay, Adam's weight decay. Decimal weights like 0.9 or 0.05
+        often put a result exactly on a bf16 tie (0.9 * b + g is dyadic whenever
+        b's significand is a multiple of 5), and then the float32 value's
+        tiny difference decides the rounding."""
+        hyper = _group_hyper(self.kind, group)
+        if self.fp32_scalars:
+            f32 = lambda x: float(to_fp32(np.float64(x)))  # noqa: E731
+            hyper["weight_decay"] = f32(hyper["weight_decay"])
+            if self.kind == "sgd":
+                hyper["lr"] = f32(hyper["lr"])
+                hyper["momentum"] = f32(hyper["momentum"])
+                hyper["dampening"] = 1.0 - f32(1.0 - hyper["dampening"])
+        return hyper
 
     def _update(self, theta, g, st, hyper):
         if self.kind == "sgd":
@@ -286,7 +325,7 @@ class PrecisionReference:
             coef = clip_coef64(self.last_norm, self.max_grad_norm)
         tensor_id = -1
         for gi, (group, row) in enumerate(zip(self.groups, grads)):
-            hyper = _group_hyper(self.kind, group)
+            hyper = self._hyper(group)
             for pi, g in enumerate(row):
                 tensor_id += 1
                 if g is None:
@@ -302,16 +341,17 @@ class PrecisionReference:
                     master = self.masters.get(key, p)
                     master = self._update(master, g, st, hyper)
                     self.masters[key] = master
-                    group["params"][pi] = round_nearest_even(master, self.fmt)
+                    group["params"][pi] = store(master, self.fmt)
                     continue
                 p_new = self._update(p, g, st, hyper)
                 self._round_states(st)
                 if self.option == "stochastic":
                     idx = np.arange(p.size, dtype=np.int64)
-                    r = sr_bits(sr_key(self.seed, st.t, tensor_id), idx).reshape(p.shape)
-                    group["params"][pi] = stochastic_round_bf16(p_new, r)
+                    seed = int(group.get("sr_seed", self.seed))
+                    r = sr_bits(sr_key(seed, st.t, tensor_id), idx).reshape(p.shape)
+                    group["params"][pi] = stochastic_round_bf16(to_fp32(p_new), r)
                 elif self.option == "kahan":
                     c = self.comps.get(key, np.zeros_like(p))
                     group["params"][pi], self.comps[key] = kahan_store(p, p_new, c, self.fmt)
                 else:
-                    group["params"][pi] = round_nearest_even(p_new, self.fmt) if self.fmt is not FP32 else p_new
+                    group["params"][pi] = store(p_new, self.fmt) if self.fmt is not FP32 else p_new

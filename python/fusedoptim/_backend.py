@@ -334,7 +334,12 @@ class FusedOptimizerMixin:
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
         super().add_param_group(param_group)  # type: ignore[misc]
         if self.__dict__.get("_fo_options_set"):  # (after __init__; torch's __init__ adds groups too)
-            self._fo_check_group_options(self.param_groups[-1], len(self.param_groups) - 1)  # type: ignore[attr-defined]
+            groups = self.param_groups  # type: ignore[attr-defined]
+            try:
+                self._fo_check_group_options(groups[-1], len(groups) - 1)
+            except Exception:
+                groups.pop()  # as torch, a rejected group is not added
+                raise
 
     def _fo_setup_options(self, options: Dict[str, Any]) -> None:
         """Validate the precision options of the constructor and store them in
