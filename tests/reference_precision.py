@@ -199,12 +199,12 @@ def clip_coef64(norm: float, max_norm: float) -> float:
     return min(1.0, max_norm / (norm + 1e-6))
 
 
-def grad_norm_sq_documented_order(grads: Sequence[np.ndarray], chunk: int = 4096, lanes: int = 8) -> float:
+def grad_norm_sq_documented_order(grads: Sequence[np.ndarray], chunk: int = 4096, lanes: int = 16) -> float:
     """The sum of squares in the order precision.h documents for the
     deterministic reduction: per tensor, chunks of ``chunk`` elements from its
     start; inside a chunk element i goes to lane i % lanes, each lane summed
-    sequentially in index order; lanes combined ((l0+l1)+(l2+l3))+((l4+l5)+(l6+l7));
-    chunk sums added in chunk order, tensor sums in tensor order. The squares
+    sequentially in index order; lanes combined pairwise, (((l0+l1)+(l2+l3))+
+    ((l4+l5)+(l6+l7))) + (the same over l8..l15); chunk sums added in chunk order, tensor sums in tensor order. The squares
     of fp32 values are exact in float64, so this is bit-exact."""
     total = 0.0
     for g in grads:
@@ -215,7 +215,9 @@ def grad_norm_sq_documented_order(grads: Sequence[np.ndarray], chunk: int = 4096
             pad = (-sq.size) % lanes
             sq = np.concatenate([sq, np.zeros(pad)]).reshape(-1, lanes)
             lane = np.cumsum(sq, axis=0)[-1]  # cumsum is strictly sequential
-            chunk_sum = ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]))
+            a = ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]))
+            b = ((lane[8] + lane[9]) + (lane[10] + lane[11])) + ((lane[12] + lane[13]) + (lane[14] + lane[15]))
+            chunk_sum = a + b
             tensor_sum = tensor_sum + chunk_sum
         total = total + tensor_sum
     return float(total)

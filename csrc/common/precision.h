@@ -121,12 +121,12 @@ FO_HD float clip_coef(double sumsq, float max_norm, float* total_norm) {
 // Chunks of the deterministic grad-norm reduction: each tensor is cut into
 // chunks of kNormChunk elements (from its start); a chunk's squares go to
 // kNormLanes double accumulators by element index (lane = i % kNormLanes,
-// in index order), then the lanes are summed pairwise:
-// ((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7)). Chunk sums add up in
+// in index order: 16 lanes are 4 independent AVX2 additions in flight),
+// then the lanes are summed pairwise (norm_lanes_sum). Chunk sums add up in
 // chunk order, tensor sums in tensor order. The CPU variants all follow
 // this exactly; the CUDA reduction is deterministic in its own order.
 constexpr int64_t kNormChunk = 4096;
-constexpr int kNormLanes = 8;
+constexpr int kNormLanes = 16;
 
 // x rounded to storage type S and back (exact: the vector types' load and
 // store are the reference conversions). The CUDA lane type overloads it.
@@ -149,7 +149,9 @@ FO_HD V kahan_store(V p_old, V p_new, V& comp) {
 }
 
 FO_HD double norm_lanes_sum(const double* l) {
-  return ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]));
+  const double a = ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]));
+  const double b = ((l[8] + l[9]) + (l[10] + l[11])) + ((l[12] + l[13]) + (l[14] + l[15]));
+  return a + b;
 }
 
 }  // namespace fusedoptim

@@ -8,6 +8,8 @@
 // lane, so they cannot disagree.
 #include "kernels.h"
 
+#include <type_traits>
+
 #include "../common/precision.h"
 #include "../common/update_math.h"
 #include "vec_scalar.h"
@@ -32,14 +34,18 @@ namespace fusedoptim {
 // The vector type a kernel uses for params of S and states of T: VecISA,
 // except where a variant has a cheaper layout for a 16-bit format (see
 // VecAVX2x2, which loads and stores bf16 only).
-template <class S, class T>
+template <class S, class T, int kStore>
 struct VecFor { using type = VecISA; };
 #if FUSEDOPTIM_ISA == 1
-template <>
-struct VecFor<bf16_t, bf16_t> { using type = VecAVX2x2; };
+template <int kStore>
+struct VecFor<bf16_t, bf16_t, kStore> { using type = VecAVX2x2; };
 #endif
 }  // namespace fusedoptim
 
+#define FO_UNROLL_CPU _Pragma("GCC unroll 2")
+// The per-vector helpers take vectors of up to 64 bytes by value: inlined,
+// they live in registers; called, they would go through the stack.
+#define FO_ALWAYS_INLINE inline __attribute__((always_inline))
 #define FO_CAT_(a, b) a##b
 #define FO_CAT(a, b) FO_CAT_(a, b)
 
@@ -49,7 +55,7 @@ namespace {
 
 // The param the update starts from: the fp32 master copy or the param.
 template <int kStore, class V, class S>
-inline V load_param(const S* p, const void* extra, int64_t i) {
+FO_ALWAYS_INLINE V load_param(const S* p, const void* extra, int64_t i) {
   if constexpr (kStore == kStoreMaster) {
     return V::load(static_cast<const float*>(extra) + i);
   } else {
@@ -60,7 +66,7 @@ inline V load_param(const S* p, const void* extra, int64_t i) {
 // Stores the update's result pv (p0: the value it started from) as the
 // store mode says; see Note [precision options] in common/precision.h.
 template <int kStore, class V, class S>
-inline void store_param(S* p, void* extra, V p0, V pv, int64_t i, uint32_t key_hi) {
+FO_ALWAYS_INLINE void store_param(S* p, void* extra, V p0, V pv, int64_t i, uint32_t key_hi) {
   if constexpr (kStore == kStorePlain) {
     pv.store(p + i);
   } else if constexpr (kStore == kStoreMaster) {
@@ -84,7 +90,7 @@ inline uint32_t key_at(uint32_t key, int64_t i) {
 }
 
 template <class V, class S, class T, int kStore, int kWD, bool kAms, bool kMax>
-inline void adam_elems(const AdamTensor& t, int64_t i, const AdamConsts<V>& c) {
+FO_ALWAYS_INLINE void adam_elems(const AdamTensor& t, int64_t i, const AdamConsts<V>& c) {
   S* p = static_cast<S*>(t.param);
   const S* g = static_cast<const S*>(t.grad);
   T* m = static_cast<T*>(t.exp_avg);
@@ -102,7 +108,7 @@ inline void adam_elems(const AdamTensor& t, int64_t i, const AdamConsts<V>& c) {
 
 template <class S, class T, int kStore, int kWD, bool kAms, bool kMax>
 void adam_segment(const AdamTensor& t, int64_t begin, int64_t end, const AdamHyper& h) {
-  using V = typename VecFor<S, T>::type;
+  using V = typename VecFor<S, T, kStore>::type;
   const AdamConsts<V> cv(h, t.coeffs);
   const AdamConsts<VecScalar> cs(h, t.coeffs);
   constexpr int W = V::kWidth;
@@ -112,7 +118,7 @@ void adam_segment(const AdamTensor& t, int64_t begin, int64_t end, const AdamHyp
 }
 
 template <class V, class S, class T, int kStore, bool kWD, int kMom, bool kMax, bool kFirst>
-inline void sgd_elems(const SGDTensor& t, int64_t i, const SGDConsts<V>& c) {
+FO_ALWAYS_INLINE void sgd_elems(const SGDTensor& t, int64_t i, const SGDConsts<V>& c) {
   S* p = static_cast<S*>(t.param);
   const S* g = static_cast<const S*>(t.grad);
   T* buf = static_cast<T*>(t.momentum_buffer);
@@ -126,7 +132,7 @@ inline void sgd_elems(const SGDTensor& t, int64_t i, const SGDConsts<V>& c) {
 
 template <class S, class T, int kStore, bool kWD, int kMom, bool kMax, bool kFirst>
 void sgd_segment(const SGDTensor& t, int64_t begin, int64_t end, const SGDHyper& h) {
-  using V = typename VecFor<S, T>::type;
+  using V = typename VecFor<S, T, kStore>::type;
   const SGDConsts<V> cv(h);
   const SGDConsts<VecScalar> cs(h);
   constexpr int W = V::kWidth;
@@ -232,19 +238,22 @@ SGDSegmentFn pick_sgd(const Layout& l, bool wd, int mom, bool maximize, bool fir
 template <class S>
 double norm_chunk(const void* grad, int64_t begin, int64_t end) {
   const S* g = static_cast<const S*>(grad);
-  double lanes[kNormLanes] = {0, 0, 0, 0, 0, 0, 0, 0};
+  double lanes[kNormLanes] = {};
   int64_t i = begin;
 #if FUSEDOPTIM_ISA >= 1
-  __m256d acc0 = _mm256_setzero_pd(), acc1 = _mm256_setzero_pd();
-  for (; i + 8 <= end; i += 8) {
-    const __m256 x = VecAVX2::load(g + i).x;
-    const __m256d lo = _mm256_cvtps_pd(_mm256_castps256_ps128(x));
-    const __m256d hi = _mm256_cvtps_pd(_mm256_extractf128_ps(x, 1));
-    acc0 = _mm256_add_pd(acc0, _mm256_mul_pd(lo, lo));
-    acc1 = _mm256_add_pd(acc1, _mm256_mul_pd(hi, hi));
+  static_assert(kNormLanes == 16, "four AVX2 accumulators of four lanes");
+  __m256d acc[4] = {_mm256_setzero_pd(), _mm256_setzero_pd(), _mm256_setzero_pd(), _mm256_setzero_pd()};
+  for (; i + 16 <= end; i += 16) {
+    FO_UNROLL_CPU
+    for (int h = 0; h < 2; ++h) {
+      const __m256 x = VecAVX2::load(g + i + 8 * h).x;
+      const __m256d lo = _mm256_cvtps_pd(_mm256_castps256_ps128(x));
+      const __m256d hi = _mm256_cvtps_pd(_mm256_extractf128_ps(x, 1));
+      acc[2 * h] = _mm256_add_pd(acc[2 * h], _mm256_mul_pd(lo, lo));
+      acc[2 * h + 1] = _mm256_add_pd(acc[2 * h + 1], _mm256_mul_pd(hi, hi));
+    }
   }
-  _mm256_storeu_pd(lanes, acc0);
-  _mm256_storeu_pd(lanes + 4, acc1);
+  for (int h = 0; h < 4; ++h) _mm256_storeu_pd(lanes + 4 * h, acc[h]);
 #endif
   for (; i < end; ++i) {
     const double x = double(VecScalar::load(g + i).x);

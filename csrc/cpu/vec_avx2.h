@@ -3,6 +3,8 @@
 
 #include <immintrin.h>
 
+#include <type_traits>
+
 #include "../common/convert.h"
 #include "../common/precision.h"
 
@@ -16,9 +18,14 @@ inline __m256i mix32_avx2(__m256i x) {
   x = _mm256_mullo_epi32(x, _mm256_set1_epi32(int(0x846ca68bu)));
   return _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
 }
-inline __m256i sr_bits_avx2(uint32_t key_hi, __m256i lo) {
-  return mix32_avx2(_mm256_xor_si256(_mm256_set1_epi32(int(key_hi)), _mm256_mullo_epi32(lo, _mm256_set1_epi32(int(0x9e3779b9u)))));
+// sr_bits(key_hi, first + k) for the lane offsets k of `offsets`:
+// (first + k) * golden is first * golden + k * golden (mod 2^32), so the
+// per-lane products are constants and one scalar multiply remains.
+inline __m256i sr_bits_avx2(uint32_t key_hi, uint32_t first, __m256i offsets_times_golden) {
+  const __m256i h = _mm256_add_epi32(_mm256_set1_epi32(int(first * 0x9e3779b9u)), offsets_times_golden);
+  return mix32_avx2(_mm256_xor_si256(_mm256_set1_epi32(int(key_hi)), h));
 }
+#define FO_GOLDEN(k) int((k) * 0x9e3779b9u)
 
 struct VecAVX2 {
   static constexpr int kWidth = 8;
@@ -58,8 +65,9 @@ struct VecAVX2 {
   }
   // Stochastic rounding of elements lo .. lo + 7 (low words of their indices).
   void store_sr(bf16_t* p, uint32_t key_hi, uint32_t lo) const {
-    const __m256i idx = _mm256_add_epi32(_mm256_set1_epi32(int(lo)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-    const __m256i r = bf16_bits_sr(x, sr_bits_avx2(key_hi, idx));
+    const __m256i k = _mm256_setr_epi32(FO_GOLDEN(0u), FO_GOLDEN(1u), FO_GOLDEN(2u), FO_GOLDEN(3u), FO_GOLDEN(4u),
+                                        FO_GOLDEN(5u), FO_GOLDEN(6u), FO_GOLDEN(7u));
+    const __m256i r = bf16_bits_sr(x, sr_bits_avx2(key_hi, lo, k));
     const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0xd8);
     _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
   }
@@ -106,11 +114,12 @@ struct VecAVX2x2 {
   }
   // Stochastic rounding; `lo` holds elements 0-3 and 8-11, `hi` 4-7 and 12-15.
   void store_sr(bf16_t* p, uint32_t key_hi, uint32_t first) const {
-    const __m256i base = _mm256_set1_epi32(int(first));
-    const __m256i ilo = _mm256_add_epi32(base, _mm256_setr_epi32(0, 1, 2, 3, 8, 9, 10, 11));
-    const __m256i ihi = _mm256_add_epi32(base, _mm256_setr_epi32(4, 5, 6, 7, 12, 13, 14, 15));
-    const __m256i packed = _mm256_packus_epi32(VecAVX2::bf16_bits_sr(lo.x, sr_bits_avx2(key_hi, ilo)),
-                                               VecAVX2::bf16_bits_sr(hi.x, sr_bits_avx2(key_hi, ihi)));
+    const __m256i klo = _mm256_setr_epi32(FO_GOLDEN(0u), FO_GOLDEN(1u), FO_GOLDEN(2u), FO_GOLDEN(3u), FO_GOLDEN(8u),
+                                          FO_GOLDEN(9u), FO_GOLDEN(10u), FO_GOLDEN(11u));
+    const __m256i khi = _mm256_setr_epi32(FO_GOLDEN(4u), FO_GOLDEN(5u), FO_GOLDEN(6u), FO_GOLDEN(7u), FO_GOLDEN(12u),
+                                          FO_GOLDEN(13u), FO_GOLDEN(14u), FO_GOLDEN(15u));
+    const __m256i packed = _mm256_packus_epi32(VecAVX2::bf16_bits_sr(lo.x, sr_bits_avx2(key_hi, first, klo)),
+                                               VecAVX2::bf16_bits_sr(hi.x, sr_bits_avx2(key_hi, first, khi)));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), packed);
   }
 };
@@ -123,5 +132,22 @@ inline VecAVX2x2 sqrt(VecAVX2x2 a) { return {sqrt(a.lo), sqrt(a.hi)}; }
 inline VecAVX2x2 fma(VecAVX2x2 a, VecAVX2x2 b, VecAVX2x2 c) { return {fma(a.lo, b.lo, c.lo), fma(a.hi, b.hi, c.hi)}; }
 inline VecAVX2x2 neg(VecAVX2x2 a) { return {neg(a.lo), neg(a.hi)}; }
 inline VecAVX2x2 max_nan(VecAVX2x2 a, VecAVX2x2 b) { return {max_nan(a.lo, b.lo), max_nan(a.hi, b.hi)}; }
+
+// round_as<S> of precision.h in registers: the same bits as a store and a
+// load, without the round trip through memory.
+template <class S>
+inline VecAVX2 round_as(VecAVX2 v) {
+  if constexpr (std::is_same_v<S, bf16_t>) {
+    return VecAVX2(_mm256_castsi256_ps(_mm256_slli_epi32(VecAVX2::bf16_bits(v.x), 16)));
+  } else if constexpr (std::is_same_v<S, f16_t>) {
+    return VecAVX2(_mm256_cvtph_ps(_mm256_cvtps_ph(v.x, _MM_FROUND_TO_NEAREST_INT)));
+  } else {
+    return v;
+  }
+}
+template <class S>
+inline VecAVX2x2 round_as(VecAVX2x2 v) {
+  return {round_as<S>(v.lo), round_as<S>(v.hi)};
+}
 
 }  // namespace fusedoptim

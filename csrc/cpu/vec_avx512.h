@@ -8,6 +8,8 @@
 
 #include <immintrin.h>
 
+#include <type_traits>
+
 #include "../common/convert.h"
 #include "../common/precision.h"
 
@@ -29,13 +31,16 @@ struct VecAVX512 {
     return VecAVX512(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))));
   }
   void store(float* p) const { _mm512_storeu_ps(p, x); }
-  void store(bf16_t* p) const {
-    const __m512i u = _mm512_castps_si512(x);
+  // Round to nearest even in the integer unit, NaN -> 0x7FC0 (convert.h):
+  // the bf16 bits in the low half of each 32-bit lane.
+  static __m512i bf16_bits(__m512 v) {
+    const __m512i u = _mm512_castps_si512(v);
     const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), lsb), 16);
-    const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
-    r = _mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0x7fc0));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
+    const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), lsb), 16);
+    return _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc0));
+  }
+  void store(bf16_t* p) const {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(bf16_bits(x)));
   }
   void store(f16_t* p) const {
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT));
@@ -43,9 +48,11 @@ struct VecAVX512 {
   // Stochastic rounding of elements lo .. lo + 15: float_to_bf16_sr with
   // the bits sr_bits(key_hi, lo + k) of precision.h.
   void store_sr(bf16_t* p, uint32_t key_hi, uint32_t lo) const {
-    const __m512i idx = _mm512_add_epi32(_mm512_set1_epi32(int(lo)),
-                                         _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
-    __m512i b = _mm512_xor_si512(_mm512_set1_epi32(int(key_hi)), _mm512_mullo_epi32(idx, _mm512_set1_epi32(int(0x9e3779b9u))));
+    // (lo + k) * golden = lo * golden + k * golden (mod 2^32): one scalar multiply.
+    const __m512i k = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                         _mm512_set1_epi32(int(0x9e3779b9u)));
+    __m512i b = _mm512_xor_si512(_mm512_set1_epi32(int(key_hi)),
+                                 _mm512_add_epi32(_mm512_set1_epi32(int(lo * 0x9e3779b9u)), k));
     b = _mm512_xor_si512(b, _mm512_srli_epi32(b, 16));
     b = _mm512_mullo_epi32(b, _mm512_set1_epi32(int(0x7feb352du)));
     b = _mm512_xor_si512(b, _mm512_srli_epi32(b, 15));
@@ -69,6 +76,18 @@ inline VecAVX512 neg(VecAVX512 a) {
 inline VecAVX512 max_nan(VecAVX512 a, VecAVX512 b) {
   const __m512 m = _mm512_max_ps(a.x, b.x);
   return VecAVX512(_mm512_mask_mov_ps(m, _mm512_cmp_ps_mask(a.x, a.x, _CMP_UNORD_Q), a.x));
+}
+
+// round_as<S> of precision.h in registers (same bits as a store and a load).
+template <class S>
+inline VecAVX512 round_as(VecAVX512 v) {
+  if constexpr (std::is_same_v<S, bf16_t>) {
+    return VecAVX512(_mm512_castsi512_ps(_mm512_slli_epi32(VecAVX512::bf16_bits(v.x), 16)));
+  } else if constexpr (std::is_same_v<S, f16_t>) {
+    return VecAVX512(_mm512_cvtph_ps(_mm512_cvtps_ph(v.x, _MM_FROUND_TO_NEAREST_INT)));
+  } else {
+    return v;
+  }
 }
 
 }  // namespace fusedoptim
