@@ -4,8 +4,9 @@ Run ``fusedoptim-bench`` (or ``python -m fusedoptim.bench``) with no
 arguments for the default grid (Adam and SGD with momentum; every case;
 fp32 and bf16; 1 thread and all cores; fusedoptim against torch.optim's
 fused, foreach and for-loop steps), about two minutes on a 2-core machine.
-Progress goes to stderr, the table to stdout. ``--quick`` is a smoke run of a
-few seconds; ``--full`` runs every implementation on every case and, unless
+Progress goes to stderr, the table to stdout. ``--suite precision`` runs the
+precision options instead (see :mod:`fusedoptim.bench.precision`, about 1-2
+minutes). ``--quick`` is a smoke run of a few seconds; ``--full`` runs every implementation on every case and, unless
 ``--optimizers`` says otherwise, every optimizer. ``--json``/``--csv`` write
 tidy rows with the machine facts; ``--plot`` draws a chart (needs
 matplotlib: ``pip install 'fusedoptim[bench]'``).
@@ -22,6 +23,15 @@ import sys
 from typing import Callable, List, Optional, Sequence, TypeVar
 
 from .cases import CASES, DEFAULT_CASES, QUICK_CASES, parse_case
+from .precision import (
+    DEFAULT_PRECISION_OPTIMIZERS,
+    OPTION_NAMES,
+    format_precision_table,
+    plan,
+    run_precision,
+    write_precision_markdown,
+    write_precision_plot,
+)
 from .harness import (
     DTYPES,
     IMPL_ALIASES,
@@ -133,6 +143,13 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
         ),
     )
     sel = p.add_argument_group("what to run")
+    sel.add_argument("--suite", choices=("default", "precision"), default="default",
+                     help="default: the optimizers against torch.optim; precision: each precision option "
+                     "(master_weights, stochastic_rounding, kahan_summation, state_dtype=bf16, max_grad_norm) "
+                     "against its byte limit, on 1x16M and (state_dtype) 1x128M unless --cases; --impls is ignored")
+    sel.add_argument("--options", type=_list_of(_choice(list(OPTION_NAMES), "option"), list(OPTION_NAMES)),
+                     metavar="LIST", help=f"precision suite: of {', '.join(OPTION_NAMES)} (default: all; none = "
+                     "the plain steps they are compared with)")
     sel.add_argument("--optimizers", "-o", type=_list_of(_choice(list(OPTIMIZERS), "optimizer"), list(OPTIMIZERS)),
                      metavar="LIST", help=f"of {', '.join(OPTIMIZERS)} (default: {','.join(DEFAULT_OPTIMIZERS)}; "
                      "--full: all)")
@@ -227,29 +244,46 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> in
             check_plot_available()  # before minutes of measuring
     except BenchError as exc:
         parser.error(str(exc))
+    precision = args.suite == "precision"
+    grid = None
+    if precision:
+        if not args.optimizers:
+            cfg.optimizers = list(DEFAULT_PRECISION_OPTIMIZERS)
+        cases = args.cases or ([parse_case("1x2M")] if args.quick else None)
+        grid = plan(cases, cfg.dtypes, args.options)
+        if not grid:
+            parser.error("the precision suite has nothing to run with these --options/--dtypes")
+        cfg.cases = list(dict.fromkeys(c for c, _ in grid))
     report = Report(machine=machine_facts(), config=config_dict(cfg))
     report.config["command"] = " ".join([parser.prog, shlex.join(argv)]).strip()
+    if grid is not None:
+        report.config["suite"] = "precision"
+        report.config["plan"] = [{"case": c.name, "options": [f"{o.name} ({o.dtype})" for o in opts]}
+                                 for c, opts in grid]
     progress = None if args.quiet else sys.stderr
     status = 0
     try:
-        run(cfg, progress=progress, report=report)
+        if grid is not None:
+            run_precision(cfg, grid, progress=progress, report=report)
+        else:
+            run(cfg, progress=progress, report=report)
     except KeyboardInterrupt:
         print("interrupted: printing what was measured", file=sys.stderr)
         status = 130
     if progress is not None:
         print(f"done in {report.wall_s:.0f} s", file=sys.stderr)
-    print(format_table(report))
+    print(format_precision_table(report) if precision else format_table(report))
     try:
         if args.json:
             write_json(report, args.json)
         if args.csv:
             write_csv(report, args.csv)
         if args.plot:
-            write_plot(report, args.plot)
+            (write_precision_plot if precision else write_plot)(report, args.plot)
         if args.markdown:
             base = os.path.dirname(os.path.abspath(args.markdown))
             files = [os.path.relpath(os.path.abspath(p), base) for p in (args.plot, args.json, args.csv) if p]
-            write_markdown(report, args.markdown, files)
+            (write_precision_markdown if precision else write_markdown)(report, args.markdown, files)
     except (BenchError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

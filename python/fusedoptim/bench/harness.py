@@ -61,6 +61,7 @@ __all__ = [
     "write_csv",
     "write_plot",
     "write_markdown",
+    "machine_markdown",
 ]
 
 
@@ -363,6 +364,7 @@ class Row:
     pct_of_limit: Optional[float] = None
     speedup_vs_torch_fused: Optional[float] = None
     note: str = ""
+    option: str = ""  # precision option of the precision suite ("" in the default suite)
 
 
 @dataclass
@@ -376,6 +378,7 @@ class Report:
     skipped: List[Dict[str, Any]] = field(default_factory=list)
     wall_s: float = 0.0
     complete: bool = False
+    comparisons: List[Dict[str, Any]] = field(default_factory=list)  # targets checked (precision suite)
 
 
 def _row(spec_name: str, impl: str, case: Case, dtype: str, threads: int, t: Timing, nbytes: int,
@@ -874,16 +877,9 @@ def format_table(report: Report) -> str:
     return "\n".join(lines + notes)
 
 
-def write_markdown(report: Report, path: str, files: Sequence[str] = ()) -> None:
-    """A results page: the machine, the command, the table, and links to ``files`` (JSON, CSV, chart)."""
-    m = report.machine
-    cfg = report.config
-    out = [
-        "# fusedoptim benchmark results",
-        "",
-        f"Command: `{cfg.get('command', 'fusedoptim-bench')}` ({report.wall_s:.0f} s of measuring"
-        + ("" if report.complete else ", interrupted") + ").",
-        "",
+def machine_markdown(m: Dict[str, Any]) -> List[str]:
+    """The machine facts as a markdown table (lines)."""
+    return [
         "| machine | |",
         "| --- | --- |",
         f"| CPU | {m['cpu_model']}, {m['usable_cores']} cores, L3 {m.get('l3_cache') or '?'}, "
@@ -896,8 +892,19 @@ def write_markdown(report: Report, path: str, files: Sequence[str] = ()) -> None
         f"| date (UTC) | {m['date']} |",
         f"| other processes' CPU load | {m.get('other_cpu_load_at_start_pct')}% at start, "
         f"{m.get('other_cpu_load_during_run_pct')}% during the run |",
-        "",
     ]
+
+
+def write_markdown(report: Report, path: str, files: Sequence[str] = ()) -> None:
+    """A results page: the machine, the command, the table, and links to ``files`` (JSON, CSV, chart)."""
+    cfg = report.config
+    out = [
+        "# fusedoptim benchmark results",
+        "",
+        f"Command: `{cfg.get('command', 'fusedoptim-bench')}` ({report.wall_s:.0f} s of measuring"
+        + ("" if report.complete else ", interrupted") + ").",
+        "",
+    ] + machine_markdown(report.machine) + [""]
     pngs = [f for f in files if f.endswith(".png")]
     for png in pngs:
         out += [f"![GB/s per case and implementation]({png})", ""]
@@ -925,6 +932,8 @@ def write_json(report: Report, path: str) -> None:
         "rows": [asdict(r) for r in report.rows],
         "skipped": report.skipped,
     }
+    if report.comparisons:
+        doc["comparisons"] = report.comparisons
     _ensure_dir(path)
     with open(path, "w") as f:
         json.dump(doc, f, indent=1, default=str)
