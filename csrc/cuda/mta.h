@@ -213,7 +213,15 @@ FO_DEVICE int find_tensor(const int64_t* start, int count, int64_t pos) {
 }
 
 // Bias corrections from a device step counter, once per (block, tensor).
-FO_DEVICE AdamCoeffs device_coeffs(double lr, double beta1, double beta2, const float* step) {
+// Not inlined: its double-precision division and square root call
+// subroutines, and inlined into the larger kernels (bf16 params with fp32
+// master and amsgrad) the values live across those calls spilled.
+#if defined(__CUDACC__)
+__device__ __noinline__
+#else
+inline
+#endif
+AdamCoeffs device_coeffs(double lr, double beta1, double beta2, const float* step) {
   return adam_coeffs(lr, beta1, beta2, double(*step));
 }
 
@@ -423,7 +431,6 @@ FO_DEVICE int64_t adam_head(const AdamSlot& s) {
 template <class S, class T, int kStore, int kWD, bool kAms, int N>
 __global__ void __launch_bounds__(kBlockThreads) adam_kernel(FO_KARG(AdamArgs<N>) a) {
   if (a.h.u.found_inf != nullptr && *a.h.u.found_inf != 0.0f) return;
-  Ctx k(a.h.u);
   const int64_t lo = int64_t(blockIdx.x) * kChunk;
   const int64_t hi = lo + kChunk;
   for (int t = find_tensor(a.start, a.h.count, lo); t < a.h.count && a.start[t] < hi; ++t) {
@@ -439,6 +446,8 @@ __global__ void __launch_bounds__(kBlockThreads) adam_kernel(FO_KARG(AdamArgs<N>
         : s.coeffs;
     AdamConsts<VecF> c(a.h.hyper, co);
     if (kWD == kDecoupled && a.h.lr_ptr != nullptr) c.decay = VecF(adamw_decay(double(*a.h.lr_ptr), a.h.weight_decay));
+    // Built after the coefficients for the same reason (cached loads).
+    Ctx k(a.h.u);
     if (kStore == kStoreStochastic) k.key = a.h.u.device_steps ? sr_key(a.h.seed, uint32_t(*s.step), s.sr) : s.sr;
     int64_t vb, nvec;
     split_segment<LayoutOf<S, T, kStore>::kWidth>(adam_head<S, T, kStore, kAms>(s), b, e, &vb, &nvec);
@@ -858,9 +867,13 @@ LaunchStats run_sgd(const SGDRequest& r, Launcher& launcher) {
 // then stage 2 reduces them all. The scratch offset a launch gets depends
 // only on the sizes, so the order of every sum is fixed by the data.
 // Returns the statistics; stats.blocks counts stage-1 blocks, i.e. the
-// scratch entries used. With launch == false nothing is launched (sizing).
+// scratch entries used. With a NoLauncher nothing is launched (sizing).
+// Sizes a grad-norm request without launching (see norm_scratch_len).
+struct NoLauncher {};
+
 template <class Args, class Launcher>
-LaunchStats run_norm(const NormRequest& r, Launcher& launcher, bool launch) {
+LaunchStats run_norm(const NormRequest& r, Launcher& launcher) {
+  constexpr bool launch = !std::is_same<Launcher, NoLauncher>::value;
   constexpr int N = Args::kCapacity;
   std::unique_ptr<Args> a(new Args());
   a->h.grad_scale = r.common.grad_scale;
@@ -876,7 +889,7 @@ LaunchStats run_norm(const NormRequest& r, Launcher& launcher, bool launch) {
       a->h.count = count;
       a->h.partials = r.scratch + offset;
       const int64_t blocks = blocks_for(flat);
-      if (launch) {
+      if constexpr (launch) {
         if (offset + blocks > r.scratch_len) throw std::invalid_argument("grad_norm: scratch too small");
         if (dtype == kFloat32) launcher.launch_cooperative(&norm_partial_kernel<float, N>, blocks, *a);
         if (dtype == kBFloat16) launcher.launch_cooperative(&norm_partial_kernel<bf16_t, N>, blocks, *a);
@@ -899,7 +912,7 @@ LaunchStats run_norm(const NormRequest& r, Launcher& launcher, bool launch) {
     }
     flush();
   }
-  if (launch) {
+  if constexpr (launch) {
     NormFinalArgs f;
     f.partials = r.scratch;
     f.count = offset;
@@ -934,7 +947,7 @@ LaunchStats run(const AdamRequest& r, Launcher& launcher) { return run_adam<Args
 template <class Args, class Launcher>
 LaunchStats run(const SGDRequest& r, Launcher& launcher) { return run_sgd<Args>(r, launcher); }
 template <class Args, class Launcher>
-LaunchStats run(const NormRequest& r, Launcher& launcher) { return run_norm<Args>(r, launcher, true); }
+LaunchStats run(const NormRequest& r, Launcher& launcher) { return run_norm<Args>(r, launcher); }
 
 // The parameter block a request gets: the large one unless the request or
 // the driver asks for the small one.
@@ -953,14 +966,10 @@ LaunchStats dispatch(const Request& r, Launcher& launcher, bool large_ok) {
 
 // Scratch entries (float64) a grad-norm request needs with either parameter
 // block: the larger of the two, so one size serves whichever runs.
-struct NoLauncher {
-  template <class Kernel, class Args>
-  void launch_cooperative(Kernel, int64_t, const Args&) {}
-};
 inline int64_t norm_scratch_len(const NormRequest& r) {
   NoLauncher none;
-  const int64_t large = run_norm<NormArgsLarge>(r, none, false).blocks;
-  const int64_t small = run_norm<NormArgsSmall>(r, none, false).blocks;
+  const int64_t large = run_norm<NormArgsLarge>(r, none).blocks;
+  const int64_t small = run_norm<NormArgsSmall>(r, none).blocks;
   return std::max(large, small);
 }
 
