@@ -574,8 +574,10 @@ FO_DEVICE void sgd_segment(const SGDSlot& s, int64_t b, int64_t e, const SGDCons
   for (int64_t i = ve + threadIdx.x; i < e; i += kBlockThreads) sgd_one<S, T, kStore, kWD, kMom, kFirst>(s, i, c, k);
 }
 
+// (minBlocksPerSM = 1: without it ptxas's occupancy heuristic spilled 16
+// bytes in a bf16-with-master Nesterov kernel for sm_80.)
 template <class S, class T, int kStore, bool kWD, int kMom, int N>
-__global__ void __launch_bounds__(kBlockThreads) sgd_kernel(FO_KARG(SGDArgs<N>) a) {
+__global__ void __launch_bounds__(kBlockThreads, 1) sgd_kernel(FO_KARG(SGDArgs<N>) a) {
   if (a.h.u.found_inf != nullptr && *a.h.u.found_inf != 0.0f) return;
   const SGDConsts<VecF> c(a.h.hyper);
   Ctx k(a.h.u);
