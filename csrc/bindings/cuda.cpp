@@ -4,6 +4,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cmath>
 #include <string>
 #include <vector>
 
@@ -47,6 +48,15 @@ cuda::LaunchCommon launch_common(int32_t dtype, uintptr_t grad_scale, uintptr_t 
   return c;
 }
 
+// The precision options of a launch (Note [precision options]); the grad
+// multiplier is read on the device from clip_coef (null: 1).
+void set_options(cuda::LaunchCommon& c, const Options& o, uintptr_t clip_coef) {
+  check_ptr(clip_coef, clip_coef ? 1 : 0, alignof(float), "clip_coef", 0);
+  c.state_dtype = o.state_dtype;
+  c.store = o.store;
+  c.clip_coef = reinterpret_cast<const float*>(clip_coef);
+}
+
 py::dict stats_dict(const cuda::LaunchStats& st) {
   py::dict d;
   d["launches"] = st.launches;
@@ -59,15 +69,19 @@ py::dict stats_dict(const cuda::LaunchStats& st) {
 
 using CudaAdamFn = cuda::LaunchStats (*)(const cuda::AdamRequest&);
 using CudaSGDFn = cuda::LaunchStats (*)(const cuda::SGDRequest&);
+using CudaNormFn = cuda::LaunchStats (*)(const cuda::NormRequest&);
 
 py::dict cuda_adam_step(CudaAdamFn fn, py::handle params, py::handle grads, py::handle exp_avgs,
                         py::handle exp_avg_sqs, py::handle max_exp_avg_sqs, py::handle steps, py::handle numels_obj,
                         int32_t dtype, double lr, double beta1, double beta2, double eps, double weight_decay,
                         bool decoupled, bool amsgrad, bool maximize, bool device_steps, uintptr_t lr_ptr,
                         uintptr_t grad_scale, uintptr_t found_inf, int device, uintptr_t stream,
-                        const std::string& space) {
+                        const std::string& space, int32_t state_dtype, int store, py::handle extras, py::handle ids,
+                        uint64_t seed, uintptr_t clip_coef) {
   cuda::AdamRequest r;
   r.common = launch_common(dtype, grad_scale, found_inf, device, stream, space);
+  const Options o = options(dtype, state_dtype, store, seed, 1.0);
+  set_options(r.common, o, clip_coef);
   const AdamCall call = adam_call(lr, beta1, beta2, eps, weight_decay, decoupled);
   if (lr_ptr != 0 && !device_steps) throw py::value_error("lr_ptr needs device_steps=True");
   check_ptr(lr_ptr, lr_ptr ? 1 : 0, alignof(float), "lr_ptr", 0);
@@ -81,12 +95,15 @@ py::dict cuda_adam_step(CudaAdamFn fn, py::handle params, py::handle grads, py::
   r.beta2 = beta2;
   r.weight_decay = weight_decay;
   r.lr_ptr = reinterpret_cast<const float*>(lr_ptr);
-  const Options o = options(dtype, -1, kStorePlain, 0, 1.0);
-  AdamLists lists = adam_lists(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, numels_obj, o, amsgrad);
+  r.seed = o.seed;
+  AdamLists lists = adam_lists(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, numels_obj, o, amsgrad,
+                               extras, ids);
   // Every check has passed: from here on we write. Host step counters are
-  // counted here, as the CPU path does; device ones by a kernel.
+  // counted here, as the CPU path does (with the stochastic-rounding keys);
+  // device ones by a kernel, which also derives the keys from them.
   if (device_steps) {
     r.steps = std::move(lists.steps);
+    r.tensor_ids = std::move(lists.ids);
   } else {
     count_host_steps(lists, lr, beta1, beta2, o);
   }
@@ -102,16 +119,23 @@ py::dict cuda_adam_step(CudaAdamFn fn, py::handle params, py::handle grads, py::
 py::dict cuda_sgd_step(CudaSGDFn fn, py::handle params, py::handle grads, py::handle momentum_buffers,
                        py::handle first_step, py::handle numels_obj, int32_t dtype, double lr, double weight_decay,
                        double momentum, double dampening, bool nesterov, bool maximize, uintptr_t grad_scale,
-                       uintptr_t found_inf, int device, uintptr_t stream, const std::string& space) {
+                       uintptr_t found_inf, int device, uintptr_t stream, const std::string& space,
+                       int32_t state_dtype, int store, py::handle extras, py::handle steps, py::handle ids,
+                       uint64_t seed, uintptr_t clip_coef) {
   cuda::SGDRequest r;
   r.common = launch_common(dtype, grad_scale, found_inf, device, stream, space);
+  const Options o = options(dtype, state_dtype, store, seed, 1.0);
+  set_options(r.common, o, clip_coef);
   const SGDCall call = sgd_call(lr, weight_decay, momentum, dampening, nesterov);
   r.hyper = call.hyper;
   r.weight_decay = weight_decay != 0.0;
   r.momentum_mode = call.momentum_mode;
   r.maximize = maximize;
-  const Options o = options(dtype, -1, kStorePlain, 0, 1.0);
-  r.tensors = sgd_lists(params, grads, momentum_buffers, first_step, numels_obj, o, momentum != 0.0).tensors;
+  SGDLists lists =
+      sgd_lists(params, grads, momentum_buffers, first_step, numels_obj, o, momentum != 0.0, extras, steps, ids);
+  // Every check has passed: the host step counters (stochastic rounding) first.
+  count_sgd_steps(lists, o);
+  r.tensors = std::move(lists.tensors);
   cuda::LaunchStats st;
   {
     py::gil_scoped_release release;
@@ -120,40 +144,124 @@ py::dict cuda_sgd_step(CudaSGDFn fn, py::handle params, py::handle grads, py::ha
   return stats_dict(st);
 }
 
-// Registers adam_step/sgd_step of one CUDA backend on module m.
-void def_cuda_backend(py::module_& m, CudaAdamFn adam, CudaSGDFn sgd) {
+// The tensor list of a grad-norm call, parsed and checked (pointers unused
+// for sizing).
+cuda::NormRequest norm_request(py::handle grads, py::handle numels_obj, const std::vector<int32_t>& dtypes) {
+  cuda::NormRequest r;
+  r.numels = counts(numels_obj);
+  const size_t n = r.numels.size();
+  if (dtypes.size() != n) {
+    throw py::value_error("dtypes has " + std::to_string(dtypes.size()) + " entries, expected " + std::to_string(n));
+  }
+  for (int32_t d : dtypes) check_dtype(d);
+  r.dtypes = dtypes;
+  if (!grads.is_none()) {
+    const auto g = addresses(grads, "grads", n);
+    for (size_t k = 0; k < n; ++k) {
+      check_ptr(g[k], r.numels[k], dtype_size(dtypes[k]), "grads", k);
+      r.grads.push_back(reinterpret_cast<const void*>(g[k]));
+    }
+  } else {
+    r.grads.assign(n, nullptr);
+  }
+  return r;
+}
+
+int64_t grad_norm_scratch(py::handle numels, const std::vector<int32_t>& dtypes) {
+  return cuda::emu::norm_scratch_len(norm_request(py::none(), numels, dtypes));
+}
+
+py::dict cuda_grad_norm(CudaNormFn fn, py::handle grads, py::handle numels, const std::vector<int32_t>& dtypes,
+                        uintptr_t scratch, int64_t scratch_len, uintptr_t out, double max_norm, uintptr_t grad_scale,
+                        int device, uintptr_t stream, const std::string& space) {
+  cuda::NormRequest r = norm_request(grads, numels, dtypes);
+  r.common = launch_common(kFloat32, grad_scale, 0, device, stream, space);
+  if (!(std::isfinite(max_norm) && max_norm > 0.0)) {
+    throw py::value_error("max_norm must be positive and finite, got " + std::to_string(max_norm));
+  }
+  const int64_t needed = cuda::emu::norm_scratch_len(r);
+  if (scratch_len < needed) {
+    throw py::value_error("scratch holds " + std::to_string(scratch_len) + " float64 entries, " +
+                          std::to_string(needed) + " needed (grad_norm_scratch)");
+  }
+  check_ptr(scratch, needed, alignof(double), "scratch", 0);
+  if (out == 0) throw py::value_error("out is a null pointer");
+  check_ptr(out, 2, alignof(float), "out", 0);
+  r.scratch = reinterpret_cast<double*>(scratch);
+  r.scratch_len = scratch_len;
+  r.out = reinterpret_cast<float*>(out);
+  r.max_norm = float(max_norm);
+  cuda::LaunchStats st;
+  {
+    py::gil_scoped_release release;
+    st = fn(r);
+  }
+  return stats_dict(st);
+}
+
+// Registers adam_step/sgd_step/grad_norm of one CUDA backend on module m.
+void def_cuda_backend(py::module_& m, CudaAdamFn adam, CudaSGDFn sgd, CudaNormFn norm) {
   m.def(
       "adam_step",
       [adam](py::handle params, py::handle grads, py::handle exp_avgs, py::handle exp_avg_sqs,
              py::handle max_exp_avg_sqs, py::handle steps, py::handle numels, int32_t dtype, double lr, double beta1,
              double beta2, double eps, double weight_decay, bool decoupled, bool amsgrad, bool maximize,
              bool device_steps, uintptr_t lr_ptr, uintptr_t grad_scale, uintptr_t found_inf, int device,
-             uintptr_t stream, const std::string& param_space) {
+             uintptr_t stream, const std::string& param_space, int32_t state_dtype, int store, py::handle extras,
+             py::handle tensor_ids, uint64_t seed, uintptr_t clip_coef) {
         return cuda_adam_step(adam, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, numels, dtype, lr,
                               beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize, device_steps, lr_ptr,
-                              grad_scale, found_inf, device, stream, param_space);
+                              grad_scale, found_inf, device, stream, param_space, state_dtype, store, extras,
+                              tensor_ids, seed, clip_coef);
       },
       py::arg("params"), py::arg("grads"), py::arg("exp_avgs"), py::arg("exp_avg_sqs"), py::arg("max_exp_avg_sqs"),
       py::arg("steps"), py::arg("numels"), py::arg("dtype"), py::arg("lr"), py::arg("beta1"), py::arg("beta2"),
       py::arg("eps"), py::arg("weight_decay"), py::arg("decoupled"), py::arg("amsgrad"), py::arg("maximize"),
       py::arg("device_steps") = false, py::arg("lr_ptr") = 0, py::arg("grad_scale") = 0, py::arg("found_inf") = 0,
-      py::arg("device") = 0, py::arg("stream") = 0, py::arg("param_space") = "auto",
-      "Multi-tensor Adam/AdamW launch(es) on `stream` of `device`. Returns launch statistics.");
+      py::arg("device") = 0, py::arg("stream") = 0, py::arg("param_space") = "auto", py::kw_only(),
+      py::arg("state_dtype") = -1, py::arg("store") = 0, py::arg("extras") = py::none(),
+      py::arg("tensor_ids") = py::none(), py::arg("seed") = 0, py::arg("clip_coef") = 0,
+      "Multi-tensor Adam/AdamW launch(es) on `stream` of `device`. Returns launch statistics.\n"
+      "Precision options as _C.adam_step; clip_coef: address of a float32 on the device that multiplies\n"
+      "the grads (0: none); with device_steps and stochastic rounding the keys come from the device steps.");
   m.def(
       "sgd_step",
       [sgd](py::handle params, py::handle grads, py::handle momentum_buffers, py::handle first_step,
             py::handle numels, int32_t dtype, double lr, double weight_decay, double momentum, double dampening,
             bool nesterov, bool maximize, uintptr_t grad_scale, uintptr_t found_inf, int device, uintptr_t stream,
-            const std::string& param_space) {
+            const std::string& param_space, int32_t state_dtype, int store, py::handle extras, py::handle steps,
+            py::handle tensor_ids, uint64_t seed, uintptr_t clip_coef) {
         return cuda_sgd_step(sgd, params, grads, momentum_buffers, first_step, numels, dtype, lr, weight_decay,
                              momentum, dampening, nesterov, maximize, grad_scale, found_inf, device, stream,
-                             param_space);
+                             param_space, state_dtype, store, extras, steps, tensor_ids, seed, clip_coef);
       },
       py::arg("params"), py::arg("grads"), py::arg("momentum_buffers"), py::arg("first_step"), py::arg("numels"),
       py::arg("dtype"), py::arg("lr"), py::arg("weight_decay"), py::arg("momentum"), py::arg("dampening"),
       py::arg("nesterov"), py::arg("maximize"), py::arg("grad_scale") = 0, py::arg("found_inf") = 0,
-      py::arg("device") = 0, py::arg("stream") = 0, py::arg("param_space") = "auto",
-      "Multi-tensor SGD launch(es) on `stream` of `device`. Returns launch statistics.");
+      py::arg("device") = 0, py::arg("stream") = 0, py::arg("param_space") = "auto", py::kw_only(),
+      py::arg("state_dtype") = -1, py::arg("store") = 0, py::arg("extras") = py::none(),
+      py::arg("steps") = py::none(), py::arg("tensor_ids") = py::none(), py::arg("seed") = 0,
+      py::arg("clip_coef") = 0,
+      "Multi-tensor SGD launch(es) on `stream` of `device`. Returns launch statistics.\n"
+      "Precision options as _C.sgd_step (steps: host float32 counters, stochastic rounding only, incremented\n"
+      "here); clip_coef as in adam_step.");
+  m.def(
+      "grad_norm",
+      [norm](py::handle grads, py::handle numels, std::vector<int32_t> dtypes, uintptr_t scratch, int64_t scratch_len,
+             uintptr_t out, double max_norm, uintptr_t grad_scale, int device, uintptr_t stream,
+             const std::string& param_space) {
+        return cuda_grad_norm(norm, grads, numels, dtypes, scratch, scratch_len, out, max_norm, grad_scale, device,
+                              stream, param_space);
+      },
+      py::arg("grads"), py::arg("numels"), py::arg("dtypes"), py::arg("scratch"), py::arg("scratch_len"),
+      py::arg("out"), py::arg("max_norm"), py::arg("grad_scale") = 0, py::arg("device") = 0, py::arg("stream") = 0,
+      py::arg("param_space") = "auto",
+      "Global L2 norm of the grads (mixed dtypes), deterministic, on `stream` of `device`: out[0] = norm,\n"
+      "out[1] = clip_grad_norm_'s coefficient for max_norm (float32). scratch: float64 device buffer of\n"
+      "grad_norm_scratch(numels, dtypes) entries. With grad_scale the grads are unscaled as the update reads\n"
+      "them. Returns launch statistics (blocks: stage-1 blocks).");
+  m.def("grad_norm_scratch", &grad_norm_scratch, py::arg("numels"), py::arg("dtypes"),
+        "float64 scratch entries grad_norm needs for these grads (either parameter block).");
 }
 
 py::dict cuda_info() {
@@ -187,11 +295,11 @@ py::dict cuda_info() {
 void def_cuda(py::module_& m) {
   py::module_ emu = m.def_submodule(
       "cuda_emulation", "The CUDA kernels compiled for the host and run on the CPU (tests); host pointers.");
-  def_cuda_backend(emu, &cuda::emu::adam_step, &cuda::emu::sgd_step);
+  def_cuda_backend(emu, &cuda::emu::adam_step, &cuda::emu::sgd_step, &cuda::emu::grad_norm);
   m.def("cuda_info", &cuda_info, "Whether the CUDA backend was compiled and can run here, and why not.");
 #if FUSEDOPTIM_HAVE_CUDA
   py::module_ gpu = m.def_submodule("cuda", "The CUDA kernels; device pointers, launched on the given stream.");
-  def_cuda_backend(gpu, &cuda::real::adam_step, &cuda::real::sgd_step);
+  def_cuda_backend(gpu, &cuda::real::adam_step, &cuda::real::sgd_step, &cuda::real::grad_norm);
 #endif
 }
 

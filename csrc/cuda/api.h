@@ -20,12 +20,15 @@ enum class ParamSpace : int { kAuto = 0, kLarge = 1, kSmall = 2 };
 
 // Scalars of a launch that are not per tensor. Device pointers may be null.
 struct LaunchCommon {
-  int32_t dtype = kFloat32;
+  int32_t dtype = kFloat32;          // params and grads
+  int32_t state_dtype = kFloat32;    // optimizer states
+  int store = 0;                     // StoreMode of common/precision.h
   int device = 0;
   uintptr_t stream = 0;              // cudaStream_t of the params' device
   ParamSpace space = ParamSpace::kAuto;
   const float* grad_scale = nullptr; // AMP: grads are divided by it in the kernel, and written back
   const float* found_inf = nullptr;  // AMP: non-zero means this step changes nothing
+  const float* clip_coef = nullptr;  // grads are multiplied by it (max_grad_norm); null = 1
 };
 
 struct AdamRequest {
@@ -41,6 +44,10 @@ struct AdamRequest {
   std::vector<float*> steps;         // device_steps only, one per tensor
   double lr = 0, beta1 = 0, beta2 = 0, weight_decay = 0;
   const float* lr_ptr = nullptr;     // device_steps only: lr read on the device
+  // Stochastic rounding: with host steps each AdamTensor::sr_key is set;
+  // with device steps the kernel computes sr_key(seed, step, tensor id).
+  uint64_t seed = 0;
+  std::vector<uint32_t> tensor_ids;  // device_steps with stochastic rounding, one per tensor
   std::vector<AdamTensor> tensors;
 };
 
@@ -51,6 +58,20 @@ struct SGDRequest {
   int momentum_mode = kNoMomentum;
   bool maximize = false;
   std::vector<SGDTensor> tensors;
+};
+
+// The global L2 norm of a list of grads (mixed dtypes), deterministic:
+// out[0] = the norm, out[1] = clip_grad_norm_'s coefficient for max_norm.
+// scratch holds at least norm_scratch_len() doubles (device memory).
+struct NormRequest {
+  LaunchCommon common;               // device, stream, space, grad_scale (dtype and found_inf unused)
+  std::vector<const void*> grads;
+  std::vector<int64_t> numels;
+  std::vector<int32_t> dtypes;
+  double* scratch = nullptr;
+  int64_t scratch_len = 0;
+  float* out = nullptr;
+  float max_norm = 1.0f;
 };
 
 // What one call launched, for tests and for the notes of a benchmark.
@@ -66,6 +87,7 @@ namespace real {
 // CUDA errors are thrown as std::runtime_error with the CUDA error text.
 LaunchStats adam_step(const AdamRequest& r);
 LaunchStats sgd_step(const SGDRequest& r);
+LaunchStats grad_norm(const NormRequest& r);
 // Whether kernels can run here, and why not ("" when they can).
 bool available(std::string* reason);
 int device_count();
@@ -78,6 +100,9 @@ bool large_param_space(); // the driver accepts the large parameter block
 namespace emu {
 LaunchStats adam_step(const AdamRequest& r);
 LaunchStats sgd_step(const SGDRequest& r);
+LaunchStats grad_norm(const NormRequest& r);
+// Scratch doubles a NormRequest needs (pointers unused); the same for both backends.
+int64_t norm_scratch_len(const NormRequest& r);
 }  // namespace emu
 
 }  // namespace cuda

@@ -88,5 +88,60 @@ struct Lanes<bf16_t> : Lanes16<bf16_t> {};
 template <>
 struct Lanes<f16_t> : Lanes16<f16_t> {};
 
+// x rounded to storage type S and back: precision.h's kahan_store() calls
+// it (found by ADL; more specialised than the generic vector version).
+template <class S>
+FO_DEVICE VecF round_as(VecF x) { return VecF(to_float(from_float<S>(x.x))); }
+
+// W consecutive elements of one stream of storage type X, as one thread
+// holds them in a packet iteration (Note [multi-tensor apply] in mta.h):
+// fp32 with W = 4 is one 16-byte packet; W = 8 is one packet of a 16-bit
+// format or two adjacent packets of fp32. Slice u of a stream starts at
+// element u * W; get/set convert one lane from/to fp32.
+template <class X, int W>
+struct Slice;
+
+template <>
+struct Slice<float, 4> {
+  Pack16 a;
+  FO_DEVICE void load(const void* base, int64_t u) { a = static_cast<const Pack16*>(base)[u]; }
+  FO_DEVICE void store(void* base, int64_t u) const { static_cast<Pack16*>(base)[u] = a; }
+  FO_DEVICE float get(int l) const { return Lanes<float>::get(a, l); }
+  FO_DEVICE void set(int l, float v) { Lanes<float>::set(a, l, v); }
+};
+
+template <>
+struct Slice<float, 8> {
+  Pack16 a, b;
+  FO_DEVICE void load(const void* base, int64_t u) {
+    const Pack16* q = static_cast<const Pack16*>(base) + 2 * u;
+    a = q[0];
+    b = q[1];
+  }
+  FO_DEVICE void store(void* base, int64_t u) const {
+    Pack16* q = static_cast<Pack16*>(base) + 2 * u;
+    q[0] = a;
+    q[1] = b;
+  }
+  FO_DEVICE float get(int l) const { return l < 4 ? Lanes<float>::get(a, l) : Lanes<float>::get(b, l - 4); }
+  FO_DEVICE void set(int l, float v) {
+    if (l < 4) Lanes<float>::set(a, l, v);
+    else Lanes<float>::set(b, l - 4, v);
+  }
+};
+
+template <class S>
+struct Slice16 {
+  Pack16 a;
+  FO_DEVICE void load(const void* base, int64_t u) { a = static_cast<const Pack16*>(base)[u]; }
+  FO_DEVICE void store(void* base, int64_t u) const { static_cast<Pack16*>(base)[u] = a; }
+  FO_DEVICE float get(int l) const { return Lanes<S>::get(a, l); }
+  FO_DEVICE void set(int l, float v) { Lanes<S>::set(a, l, v); }
+};
+template <>
+struct Slice<bf16_t, 8> : Slice16<bf16_t> {};
+template <>
+struct Slice<f16_t, 8> : Slice16<f16_t> {};
+
 }  // namespace cuda
 }  // namespace fusedoptim

@@ -21,6 +21,11 @@ struct HostLauncher {
     if (blocks > 0x7fffffff) throw std::runtime_error("grid too large");
     ::fusedoptim::emu::launch(kernel, dim3(unsigned(blocks)), dim3(kBlockThreads), args);
   }
+  template <class Args>
+  void launch_cooperative(void (*kernel)(const Args&), int64_t blocks, const Args& args) {
+    if (blocks > 0x7fffffff) throw std::runtime_error("grid too large");
+    ::fusedoptim::emu::launch_cooperative(kernel, dim3(unsigned(blocks)), dim3(kBlockThreads), args);
+  }
 };
 
 }  // namespace
@@ -34,6 +39,13 @@ LaunchStats sgd_step(const SGDRequest& r) {
   HostLauncher l;
   return dispatch(r, l, /*large_ok=*/true);
 }
+
+LaunchStats grad_norm(const NormRequest& r) {
+  HostLauncher l;
+  return dispatch(r, l, /*large_ok=*/true);
+}
+
+int64_t norm_scratch_len(const NormRequest& r) { return cuda::norm_scratch_len(r); }
 
 }  // namespace emu
 }  // namespace cuda

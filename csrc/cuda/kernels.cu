@@ -62,6 +62,12 @@ struct DeviceLauncher {
     kernel<<<dim3(unsigned(blocks)), dim3(kBlockThreads), 0, stream>>>(args);
     check(cudaGetLastError(), "kernel launch");
   }
+  // The grad-norm kernels synchronise their block (__syncthreads): on a GPU
+  // an ordinary launch.
+  template <class Args>
+  void launch_cooperative(void (*kernel)(Args), int64_t blocks, const Args& args) {
+    launch(kernel, blocks, args);
+  }
 };
 
 }  // namespace
@@ -82,6 +88,12 @@ LaunchStats adam_step(const AdamRequest& r) {
 }
 
 LaunchStats sgd_step(const SGDRequest& r) {
+  DeviceGuard guard(r.common.device);
+  DeviceLauncher l{reinterpret_cast<cudaStream_t>(r.common.stream)};
+  return dispatch(r, l, large_param_space());
+}
+
+LaunchStats grad_norm(const NormRequest& r) {
   DeviceGuard guard(r.common.device);
   DeviceLauncher l{reinterpret_cast<cudaStream_t>(r.common.stream)};
   return dispatch(r, l, large_param_space());

@@ -1,5 +1,6 @@
-// Multi-tensor apply: the CUDA kernels of Adam, AdamW and SGD, and the host
-// code that packs a list of tensors into launches.
+// Multi-tensor apply: the CUDA kernels of Adam, AdamW and SGD, the
+// grad-norm reduction, and the host code that packs a list of tensors into
+// launches.
 //
 // The file compiles two ways: with nvcc for GPUs (kernels.cu), and with a
 // host compiler after emulation.h (emulated.cpp), which runs the very same
@@ -7,7 +8,7 @@
 // FO_MTA_SMALL (0 or 1): which parameter blocks to instantiate.
 //
 // Note [multi-tensor apply]
-// One launch updates up to N tensors (N ~ 450 for Adam, ~670 for SGD with
+// One launch updates up to N tensors (N = 448 for Adam, 672 for SGD with
 // the large parameter block). The tensors are laid end to end in a virtual
 // flat list, each starting at a multiple of kPad elements; block b updates
 // elements [b * kChunk, (b + 1) * kChunk) of that list, whatever tensors they
@@ -17,12 +18,19 @@
 // start offsets in the parameter block: the block-to-(tensor, chunk) map is
 // computed, not stored, so a launch carries any number of blocks.
 //
-// Inside a tensor, each thread moves 16-byte packets (4 fp32 or 8 16-bit
-// elements) with kILP packets of every stream in flight, where all streams
-// of the tensor share the same misalignment; the elements before the first
-// 16-byte boundary and after the last whole packet, and tensors whose
-// streams are misaligned to each other, take the one-element path. Both
-// paths call adam_update/sgd_update of update_math.h.
+// Inside a tensor, each thread moves 8 elements of every stream per packet
+// iteration (a Slice, device_math.h): one 16-byte packet of a 16-bit format,
+// two of fp32. Where every stream is fp32 (the fp32 layout) the two packets
+// are kBlockThreads packets apart (kILP = 2, as before the precision
+// options); where a layout mixes fp32 and 16-bit streams (fp32 params with
+// bf16 states, bf16/fp16 params with fp32 master and states) a thread's
+// fp32 packets are adjacent, so that the 8 elements are the same in every
+// stream. The elements before the first element at which every stream is
+// 16-byte aligned, after the last whole slice, and all of a tensor whose
+// streams cannot be aligned together take the one-element path. Both paths
+// call the same per-element function (adam_elem / sgd_elem), which runs
+// adam_update/sgd_update of update_math.h and stores as the store mode says
+// (Note [precision options] in common/precision.h).
 //
 // Note [kernel parameter space]
 // Tensor addresses travel in the kernel's parameter block. CUDA 12.1 and
@@ -34,10 +42,15 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <iterator>
 #include <memory>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
 
 #include "../common/adam_coeffs.h"
 #include "../common/params.h"
+#include "../common/precision.h"
 #include "../common/update_math.h"
 #include "api.h"
 #include "device_math.h"
@@ -60,10 +73,6 @@ namespace fusedoptim {
 namespace cuda {
 
 constexpr int kBlockThreads = 256;
-// 16-byte packets of each stream in flight per thread and iteration: 8
-// elements per stream in either format. With 4 or 5 streams per tensor that
-// is 4 to 10 independent 16-byte loads in flight per thread.
-// (kILP below: 2 for fp32, 1 for 16-bit formats.)
 constexpr int64_t kChunk = 8192;       // elements of the flat list per block
 constexpr int64_t kPad = 8;            // tensors start at multiples of 8 elements (16 or 32 bytes)
 constexpr int kLargeParamBytes = 32764;
@@ -72,25 +81,45 @@ constexpr int kSmallParamBytes = 4096;
 // ---------------------------------------------------------------------------
 // Parameter blocks
 
+// A tensor of an Adam launch. Two pairs of fields share storage, one of each
+// pair used by a given launch: the extra stream of kStoreMaster/kStoreKahan
+// or the stochastic-rounding word (kStoreStochastic: the key with host
+// steps, the tensor id with device steps), and the device step counter or
+// the host-computed coefficients. This keeps a slot at 64 bytes, so the
+// capacities stay those of the plain layouts.
 struct AdamSlot {
   void* param;
   void* grad;  // written only to store AMP-unscaled grads
   void* exp_avg;
   void* exp_avg_sq;
   void* max_exp_avg_sq;
-  float* step;  // device_steps only
+  union {
+    void* extra;
+    uint32_t sr;
+  };
+  union {
+    float* step;        // device_steps only
+    AdamCoeffs coeffs;  // host steps only
+  };
   int64_t numel;
-  AdamCoeffs coeffs;  // host steps only
+};
+
+// Launch-wide values of the update kernels, read once per block.
+struct Uniform {
+  const float* grad_scale;  // AMP: grads are divided by it (and written back)
+  const float* found_inf;   // AMP: non-zero means this launch changes nothing
+  const float* clip_coef;   // the grad multiplier (max_grad_norm), null = 1
+  int32_t maximize;
+  int32_t device_steps;     // Adam only
 };
 
 struct AdamHeader {
   AdamHyper hyper;
+  Uniform u;
   double lr, beta1, beta2, weight_decay;
   const float* lr_ptr;
-  const float* grad_scale;
-  const float* found_inf;
+  uint64_t seed;  // stochastic rounding with device steps
   int32_t count;
-  int32_t device_steps;
 };
 
 template <int N>
@@ -105,17 +134,17 @@ struct SGDSlot {
   void* param;
   void* grad;
   void* momentum_buffer;
+  union {
+    void* extra;  // as AdamSlot
+    uint32_t sr;  // stochastic rounding: the key
+  };
   int64_t numel;
-  int32_t first;  // buffer not initialised yet: buf = grad
-  int32_t pad_;
 };
 
 struct SGDHeader {
   SGDHyper hyper;
-  const float* grad_scale;
-  const float* found_inf;
+  Uniform u;
   int32_t count;
-  int32_t pad_;
 };
 
 template <int N>
@@ -124,17 +153,50 @@ struct SGDArgs {
   SGDHeader h;
   int64_t start[N];
   SGDSlot slot[N];
+  uint32_t first[(N + 31) / 32];  // bit t: tensor t's buffer is not initialised yet (buf = grad)
+};
+
+// The grad-norm reduction: one launch per dtype and up to N tensors.
+struct NormSlot {
+  const void* grad;
+  int64_t numel;
+};
+
+struct NormHeader {
+  const float* grad_scale;  // AMP: grads are unscaled (as the update reads them) before squaring
+  double* partials;         // one per block of this launch
+  int32_t count;
+};
+
+template <int N>
+struct NormArgs {
+  static constexpr int kCapacity = N;
+  NormHeader h;
+  int64_t start[N];
+  NormSlot slot[N];
+};
+
+struct NormFinalArgs {
+  const double* partials;
+  int64_t count;
+  float* out;  // out[0] = total norm, out[1] = clip coefficient
+  float max_norm;
 };
 
 using AdamArgsLarge = AdamArgs<448>;
 using AdamArgsSmall = AdamArgs<48>;
 using SGDArgsLarge = SGDArgs<672>;
 using SGDArgsSmall = SGDArgs<80>;
+using NormArgsLarge = NormArgs<1360>;
+using NormArgsSmall = NormArgs<168>;
 static_assert(sizeof(AdamSlot) == 64, "AdamSlot layout");
+static_assert(sizeof(SGDSlot) == 40, "SGDSlot layout");
 static_assert(sizeof(AdamArgsLarge) <= kLargeParamBytes, "Adam large parameter block");
 static_assert(sizeof(AdamArgsSmall) <= kSmallParamBytes, "Adam small parameter block");
 static_assert(sizeof(SGDArgsLarge) <= kLargeParamBytes, "SGD large parameter block");
 static_assert(sizeof(SGDArgsSmall) <= kSmallParamBytes, "SGD small parameter block");
+static_assert(sizeof(NormArgsLarge) <= kLargeParamBytes, "norm large parameter block");
+static_assert(sizeof(NormArgsSmall) <= kSmallParamBytes, "norm small parameter block");
 
 // ---------------------------------------------------------------------------
 // Device code
@@ -151,7 +213,15 @@ FO_DEVICE int find_tensor(const int64_t* start, int count, int64_t pos) {
 }
 
 // Bias corrections from a device step counter, once per (block, tensor).
-FO_DEVICE AdamCoeffs device_coeffs(double lr, double beta1, double beta2, const float* step) {
+// Not inlined: its double-precision division and square root call
+// subroutines, and inlined into the larger kernels (bf16 params with fp32
+// master and amsgrad) the values live across those calls spilled.
+#if defined(__CUDACC__)
+__device__ __noinline__
+#else
+inline
+#endif
+AdamCoeffs device_coeffs(double lr, double beta1, double beta2, const float* step) {
   return adam_coeffs(lr, beta1, beta2, double(*step));
 }
 
@@ -162,71 +232,158 @@ FO_DEVICE float unscaled(float g, float scale) {
   return to_float(from_float<S>(__fdiv_rn(g, scale)));
 }
 
-// Whether every stream shares the param's misalignment to 16 bytes.
-FO_DEVICE bool same_alignment(const void* a, const void* b) {
-  return (reinterpret_cast<uintptr_t>(a) & 15u) == (reinterpret_cast<uintptr_t>(b) & 15u);
+// The streams of a (param S, state T, store) layout.
+template <class S, class T, int kStore>
+struct LayoutOf {
+  static constexpr bool kExtra = kStore == kStoreMaster || kStore == kStoreKahan;
+  using Extra = typename std::conditional<kStore == kStoreMaster, float, S>::type;
+  static constexpr bool kReadParam = kStore != kStoreMaster;  // master: the update starts from the master
+  static constexpr int kWidth = sizeof(S) == 4 && sizeof(T) == 4 ? 4 : 8;  // elements per Slice
+  static constexpr int kILP = kWidth == 4 ? 2 : 1;                          // Slices in flight
+  // The stream whose alignment decides where packets start: a 16-bit one if any.
+  static constexpr bool kRefIsState = sizeof(S) == 4 && sizeof(T) == 2;
+  static constexpr int kRefSize = kRefIsState ? int(sizeof(T)) : int(sizeof(S));
+};
+
+// Whether a stream of element size `size` at p is 16-byte aligned `h`
+// elements after a multiple of kPad (where every stream is as misaligned as
+// at its first element).
+FO_DEVICE bool aligned_at(const void* p, int size, int64_t h) {
+  return ((reinterpret_cast<uintptr_t>(p) & 15u) + uint64_t(h) * unsigned(size)) % 16u == 0;
 }
 
-// Elements [b, e) of one tensor -> one-element head [b, vb), packets
-// [vb, vb + nvec * W), one-element tail. b is a multiple of kPad, so the
-// element at b is as misaligned as the tensor's first.
-template <class S>
-FO_DEVICE void split_segment(const void* base, bool vec_ok, int64_t b, int64_t e, int64_t* vb, int64_t* nvec) {
-  constexpr int W = Lanes<S>::kCount;
-  if (!vec_ok) {
+FO_DEVICE int64_t head_of(const void* p, int size) {
+  return int64_t((16u - (reinterpret_cast<uintptr_t>(p) & 15u)) & 15u) / size;
+}
+
+// Elements [b, e) of one tensor -> one-element head [b, vb), slices
+// [vb, vb + nvec * W), one-element tail. head = the offset of the first
+// aligned element of the reference stream, -1 if the streams cannot align.
+template <int W>
+FO_DEVICE void split_segment(int64_t head, int64_t b, int64_t e, int64_t* vb, int64_t* nvec) {
+  if (head < 0) {
     *vb = e;
     *nvec = 0;
     return;
   }
-  const int64_t mis = int64_t(reinterpret_cast<uintptr_t>(base) & 15u);
-  const int64_t head = ((16 - mis) & 15) / int64_t(sizeof(S));
   *vb = b + head < e ? b + head : e;
   *nvec = (e - *vb) / W;
 }
 
-template <class S, int kWD, bool kAms, bool kMax>
-FO_DEVICE void adam_one(const AdamSlot& s, int64_t i, const AdamConsts<VecF>& c, const float* grad_scale) {
-  S* p = static_cast<S*>(s.param);
-  S* g = static_cast<S*>(s.grad);
-  S* m = static_cast<S*>(s.exp_avg);
-  S* v = static_cast<S*>(s.exp_avg_sq);
-  S* x = static_cast<S*>(s.max_exp_avg_sq);
-  VecF pv(to_float(p[i])), gv(to_float(g[i])), mv(to_float(m[i])), vv(to_float(v[i]));
-  VecF xv(kAms ? to_float(x[i]) : 0.0f);
-  if (grad_scale != nullptr) {
-    gv = VecF(unscaled<S>(gv.x, *grad_scale));
-    g[i] = from_float<S>(gv.x);
-  }
-  adam_update<kWD, kAms, kMax>(pv, gv, mv, vv, xv, c);
-  p[i] = from_float<S>(pv.x);
-  m[i] = from_float<S>(mv.x);
-  v[i] = from_float<S>(vv.x);
-  if (kAms) x[i] = from_float<S>(xv.x);
+// Launch-wide values of one block, as the per-element code uses them.
+struct Ctx {
+  float scale;     // AMP grad scale (used when unscale)
+  float gmul;      // grad multiplier: *clip_coef or 1
+  uint32_t key;    // stochastic rounding: the tensor's key at this step
+  bool unscale;
+  bool maximize;
+
+  FO_DEVICE explicit Ctx(const Uniform& u)
+      : scale(u.grad_scale != nullptr ? *u.grad_scale : 1.0f),
+        gmul(u.clip_coef != nullptr ? *u.clip_coef : 1.0f),
+        key(0),
+        unscale(u.grad_scale != nullptr),
+        maximize(u.maximize != 0) {}
+};
+
+// The grad as the update takes it: unscaled (AMP; `g` keeps the value that
+// is written back), times the multiplier, negated for maximize. The update
+// itself then runs with grad_mul = 1 and kMaximize = false: multiplying by
+// 1 is exact, so this is bit for bit update_math.h's g * grad_mul, -g.
+template <class S>
+FO_DEVICE VecF grad_in(float& g, const Ctx& k) {
+  if (k.unscale) g = unscaled<S>(g, k.scale);
+  VecF gv = mul(VecF(g), VecF(k.gmul));
+  if (k.maximize) gv = neg(gv);
+  return gv;
 }
 
-template <class S, int kWD, bool kAms, bool kMax>
+// Stores the update's result pv (p0: the value it started from) into `p`
+// (the value for the param, exact in S where the store mode rounds itself)
+// and `e` (the extra stream); see Note [precision options].
+template <class S, int kStore>
+FO_DEVICE void store_result(float& p, float& e, VecF p0, VecF pv, int64_t i, const Ctx& k) {
+  if constexpr (kStore == kStorePlain) {
+    p = pv.x;
+  } else if constexpr (kStore == kStoreMaster) {
+    e = pv.x;
+    p = pv.x;
+  } else if constexpr (kStore == kStoreStochastic) {
+    const uint32_t key_hi = sr_key_hi(k.key, uint32_t(uint64_t(i) >> 32));
+    p = bf16_to_float(float_to_bf16_sr(pv.x, sr_bits(key_hi, uint32_t(uint64_t(i)))));
+  } else {
+    VecF cv(e);
+    p = kahan_store<S>(p0, pv, cv).x;
+    e = cv.x;
+  }
+}
+
+// One Adam element (index i of its tensor), all values as fp32: p is the
+// stored param (unused with kStoreMaster), e the extra stream's value.
+template <class S, int kStore, int kWD, bool kAms>
+FO_DEVICE void adam_elem(float& p, float& e, float& g, float& m, float& v, float& x, int64_t i, const Ctx& k,
+                         const AdamConsts<VecF>& c) {
+  const VecF gv = grad_in<S>(g, k);
+  const VecF p0(kStore == kStoreMaster ? e : p);
+  VecF pv = p0, mv(m), vv(v), xv(x);
+  adam_update<kWD, kAms, false>(pv, gv, mv, vv, xv, c);
+  m = mv.x;
+  v = vv.x;
+  x = xv.x;
+  store_result<S, kStore>(p, e, p0, pv, i, k);
+}
+
+template <class S, class T, int kStore, int kWD, bool kAms>
+FO_DEVICE void adam_one(const AdamSlot& s, int64_t i, const AdamConsts<VecF>& c, const Ctx& k) {
+  using L = LayoutOf<S, T, kStore>;
+  using E = typename L::Extra;
+  S* p = static_cast<S*>(s.param);
+  S* g = static_cast<S*>(s.grad);
+  T* m = static_cast<T*>(s.exp_avg);
+  T* v = static_cast<T*>(s.exp_avg_sq);
+  T* x = static_cast<T*>(s.max_exp_avg_sq);
+  E* ex = static_cast<E*>(L::kExtra ? s.extra : nullptr);
+  float pf = L::kReadParam ? to_float(p[i]) : 0.0f;
+  float ef = L::kExtra ? to_float(ex[i]) : 0.0f;
+  float gf = to_float(g[i]), mf = to_float(m[i]), vf = to_float(v[i]);
+  float xf = kAms ? to_float(x[i]) : 0.0f;
+  adam_elem<S, kStore, kWD, kAms>(pf, ef, gf, mf, vf, xf, i, k, c);
+  if (k.unscale) g[i] = from_float<S>(gf);
+  p[i] = from_float<S>(pf);
+  if (L::kExtra) ex[i] = from_float<E>(ef);
+  m[i] = from_float<T>(mf);
+  v[i] = from_float<T>(vf);
+  if (kAms) x[i] = from_float<T>(xf);
+}
+
+template <class S, class T, int kStore, int kWD, bool kAms>
 FO_DEVICE void adam_packets(const AdamSlot& s, int64_t first, int64_t nvec, const AdamConsts<VecF>& c,
-                            const float* grad_scale) {
-  using L = Lanes<S>;
-  constexpr int kILP = sizeof(S) == 4 ? 2 : 1;
-  Pack16* p = reinterpret_cast<Pack16*>(static_cast<S*>(s.param) + first);
-  Pack16* g = reinterpret_cast<Pack16*>(static_cast<S*>(s.grad) + first);
-  Pack16* m = reinterpret_cast<Pack16*>(static_cast<S*>(s.exp_avg) + first);
-  Pack16* v = reinterpret_cast<Pack16*>(static_cast<S*>(s.exp_avg_sq) + first);
-  Pack16* x = kAms ? reinterpret_cast<Pack16*>(static_cast<S*>(s.max_exp_avg_sq) + first) : nullptr;
-  const bool unscale = grad_scale != nullptr;
-  const float scale = unscale ? *grad_scale : 1.0f;
+                            const Ctx& k) {
+  using L = LayoutOf<S, T, kStore>;
+  using E = typename L::Extra;
+  constexpr int W = L::kWidth;
+  constexpr int kILP = L::kILP;
+  S* p = static_cast<S*>(s.param) + first;
+  S* g = static_cast<S*>(s.grad) + first;
+  T* m = static_cast<T*>(s.exp_avg) + first;
+  T* v = static_cast<T*>(s.exp_avg_sq) + first;
+  T* x = kAms ? static_cast<T*>(s.max_exp_avg_sq) + first : nullptr;
+  E* ex = L::kExtra ? static_cast<E*>(s.extra) + first : nullptr;
   for (int64_t u0 = threadIdx.x; u0 < nvec; u0 += int64_t(kBlockThreads) * kILP) {
-    Pack16 P[kILP], G[kILP], M[kILP], V[kILP], X[kILP];
+    Slice<S, W> P[kILP], G[kILP];
+    Slice<T, W> M[kILP], V[kILP], X[kILP];
+    Slice<E, W> XE[kILP];
     FO_UNROLL
     for (int j = 0; j < kILP; ++j) {
       const int64_t u = u0 + int64_t(j) * kBlockThreads;
       if (u < nvec) {
-        P[j] = p[u];
-        G[j] = g[u];
-        M[j] = m[u];
-        V[j] = v[u];
-        if (kAms) X[j] = x[u];
+        if (L::kReadParam) P[j].load(p, u);
+        else P[j] = Slice<S, W>{};
+        G[j].load(g, u);
+        M[j].load(m, u);
+        V[j].load(v, u);
+        if (kAms) X[j].load(x, u);
+        if (L::kExtra) XE[j].load(ex, u);
       }
     }
     FO_UNROLL
@@ -234,32 +391,50 @@ FO_DEVICE void adam_packets(const AdamSlot& s, int64_t first, int64_t nvec, cons
       const int64_t u = u0 + int64_t(j) * kBlockThreads;
       if (u < nvec) {
         FO_UNROLL
-        for (int l = 0; l < L::kCount; ++l) {
-          VecF pv(L::get(P[j], l)), gv(L::get(G[j], l)), mv(L::get(M[j], l)), vv(L::get(V[j], l));
-          VecF xv(kAms ? L::get(X[j], l) : 0.0f);
-          if (unscale) {
-            gv = VecF(unscaled<S>(gv.x, scale));
-            L::set(G[j], l, gv.x);
-          }
-          adam_update<kWD, kAms, kMax>(pv, gv, mv, vv, xv, c);
-          L::set(P[j], l, pv.x);
-          L::set(M[j], l, mv.x);
-          L::set(V[j], l, vv.x);
-          if (kAms) L::set(X[j], l, xv.x);
+        for (int l = 0; l < W; ++l) {
+          float pf = L::kReadParam ? P[j].get(l) : 0.0f;
+          float ef = L::kExtra ? XE[j].get(l) : 0.0f;
+          float gf = G[j].get(l), mf = M[j].get(l), vf = V[j].get(l);
+          float xf = kAms ? X[j].get(l) : 0.0f;
+          adam_elem<S, kStore, kWD, kAms>(pf, ef, gf, mf, vf, xf, first + u * W + l, k, c);
+          if (k.unscale) G[j].set(l, gf);
+          P[j].set(l, pf);
+          if (L::kExtra) XE[j].set(l, ef);
+          M[j].set(l, mf);
+          V[j].set(l, vf);
+          if (kAms) X[j].set(l, xf);
         }
-        p[u] = P[j];
-        m[u] = M[j];
-        v[u] = V[j];
-        if (kAms) x[u] = X[j];
-        if (unscale) g[u] = G[j];
+        P[j].store(p, u);
+        M[j].store(m, u);
+        V[j].store(v, u);
+        if (kAms) X[j].store(x, u);
+        if (L::kExtra) XE[j].store(ex, u);
+        if (k.unscale) G[j].store(g, u);
       }
     }
   }
 }
 
-template <class S, int kWD, bool kAms, bool kMax, int N>
-__global__ void __launch_bounds__(kBlockThreads) adam_kernel(FO_KARG(AdamArgs<N>) a) {
-  if (a.h.found_inf != nullptr && *a.h.found_inf != 0.0f) return;
+// Where the slices of an Adam tensor start (see split_segment), -1 if its
+// streams cannot be 16-byte aligned together.
+template <class S, class T, int kStore, bool kAms>
+FO_DEVICE int64_t adam_head(const AdamSlot& s) {
+  using L = LayoutOf<S, T, kStore>;
+  const int64_t h = head_of(L::kRefIsState ? s.exp_avg : s.param, L::kRefSize);
+  const int ss = int(sizeof(S)), ts = int(sizeof(T));
+  const bool ok = aligned_at(s.param, ss, h) && aligned_at(s.grad, ss, h) && aligned_at(s.exp_avg, ts, h) &&
+                  aligned_at(s.exp_avg_sq, ts, h) && (!kAms || aligned_at(s.max_exp_avg_sq, ts, h)) &&
+                  (!L::kExtra || aligned_at(s.extra, int(sizeof(typename L::Extra)), h));
+  return ok ? h : -1;
+}
+
+// The fp32 layout says minBlocksPerSM = 1 (as sgd_kernel): without it
+// ptxas's occupancy heuristic spilled 8 bytes in fp32 kernels for
+// sm_86/sm_89. The other layouts leave it unset (0): with 1 they took up to
+// 15 more registers.
+template <class S, class T, int kStore, int kWD, bool kAms, int N>
+__global__ void __launch_bounds__(kBlockThreads, (sizeof(S) == 4 && sizeof(T) == 4) ? 1 : 0) adam_kernel(FO_KARG(AdamArgs<N>) a) {
+  if (a.h.u.found_inf != nullptr && *a.h.u.found_inf != 0.0f) return;
   const int64_t lo = int64_t(blockIdx.x) * kChunk;
   const int64_t hi = lo + kChunk;
   for (int t = find_tensor(a.start, a.h.count, lo); t < a.h.count && a.start[t] < hi; ++t) {
@@ -270,67 +445,88 @@ __global__ void __launch_bounds__(kBlockThreads) adam_kernel(FO_KARG(AdamArgs<N>
     // With a device lr (capturable), the step size and AdamW's decay come
     // from it. (Read here rather than once per block: fewer values live
     // across the double-precision division keeps every kernel spill-free.)
-    const AdamCoeffs co = a.h.device_steps
+    const AdamCoeffs co = a.h.u.device_steps
         ? device_coeffs(a.h.lr_ptr != nullptr ? double(*a.h.lr_ptr) : a.h.lr, a.h.beta1, a.h.beta2, s.step)
         : s.coeffs;
     AdamConsts<VecF> c(a.h.hyper, co);
     if (kWD == kDecoupled && a.h.lr_ptr != nullptr) c.decay = VecF(adamw_decay(double(*a.h.lr_ptr), a.h.weight_decay));
-    bool vec_ok = same_alignment(s.param, s.grad) && same_alignment(s.param, s.exp_avg) &&
-                  same_alignment(s.param, s.exp_avg_sq) && (!kAms || same_alignment(s.param, s.max_exp_avg_sq));
+    // Built after the coefficients for the same reason (cached loads).
+    Ctx k(a.h.u);
+    if (kStore == kStoreStochastic) k.key = a.h.u.device_steps ? sr_key(a.h.seed, uint32_t(*s.step), s.sr) : s.sr;
     int64_t vb, nvec;
-    split_segment<S>(s.param, vec_ok, b, e, &vb, &nvec);
-    const int64_t ve = vb + nvec * Lanes<S>::kCount;
-    for (int64_t i = b + threadIdx.x; i < vb; i += kBlockThreads) adam_one<S, kWD, kAms, kMax>(s, i, c, a.h.grad_scale);
-    if (nvec > 0) adam_packets<S, kWD, kAms, kMax>(s, vb, nvec, c, a.h.grad_scale);
-    for (int64_t i = ve + threadIdx.x; i < e; i += kBlockThreads) adam_one<S, kWD, kAms, kMax>(s, i, c, a.h.grad_scale);
+    split_segment<LayoutOf<S, T, kStore>::kWidth>(adam_head<S, T, kStore, kAms>(s), b, e, &vb, &nvec);
+    const int64_t ve = vb + nvec * LayoutOf<S, T, kStore>::kWidth;
+    for (int64_t i = b + threadIdx.x; i < vb; i += kBlockThreads) adam_one<S, T, kStore, kWD, kAms>(s, i, c, k);
+    if (nvec > 0) adam_packets<S, T, kStore, kWD, kAms>(s, vb, nvec, c, k);
+    for (int64_t i = ve + threadIdx.x; i < e; i += kBlockThreads) adam_one<S, T, kStore, kWD, kAms>(s, i, c, k);
   }
 }
 
 // Device step counters: +1 in fp32 (torch's `step_t += 1`), skipped with found_inf.
 template <int N>
 __global__ void __launch_bounds__(kBlockThreads) adam_count_kernel(FO_KARG(AdamArgs<N>) a) {
-  if (a.h.found_inf != nullptr && *a.h.found_inf != 0.0f) return;
+  if (a.h.u.found_inf != nullptr && *a.h.u.found_inf != 0.0f) return;
   for (int t = int(threadIdx.x); t < a.h.count; t += kBlockThreads) {
     *a.slot[t].step = __fadd_rn(*a.slot[t].step, 1.0f);
   }
 }
 
-template <class S, bool kWD, int kMom, bool kMax, bool kFirst>
-FO_DEVICE void sgd_one(const SGDSlot& s, int64_t i, const SGDConsts<VecF>& c, const float* grad_scale) {
-  S* p = static_cast<S*>(s.param);
-  S* g = static_cast<S*>(s.grad);
-  S* buf = static_cast<S*>(s.momentum_buffer);
-  VecF pv(to_float(p[i])), gv(to_float(g[i]));
-  VecF bv((kMom != kNoMomentum && !kFirst) ? to_float(buf[i]) : 0.0f);
-  if (grad_scale != nullptr) {
-    gv = VecF(unscaled<S>(gv.x, *grad_scale));
-    g[i] = from_float<S>(gv.x);
-  }
-  sgd_update<kWD, kMom, kMax, kFirst>(pv, gv, bv, c);
-  p[i] = from_float<S>(pv.x);
-  if (kMom != kNoMomentum) buf[i] = from_float<S>(bv.x);
+// One SGD element; b is the momentum buffer's value (unused on the first step).
+template <class S, int kStore, bool kWD, int kMom, bool kFirst>
+FO_DEVICE void sgd_elem(float& p, float& e, float& g, float& b, int64_t i, const Ctx& k, const SGDConsts<VecF>& c) {
+  const VecF gv = grad_in<S>(g, k);
+  const VecF p0(kStore == kStoreMaster ? e : p);
+  VecF pv = p0, bv(b);
+  sgd_update<kWD, kMom, false, kFirst>(pv, gv, bv, c);
+  b = bv.x;
+  store_result<S, kStore>(p, e, p0, pv, i, k);
 }
 
-template <class S, bool kWD, int kMom, bool kMax, bool kFirst>
-FO_DEVICE void sgd_packets(const SGDSlot& s, int64_t first, int64_t nvec, const SGDConsts<VecF>& c,
-                           const float* grad_scale) {
-  using L = Lanes<S>;
-  constexpr int kILP = sizeof(S) == 4 ? 2 : 1;
+template <class S, class T, int kStore, bool kWD, int kMom, bool kFirst>
+FO_DEVICE void sgd_one(const SGDSlot& s, int64_t i, const SGDConsts<VecF>& c, const Ctx& k) {
+  using L = LayoutOf<S, T, kStore>;
+  using E = typename L::Extra;
   constexpr bool kBuf = kMom != kNoMomentum;
-  Pack16* p = reinterpret_cast<Pack16*>(static_cast<S*>(s.param) + first);
-  Pack16* g = reinterpret_cast<Pack16*>(static_cast<S*>(s.grad) + first);
-  Pack16* buf = kBuf ? reinterpret_cast<Pack16*>(static_cast<S*>(s.momentum_buffer) + first) : nullptr;
-  const bool unscale = grad_scale != nullptr;
-  const float scale = unscale ? *grad_scale : 1.0f;
+  S* p = static_cast<S*>(s.param);
+  S* g = static_cast<S*>(s.grad);
+  T* buf = static_cast<T*>(s.momentum_buffer);
+  E* ex = static_cast<E*>(L::kExtra ? s.extra : nullptr);
+  float pf = L::kReadParam ? to_float(p[i]) : 0.0f;
+  float ef = L::kExtra ? to_float(ex[i]) : 0.0f;
+  float gf = to_float(g[i]);
+  float bf = (kBuf && !kFirst) ? to_float(buf[i]) : 0.0f;
+  sgd_elem<S, kStore, kWD, kMom, kFirst>(pf, ef, gf, bf, i, k, c);
+  if (k.unscale) g[i] = from_float<S>(gf);
+  p[i] = from_float<S>(pf);
+  if (L::kExtra) ex[i] = from_float<E>(ef);
+  if (kBuf) buf[i] = from_float<T>(bf);
+}
+
+template <class S, class T, int kStore, bool kWD, int kMom, bool kFirst>
+FO_DEVICE void sgd_packets(const SGDSlot& s, int64_t first, int64_t nvec, const SGDConsts<VecF>& c, const Ctx& k) {
+  using L = LayoutOf<S, T, kStore>;
+  using E = typename L::Extra;
+  constexpr int W = L::kWidth;
+  constexpr int kILP = L::kILP;
+  constexpr bool kBuf = kMom != kNoMomentum;
+  S* p = static_cast<S*>(s.param) + first;
+  S* g = static_cast<S*>(s.grad) + first;
+  T* buf = kBuf ? static_cast<T*>(s.momentum_buffer) + first : nullptr;
+  E* ex = L::kExtra ? static_cast<E*>(s.extra) + first : nullptr;
   for (int64_t u0 = threadIdx.x; u0 < nvec; u0 += int64_t(kBlockThreads) * kILP) {
-    Pack16 P[kILP], G[kILP], B[kILP];
+    Slice<S, W> P[kILP], G[kILP];
+    Slice<T, W> B[kILP];
+    Slice<E, W> XE[kILP];
     FO_UNROLL
     for (int j = 0; j < kILP; ++j) {
       const int64_t u = u0 + int64_t(j) * kBlockThreads;
       if (u < nvec) {
-        P[j] = p[u];
-        G[j] = g[u];
-        if (kBuf && !kFirst) B[j] = buf[u];
+        if (L::kReadParam) P[j].load(p, u);
+        else P[j] = Slice<S, W>{};
+        G[j].load(g, u);
+        if (kBuf && !kFirst) B[j].load(buf, u);
+        else B[j] = Slice<T, W>{};
+        if (L::kExtra) XE[j].load(ex, u);
       }
     }
     FO_UNROLL
@@ -338,41 +534,57 @@ FO_DEVICE void sgd_packets(const SGDSlot& s, int64_t first, int64_t nvec, const 
       const int64_t u = u0 + int64_t(j) * kBlockThreads;
       if (u < nvec) {
         FO_UNROLL
-        for (int l = 0; l < L::kCount; ++l) {
-          VecF pv(L::get(P[j], l)), gv(L::get(G[j], l));
-          VecF bv((kBuf && !kFirst) ? L::get(B[j], l) : 0.0f);
-          if (unscale) {
-            gv = VecF(unscaled<S>(gv.x, scale));
-            L::set(G[j], l, gv.x);
-          }
-          sgd_update<kWD, kMom, kMax, kFirst>(pv, gv, bv, c);
-          L::set(P[j], l, pv.x);
-          if (kBuf) L::set(B[j], l, bv.x);
+        for (int l = 0; l < W; ++l) {
+          float pf = L::kReadParam ? P[j].get(l) : 0.0f;
+          float ef = L::kExtra ? XE[j].get(l) : 0.0f;
+          float gf = G[j].get(l);
+          float bf = (kBuf && !kFirst) ? B[j].get(l) : 0.0f;
+          sgd_elem<S, kStore, kWD, kMom, kFirst>(pf, ef, gf, bf, first + u * W + l, k, c);
+          if (k.unscale) G[j].set(l, gf);
+          P[j].set(l, pf);
+          if (L::kExtra) XE[j].set(l, ef);
+          if (kBuf) B[j].set(l, bf);
         }
-        p[u] = P[j];
-        if (kBuf) buf[u] = B[j];
-        if (unscale) g[u] = G[j];
+        P[j].store(p, u);
+        if (kBuf) B[j].store(buf, u);
+        if (L::kExtra) XE[j].store(ex, u);
+        if (k.unscale) G[j].store(g, u);
       }
     }
   }
 }
 
-template <class S, bool kWD, int kMom, bool kMax, bool kFirst>
-FO_DEVICE void sgd_segment(const SGDSlot& s, int64_t b, int64_t e, const SGDConsts<VecF>& c, const float* grad_scale) {
-  const bool vec_ok = same_alignment(s.param, s.grad) &&
-                      (kMom == kNoMomentum || same_alignment(s.param, s.momentum_buffer));
-  int64_t vb, nvec;
-  split_segment<S>(s.param, vec_ok, b, e, &vb, &nvec);
-  const int64_t ve = vb + nvec * Lanes<S>::kCount;
-  for (int64_t i = b + threadIdx.x; i < vb; i += kBlockThreads) sgd_one<S, kWD, kMom, kMax, kFirst>(s, i, c, grad_scale);
-  if (nvec > 0) sgd_packets<S, kWD, kMom, kMax, kFirst>(s, vb, nvec, c, grad_scale);
-  for (int64_t i = ve + threadIdx.x; i < e; i += kBlockThreads) sgd_one<S, kWD, kMom, kMax, kFirst>(s, i, c, grad_scale);
+template <class S, class T, int kStore, bool kWD, int kMom>
+FO_DEVICE int64_t sgd_head(const SGDSlot& s) {
+  using L = LayoutOf<S, T, kStore>;
+  // Without momentum the states are absent: the param decides.
+  const bool ref_state = L::kRefIsState && kMom != kNoMomentum;
+  const int64_t h = head_of(ref_state ? s.momentum_buffer : s.param, ref_state ? int(sizeof(T)) : int(sizeof(S)));
+  const int ss = int(sizeof(S));
+  const bool ok = aligned_at(s.param, ss, h) && aligned_at(s.grad, ss, h) &&
+                  (kMom == kNoMomentum || aligned_at(s.momentum_buffer, int(sizeof(T)), h)) &&
+                  (!L::kExtra || aligned_at(s.extra, int(sizeof(typename L::Extra)), h));
+  return ok ? h : -1;
 }
 
-template <class S, bool kWD, int kMom, bool kMax, int N>
-__global__ void __launch_bounds__(kBlockThreads) sgd_kernel(FO_KARG(SGDArgs<N>) a) {
-  if (a.h.found_inf != nullptr && *a.h.found_inf != 0.0f) return;
+template <class S, class T, int kStore, bool kWD, int kMom, bool kFirst>
+FO_DEVICE void sgd_segment(const SGDSlot& s, int64_t b, int64_t e, const SGDConsts<VecF>& c, const Ctx& k) {
+  constexpr int W = LayoutOf<S, T, kStore>::kWidth;
+  int64_t vb, nvec;
+  split_segment<W>(sgd_head<S, T, kStore, kWD, kMom>(s), b, e, &vb, &nvec);
+  const int64_t ve = vb + nvec * W;
+  for (int64_t i = b + threadIdx.x; i < vb; i += kBlockThreads) sgd_one<S, T, kStore, kWD, kMom, kFirst>(s, i, c, k);
+  if (nvec > 0) sgd_packets<S, T, kStore, kWD, kMom, kFirst>(s, vb, nvec, c, k);
+  for (int64_t i = ve + threadIdx.x; i < e; i += kBlockThreads) sgd_one<S, T, kStore, kWD, kMom, kFirst>(s, i, c, k);
+}
+
+// (minBlocksPerSM = 1: without it ptxas's occupancy heuristic spilled 16
+// bytes in a bf16-with-master Nesterov kernel for sm_80.)
+template <class S, class T, int kStore, bool kWD, int kMom, int N>
+__global__ void __launch_bounds__(kBlockThreads, 1) sgd_kernel(FO_KARG(SGDArgs<N>) a) {
+  if (a.h.u.found_inf != nullptr && *a.h.u.found_inf != 0.0f) return;
   const SGDConsts<VecF> c(a.h.hyper);
+  Ctx k(a.h.u);
   const int64_t lo = int64_t(blockIdx.x) * kChunk;
   const int64_t hi = lo + kChunk;
   for (int t = find_tensor(a.start, a.h.count, lo); t < a.h.count && a.start[t] < hi; ++t) {
@@ -380,11 +592,73 @@ __global__ void __launch_bounds__(kBlockThreads) sgd_kernel(FO_KARG(SGDArgs<N>) 
     const int64_t b = lo > a.start[t] ? lo - a.start[t] : 0;
     const int64_t e = hi - a.start[t] < s.numel ? hi - a.start[t] : s.numel;
     if (b >= e) continue;
-    if (kMom != kNoMomentum && s.first) {
-      sgd_segment<S, kWD, kMom, kMax, true>(s, b, e, c, a.h.grad_scale);
+    if (kStore == kStoreStochastic) k.key = s.sr;
+    if (kMom != kNoMomentum && ((a.first[t >> 5] >> (t & 31)) & 1u)) {
+      sgd_segment<S, T, kStore, kWD, kMom, true>(s, b, e, c, k);
     } else {
-      sgd_segment<S, kWD, kMom, kMax, false>(s, b, e, c, a.h.grad_scale);
+      sgd_segment<S, T, kStore, kWD, kMom, false>(s, b, e, c, k);
     }
+  }
+}
+
+// Sum of one double per thread of the block, in a fixed order (16 groups of
+// 16 consecutive threads, then the 16 group sums in order). Thread 0 gets
+// the total; the others get 0.
+FO_DEVICE double block_sum(double v) {
+  __shared__ double part[kBlockThreads];
+  __shared__ double group[kBlockThreads / 16];
+  part[threadIdx.x] = v;
+  __syncthreads();
+  if (threadIdx.x < kBlockThreads / 16) {
+    double s = 0.0;
+    for (int j = 0; j < 16; ++j) s += part[threadIdx.x * 16 + j];
+    group[threadIdx.x] = s;
+  }
+  __syncthreads();
+  double total = 0.0;
+  if (threadIdx.x == 0) {
+    for (int j = 0; j < kBlockThreads / 16; ++j) total += group[j];
+  }
+  return total;
+}
+
+// Stage 1 of the grad norm: block b's sum of squares over its chunk of the
+// flat list, in double (the squares of fp32 values are exact), into
+// partials[b]. Each thread sums its elements in index order, tensor after
+// tensor; block_sum fixes the rest of the order.
+template <class S, int N>
+__global__ void __launch_bounds__(kBlockThreads) norm_partial_kernel(FO_KARG(NormArgs<N>) a) {
+  const bool unscale = a.h.grad_scale != nullptr;
+  const float scale = unscale ? *a.h.grad_scale : 1.0f;
+  const int64_t lo = int64_t(blockIdx.x) * kChunk;
+  const int64_t hi = lo + kChunk;
+  double acc = 0.0;
+  for (int t = find_tensor(a.start, a.h.count, lo); t < a.h.count && a.start[t] < hi; ++t) {
+    const S* g = static_cast<const S*>(a.slot[t].grad);
+    const int64_t b = lo > a.start[t] ? lo - a.start[t] : 0;
+    const int64_t e = hi - a.start[t] < a.slot[t].numel ? hi - a.start[t] : a.slot[t].numel;
+    for (int64_t i = b + threadIdx.x; i < e; i += kBlockThreads) {
+      float x = to_float(g[i]);
+      if (unscale) x = unscaled<S>(x, scale);
+      const double d = double(x);
+      acc += d * d;
+    }
+  }
+  const double total = block_sum(acc);
+  if (threadIdx.x == 0) a.h.partials[blockIdx.x] = total;
+}
+
+// Stage 2 (one block): the partials in a fixed order, then the norm and
+// clip_grad_norm_'s coefficient (precision.h's clip_coef).
+__global__ void __launch_bounds__(kBlockThreads) norm_final_kernel(FO_KARG(NormFinalArgs) a) {
+  double acc = 0.0;
+  for (int64_t i = threadIdx.x; i < a.count; i += kBlockThreads) acc += a.partials[i];
+  const double total = block_sum(acc);
+  if (threadIdx.x == 0) {
+    float norm = 0.0f;
+    const float coef = clip_coef(total, a.max_norm, &norm);
+    a.out[0] = norm;
+    a.out[1] = coef;
   }
 }
 
@@ -396,80 +670,106 @@ using AdamKernel = void (*)(FO_KARG(AdamArgs<N>));
 template <int N>
 using SGDKernel = void (*)(FO_KARG(SGDArgs<N>));
 
-template <int N, class S, int kWD, bool kAms>
-AdamKernel<N> pick_adam_max(bool maximize) {
-  return maximize ? &adam_kernel<S, kWD, kAms, true, N> : &adam_kernel<S, kWD, kAms, false, N>;
+template <int N, class S, class T, int kStore, int kWD>
+AdamKernel<N> pick_adam_ams(bool amsgrad) {
+  return amsgrad ? &adam_kernel<S, T, kStore, kWD, true, N> : &adam_kernel<S, T, kStore, kWD, false, N>;
 }
-template <int N, class S, int kWD>
-AdamKernel<N> pick_adam_ams(bool amsgrad, bool maximize) {
-  return amsgrad ? pick_adam_max<N, S, kWD, true>(maximize) : pick_adam_max<N, S, kWD, false>(maximize);
-}
-template <int N, class S>
-AdamKernel<N> pick_adam_wd(int wd, bool amsgrad, bool maximize) {
-  switch (wd) {
-    case kNoDecay: return pick_adam_ams<N, S, kNoDecay>(amsgrad, maximize);
-    case kL2: return pick_adam_ams<N, S, kL2>(amsgrad, maximize);
-    case kDecoupled: return pick_adam_ams<N, S, kDecoupled>(amsgrad, maximize);
-    default: return nullptr;
-  }
-}
+
 template <int N>
-AdamKernel<N> pick_adam(int32_t dtype, int wd, bool amsgrad, bool maximize) {
-  switch (dtype) {
-    case kFloat32: return pick_adam_wd<N, float>(wd, amsgrad, maximize);
-    case kBFloat16: return pick_adam_wd<N, bf16_t>(wd, amsgrad, maximize);
-    case kFloat16: return pick_adam_wd<N, f16_t>(wd, amsgrad, maximize);
+struct AdamPick {
+  int wd;
+  bool amsgrad;
+  template <class S, class T, int kStore>
+  AdamKernel<N> get() const {
+    switch (wd) {
+      case kNoDecay: return pick_adam_ams<N, S, T, kStore, kNoDecay>(amsgrad);
+      case kL2: return pick_adam_ams<N, S, T, kStore, kL2>(amsgrad);
+      case kDecoupled: return pick_adam_ams<N, S, T, kStore, kDecoupled>(amsgrad);
+      default: return nullptr;
+    }
+  }
+};
+
+template <int N, class S, class T, int kStore, bool kWD>
+SGDKernel<N> pick_sgd_mom(int mom) {
+  switch (mom) {
+    case kNoMomentum: return &sgd_kernel<S, T, kStore, kWD, kNoMomentum, N>;
+    case kMomentum: return &sgd_kernel<S, T, kStore, kWD, kMomentum, N>;
+    case kNesterov: return &sgd_kernel<S, T, kStore, kWD, kNesterov, N>;
     default: return nullptr;
   }
 }
 
-template <int N, class S, bool kWD, int kMom>
-SGDKernel<N> pick_sgd_max(bool maximize) {
-  return maximize ? &sgd_kernel<S, kWD, kMom, true, N> : &sgd_kernel<S, kWD, kMom, false, N>;
-}
-template <int N, class S, bool kWD>
-SGDKernel<N> pick_sgd_mom(int mom, bool maximize) {
-  switch (mom) {
-    case kNoMomentum: return pick_sgd_max<N, S, kWD, kNoMomentum>(maximize);
-    case kMomentum: return pick_sgd_max<N, S, kWD, kMomentum>(maximize);
-    case kNesterov: return pick_sgd_max<N, S, kWD, kNesterov>(maximize);
-    default: return nullptr;
-  }
-}
-template <int N, class S>
-SGDKernel<N> pick_sgd_wd(bool wd, int mom, bool maximize) {
-  return wd ? pick_sgd_mom<N, S, true>(mom, maximize) : pick_sgd_mom<N, S, false>(mom, maximize);
-}
 template <int N>
-SGDKernel<N> pick_sgd(int32_t dtype, bool wd, int mom, bool maximize) {
-  switch (dtype) {
-    case kFloat32: return pick_sgd_wd<N, float>(wd, mom, maximize);
-    case kBFloat16: return pick_sgd_wd<N, bf16_t>(wd, mom, maximize);
-    case kFloat16: return pick_sgd_wd<N, f16_t>(wd, mom, maximize);
-    default: return nullptr;
+struct SGDPick {
+  bool wd;
+  int mom;
+  template <class S, class T, int kStore>
+  SGDKernel<N> get() const {
+    return wd ? pick_sgd_mom<N, S, T, kStore, true>(mom) : pick_sgd_mom<N, S, T, kStore, false>(mom);
+  }
+};
+
+// The layouts of precision.h's layout_supported(), one instantiation each.
+template <class Fn, class Pick>
+Fn pick_layout(int32_t dtype, int32_t state_dtype, int store, const Pick& pick) {
+  if (!layout_supported(dtype, state_dtype, store)) return nullptr;
+  switch (store) {
+    case kStorePlain:
+      if (dtype == kFloat32) {
+        return state_dtype == kFloat32 ? pick.template get<float, float, kStorePlain>()
+                                       : pick.template get<float, bf16_t, kStorePlain>();
+      }
+      if (dtype == kBFloat16) return pick.template get<bf16_t, bf16_t, kStorePlain>();
+      return pick.template get<f16_t, f16_t, kStorePlain>();
+    case kStoreMaster:
+      if (dtype == kBFloat16) return pick.template get<bf16_t, float, kStoreMaster>();
+      return pick.template get<f16_t, float, kStoreMaster>();
+    case kStoreStochastic:
+      return pick.template get<bf16_t, bf16_t, kStoreStochastic>();
+    case kStoreKahan:
+      if (dtype == kBFloat16) return pick.template get<bf16_t, bf16_t, kStoreKahan>();
+      return pick.template get<f16_t, f16_t, kStoreKahan>();
+    default:
+      return nullptr;
   }
 }
 
 inline int64_t padded(int64_t numel) { return (numel + kPad - 1) / kPad * kPad; }
 inline int64_t blocks_for(int64_t flat) { return (flat + kChunk - 1) / kChunk; }
 
+inline Uniform uniform_of(const LaunchCommon& c, bool maximize, bool device_steps) {
+  Uniform u;
+  u.grad_scale = c.grad_scale;
+  u.found_inf = c.found_inf;
+  u.clip_coef = c.clip_coef;
+  u.maximize = maximize ? 1 : 0;
+  u.device_steps = device_steps ? 1 : 0;
+  return u;
+}
+
 // Packs r's tensors into as few launches as the parameter block allows.
 // Launcher provides launch(kernel, blocks, args) and throws on errors.
 template <class Args, class Launcher>
 LaunchStats run_adam(const AdamRequest& r, Launcher& launcher) {
   constexpr int N = Args::kCapacity;
-  const AdamKernel<N> kernel = pick_adam<N>(r.common.dtype, r.wd_mode, r.amsgrad, r.maximize);
-  if (kernel == nullptr) throw std::invalid_argument("adam_step: unsupported dtype or weight-decay mode");
+  const LaunchCommon& co = r.common;
+  const AdamKernel<N> kernel =
+      pick_layout<AdamKernel<N>>(co.dtype, co.state_dtype, co.store, AdamPick<N>{r.wd_mode, r.amsgrad});
+  if (kernel == nullptr) throw std::invalid_argument("adam_step: unsupported layout or weight-decay mode");
+  const bool sr = co.store == kStoreStochastic;
+  if (sr && r.device_steps && r.tensor_ids.size() != r.tensors.size()) {
+    throw std::invalid_argument("adam_step: stochastic rounding with device steps needs one tensor id per tensor");
+  }
   std::unique_ptr<Args> a(new Args());
   a->h.hyper = r.hyper;
+  a->h.u = uniform_of(co, r.maximize, r.device_steps);
   a->h.lr = r.lr;
   a->h.beta1 = r.beta1;
   a->h.beta2 = r.beta2;
   a->h.weight_decay = r.weight_decay;
   a->h.lr_ptr = r.lr_ptr;
-  a->h.grad_scale = r.common.grad_scale;
-  a->h.found_inf = r.common.found_inf;
-  a->h.device_steps = r.device_steps ? 1 : 0;
+  a->h.seed = r.seed;
   LaunchStats st;
   st.capacity = N;
   st.param_bytes = int(sizeof(Args));
@@ -499,9 +799,17 @@ LaunchStats run_adam(const AdamRequest& r, Launcher& launcher) {
     s.exp_avg = t.exp_avg;
     s.exp_avg_sq = t.exp_avg_sq;
     s.max_exp_avg_sq = t.max_exp_avg_sq;
-    s.step = r.device_steps ? r.steps[k] : nullptr;
+    if (sr) {
+      s.sr = r.device_steps ? r.tensor_ids[k] : t.sr_key;
+    } else {
+      s.extra = t.extra;
+    }
+    if (r.device_steps) {
+      s.step = r.steps[k];
+    } else {
+      s.coeffs = t.coeffs;
+    }
     s.numel = t.numel;
-    s.coeffs = t.coeffs;
     a->start[count] = flat;
     flat += padded(t.numel);
     if (++count == N) flush();
@@ -513,12 +821,14 @@ LaunchStats run_adam(const AdamRequest& r, Launcher& launcher) {
 template <class Args, class Launcher>
 LaunchStats run_sgd(const SGDRequest& r, Launcher& launcher) {
   constexpr int N = Args::kCapacity;
-  const SGDKernel<N> kernel = pick_sgd<N>(r.common.dtype, r.weight_decay, r.momentum_mode, r.maximize);
-  if (kernel == nullptr) throw std::invalid_argument("sgd_step: unsupported dtype or momentum mode");
+  const LaunchCommon& co = r.common;
+  const SGDKernel<N> kernel =
+      pick_layout<SGDKernel<N>>(co.dtype, co.state_dtype, co.store, SGDPick<N>{r.weight_decay, r.momentum_mode});
+  if (kernel == nullptr) throw std::invalid_argument("sgd_step: unsupported layout or momentum mode");
+  const bool sr = co.store == kStoreStochastic;
   std::unique_ptr<Args> a(new Args());
   a->h.hyper = r.hyper;
-  a->h.grad_scale = r.common.grad_scale;
-  a->h.found_inf = r.common.found_inf;
+  a->h.u = uniform_of(co, r.maximize, false);
   LaunchStats st;
   st.capacity = N;
   st.param_bytes = int(sizeof(Args));
@@ -534,6 +844,7 @@ LaunchStats run_sgd(const SGDRequest& r, Launcher& launcher) {
     st.max_tensors_per_launch = std::max(st.max_tensors_per_launch, count);
     count = 0;
     flat = 0;
+    std::fill(std::begin(a->first), std::end(a->first), 0u);
   };
   for (const SGDTensor& t : r.tensors) {
     if (t.numel == 0) continue;
@@ -541,14 +852,80 @@ LaunchStats run_sgd(const SGDRequest& r, Launcher& launcher) {
     s.param = t.param;
     s.grad = const_cast<void*>(t.grad);
     s.momentum_buffer = t.momentum_buffer;
+    if (sr) {
+      s.sr = t.sr_key;
+    } else {
+      s.extra = t.extra;
+    }
     s.numel = t.numel;
-    s.first = t.first_step ? 1 : 0;
-    s.pad_ = 0;
+    if (t.first_step) a->first[count >> 5] |= 1u << (count & 31);
     a->start[count] = flat;
     flat += padded(t.numel);
     if (++count == N) flush();
   }
   flush();
+  return st;
+}
+
+// The grad norm: per dtype (float32, bfloat16, float16, in this order), the
+// tensors of that dtype in list order are packed into launches of stage 1,
+// each writing its blocks' partials to the next free range of the scratch;
+// then stage 2 reduces them all. The scratch offset a launch gets depends
+// only on the sizes, so the order of every sum is fixed by the data.
+// Returns the statistics; stats.blocks counts stage-1 blocks, i.e. the
+// scratch entries used. With a NoLauncher nothing is launched (sizing).
+// Sizes a grad-norm request without launching (see norm_scratch_len).
+struct NoLauncher {};
+
+template <class Args, class Launcher>
+LaunchStats run_norm(const NormRequest& r, Launcher& launcher) {
+  constexpr bool launch = !std::is_same<Launcher, NoLauncher>::value;
+  constexpr int N = Args::kCapacity;
+  std::unique_ptr<Args> a(new Args());
+  a->h.grad_scale = r.common.grad_scale;
+  LaunchStats st;
+  st.capacity = N;
+  st.param_bytes = int(sizeof(Args));
+  int64_t offset = 0;
+  for (int32_t dtype : {kFloat32, kBFloat16, kFloat16}) {
+    int count = 0;
+    int64_t flat = 0;
+    auto flush = [&] {
+      if (count == 0) return;
+      a->h.count = count;
+      a->h.partials = r.scratch + offset;
+      const int64_t blocks = blocks_for(flat);
+      if constexpr (launch) {
+        if (offset + blocks > r.scratch_len) throw std::invalid_argument("grad_norm: scratch too small");
+        if (dtype == kFloat32) launcher.launch_cooperative(&norm_partial_kernel<float, N>, blocks, *a);
+        if (dtype == kBFloat16) launcher.launch_cooperative(&norm_partial_kernel<bf16_t, N>, blocks, *a);
+        if (dtype == kFloat16) launcher.launch_cooperative(&norm_partial_kernel<f16_t, N>, blocks, *a);
+      }
+      offset += blocks;
+      st.launches += 1;
+      st.blocks += blocks;
+      st.max_tensors_per_launch = std::max(st.max_tensors_per_launch, count);
+      count = 0;
+      flat = 0;
+    };
+    for (size_t k = 0; k < r.grads.size(); ++k) {
+      if (r.dtypes[k] != dtype || r.numels[k] == 0) continue;
+      a->slot[count].grad = r.grads[k];
+      a->slot[count].numel = r.numels[k];
+      a->start[count] = flat;
+      flat += padded(r.numels[k]);
+      if (++count == N) flush();
+    }
+    flush();
+  }
+  if constexpr (launch) {
+    NormFinalArgs f;
+    f.partials = r.scratch;
+    f.count = offset;
+    f.out = r.out;
+    f.max_norm = r.max_norm;
+    launcher.launch_cooperative(&norm_final_kernel, 1, f);
+  }
   return st;
 }
 
@@ -565,11 +942,18 @@ struct BlocksOf<SGDRequest> {
   using Large = SGDArgsLarge;
   using Small = SGDArgsSmall;
 };
+template <>
+struct BlocksOf<NormRequest> {
+  using Large = NormArgsLarge;
+  using Small = NormArgsSmall;
+};
 
 template <class Args, class Launcher>
 LaunchStats run(const AdamRequest& r, Launcher& launcher) { return run_adam<Args>(r, launcher); }
 template <class Args, class Launcher>
 LaunchStats run(const SGDRequest& r, Launcher& launcher) { return run_sgd<Args>(r, launcher); }
+template <class Args, class Launcher>
+LaunchStats run(const NormRequest& r, Launcher& launcher) { return run_norm<Args>(r, launcher); }
 
 // The parameter block a request gets: the large one unless the request or
 // the driver asks for the small one.
@@ -584,6 +968,15 @@ LaunchStats dispatch(const Request& r, Launcher& launcher, bool large_ok) {
 #endif
   throw std::runtime_error(std::string("this build has no CUDA kernels for the ") + (large ? "large" : "small") +
                            " kernel parameter block");
+}
+
+// Scratch entries (float64) a grad-norm request needs with either parameter
+// block: the larger of the two, so one size serves whichever runs.
+inline int64_t norm_scratch_len(const NormRequest& r) {
+  NoLauncher none;
+  const int64_t large = run_norm<NormArgsLarge>(r, none).blocks;
+  const int64_t small = run_norm<NormArgsSmall>(r, none).blocks;
+  return std::max(large, small);
 }
 
 }  // namespace cuda
