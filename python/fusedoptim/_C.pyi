@@ -207,8 +207,20 @@ class _CudaBackend:
         device: int = 0,
         stream: int = 0,
         param_space: str = "auto",
+        *,
+        state_dtype: int = -1,
+        store: int = ...,
+        extras: Optional[List[int]] = None,
+        tensor_ids: Optional[List[int]] = None,
+        seed: int = 0,
+        clip_coef: int = 0,
     ) -> Dict[str, int]:
         """Multi-tensor Adam/AdamW launches on ``stream`` of ``device``.
+
+        The keyword arguments are the precision options of the CPU
+        ``adam_step``, except that the clip coefficient is read on the device
+        from the float32 at ``clip_coef`` (0: none). With ``device_steps``,
+        stochastic-rounding keys come from the incremented device counters.
 
         ``device_steps``: the float32 step counters live on the device and a
         kernel increments them (skipped when ``*found_inf != 0``); otherwise
@@ -237,8 +249,42 @@ class _CudaBackend:
         device: int = 0,
         stream: int = 0,
         param_space: str = "auto",
+        *,
+        state_dtype: int = -1,
+        store: int = ...,
+        extras: Optional[List[int]] = None,
+        steps: Optional[List[int]] = None,
+        tensor_ids: Optional[List[int]] = None,
+        seed: int = 0,
+        clip_coef: int = 0,
     ) -> Dict[str, int]:
-        """Multi-tensor SGD launches on ``stream`` of ``device``; see ``adam_step``."""
+        """Multi-tensor SGD launches on ``stream`` of ``device``; see ``adam_step``.
+        ``steps``: host float32 counters of stochastic rounding."""
+
+    @staticmethod
+    def grad_norm(
+        grads: List[int],
+        numels: List[int],
+        dtypes: List[int],
+        scratch: int,
+        scratch_len: int,
+        out: int,
+        max_norm: float,
+        grad_scale: int = 0,
+        device: int = 0,
+        stream: int = 0,
+        param_space: str = "auto",
+    ) -> Dict[str, int]:
+        """Global grad norm in two launches, deterministic: per-block float64
+        partial sums into ``scratch`` (``scratch_len`` float64 entries, at
+        least ``grad_norm_scratch``), then ``out[0] = total_norm`` and
+        ``out[1] = clip coefficient`` (float32, on the device). With
+        ``grad_scale``, each grad element is unscaled as the update kernels
+        unscale it before it is squared."""
+
+    @staticmethod
+    def grad_norm_scratch(numels: List[int], dtypes: List[int]) -> int:
+        """float64 scratch entries ``grad_norm`` needs for these grads."""
 
 cuda_emulation: _CudaBackend
 cuda: _CudaBackend

@@ -528,7 +528,7 @@ class FusedOptimizerMixin:
             self._fo_clip = None
             max_norm = self._fo_max_grad_norm()
             if max_norm is not None:
-                self._fo_clip = self._fo_grad_norm(work, max_norm, threads)
+                self._fo_clip = self._fo_grad_norm(work, max_norm, threads, grad_scale)
 
             # Phase 2: create missing state, run the kernels, then torch.
             names: List[str] = []
@@ -686,11 +686,6 @@ class FusedOptimizerMixin:
                 f"with state in the options' layout; param {i} of group {gi} ({why}) is not one. "
                 f"Nothing was updated."
             )
-        if plan.cuda and not _cuda.precision_supported():
-            raise RuntimeError(
-                f"{type(self).__name__}: the precision options are not supported on the CUDA path of "
-                f"this build (param {plan.cuda[0]} of group {gi}). Nothing was updated."
-            )
 
     def _fo_max_grad_norm(self) -> Optional[float]:
         """The optimizer's max_grad_norm: one value for all groups, or None."""
@@ -704,11 +699,14 @@ class FusedOptimizerMixin:
             )
         return float(values.pop())
 
-    def _fo_grad_norm(self, work: List[Tuple[Any, ...]], max_norm: float, threads: int) -> Tuple[float, Any]:
-        """The global grad norm of this step and the clip coefficient.
+    def _fo_grad_norm(self, work: List[Tuple[Any, ...]], max_norm: float, threads: int,
+                      grad_scale: Optional[Tensor]) -> Any:
+        """The global grad norm of this step and the clip coefficient: a float
+        for the CPU kernels, or a device tensor ``[norm, coef]`` for the CUDA
+        kernels (no host sync). Sets :attr:`last_grad_norm`.
 
-        Returns (coefficient for the CPU kernels, device coefficient or None).
-        Sets :attr:`last_grad_norm`.
+        CPU grads are already unscaled (AMP) here; CUDA grads are unscaled by
+        the kernels, so their norm divides by ``grad_scale`` element by element.
         """
         # The CPU grads in the order of the plans' entries (bucket by bucket),
         # which the cached fast path reads too: the same sum either way.
@@ -742,7 +740,7 @@ class FusedOptimizerMixin:
             if ptrs:
                 raise RuntimeError("max_grad_norm needs all params of the optimizer on one device type "
                                    "(CPU or CUDA), not both")
-            return _cuda.clip_on_device(self, device_grads, max_norm)
+            return _cuda.clip_on_device(self, device_grads, max_norm, grad_scale)
         sumsq = _C.grad_norm_sq(ptrs, numels, codes, threads)
         del keep
         norm, coef = _C.clip_coef(sumsq, max_norm)

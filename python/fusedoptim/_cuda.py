@@ -77,14 +77,43 @@ def emulate(enabled: bool = True, param_space: str = "auto") -> Iterator[None]:
         _emulate, _param_space = saved
 
 
-def precision_supported() -> bool:
-    """Whether the CUDA path (real or emulated) takes the precision options."""
-    return False
+def clip_on_device(opt: Any, grads: List[Tensor], max_norm: float, grad_scale: Optional[Tensor]) -> Tensor:
+    """max_grad_norm over grads on one GPU, with no host sync: two launches
+    (per-block partial sums in float64, then a fixed-order total) write
+    ``[total_norm, coefficient]`` to a float32 tensor on the device, which
+    the update kernels read. Sets ``opt._fo_last_norm`` (a 0-d view)."""
+    from ._backend import DTYPE_CODES, _local
+
+    devices = {g.device for g in grads}
+    if len(devices) != 1:
+        raise RuntimeError(
+            f"max_grad_norm needs every grad of the optimizer on one device, got {sorted(map(str, devices))}"
+        )
+    device = devices.pop()
+    gs, _ = contiguous_grads(grads)
+    locals_ = [_local(g) for g in gs]
+    numels = [g.numel() for g in locals_]
+    codes = [DTYPE_CODES[g.dtype] for g in locals_]
+    m = _module()
+    n_scratch = max(1, int(m.grad_norm_scratch(numels, codes)))
+    scratch = torch.empty(n_scratch, dtype=torch.float64, device=device)
+    out = torch.empty(2, dtype=torch.float32, device=device)
+    keep: List[Tensor] = []
+    index, stream = _where(device)
+    stats = m.grad_norm(
+        [g.data_ptr() for g in locals_], numels, codes, scratch.data_ptr(), n_scratch, out.data_ptr(),
+        float(max_norm), grad_scale=_on(grad_scale, device, keep), device=index, stream=stream,
+        param_space=_param_space,
+    )
+    last_stats.append(stats)
+    del keep, scratch  # the caching allocator reuses the block only after the stream's work
+    opt._fo_last_norm = out[0]
+    return out
 
 
-def clip_on_device(opt: Any, grads: List[Tensor], max_norm: float) -> Any:
-    """max_grad_norm over grads on a GPU: the norm and coefficient stay on the device."""
-    raise RuntimeError("max_grad_norm with CUDA params is not supported by this build")
+def clip_ptr(clip: Any) -> int:
+    """Address of the device clip coefficient ([norm, coef] from clip_on_device), or 0."""
+    return clip.data_ptr() + 4 if isinstance(clip, Tensor) else 0
 
 
 def emulating() -> bool:
@@ -169,12 +198,14 @@ class Batch:
     per call and only reads the grads' addresses each step.
     """
 
-    __slots__ = ("device", "code", "device_steps", "lo", "hi", "pptrs", "streams", "steps", "numels")
+    __slots__ = ("device", "code", "device_steps", "lo", "hi", "pptrs", "streams", "steps", "numels", "opts", "ids")
 
     def __init__(self, device: torch.device, code: int, device_steps: bool = False) -> None:
         self.device = device
         self.code = code
         self.device_steps = device_steps
+        self.opts: Any = None  # the group's precision options (fusedoptim._precision.Options)
+        self.ids: List[int] = []  # stochastic rounding: the params' positions in the optimizer
         self.lo = self.hi = 0  # this batch's slice of the plan's grad addresses
         self.pptrs: List[int] = []
         self.streams: List[List[int]] = []  # one address list per state key, in key order
@@ -183,10 +214,13 @@ class Batch:
 
 
 def batch_of(device: torch.device, code: int, params: List[Tensor], states: List[Dict[str, Any]],
-             keys: Tuple[str, ...], device_steps: bool = False, with_steps: bool = False) -> Batch:
+             keys: Tuple[str, ...], device_steps: bool = False, with_steps: bool = False,
+             opts: Any = None, ids: Optional[List[int]] = None) -> Batch:
     from ._backend import _local  # DTensor params: their local shards
 
     b = Batch(device, code, device_steps)
+    b.opts = opts
+    b.ids = list(ids) if ids is not None else []
     b.pptrs = [_local(p).data_ptr() for p in params]
     b.numels = [_local(p).numel() for p in params]
     b.streams = [[_local(s[k]).data_ptr() for s in states] for k in keys]
@@ -195,8 +229,22 @@ def batch_of(device: torch.device, code: int, params: List[Tensor], states: List
     return b
 
 
+def _precision_kwargs(b: Batch, clip: Any) -> Dict[str, Any]:
+    """Keyword arguments of a launch for the batch's precision options."""
+    o = b.opts
+    if o is None or not o.active:
+        return {}
+    kw: Dict[str, Any] = {"state_dtype": o.state_code, "store": o.store, "clip_coef": clip_ptr(clip)}
+    if o.extra_key is not None:
+        kw["extras"] = b.streams[-1]
+    if o.stochastic_rounding:
+        kw["tensor_ids"] = b.ids
+        kw["seed"] = o.seed
+    return kw
+
+
 def adam_call(b: Batch, gptrs: List[int], hyper: Tuple[Any, ...], grad_scale: Optional[Tensor],
-              found_inf: Optional[Tensor]) -> None:
+              found_inf: Optional[Tensor], clip: Any = None) -> None:
     """Adam/AdamW launches for batch ``b`` with these grads."""
     lr, beta1, beta2, eps, wd, decoupled, amsgrad, maximize = hyper
     keep: List[Tensor] = []
@@ -221,17 +269,21 @@ def adam_call(b: Batch, gptrs: List[int], hyper: Tuple[Any, ...], grad_scale: Op
         device=index,
         stream=stream,
         param_space=_param_space,
+        **_precision_kwargs(b, clip),
     )
     last_stats.append(stats)
     del keep
 
 
 def sgd_call(b: Batch, gptrs: List[int], first: Optional[List[bool]], hyper: Tuple[Any, ...],
-             grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
+             grad_scale: Optional[Tensor], found_inf: Optional[Tensor], clip: Any = None) -> None:
     """SGD launches for batch ``b`` with these grads (``first``: buffers this step initialises)."""
     lr, momentum, dampening, wd, nesterov, maximize = hyper
     keep: List[Tensor] = []
     index, stream = _where(b.device)
+    kw = _precision_kwargs(b, clip)
+    if b.opts is not None and b.opts.stochastic_rounding:
+        kw["steps"] = b.steps
     stats = _module().sgd_step(
         b.pptrs, gptrs, b.streams[0] if momentum != 0 else None, first if momentum != 0 else None, b.numels,
         b.code, float(lr), wd, momentum, dampening, nesterov, maximize,
@@ -240,6 +292,7 @@ def sgd_call(b: Batch, gptrs: List[int], first: Optional[List[bool]], hyper: Tup
         device=index,
         stream=stream,
         param_space=_param_space,
+        **kw,
     )
     last_stats.append(stats)
     del keep

@@ -97,6 +97,8 @@ class _FusedAdamMixin(FusedOptimizerMixin):
         which the step caches a plan for the next steps.
         """
         keys = self._fo_state_keys(group)
+        opts = self._fo_opts(group)
+        position = self._fo_positions() if opts.stochastic_rounding else {}
         on_device = bool(group.get("capturable")) or bool(group.get("fused"))
         state_all = self.state  # type: ignore[attr-defined]
         batches: Dict[Tuple[Any, ...], List[int]] = {}
@@ -108,14 +110,15 @@ class _FusedAdamMixin(FusedOptimizerMixin):
                                  else torch.tensor(0.0, dtype=torch.float32))
             for key in keys:
                 if state.get(key) is None:
-                    state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state[key] = _new_state(p, key, opts)
             states.append(state)
             device_steps = state["step"].device.type != "cpu" or (_cuda.emulating() and on_device)
             batches.setdefault((p.device, p.dtype, device_steps), []).append(j)
         out = []
         for (device, dtype, device_steps), idx in batches.items():
             b = _cuda.batch_of(device, DTYPE_CODES[dtype], [params[j] for j in idx], [states[j] for j in idx],
-                               keys, device_steps, with_steps=True)
+                               keys, device_steps, with_steps=True, opts=opts,
+                               ids=[position[id(params[j])] for j in idx] if opts.stochastic_rounding else None)
             out.append((b, idx))
             gptrs, copies, keep = _cuda.grad_ptrs([grads[j] for j in idx])
             self._fo_cuda_call(b, gptrs, hyper, grad_scale, found_inf)
@@ -127,7 +130,7 @@ class _FusedAdamMixin(FusedOptimizerMixin):
                       grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
         if not b.device_steps and found_inf is not None and bool(found_inf.item()):
             return  # host step counters must not count a skipped step
-        _cuda.adam_call(b, gptrs, hyper, grad_scale, found_inf)
+        _cuda.adam_call(b, gptrs, hyper, grad_scale, found_inf, self._fo_clip)
 
     def _fo_run_plan(self, plan: "_C.StepPlan", group: Dict[str, Any], hyper: Tuple[Any, ...], threads: int) -> None:
         lr, beta1, beta2, eps, wd, decoupled, amsgrad, maximize = hyper

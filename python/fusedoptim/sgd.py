@@ -117,18 +117,17 @@ class SGD(FusedOptimizerMixin, torch.optim.SGD):
 
     def _fo_init_state(self, p: Tensor, state: Dict[str, Any], group: Dict[str, Any]) -> bool:
         opts = self._fo_opts(group)
-        if opts.stochastic_rounding and "step" not in state:
-            state["step"] = torch.tensor(0.0, dtype=torch.float32)  # the random keys count steps
-        if opts.extra_key is not None and state.get(opts.extra_key) is None:
-            state[opts.extra_key] = _new_state(p, opts.extra_key, opts)
-        if group["momentum"] == 0:
-            return False
-        if state.get("momentum_buffer") is None:
+        first = False
+        if group["momentum"] != 0 and state.get("momentum_buffer") is None:
             # Filled by the kernel with the (decayed) gradient: torch's buf = grad.
             state["momentum_buffer"] = torch.empty_like(p, dtype=opts.moment_dtype(p),
                                                         memory_format=torch.preserve_format)
-            return True
-        return False
+            first = True
+        if opts.extra_key is not None and state.get(opts.extra_key) is None:
+            state[opts.extra_key] = _new_state(p, opts.extra_key, opts)
+        if opts.stochastic_rounding and "step" not in state:
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)  # the random keys count steps
+        return first
 
     def _fo_state_usable_cuda(self, p: Tensor, state: Dict[str, Any], group: Dict[str, Any]) -> bool:
         return self._fo_state_usable(p, state, group)
@@ -138,33 +137,44 @@ class SGD(FusedOptimizerMixin, torch.optim.SGD):
                      found_inf: Optional[Tensor]) -> List[Tuple["_cuda.Batch", List[int]]]:
         """Create missing momentum buffers and launch the CUDA kernels; see Adam's."""
         use_momentum = hyper[1] != 0
+        opts = self._fo_opts(group)
+        position = self._fo_positions() if opts.stochastic_rounding else {}
         state_all = self.state  # type: ignore[attr-defined]
         first = [state_all[p].get("momentum_buffer") is None for p in params] if use_momentum else []
-        if found_inf is not None and any(first):
+        if found_inf is not None and (any(first) or opts.stochastic_rounding):
             # A first step creates the buffers (buf = grad): it must know now
             # whether the step happens, which costs one host sync on the very
             # first step only. Torch's own fused SGD leaves them uninitialised.
+            # (Stochastic rounding counts SGD steps on the host: a sync each step.)
             if bool(found_inf.item()):
                 return []
             found_inf = None
         batches: Dict[Tuple[Any, ...], List[int]] = {}
         states = []
+        keys = self._fo_state_keys(group)
         for j, p in enumerate(params):
             state: Dict[str, Any] = {}
-            if use_momentum:
+            if keys or opts.stochastic_rounding:
                 state = state_all[p]
-                if first[j]:
+                if use_momentum and first[j]:
                     # Written by the kernel with the (decayed) gradient: torch's buf = grad.
-                    state["momentum_buffer"] = torch.empty_like(p, memory_format=torch.preserve_format)
+                    state["momentum_buffer"] = torch.empty_like(p, dtype=opts.moment_dtype(p),
+                                                                memory_format=torch.preserve_format)
+                if opts.extra_key is not None and state.get(opts.extra_key) is None:
+                    state[opts.extra_key] = _new_state(p, opts.extra_key, opts)
+                if opts.stochastic_rounding and "step" not in state:
+                    state["step"] = torch.tensor(0.0, dtype=torch.float32)  # the random keys count steps
             states.append(state)
             batches.setdefault((p.device, p.dtype), []).append(j)
-        keys = self._fo_state_keys(group)
         out = []
         for (device, dtype), idx in batches.items():
-            b = _cuda.batch_of(device, DTYPE_CODES[dtype], [params[j] for j in idx], [states[j] for j in idx], keys)
+            b = _cuda.batch_of(device, DTYPE_CODES[dtype], [params[j] for j in idx], [states[j] for j in idx], keys,
+                               with_steps=opts.stochastic_rounding, opts=opts,
+                               ids=[position[id(params[j])] for j in idx] if opts.stochastic_rounding else None)
             out.append((b, idx))
             gptrs, copies, keep = _cuda.grad_ptrs([grads[j] for j in idx])
-            _cuda.sgd_call(b, gptrs, [first[j] for j in idx] if use_momentum else None, hyper, grad_scale, found_inf)
+            _cuda.sgd_call(b, gptrs, [first[j] for j in idx] if use_momentum else None, hyper, grad_scale, found_inf,
+                           self._fo_clip)
             _cuda.write_back(copies, grad_scale)
             del keep
         return out
@@ -172,7 +182,11 @@ class SGD(FusedOptimizerMixin, torch.optim.SGD):
     def _fo_cuda_call(self, b: "_cuda.Batch", gptrs: List[int], hyper: Tuple[Any, ...],
                       grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
         # A cached plan exists only once every buffer does: never a first step.
-        _cuda.sgd_call(b, gptrs, [False] * len(gptrs), hyper, grad_scale, found_inf)
+        if found_inf is not None and b.opts is not None and b.opts.stochastic_rounding:
+            if bool(found_inf.item()):
+                return  # host step counters must not count a skipped step
+            found_inf = None
+        _cuda.sgd_call(b, gptrs, [False] * len(gptrs), hyper, grad_scale, found_inf, self._fo_clip)
 
     def _fo_run_plan(self, plan: "_C.StepPlan", group: Dict[str, Any], hyper: Tuple[Any, ...], threads: int) -> None:
         lr, momentum, dampening, wd, nesterov, maximize = hyper
