@@ -672,3 +672,70 @@ def test_state_dict_between_fusedoptim_cuda_and_torch_cuda(mode):
         second.step()
     ref, _ = run_on("cuda", case, problem, which="torch", **extra)
     assert_close([p.detach().cpu() for p in flat], ref, what=f"{mode}: fusedoptim CUDA -> torch CUDA", **FP32_VS_TORCH)
+
+
+# ---------------------------------------------------------------- precision options on a GPU
+PRECISION_GPU_CASES = [
+    # (class, class kwargs, param dtype, options)
+    (fusedoptim.AdamW, {}, torch.bfloat16, dict(master_weights=True)),
+    (fusedoptim.AdamW, {}, torch.bfloat16, dict(stochastic_rounding=True)),
+    (fusedoptim.AdamW, {"capturable": True}, torch.bfloat16, dict(stochastic_rounding=True)),
+    (fusedoptim.AdamW, {}, torch.bfloat16, dict(kahan_summation=True)),
+    (fusedoptim.AdamW, {}, torch.float16, dict(master_weights=True)),
+    (fusedoptim.AdamW, {"fused": True}, torch.float32, dict(state_dtype=torch.bfloat16)),
+    (fusedoptim.SGD, {"momentum": 0.9}, torch.bfloat16, dict(master_weights=True)),
+    (fusedoptim.SGD, {"momentum": 0.9, "nesterov": True}, torch.bfloat16, dict(stochastic_rounding=True)),
+    (fusedoptim.SGD, {"momentum": 0.9}, torch.float16, dict(kahan_summation=True)),
+]
+
+
+def _precision_run(case, device, max_grad_norm=None, steps=3, no_sync=False):
+    cls, ckw, dt, okw = case
+    torch.manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(n).to(dt).to(device)) for n in (100, 70001, 7, 1 << 20)]
+    opt = cls(ps, lr=0.01, max_grad_norm=max_grad_norm, **ckw, **okw)
+    g = torch.Generator().manual_seed(1)
+    with scalar_cpu():
+        for _ in range(steps):
+            for p in ps:
+                p.grad = torch.randn(p.numel(), generator=g).to(dt).to(device)
+            if no_sync:
+                torch.cuda.synchronize()
+                torch.cuda.set_sync_debug_mode("error")  # the step itself must not sync
+            try:
+                opt.step()
+            finally:
+                torch.cuda.set_sync_debug_mode("default") if no_sync else None
+    return ps, opt
+
+
+@gpu
+@pytest.mark.parametrize("case", PRECISION_GPU_CASES, ids=lambda c: f"{c[0].__name__}-{c[2]}-{'-'.join(c[3])}-{'-'.join(c[1])}")
+def test_precision_options_gpu_bits_equal_cpu_scalar(case):
+    """Master weights, stochastic rounding (same random bits), Kahan and bf16
+    states: the GPU computes the CPU scalar variant's bits for params and
+    every state tensor."""
+    pc, oc = _precision_run(case, "cpu")
+    pg, og = _precision_run(case, "cuda")
+    assert og.last_backends == [NATIVE]
+    for a, b in zip(pc, pg):
+        assert_same_bits([b.detach().cpu()], [a.detach()], "param")
+        for key, t in oc.state[a].items():
+            assert_same_bits([og.state[b][key].cpu()], [t], f"state[{key!r}]")
+
+
+@gpu
+@pytest.mark.parametrize("case", PRECISION_GPU_CASES[:2] + PRECISION_GPU_CASES[5:7],
+                         ids=lambda c: f"{c[0].__name__}-{c[2]}-{'-'.join(c[3])}")
+def test_max_grad_norm_gpu_matches_cpu_without_host_sync(case):
+    """max_grad_norm on the GPU: the norm stays on the device (no host sync
+    in the step) and agrees with the CPU's; the clipped step agrees within
+    fp32 tolerance (the norms' summation orders differ, so the coefficient
+    may differ in its last bit)."""
+    pc, oc = _precision_run(case, "cpu", max_grad_norm=0.5)
+    # (SGD's host step counters of stochastic rounding are not in these cases.)
+    pg, og = _precision_run(case, "cuda", max_grad_norm=0.5, no_sync=True)
+    assert og.last_grad_norm.device.type == "cuda"
+    torch.testing.assert_close(og.last_grad_norm.cpu(), oc.last_grad_norm, rtol=1e-6, atol=0)
+    for a, b in zip(pc, pg):
+        torch.testing.assert_close(b.detach().cpu().float(), a.detach().float(), **FP32_VS_TORCH)
