@@ -106,6 +106,32 @@ FO_ALWAYS_INLINE void adam_elems(const AdamTensor& t, int64_t i, const AdamConst
   if (kAms) vmaxv.store(vmax + i);
 }
 
+// Note [two-pass stores]
+// Stochastic rounding and Kahan summation append a long dependency chain
+// (a hash; a compensated sum and two roundings) to the update's own (sqrt,
+// div). Done in one loop body, so few iterations fit the out-of-order window
+// that the chains' latency is exposed: Kahan bf16 took twice the time of a
+// plain step on AVX2. Their kernels therefore run a block of vectors in two
+// passes: the updates (states stored, fp32 results kept in registers or on
+// the stack), then the stores. The operations and so the bits are the same.
+constexpr int kTwoPassVectors = 4;
+
+template <class V, class S, class T, int kStore, int kWD, bool kAms, bool kMax>
+FO_ALWAYS_INLINE V adam_update_only(const AdamTensor& t, int64_t i, const AdamConsts<V>& c) {
+  const S* p = static_cast<const S*>(t.param);
+  const S* g = static_cast<const S*>(t.grad);
+  T* m = static_cast<T*>(t.exp_avg);
+  T* v = static_cast<T*>(t.exp_avg_sq);
+  T* vmax = static_cast<T*>(t.max_exp_avg_sq);
+  V pv = load_param<kStore, V>(p, t.extra, i), mv = V::load(m + i), vv = V::load(v + i);
+  V vmaxv = kAms ? V::load(vmax + i) : V(0.0f);
+  adam_update<kWD, kAms, kMax>(pv, V::load(g + i), mv, vv, vmaxv, c);
+  mv.store(m + i);
+  vv.store(v + i);
+  if (kAms) vmaxv.store(vmax + i);
+  return pv;
+}
+
 template <class S, class T, int kStore, int kWD, bool kAms, bool kMax>
 void adam_segment(const AdamTensor& t, int64_t begin, int64_t end, const AdamHyper& h) {
   using V = typename VecFor<S, T, kStore>::type;
@@ -113,6 +139,18 @@ void adam_segment(const AdamTensor& t, int64_t begin, int64_t end, const AdamHyp
   const AdamConsts<VecScalar> cs(h, t.coeffs);
   constexpr int W = V::kWidth;
   int64_t i = begin;
+  if constexpr (kStore == kStoreStochastic || kStore == kStoreKahan) {
+    constexpr int B = kTwoPassVectors;
+    S* p = static_cast<S*>(t.param);
+    for (; i + B * W <= end; i += B * W) {
+      V pv[B];
+      for (int j = 0; j < B; ++j) pv[j] = adam_update_only<V, S, T, kStore, kWD, kAms, kMax>(t, i + j * W, cv);
+      for (int j = 0; j < B; ++j) {
+        const int64_t k = i + j * W;
+        store_param<kStore, V, S>(p, t.extra, V::load(p + k), pv[j], k, key_at<kStore>(t.sr_key, k));
+      }
+    }
+  }
   for (; i + W <= end; i += W) adam_elems<V, S, T, kStore, kWD, kAms, kMax>(t, i, cv);
   for (; i < end; ++i) adam_elems<VecScalar, S, T, kStore, kWD, kAms, kMax>(t, i, cs);
 }

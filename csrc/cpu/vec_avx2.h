@@ -64,7 +64,7 @@ struct VecAVX2 {
     return _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7fc0), nan);
   }
   // Stochastic rounding of elements lo .. lo + 7 (low words of their indices).
-  void store_sr(bf16_t* p, uint32_t key_hi, uint32_t lo) const {
+  __attribute__((always_inline)) void store_sr(bf16_t* p, uint32_t key_hi, uint32_t lo) const {
     const __m256i k = _mm256_setr_epi32(FO_GOLDEN(0u), FO_GOLDEN(1u), FO_GOLDEN(2u), FO_GOLDEN(3u), FO_GOLDEN(4u),
                                         FO_GOLDEN(5u), FO_GOLDEN(6u), FO_GOLDEN(7u));
     const __m256i r = bf16_bits_sr(x, sr_bits_avx2(key_hi, lo, k));
@@ -113,7 +113,7 @@ struct VecAVX2x2 {
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), packed);
   }
   // Stochastic rounding; `lo` holds elements 0-3 and 8-11, `hi` 4-7 and 12-15.
-  void store_sr(bf16_t* p, uint32_t key_hi, uint32_t first) const {
+  __attribute__((always_inline)) void store_sr(bf16_t* p, uint32_t key_hi, uint32_t first) const {
     const __m256i klo = _mm256_setr_epi32(FO_GOLDEN(0u), FO_GOLDEN(1u), FO_GOLDEN(2u), FO_GOLDEN(3u), FO_GOLDEN(8u),
                                           FO_GOLDEN(9u), FO_GOLDEN(10u), FO_GOLDEN(11u));
     const __m256i khi = _mm256_setr_epi32(FO_GOLDEN(4u), FO_GOLDEN(5u), FO_GOLDEN(6u), FO_GOLDEN(7u), FO_GOLDEN(12u),

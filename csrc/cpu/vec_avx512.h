@@ -47,7 +47,7 @@ struct VecAVX512 {
   }
   // Stochastic rounding of elements lo .. lo + 15: float_to_bf16_sr with
   // the bits sr_bits(key_hi, lo + k) of precision.h.
-  void store_sr(bf16_t* p, uint32_t key_hi, uint32_t lo) const {
+  __attribute__((always_inline)) void store_sr(bf16_t* p, uint32_t key_hi, uint32_t lo) const {
     // (lo + k) * golden = lo * golden + k * golden (mod 2^32): one scalar multiply.
     const __m512i k = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                                          _mm512_set1_epi32(int(0x9e3779b9u)));

@@ -21,7 +21,7 @@ struct VecScalar {
   void store(bf16_t* p) const { p->bits = float_to_bf16(x); }
   void store(f16_t* p) const { p->bits = float_to_f16(x); }
   // Stochastic rounding of element `lo` (low word of its index) under key_hi.
-  void store_sr(bf16_t* p, uint32_t key_hi, uint32_t lo) const { p->bits = float_to_bf16_sr(x, sr_bits(key_hi, lo)); }
+  __attribute__((always_inline)) void store_sr(bf16_t* p, uint32_t key_hi, uint32_t lo) const { p->bits = float_to_bf16_sr(x, sr_bits(key_hi, lo)); }
 };
 
 inline VecScalar add(VecScalar a, VecScalar b) { return VecScalar(a.x + b.x); }
