@@ -1345,3 +1345,40 @@ def test_options_off_give_the_existing_results(case, dtype):
     assert eopt.defaults == topt.defaults
     if dtype == F32:
         assert_close(explicit, theirs, what=f"{case.id} options off vs torch", **FP32_VS_TORCH)
+
+
+@pytest.mark.parametrize("cls,extra", [(fusedoptim.AdamW, {}), (fusedoptim.SGD, {"momentum": 0.9})],
+                         ids=["AdamW", "SGD-momentum"])
+@pytest.mark.parametrize("opts,dtype", [
+    ({"master_weights": True}, torch.bfloat16),
+    ({"stochastic_rounding": True}, torch.bfloat16),
+    ({"kahan_summation": True, "max_grad_norm": 1.0}, torch.float16),
+    ({"state_dtype": torch.bfloat16, "max_grad_norm": 0.5}, torch.float32),
+], ids=["master", "sr", "kahan-clip", "bf16states-clip"])
+def test_cached_plan_equals_general_path(cls, extra, opts, dtype):
+    """From the second step on a group runs from its cached C plan; dropping
+    the plans before every step forces the general path. Same bits."""
+    def run(general: bool):
+        torch.manual_seed(0)
+        ps = [torch.nn.Parameter(torch.randn(n).to(dtype)) for n in (100, 3000, 7)]
+        opt = cls(ps, lr=0.01, **extra, **opts)
+        g = torch.Generator().manual_seed(1)
+        norms = []
+        for _ in range(4):
+            for p in ps:
+                p.grad = torch.randn(p.numel(), generator=g).to(dtype)
+            if general:
+                opt._fo_plans = {}
+            opt.step()
+            norms.append(opt.last_grad_norm)
+        return ps, opt, norms
+
+    pa, oa, na = run(False)
+    pb, ob, nb = run(True)
+    assert oa._fo_plans and all(plan.native is not None for _, plan in oa._fo_plans.values())
+    for a, b in zip(pa, pb):
+        assert torch.equal(a, b)
+        for key in oa.state[a]:
+            assert torch.equal(oa.state[a][key], ob.state[b][key]), key
+    for x, y in zip(na, nb):
+        assert (x is None and y is None) or torch.equal(x, y)
