@@ -14,8 +14,10 @@
 // bits for the same inputs. Any change here changes every backend at once.
 //
 // The formulas follow torch.optim's for-loop implementations:
-// g starts as grad * grad_mul (the clip coefficient of max_grad_norm, else 1:
-// multiplying by 1 is exact, so torch's results are unchanged).
+// g starts as grad * grad_mul (the clip coefficient of max_grad_norm). A
+// factor of exactly 1 (no clipping; SGD's 1 - dampening with no dampening)
+// is skipped: multiplying by 1 changes no value, and the operations after it
+// quiet a NaN either way, so the bits are the same, one multiply cheaper.
 //   Adam   g = maximize ? -grad : grad;  g += wd * p           (L2)
 //          p *= 1 - lr * wd                                    (AdamW)
 //          m = lerp(m, g, 1 - beta1)      (torch's two-sided lerp, see below)
@@ -46,19 +48,19 @@ template <class V>
 struct AdamConsts {
   V lerp_coeff, beta2, one_minus_beta2, eps, weight_decay, decay;
   V neg_step_size, inv_bc2_sqrt, grad_mul;
-  bool lerp_from_grad;
+  bool lerp_from_grad, scale_grad;
 
   FO_HD AdamConsts(const AdamHyper& h, const AdamCoeffs& c)
       : lerp_coeff(V(h.lerp_coeff)), beta2(V(h.beta2)),
         one_minus_beta2(V(h.one_minus_beta2)), eps(V(h.eps)),
         weight_decay(V(h.weight_decay)), decay(V(h.decay)),
         neg_step_size(V(c.neg_step_size)), inv_bc2_sqrt(V(c.inv_bc2_sqrt)), grad_mul(V(h.grad_mul)),
-        lerp_from_grad(h.lerp_from_grad) {}
+        lerp_from_grad(h.lerp_from_grad), scale_grad(!(h.grad_mul == 1.0f)) {}
 };
 
 template <int kWD, bool kAmsgrad, bool kMaximize, class V>
 FO_HD void adam_update(V& p, V g, V& m, V& v, V& vmax, const AdamConsts<V>& c) {
-  g = mul(g, c.grad_mul);
+  if (c.scale_grad) g = mul(g, c.grad_mul);
   if (kMaximize) g = neg(g);
   if (kWD == kL2) g = fma(p, c.weight_decay, g);
   if (kWD == kDecoupled) p = mul(p, c.decay);
@@ -81,10 +83,12 @@ FO_HD void adam_update(V& p, V g, V& m, V& v, V& vmax, const AdamConsts<V>& c) {
 template <class V>
 struct SGDConsts {
   V neg_lr, weight_decay, momentum, one_minus_dampening, grad_mul;
+  bool scale_grad, dampen;
 
   FO_HD explicit SGDConsts(const SGDHyper& h)
       : neg_lr(V(h.neg_lr)), weight_decay(V(h.weight_decay)),
-        momentum(V(h.momentum)), one_minus_dampening(V(h.one_minus_dampening)), grad_mul(V(h.grad_mul)) {}
+        momentum(V(h.momentum)), one_minus_dampening(V(h.one_minus_dampening)), grad_mul(V(h.grad_mul)),
+        scale_grad(!(h.grad_mul == 1.0f)), dampen(!(h.one_minus_dampening == 1.0f)) {}
 };
 
 // How SGD uses its momentum buffer.
@@ -92,13 +96,13 @@ enum MomentumMode : int { kNoMomentum = 0, kMomentum = 1, kNesterov = 2 };
 
 template <bool kWeightDecay, int kMom, bool kMaximize, bool kFirst, class V>
 FO_HD void sgd_update(V& p, V g, V& buf, const SGDConsts<V>& c) {
-  g = mul(g, c.grad_mul);
+  if (c.scale_grad) g = mul(g, c.grad_mul);
   if (kMaximize) g = neg(g);
   if (kWeightDecay) g = fma(p, c.weight_decay, g);
   if (kMom != kNoMomentum) {
     // torch.optim.SGD initialises the buffer with the gradient itself on the
     // first step (no dampening), then buf = momentum * buf + (1 - d) * g.
-    buf = kFirst ? g : fma(buf, c.momentum, mul(g, c.one_minus_dampening));
+    buf = kFirst ? g : fma(buf, c.momentum, c.dampen ? mul(g, c.one_minus_dampening) : g);
     g = (kMom == kNesterov) ? fma(buf, c.momentum, g) : buf;
   }
   p = fma(g, c.neg_lr, p);
