@@ -60,7 +60,11 @@ struct AdamConsts {
 
 template <int kWD, bool kAmsgrad, bool kMaximize, class V>
 FO_HD void adam_update(V& p, V g, V& m, V& v, V& vmax, const AdamConsts<V>& c) {
+#if defined(__CUDA_ARCH__)
+  g = mul(g, c.grad_mul);  // (a branch here costs GPU registers; the bits are the same)
+#else
   if (c.scale_grad) g = mul(g, c.grad_mul);
+#endif
   if (kMaximize) g = neg(g);
   if (kWD == kL2) g = fma(p, c.weight_decay, g);
   if (kWD == kDecoupled) p = mul(p, c.decay);
@@ -96,13 +100,21 @@ enum MomentumMode : int { kNoMomentum = 0, kMomentum = 1, kNesterov = 2 };
 
 template <bool kWeightDecay, int kMom, bool kMaximize, bool kFirst, class V>
 FO_HD void sgd_update(V& p, V g, V& buf, const SGDConsts<V>& c) {
+#if defined(__CUDA_ARCH__)
+  g = mul(g, c.grad_mul);
+#else
   if (c.scale_grad) g = mul(g, c.grad_mul);
+#endif
   if (kMaximize) g = neg(g);
   if (kWeightDecay) g = fma(p, c.weight_decay, g);
   if (kMom != kNoMomentum) {
     // torch.optim.SGD initialises the buffer with the gradient itself on the
     // first step (no dampening), then buf = momentum * buf + (1 - d) * g.
+#if defined(__CUDA_ARCH__)
+    buf = kFirst ? g : fma(buf, c.momentum, mul(g, c.one_minus_dampening));
+#else
     buf = kFirst ? g : fma(buf, c.momentum, c.dampen ? mul(g, c.one_minus_dampening) : g);
+#endif
     g = (kMom == kNesterov) ? fma(buf, c.momentum, g) : buf;
   }
   p = fma(g, c.neg_lr, p);
