@@ -381,6 +381,17 @@ class Report:
     comparisons: List[Dict[str, Any]] = field(default_factory=list)  # targets checked (precision suite)
 
 
+
+def triad_row(cfg: "Config", threads: int) -> "Row":
+    """The STREAM triad's row: fp32 a = b + s*c over cfg.triad_numel elements."""
+    t = measure_triad(cfg, threads)
+    nbytes = 3 * 4 * cfg.triad_numel
+    q1, q3 = t.quartiles
+    return Row(optimizer="stream", implementation="triad", case=f"triad {_human(cfg.triad_numel)}",
+               dtype="fp32", threads=threads, tensors=3, numel=cfg.triad_numel, median_ms=t.median * 1e3,
+               q1_ms=q1 * 1e3, q3_ms=q3 * 1e3, repeats=len(t.samples), bytes_per_step=nbytes,
+               gb_per_s=nbytes / t.median / 1e9, note="STREAM triad a = b + s*c, 12 B/element")
+
 def _row(spec_name: str, impl: str, case: Case, dtype: str, threads: int, t: Timing, nbytes: int,
          note: str = "") -> Row:
     med = t.median
@@ -462,13 +473,7 @@ def run(cfg: Config, progress: Optional[TextIO] = sys.stderr, report: Optional[R
     saved_threads = torch.get_num_threads()
     try:
         for threads in cfg.threads:
-            t = measure_triad(cfg, threads)
-            nbytes = 3 * 4 * cfg.triad_numel
-            q1, q3 = t.quartiles
-            row = Row(optimizer="stream", implementation="triad", case=f"triad {_human(cfg.triad_numel)}",
-                      dtype="fp32", threads=threads, tensors=3, numel=cfg.triad_numel, median_ms=t.median * 1e3,
-                      q1_ms=q1 * 1e3, q3_ms=q3 * 1e3, repeats=len(t.samples), bytes_per_step=nbytes,
-                      gb_per_s=nbytes / t.median / 1e9, note="STREAM triad a = b + s*c, 12 B/element")
+            row = triad_row(cfg, threads)
             report.triad.append(row)
             prog(f"STREAM triad fp32 {_human(cfg.triad_numel)} {_thr(threads)}", f"{row.gb_per_s:6.1f} GB/s")
 

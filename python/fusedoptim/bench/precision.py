@@ -78,8 +78,8 @@ from .harness import (
     _time_steps,
     check_plot_available,
     machine_markdown,
-    measure_triad,
     other_cpu_load,
+    triad_row,
 )
 
 __all__ = [
@@ -323,13 +323,7 @@ def run_precision(cfg: Config, grid: List[Tuple[Case, List[PrecisionOption]]], p
     saved_threads = torch.get_num_threads()
     try:
         for threads in cfg.threads:
-            t = measure_triad(cfg, threads)
-            nbytes = 3 * 4 * cfg.triad_numel
-            q1, q3 = t.quartiles
-            row = Row(optimizer="stream", implementation="triad", case=f"triad {_human(cfg.triad_numel)}",
-                      dtype="fp32", threads=threads, tensors=3, numel=cfg.triad_numel, median_ms=t.median * 1e3,
-                      q1_ms=q1 * 1e3, q3_ms=q3 * 1e3, repeats=len(t.samples), bytes_per_step=nbytes,
-                      gb_per_s=nbytes / t.median / 1e9, note="STREAM triad a = b + s*c, 12 B/element")
+            row = triad_row(cfg, threads)
             report.triad.append(row)
             prog(f"STREAM triad fp32 {_human(cfg.triad_numel)} {_thr(threads)}", f"{row.gb_per_s:6.1f} GB/s")
         biggest = max((c.numel for c, _ in grid), default=0)
