@@ -49,7 +49,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 
 import fusedoptim
-from fusedoptim import _cuda
+from fusedoptim.backends import cuda as _cuda
 from fusedoptim.bench.cases import Case, parse_case
 from fusedoptim.bench.harness import OPTIMIZERS, OptimizerSpec, source_revision
 

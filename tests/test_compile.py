@@ -1,7 +1,7 @@
 """torch.compile: a compiled ``optimizer.step()`` traces with no graph break.
 
 The native steps are the custom ops ``fusedoptim::adam_step_`` and
-``fusedoptim::sgd_step_`` (python/fusedoptim/_ops.py). A compiled step must
+``fusedoptim::sgd_step_`` (registered by python/fusedoptim/adam.py and sgd.py through _compile.py). A compiled step must
 give exactly the bits of the eager step (the same native calls with the same
 hyperparameters), match torch.optim within the suite's tolerances, keep
 torch's ``state_dict`` layout, and compile once (SGD with momentum: twice,

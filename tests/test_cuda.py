@@ -1,7 +1,7 @@
 """The CUDA backend on a GPU.
 
 Every test but the first needs a GPU *and* a fusedoptim build with the CUDA
-backend (``fusedoptim._cuda.available()``); without them they skip with the
+backend (``fusedoptim.backends.cuda.available()``); without them they skip with the
 reason. ``tests/test_cuda_emulation.py`` runs the same kernels on the CPU
 everywhere; this file checks what only a GPU can: the real launches, 16-byte
 accesses at misaligned addresses, streams, CUDA graphs, GradScaler without
@@ -24,7 +24,7 @@ import pytest
 import torch
 
 import fusedoptim
-from fusedoptim import _cuda
+from fusedoptim.backends import cuda as _cuda
 from cases import (ALL_CASES, CASES_BY_ID, DTYPE_IDS, DTYPES, SMALL_GROUP_SHAPES, OptCase, assert_close,
                    assert_same_bits, flat64, make_problem, param_groups, record, scalar_cpu, special_problem,
                    state_tensors)

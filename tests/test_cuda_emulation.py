@@ -1,7 +1,7 @@
 """The CUDA path, proven on the CPU: the kernels of csrc/cuda/mta.h compiled
 for the host (``_C.cuda_emulation``, Note [CUDA emulation]).
 
-Inside ``fusedoptim._cuda.emulate()`` the optimizers send CPU params through
+Inside ``fusedoptim.backends.cuda.emulate()`` the optimizers send CPU params through
 the whole CUDA path: state created in torch's layout (device step counters
 with ``capturable=True`` or ``fused=True``), AMP ``grad_scale``/``found_inf``
 handed to the kernels as pointers, tensors packed into launches of the large
@@ -47,7 +47,8 @@ import pytest
 import torch
 
 import fusedoptim
-from fusedoptim import _C, _cuda
+from fusedoptim import _C
+from fusedoptim.backends import cuda as _cuda
 from cases import (ALL_CASES, CASES_BY_ID, DTYPE_IDS, DTYPES, SMALL_GROUP_SHAPES, OptCase, assert_close,
                    assert_same_bits, assert_snapshot_equal, bits, flat64, make_problem, param_groups, record, run_case,
                    scalar_cpu, snapshot, special_problem, state_tensors)
@@ -77,7 +78,7 @@ def _fresh_stats():
     """Every test sees only its own launch statistics, and never leaves emulation on."""
     _cuda.last_stats.clear()
     yield
-    assert not _cuda.emulating(), "a test left fusedoptim._cuda.emulate() on"
+    assert not _cuda.emulating(), "a test left fusedoptim.backends.cuda.emulate() on"
     _cuda.last_stats.clear()
 
 
@@ -1004,7 +1005,7 @@ def test_launch_statistics_do_not_grow_without_bound():
 
 def _cached(opt) -> bool:
     plan = opt._fo_plans[id(opt.param_groups[0])][1]
-    return plan.cuda_native is not None
+    return plan.cuda_plan is not None
 
 
 @pytest.mark.parametrize("cls,kw", [

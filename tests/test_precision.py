@@ -1375,7 +1375,7 @@ def test_cached_plan_equals_general_path(cls, extra, opts, dtype):
 
     pa, oa, na = run(False)
     pb, ob, nb = run(True)
-    assert oa._fo_plans and all(plan.native is not None for _, plan in oa._fo_plans.values())
+    assert oa._fo_plans and all(plan.cpu_plan is not None for _, plan in oa._fo_plans.values())
     for a, b in zip(pa, pb):
         assert torch.equal(a, b)
         for key in oa.state[a]:

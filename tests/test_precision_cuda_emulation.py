@@ -663,7 +663,7 @@ def test_grad_norm_bad_arguments():
 import contextlib  # noqa: E402
 
 import fusedoptim  # noqa: E402
-from fusedoptim import _cuda  # noqa: E402
+from fusedoptim.backends import cuda as _cuda  # noqa: E402
 
 OPT_CASES = [
     # (class, class kwargs, param dtype, option kwargs)

@@ -9,7 +9,8 @@ portable scalar)::
     opt = fusedoptim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1)
 """
 
-from ._backend import backend_info, get_cpu_isa, get_num_threads, set_cpu_isa, set_num_threads
+from ._config import backend_info, get_cpu_isa, get_num_threads, set_cpu_isa, set_num_threads
+from ._config import warn_ignored_isa_request as _warn
 from .adam import Adam, AdamW
 from .sgd import SGD
 
@@ -26,8 +27,6 @@ __all__ = [
     "set_num_threads",
     "__version__",
 ]
-
-from ._backend import _warn_ignored_isa_request as _warn
 
 _warn()
 del _warn

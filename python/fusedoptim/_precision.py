@@ -19,7 +19,8 @@ option                   params               state
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, NamedTuple, Optional
+import warnings
+from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -170,3 +171,122 @@ def check_group(o: Options, group: Dict[str, Any], gi: int) -> None:
     for j, p in enumerate(group["params"]):
         if isinstance(p, Tensor):
             check_param(o, p, f"param {j} of group {gi}")
+
+
+def options_of(group: Dict[str, Any]) -> Options:
+    """The precision options of a param group."""
+    get = group.get
+    return Options(bool(get("master_weights", False)), bool(get("stochastic_rounding", False)),
+                   bool(get("kahan_summation", False)), get("state_dtype"), get("max_grad_norm"),
+                   int(get("sr_seed", 0)))
+
+
+def setup(defaults: Dict[str, Any], groups: List[Dict[str, Any]], options: Dict[str, Any]) -> None:
+    """Validate the precision options of a constructor and store them in
+    ``defaults`` and every group (they are param-group options, so a group
+    may override them). With every option off nothing is stored: the
+    defaults, groups and state_dicts stay exactly torch's."""
+    check_options(options)
+    options = dict(options)
+    if any(options[k] != v for k, v in OPTION_DEFAULTS.items()):
+        if options["stochastic_rounding"]:
+            options["sr_seed"] = draw_seed()
+        defaults.update(options)
+        for group in groups:
+            for k, v in options.items():
+                group.setdefault(k, v)
+    for gi, group in enumerate(groups):
+        check_group_options(group, gi)
+
+
+def check_group_options(group: Dict[str, Any], gi: int) -> None:
+    """A group's options, valid and fitting its params (a new group draws its own seed)."""
+    check_options({k: group.get(k, v) for k, v in OPTION_DEFAULTS.items()})
+    if group.get("stochastic_rounding") and "sr_seed" not in group:
+        group["sr_seed"] = draw_seed()
+    check_group(options_of(group), group, gi)
+
+
+def max_grad_norm(groups: List[Dict[str, Any]]) -> Optional[float]:
+    """The optimizer's max_grad_norm: one value for all groups, or None."""
+    values = {g.get("max_grad_norm") for g in groups}
+    if values == {None}:
+        return None
+    if len(values) > 1:
+        raise ValueError(
+            "max_grad_norm clips the global norm of all grads of the optimizer: every param group "
+            f"must have the same value, got {sorted(values, key=str)}"
+        )
+    return float(values.pop())
+
+
+def torch_state_dict(sd: Dict[str, Any], params: List[Tensor], torch_step: bool) -> Dict[str, Any]:
+    """``sd`` as torch.optim keeps it: without the options' state and group
+    keys, moments in each param's dtype (a UserWarning names what was dropped)."""
+    dropped = set()
+    new_state = {}
+    for pid, st in sd["state"].items():
+        p = params[pid] if isinstance(pid, int) and pid < len(params) else None
+        out = {}
+        for key, v in st.items():
+            if key in EXTRA_KEYS or (key == "step" and not torch_step):
+                dropped.add(key)
+                continue
+            if key in MOMENT_KEYS and isinstance(v, Tensor) and p is not None and v.dtype != p.dtype:
+                v = v.to(p.dtype)
+                dropped.add(f"{key} precision")
+            out[key] = v
+        new_state[pid] = out
+    groups = [{k: v for k, v in g.items() if k not in OPTION_DEFAULTS and k != "sr_seed"} for g in sd["param_groups"]]
+    if dropped:
+        warnings.warn(
+            "torch_state_dict(): dropped fusedoptim-only state torch.optim does not use: " + ", ".join(sorted(dropped)),
+            UserWarning,
+            stacklevel=3,
+        )
+    return {"state": new_state, "param_groups": groups}
+
+
+def saved_state(state_dict: Dict[str, Any], groups: List[Dict[str, Any]]) -> List[Tuple[Tensor, str, Tensor]]:
+    """The option-dependent state tensors of a checkpoint, with their params:
+    torch's loader casts every floating state tensor to its param's dtype,
+    while the options keep other dtypes (fp32 master and moments, bf16 moments)."""
+    saved = []
+    for g_saved, g in zip(state_dict.get("param_groups", []), groups):
+        for sid, p in zip(g_saved.get("params", []), g["params"]):
+            st = state_dict.get("state", {}).get(sid)
+            if isinstance(st, dict):
+                for key, v in st.items():
+                    if isinstance(v, Tensor) and (key in MOMENT_KEYS or key in EXTRA_KEYS):
+                        saved.append((p, key, v))
+    return saved
+
+
+def restore_state(defaults: Dict[str, Any], groups: List[Dict[str, Any]], state: Any,
+                  saved: List[Tuple[Tensor, str, Tensor]]) -> None:
+    """After torch's loader: options a checkpoint lacks (e.g. torch's) are this
+    optimizer's; the saved tensors of :func:`saved_state` get the dtypes of
+    the options in force; state of an option not in force is dropped (warned)."""
+    for group in groups:
+        for k in OPTION_DEFAULTS:
+            if k in defaults:
+                group.setdefault(k, defaults[k])
+        if group.get("stochastic_rounding") and "sr_seed" not in group:
+            group["sr_seed"] = defaults.get("sr_seed", 0) or draw_seed()
+    group_of = {id(p): g for g in groups for p in g["params"]}
+    dropped = set()
+    for p, key, v in saved:
+        o = options_of(group_of[id(p)])
+        st = state[p]
+        if key in EXTRA_KEYS and key != o.extra_key:
+            st.pop(key, None)
+            dropped.add(key)
+        elif p.is_floating_point():
+            st[key] = v.to(dtype=o.key_dtype(p, key), device=p.device)
+    if dropped:
+        warnings.warn(
+            f"load_state_dict: ignored state of precision options this optimizer does not use: "
+            f"{', '.join(sorted(dropped))}",
+            UserWarning,
+            stacklevel=3,
+        )

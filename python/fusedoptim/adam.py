@@ -1,220 +1,207 @@
-"""Adam and AdamW: torch.optim's classes with a fused native step."""
+"""Adam and AdamW: the declaration, the functional step, the drop-in classes.
+
+- :data:`ADAM` / :data:`ADAMW`: the specs (state streams ``exp_avg``,
+  ``exp_avg_sq`` and, with ``amsgrad``, ``max_exp_avg_sq``; torch's float32
+  ``step``); the update math is ``adam_update`` in csrc/common/update_math.h.
+- :func:`adam`: the functional step over lists of tensors, with
+  ``torch.optim.adam.adam``'s arguments: the native kernels for what they
+  take, torch's own functional step for the rest. torch.compile traces it
+  (the native part is the custom op ``fusedoptim::adam_step_``).
+- :class:`Adam`, :class:`AdamW`: the torch.optim classes.
+"""
 
 from __future__ import annotations
 
+import functools
 import inspect
-from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
+from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
+from torch.optim import adam as _torch_adam
 
-from . import _C, _cuda
-from ._backend import DTYPE_CODES, FusedOptimizerMixin, _Bucket, _hyper, _local
-from ._precision import OPTION_DEFAULTS, Options
+from . import _compile, _config
+from ._precision import Options
+from ._spec import Spec, Stream, checked, in_range, number
+from .backends import cpu, cuda
+from .optimizer import FusedOptimizer, check_fused
 
-__all__ = ["Adam", "AdamW"]
+__all__ = ["ADAM", "ADAMW", "Adam", "AdamHyper", "AdamW", "adam"]
 
 _TORCH_ADAM_ARGS = inspect.signature(torch.optim.Adam.__init__).parameters
-
-
-def _check_fused(fused: Any, foreach: Any, differentiable: bool) -> None:
-    # torch's own checks for `fused`, minus its device check: fusedoptim's
-    # fused step runs on the CPU (and falls back to torch elsewhere).
-    if fused:
-        if differentiable:
-            raise RuntimeError("`fused` does not support `differentiable`")
-        if foreach:
-            raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
-
-
-class _FusedAdamMixin(FusedOptimizerMixin):
-    _fo_has_step = True
-    _fo_always_decoupled = False
-
-    def _fo_set_fused(self, fused: Any) -> None:
-        self.defaults["fused"] = fused  # type: ignore[attr-defined]
-        for group in self.param_groups:  # type: ignore[attr-defined]
-            group["fused"] = fused
-        if fused:
-            self._step_supports_amp_scaling = True
-
-    def _fo_hyper(self, group: Dict[str, Any]) -> Tuple[Any, ...]:
-        lr = group["lr"]
-        if not (isinstance(lr, Tensor) and (lr.device.type != "cpu" or _cuda.emulating())):
-            lr = _hyper(lr, "learning rate")
-        # else: a device lr (capturable); the CUDA kernels read it on the device
-        # (under emulation the "device" is the CPU).
-        beta1 = _hyper(group["betas"][0], "beta parameter at index 0", upper=1.0)
-        beta2 = _hyper(group["betas"][1], "beta parameter at index 1", upper=1.0)
-        eps = _hyper(group["eps"], "epsilon value")
-        wd = _hyper(group["weight_decay"], "weight_decay value")
-        decoupled = self._fo_always_decoupled or bool(group.get("decoupled_weight_decay", False))
-        return lr, beta1, beta2, eps, wd, decoupled, bool(group["amsgrad"]), bool(group["maximize"])
-
-    def _fo_state_keys(self, group: Dict[str, Any]) -> Tuple[str, ...]:
-        keys: Tuple[str, ...] = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if group["amsgrad"] else ("exp_avg", "exp_avg_sq")
-        extra = self._fo_opts(group).extra_key
-        return keys + (extra,) if extra else keys
-
-    def _fo_check_grad(self, i: int, p: Tensor, g: Tensor) -> None:
-        if g.is_sparse:
-            raise RuntimeError("Adam does not support sparse gradients, please consider SparseAdam instead")
-        _check_grad_matches(i, p, g)
-
-    def _fo_state_usable(self, p: Tensor, state: Dict[str, Any], group: Dict[str, Any]) -> bool:
-        step = state.get("step")
-        if not (isinstance(step, Tensor) and step.dtype == torch.float32 and step.device.type == "cpu"
-                and step.numel() == 1 and not step.requires_grad):
-            return False
-        return _states_fit(p, state, self._fo_state_keys(group), self._fo_opts(group))
-
-    def _fo_init_state(self, p: Tensor, state: Dict[str, Any], group: Dict[str, Any]) -> bool:
-        # torch's layout: a float32 0-d `step` and moments shaped like the param
-        # (in the dtypes of the precision options, when set).
-        if "step" not in state:
-            state["step"] = torch.tensor(0.0, dtype=torch.float32)
-        opts = self._fo_opts(group)
-        for key in self._fo_state_keys(group):
-            if state.get(key) is None:
-                state[key] = _new_state(p, key, opts)
-        return False
-
-    def _fo_state_usable_cuda(self, p: Tensor, state: Dict[str, Any], group: Dict[str, Any]) -> bool:
-        # Step counters on the host (torch's default layout) or on the
-        # param's device (capturable=True or fused=True); moments beside the param.
-        step = state.get("step")
-        if not (isinstance(step, Tensor) and step.dtype == torch.float32 and step.numel() == 1
-                and not step.requires_grad and (step.device.type == "cpu" or step.device == p.device)):
-            return False
-        return _states_fit(p, state, self._fo_state_keys(group), self._fo_opts(group))
-
-    def _fo_run_cuda(self, group: Dict[str, Any], params: List[Tensor], grads: List[Tensor],
-                     hyper: Tuple[Any, ...], grad_scale: Optional[Tensor],
-                     found_inf: Optional[Tensor]) -> List[Tuple["_cuda.Batch", List[int]]]:
-        """Create missing state (torch's layout) and launch the CUDA kernels.
-
-        Returns the batches and, for each, its positions in ``params``, from
-        which the step caches a plan for the next steps.
-        """
-        keys = self._fo_state_keys(group)
-        opts = self._fo_opts(group)
-        position = self._fo_positions() if opts.stochastic_rounding else {}
-        on_device = bool(group.get("capturable")) or bool(group.get("fused"))
-        state_all = self.state  # type: ignore[attr-defined]
-        batches: Dict[Tuple[Any, ...], List[int]] = {}
-        states = []
-        for j, p in enumerate(params):
-            state = state_all[p]
-            if "step" not in state:
-                state["step"] = (torch.zeros((), dtype=torch.float32, device=p.device) if on_device
-                                 else torch.tensor(0.0, dtype=torch.float32))
-            for key in keys:
-                if state.get(key) is None:
-                    state[key] = _new_state(p, key, opts)
-            states.append(state)
-            device_steps = state["step"].device.type != "cpu" or (_cuda.emulating() and on_device)
-            batches.setdefault((p.device, p.dtype, device_steps), []).append(j)
-        out = []
-        for (device, dtype, device_steps), idx in batches.items():
-            b = _cuda.batch_of(device, DTYPE_CODES[dtype], [params[j] for j in idx], [states[j] for j in idx],
-                               keys, device_steps, with_steps=True, opts=opts,
-                               ids=[position[id(params[j])] for j in idx] if opts.stochastic_rounding else None)
-            out.append((b, idx))
-            gptrs, copies, keep = _cuda.grad_ptrs([grads[j] for j in idx])
-            self._fo_cuda_call(b, gptrs, hyper, grad_scale, found_inf)
-            _cuda.write_back(copies, grad_scale)
-            del keep
-        return out
-
-    def _fo_cuda_call(self, b: "_cuda.Batch", gptrs: List[int], hyper: Tuple[Any, ...],
-                      grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
-        if not b.device_steps and found_inf is not None and bool(found_inf.item()):
-            return  # host step counters must not count a skipped step
-        _cuda.adam_call(b, gptrs, hyper, grad_scale, found_inf, self._fo_clip)
-
-    def _fo_run_plan(self, plan: "_C.StepPlan", group: Dict[str, Any], hyper: Tuple[Any, ...], threads: int) -> None:
-        lr, beta1, beta2, eps, wd, decoupled, amsgrad, maximize = hyper
-        lr = float(lr)
-        opts = self._fo_opts(group)
-        if not opts.active:
-            plan.run_adam(lr, beta1, beta2, eps, wd, decoupled, amsgrad, maximize, threads)
-            return
-        plan.run_adam(lr, beta1, beta2, eps, wd, decoupled, amsgrad, maximize, threads, state_dtype=opts.state_code,
-                      store=opts.store, seed=opts.seed, grad_mul=1.0 if self._fo_clip is None else self._fo_clip)
-
-    def _fo_native(self, bucket: _Bucket, group: Dict[str, Any], hyper: Tuple[Any, ...], gptrs, threads: int) -> None:
-        lr, beta1, beta2, eps, wd, decoupled, amsgrad, maximize = hyper
-        lr = float(lr)
-        s = bucket.streams
-        opts = self._fo_opts(group)
-        if not opts.active:
-            _C.adam_step(
-                bucket.pptrs, gptrs, s["exp_avg"], s["exp_avg_sq"], s.get("max_exp_avg_sq"), bucket.steps,
-                bucket.numels, bucket.code, lr, beta1, beta2, eps, wd, decoupled, amsgrad, maximize, threads,
-            )
-            return
-        _C.adam_step(
-            bucket.pptrs, gptrs, s["exp_avg"], s["exp_avg_sq"], s.get("max_exp_avg_sq"), bucket.steps,
-            bucket.numels, bucket.code, lr, beta1, beta2, eps, wd, decoupled, amsgrad, maximize, threads,
-            **_precision_kwargs(self, bucket, opts),
-        )
-
-
-def _new_state(p: Tensor, key: str, opts: "Options") -> Tensor:
-    """A new state tensor: zeros (moments, Kahan compensation) or the param
-    itself in float32 (master weights), in the options' dtype."""
-    if key == "master_param":
-        return p.detach().to(dtype=torch.float32, memory_format=torch.preserve_format, copy=True)
-    return torch.zeros_like(p, dtype=opts.key_dtype(p, key), memory_format=torch.preserve_format)
-
-
-def _states_fit(p: Tensor, state: Dict[str, Any], keys: Tuple[str, ...], opts: "Options") -> bool:
-    """Whether the existing state tensors of p are in the layout the kernels expect."""
-    lp = _local(p)
-    for key in keys:
-        t = state.get(key)
-        if t is not None and not (isinstance(t, Tensor) and t.dtype == opts.key_dtype(p, key) and t.device == p.device
-                                  and _local(t).is_contiguous() and _local(t).shape == lp.shape):
-            return False
-    return True
-
-
-def _precision_kwargs(opt: Any, bucket: _Bucket, opts: "Options") -> Dict[str, Any]:
-    """Keyword arguments of the native step for a group with precision options."""
-    p0 = bucket.params[0]
-    kw: Dict[str, Any] = {
-        "state_dtype": DTYPE_CODES[opts.moment_dtype(p0)],
-        "store": opts.store,
-        "grad_mul": 1.0 if opt._fo_clip is None else opt._fo_clip,
-    }
-    if opts.extra_key is not None:
-        kw["extras"] = bucket.streams[opts.extra_key]
-    if opts.stochastic_rounding:
-        kw["tensor_ids"] = bucket.ids
-        kw["seed"] = opts.seed
-    return kw
-
-
-def _check_grad_matches(i: int, p: Tensor, g: Tensor) -> None:
-    if g.shape != p.shape:
-        raise ValueError(f"grad of param {i} has shape {tuple(g.shape)} but the param has shape {tuple(p.shape)}")
-    if g.dtype != p.dtype:
-        raise ValueError(f"grad of param {i} has dtype {g.dtype} but the param has dtype {p.dtype}")
-    if g.device != p.device:
-        raise ValueError(f"grad of param {i} is on {g.device} but the param is on {p.device}")
-
+_TORCH_DECOUPLED_ARG = "decoupled_weight_decay" in inspect.signature(_torch_adam.adam).parameters
 
 ParamsT = Union[Iterable[Tensor], Iterable[Dict[str, Any]], Iterable[Tuple[str, Tensor]]]
 
 
-class Adam(_FusedAdamMixin, torch.optim.Adam):
+class AdamHyper(NamedTuple):
+    """A param group's Adam hyperparameters, validated."""
+
+    lr: Any  # a float, or a 1-element device tensor the CUDA kernels read (capturable)
+    beta1: float
+    beta2: float
+    eps: float
+    weight_decay: float
+    decoupled: bool
+    amsgrad: bool
+    maximize: bool
+
+
+def adam_hyper(group: Dict[str, Any], decoupled: bool = False) -> AdamHyper:
+    """The hyperparameters of ``group``, checked with torch's messages."""
+    lr = group["lr"]
+    if not (isinstance(lr, Tensor) and cuda.on_device(lr)):
+        lr = checked(lr, "learning rate")
+    return AdamHyper(
+        lr,
+        checked(group["betas"][0], "beta parameter at index 0", upper=1.0),
+        checked(group["betas"][1], "beta parameter at index 1", upper=1.0),
+        checked(group["eps"], "epsilon value"),
+        checked(group["weight_decay"], "weight_decay value"),
+        decoupled or bool(group.get("decoupled_weight_decay", False)),
+        bool(group["amsgrad"]),
+        bool(group["maximize"]),
+    )
+
+
+def _native(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor], exp_avg_sqs: List[Tensor],
+            max_exp_avg_sqs: List[Tensor], state_steps: List[Tensor], lr: float, beta1: float, beta2: float,
+            eps: float, weight_decay: float, decoupled: bool, amsgrad: bool, maximize: bool,
+            lr_tensor: Optional[Tensor] = None, num_threads: int = 0) -> None:
+    """One fused Adam/AdamW step over CPU tensors, in place.
+
+    Args:
+        params: contiguous CPU fp32/bf16/fp16 params (any mix of those dtypes).
+        grads: one per param, same dtype and size, any strides.
+        exp_avgs, exp_avg_sqs: torch's moments, contiguous, the param's dtype.
+        max_exp_avg_sqs: torch's AMSGrad maxima when ``amsgrad``, else empty.
+        state_steps: float32 0-d step counters, each incremented by one.
+        lr, beta1, beta2, eps, weight_decay: the group's hyperparameters.
+        decoupled: AdamW-style weight decay (else L2 added to the grad).
+        amsgrad, maximize: torch's flags.
+        lr_tensor: a 1-element tensor lr, read when the op runs; it
+            overrides ``lr`` (the traced step always passes one, see
+            Note [hyperparameters under Dynamo]).
+        num_threads: CPU threads; 0 follows :func:`fusedoptim.get_num_threads`.
+
+    Raises ValueError before anything is written when a tensor or a
+    hyperparameter does not fit.
+    """
+    if lr_tensor is not None:
+        lr = number(lr_tensor, "lr")
+    hyper = AdamHyper(in_range(lr, "learning rate"), in_range(beta1, "beta parameter at index 0", 1.0),
+                      in_range(beta2, "beta parameter at index 1", 1.0), in_range(eps, "epsilon value"),
+                      in_range(weight_decay, "weight_decay value"), decoupled, amsgrad, maximize)
+    streams = {"exp_avg": exp_avgs, "exp_avg_sq": exp_avg_sqs}
+    if amsgrad:
+        streams["max_exp_avg_sq"] = max_exp_avg_sqs
+    cpu.run_tensors("adam", params, grads, streams, state_steps, None, hyper,
+                    _config.threads_of(num_threads or None))
+
+
+_op = _compile.custom_op("adam_step_", ("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "state_steps"))(
+    _native)
+
+
+def adam(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor], exp_avg_sqs: List[Tensor],
+         max_exp_avg_sqs: List[Tensor], state_steps: List[Tensor], *, amsgrad: bool, beta1: Any, beta2: Any,
+         lr: Any, weight_decay: Any, eps: Any, maximize: bool, decoupled_weight_decay: bool = False,
+         capturable: bool = False, differentiable: bool = False, has_complex: bool = False,
+         num_threads: Optional[int] = None) -> None:
+    """Functional Adam/AdamW step, in place, with ``torch.optim.adam.adam``'s arguments.
+
+    Dense contiguous fp32/bf16/fp16 CPU params (with float32 step counters
+    and moments in the param's dtype) go to the native kernels in one call
+    per dtype; everything else (other devices and dtypes, complex, strided
+    params, tensor hyperparameters other than ``lr``, ``differentiable``)
+    to torch's for-loop implementation. Under torch.compile the native part
+    is the custom op ``fusedoptim::adam_step_``.
+
+    Raises torch's errors for bad grads and ValueError for state that does
+    not fit its param, before anything is written.
+    """
+    spec = ADAMW if decoupled_weight_decay else ADAM
+    keys = spec.keys({"amsgrad": amsgrad}, Options())
+    native_ok = not differentiable and not any(isinstance(v, Tensor) for v in (beta1, beta2, eps, weight_decay))
+    native: List[int] = []
+    fallback: List[int] = []
+    for i in range(len(params)):
+        p, g = params[i], grads[i]
+        spec.check_grad(i, p, g)
+        state = {"step": state_steps[i], "exp_avg": exp_avgs[i], "exp_avg_sq": exp_avg_sqs[i]}
+        if amsgrad:
+            state["max_exp_avg_sq"] = max_exp_avg_sqs[i]
+        spec.check_state(i, p, state, keys)
+        if native_ok and _compile.kernel_ok(p, g) and spec.state_usable(p, state, keys, Options()):
+            native.append(i)
+        else:
+            fallback.append(i)
+    if native:
+        op = torch.ops.fusedoptim.adam_step_ if _compile.HAVE_CUSTOM_OP and torch.compiler.is_compiling() else _native
+        op([params[i] for i in native], [grads[i] for i in native], [exp_avgs[i] for i in native],
+           [exp_avg_sqs[i] for i in native], [max_exp_avg_sqs[i] for i in native] if amsgrad else [],
+           [state_steps[i] for i in native], 0.0, in_range(beta1, "beta parameter at index 0", upper=1.0),
+           in_range(beta2, "beta parameter at index 1", upper=1.0), in_range(eps, "epsilon value"),
+           in_range(weight_decay, "weight_decay value"), decoupled_weight_decay, amsgrad, maximize,
+           _compile.lr_arg(lr), num_threads or 0)
+    if fallback:
+        kwargs: Dict[str, Any] = dict(
+            foreach=False, capturable=capturable, differentiable=differentiable, fused=None, grad_scale=None,
+            found_inf=None, has_complex=has_complex, amsgrad=amsgrad, beta1=beta1, beta2=beta2, lr=lr,
+            weight_decay=weight_decay, eps=eps, maximize=maximize,
+        )
+        functional = _torch_adam.adam
+        if _TORCH_DECOUPLED_ARG:
+            kwargs["decoupled_weight_decay"] = decoupled_weight_decay
+        elif decoupled_weight_decay:  # torch < 2.6 keeps AdamW's functional form apart
+            from torch.optim.adamw import adamw as functional
+        functional([params[i] for i in fallback], [grads[i] for i in fallback], [exp_avgs[i] for i in fallback],
+                   [exp_avg_sqs[i] for i in fallback], [max_exp_avg_sqs[i] for i in fallback] if amsgrad else [],
+                   [state_steps[i] for i in fallback], **kwargs)
+
+
+def _traced_step(opt: Any, group: Dict[str, Any]) -> None:
+    """One group's step as torch.compile traces it; see Note [state under Dynamo]."""
+    params: List[Tensor] = []
+    grads: List[Tensor] = []
+    exp_avgs: List[Tensor] = []
+    exp_avg_sqs: List[Tensor] = []
+    max_exp_avg_sqs: List[Tensor] = []
+    state_steps: List[Tensor] = []
+    has_complex = opt._init_group(group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps)
+    if params:
+        adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, amsgrad=bool(group["amsgrad"]),
+             beta1=group["betas"][0], beta2=group["betas"][1], lr=group["lr"], weight_decay=group["weight_decay"],
+             eps=group["eps"], maximize=bool(group["maximize"]),
+             decoupled_weight_decay=opt._spec is ADAMW or bool(group.get("decoupled_weight_decay", False)),
+             capturable=group["capturable"], differentiable=group["differentiable"], has_complex=has_complex,
+             num_threads=_compile.threads_arg(opt))
+
+
+_STREAMS = (Stream("exp_avg"), Stream("exp_avg_sq"), Stream("max_exp_avg_sq", when=lambda g: bool(g["amsgrad"])))
+_SPARSE = "Adam does not support sparse gradients, please consider SparseAdam instead"
+#: Adam: L2 weight decay unless the group says ``decoupled_weight_decay``.
+ADAM = Spec("Adam", "adam", _STREAMS, adam_hyper, _traced_step, torch_step=True, sparse_error=_SPARSE)
+#: AdamW: always decoupled weight decay.
+ADAMW = Spec("AdamW", "adam", _STREAMS, functools.partial(adam_hyper, decoupled=True), _traced_step,
+             torch_step=True, sparse_error=_SPARSE)
+
+
+def _options(master_weights: bool, stochastic_rounding: bool, kahan_summation: bool,
+             state_dtype: Optional[torch.dtype], max_grad_norm: Optional[float]) -> Dict[str, Any]:
+    return dict(master_weights=master_weights, stochastic_rounding=stochastic_rounding,
+                kahan_summation=kahan_summation, state_dtype=state_dtype, max_grad_norm=max_grad_norm)
+
+
+class Adam(FusedOptimizer, torch.optim.Adam):
     """Drop-in :class:`torch.optim.Adam` with a fused multi-tensor step.
 
     Takes exactly torch's arguments and defaults, validates them as torch
     does and keeps torch's ``state_dict`` layout, so checkpoints move freely
     between the two. Dense fp32/bf16/fp16 CPU params are updated by one native
     call per param group and dtype (AVX-512, AVX2 or scalar, chosen at run
-    time); everything else (other devices and dtypes, complex, strided
+    time), CUDA params by multi-tensor launches when the wheel has the CUDA
+    backend; everything else (other devices and dtypes, complex, strided
     params, ``differentiable=True``) runs torch's own implementation.
 
     Args:
@@ -227,7 +214,8 @@ class Adam(_FusedAdamMixin, torch.optim.Adam):
         amsgrad: use the AMSGrad variant (default: False).
         foreach: passed to torch's implementation when it runs (fallback).
         maximize: maximize the objective (default: False).
-        capturable: accepted for compatibility; CPU steps need no capture
+        capturable: CUDA params keep their step counters on the device and
+            the kernels count them (no host sync); CPU steps need no capture
             support.
         differentiable: run torch's differentiable implementation.
         fused: accepted; the CPU step is always fused. ``True`` also lets
@@ -260,6 +248,7 @@ class Adam(_FusedAdamMixin, torch.optim.Adam):
     """
 
     _torch_cls = torch.optim.Adam
+    _spec = ADAM
 
     def __init__(
         self,
@@ -270,11 +259,11 @@ class Adam(_FusedAdamMixin, torch.optim.Adam):
         weight_decay: float = 0,
         amsgrad: bool = False,
         *,
-        foreach: bool | None = None,
+        foreach: Optional[bool] = None,
         maximize: bool = False,
         capturable: bool = False,
         differentiable: bool = False,
-        fused: bool | None = None,
+        fused: Optional[bool] = None,
         decoupled_weight_decay: bool = False,
         master_weights: bool = False,
         stochastic_rounding: bool = False,
@@ -282,7 +271,7 @@ class Adam(_FusedAdamMixin, torch.optim.Adam):
         state_dtype: Optional[torch.dtype] = None,
         max_grad_norm: Optional[float] = None,
     ) -> None:
-        _check_fused(fused, foreach, differentiable)
+        check_fused(fused, foreach, differentiable)
         kwargs: Dict[str, Any] = dict(
             foreach=foreach, maximize=maximize, capturable=capturable, differentiable=differentiable, fused=None
         )
@@ -293,14 +282,11 @@ class Adam(_FusedAdamMixin, torch.optim.Adam):
                 f"torch {torch.__version__} has no Adam(decoupled_weight_decay=...); use fusedoptim.AdamW"
             )
         torch.optim.Adam.__init__(self, params, lr, betas, eps, weight_decay, amsgrad, **kwargs)
-        self._fo_set_fused(fused)
-        self._fo_setup_options(dict(
-            master_weights=master_weights, stochastic_rounding=stochastic_rounding,
-            kahan_summation=kahan_summation, state_dtype=state_dtype, max_grad_norm=max_grad_norm,
-        ))
+        self._fo_init(fused, _options(master_weights, stochastic_rounding, kahan_summation, state_dtype,
+                                      max_grad_norm))
 
 
-class AdamW(_FusedAdamMixin, torch.optim.AdamW):
+class AdamW(FusedOptimizer, torch.optim.AdamW):
     """Drop-in :class:`torch.optim.AdamW` with a fused multi-tensor step.
 
     Same arguments, defaults (``weight_decay=1e-2``), validation and
@@ -311,7 +297,7 @@ class AdamW(_FusedAdamMixin, torch.optim.AdamW):
     """
 
     _torch_cls = torch.optim.AdamW
-    _fo_always_decoupled = True
+    _spec = ADAMW
 
     def __init__(
         self,
@@ -323,23 +309,20 @@ class AdamW(_FusedAdamMixin, torch.optim.AdamW):
         amsgrad: bool = False,
         *,
         maximize: bool = False,
-        foreach: bool | None = None,
+        foreach: Optional[bool] = None,
         capturable: bool = False,
         differentiable: bool = False,
-        fused: bool | None = None,
+        fused: Optional[bool] = None,
         master_weights: bool = False,
         stochastic_rounding: bool = False,
         kahan_summation: bool = False,
         state_dtype: Optional[torch.dtype] = None,
         max_grad_norm: Optional[float] = None,
     ) -> None:
-        _check_fused(fused, foreach, differentiable)
+        check_fused(fused, foreach, differentiable)
         torch.optim.AdamW.__init__(
             self, params, lr, betas, eps, weight_decay, amsgrad,
             maximize=maximize, foreach=foreach, capturable=capturable, differentiable=differentiable, fused=None,
         )
-        self._fo_set_fused(fused)
-        self._fo_setup_options(dict(
-            master_weights=master_weights, stochastic_rounding=stochastic_rounding,
-            kahan_summation=kahan_summation, state_dtype=state_dtype, max_grad_norm=max_grad_norm,
-        ))
+        self._fo_init(fused, _options(master_weights, stochastic_rounding, kahan_summation, state_dtype,
+                                      max_grad_norm))

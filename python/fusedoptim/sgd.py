@@ -1,29 +1,190 @@
-"""SGD: torch.optim.SGD with a fused native step."""
+"""SGD: the declaration, the functional step, the drop-in class.
+
+- :data:`SGD_SPEC`: the spec (one state stream, ``momentum_buffer``, when
+  momentum is non-zero, filled from the grad on its first step as torch's
+  ``buf = grad``); the update math is ``sgd_update`` in
+  csrc/common/update_math.h.
+- :func:`sgd`: the functional step over lists of tensors, with
+  ``torch.optim.sgd.sgd``'s arguments; torch.compile traces it (the native
+  part is the custom op ``fusedoptim::sgd_step_``).
+- :class:`SGD`: the torch.optim class.
+"""
 
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor
+from torch.optim import sgd as _torch_sgd
 
-from . import _C, _cuda
-from ._backend import DTYPE_CODES, FusedOptimizerMixin, _Bucket, _hyper, _local, _scalar
-from .adam import ParamsT, _check_fused, _check_grad_matches, _new_state, _precision_kwargs, _states_fit
+from . import _compile, _config
+from ._precision import Options
+from ._spec import Spec, Stream, checked, in_range, number
+from .adam import ParamsT, _options
+from .backends import cpu
+from .optimizer import FusedOptimizer, check_fused
 
-__all__ = ["SGD"]
+__all__ = ["SGD", "SGDHyper", "SGD_SPEC", "sgd"]
 
 
-class SGD(FusedOptimizerMixin, torch.optim.SGD):
+class SGDHyper(NamedTuple):
+    """A param group's SGD hyperparameters, validated."""
+
+    lr: float
+    momentum: float
+    dampening: float
+    weight_decay: float
+    nesterov: bool
+    maximize: bool
+
+
+def _check_momentum_rules(momentum: Any, dampening: Any, nesterov: bool) -> None:
+    """torch's rules: any finite dampening; Nesterov needs momentum and no dampening.
+    Plain comparisons, so that they hold for traced symbolic floats too."""
+    if not -math.inf < dampening < math.inf:
+        raise ValueError(f"Invalid dampening value: {dampening}")
+    if nesterov and (momentum <= 0 or dampening != 0):
+        raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+
+
+def sgd_hyper(group: Dict[str, Any]) -> SGDHyper:
+    """The hyperparameters of ``group``, checked with torch's messages."""
+    lr = checked(group["lr"], "learning rate")
+    momentum = checked(group["momentum"], "momentum value")
+    weight_decay = checked(group["weight_decay"], "weight_decay value")
+    dampening = number(group["dampening"], "dampening value")
+    nesterov = bool(group["nesterov"])
+    _check_momentum_rules(momentum, dampening, nesterov)
+    return SGDHyper(lr, momentum, dampening, weight_decay, nesterov, bool(group["maximize"]))
+
+
+def _native(params: List[Tensor], grads: List[Tensor], momentum_buffers: List[Tensor], first_step: List[bool],
+            lr: float, weight_decay: float, momentum: float, dampening: float, nesterov: bool, maximize: bool,
+            lr_tensor: Optional[Tensor] = None, num_threads: int = 0) -> None:
+    """One fused SGD step over CPU tensors, in place.
+
+    Args:
+        params: contiguous CPU fp32/bf16/fp16 params (any mix of those dtypes).
+        grads: one per param, same dtype and size, any strides.
+        momentum_buffers: torch's buffers, contiguous, the param's dtype,
+            when ``momentum != 0``; else empty.
+        first_step: per buffer, True to initialise it with the (decayed)
+            grad, as torch's ``buf = grad`` on a buffer's first step; its
+            old contents are not read.
+        lr, weight_decay, momentum, dampening, nesterov, maximize: the
+            group's hyperparameters.
+        lr_tensor: a 1-element tensor lr, read when the op runs; it
+            overrides ``lr`` (the traced step always passes one).
+        num_threads: CPU threads; 0 follows :func:`fusedoptim.get_num_threads`.
+
+    Raises ValueError before anything is written when a tensor or a
+    hyperparameter does not fit.
+    """
+    if lr_tensor is not None:
+        lr = number(lr_tensor, "lr")
+    hyper = SGDHyper(in_range(lr, "learning rate"), in_range(momentum, "momentum value"), dampening,
+                     in_range(weight_decay, "weight_decay value"), nesterov, maximize)
+    _check_momentum_rules(momentum, dampening, nesterov)
+    use_momentum = momentum != 0.0
+    cpu.run_tensors("sgd", params, grads, {"momentum_buffer": momentum_buffers} if use_momentum else {}, None,
+                    first_step if use_momentum else None, hyper, _config.threads_of(num_threads or None))
+
+
+_op = _compile.custom_op("sgd_step_", ("params", "momentum_buffers"))(_native)
+
+
+def sgd(params: List[Tensor], d_p_list: List[Tensor], momentum_buffer_list: List[Optional[Tensor]], *,
+        weight_decay: Any, momentum: Any, lr: Any, dampening: Any, nesterov: bool, maximize: bool,
+        has_sparse_grad: bool = False, differentiable: bool = False, num_threads: Optional[int] = None) -> None:
+    """Functional SGD step, in place, with ``torch.optim.sgd.sgd``'s arguments.
+
+    Dense contiguous fp32/bf16/fp16 CPU params (with buffers in the param's
+    dtype) go to the native kernels in one call per dtype; everything else
+    (sparse grads, other devices and dtypes, strided params, tensor
+    hyperparameters other than ``lr``, ``differentiable``) to torch's
+    for-loop implementation. A ``None`` buffer is created, as torch's
+    functional step does, and put in ``momentum_buffer_list``. Under
+    torch.compile the native part is the custom op ``fusedoptim::sgd_step_``.
+    """
+    use_momentum = momentum != 0
+    keys = SGD_SPEC.keys({"momentum": momentum}, Options())
+    native_ok = not differentiable and not any(isinstance(v, Tensor) for v in (momentum, dampening, weight_decay))
+    native: List[int] = []
+    fallback: List[int] = []
+    for i in range(len(params)):
+        p, g = params[i], d_p_list[i]
+        SGD_SPEC.check_grad(i, p, g)
+        buf = momentum_buffer_list[i] if use_momentum else None
+        state = {"momentum_buffer": buf} if buf is not None else {}
+        if state:
+            SGD_SPEC.check_state(i, p, state, keys)
+        if native_ok and _compile.kernel_ok(p, g) and SGD_SPEC.state_usable(p, state, keys, Options()):
+            native.append(i)
+        else:
+            fallback.append(i)
+    if native:
+        in_range(momentum, "momentum value")
+        in_range(weight_decay, "weight_decay value")
+        _check_momentum_rules(momentum, dampening, bool(nesterov))
+        first: List[bool] = []
+        if use_momentum:
+            for i in native:
+                # A missing buffer is filled by the kernel with the (decayed)
+                # grad (torch's buf = grad); whether it existed is known when tracing.
+                first.append(momentum_buffer_list[i] is None)
+                if momentum_buffer_list[i] is None:
+                    momentum_buffer_list[i] = torch.empty_like(params[i], memory_format=torch.preserve_format)
+        op = torch.ops.fusedoptim.sgd_step_ if _compile.HAVE_CUSTOM_OP and torch.compiler.is_compiling() else _native
+        op([params[i] for i in native], [d_p_list[i] for i in native],
+           [momentum_buffer_list[i] for i in native] if use_momentum else [], first, 0.0, weight_decay, momentum,
+           dampening, bool(nesterov), bool(maximize), _compile.lr_arg(lr), num_threads or 0)
+    if fallback:
+        bufs = [momentum_buffer_list[i] for i in fallback] if use_momentum else []
+        _torch_sgd.sgd([params[i] for i in fallback], [d_p_list[i] for i in fallback], bufs,
+                       has_sparse_grad=has_sparse_grad, foreach=False, fused=False, grad_scale=None, found_inf=None,
+                       weight_decay=weight_decay, momentum=momentum, lr=lr, dampening=dampening, nesterov=nesterov,
+                       maximize=maximize)
+        for k, i in enumerate(fallback if use_momentum else ()):
+            momentum_buffer_list[i] = bufs[k]
+
+
+def _traced_step(opt: Any, group: Dict[str, Any]) -> None:
+    """One group's step as torch.compile traces it; see Note [state under Dynamo]."""
+    params: List[Tensor] = []
+    grads: List[Tensor] = []
+    bufs: List[Optional[Tensor]] = []
+    has_sparse_grad = opt._init_group(group, params, grads, bufs)
+    if not params:
+        return
+    new = [buf is None for buf in bufs]
+    sgd(params, grads, bufs, weight_decay=group["weight_decay"], momentum=group["momentum"], lr=group["lr"],
+        dampening=group["dampening"], nesterov=group["nesterov"], maximize=group["maximize"],
+        has_sparse_grad=has_sparse_grad, differentiable=group["differentiable"],
+        num_threads=_compile.threads_arg(opt))
+    if group["momentum"] != 0:
+        # torch's step stores the buffers its functional form created.
+        for k in range(len(params)):
+            if new[k] and bufs[k] is not None:
+                _compile.store_state(opt, params[k], "momentum_buffer", bufs[k])
+
+
+#: SGD: a momentum buffer when momentum is non-zero; no step counter (torch keeps none).
+SGD_SPEC = Spec("SGD", "sgd", (Stream("momentum_buffer", when=lambda g: g["momentum"] != 0, init="grad"),),
+                sgd_hyper, _traced_step, torch_step=False)
+
+
+class SGD(FusedOptimizer, torch.optim.SGD):
     """Drop-in :class:`torch.optim.SGD` with a fused multi-tensor step.
 
     Plain SGD, momentum, dampening, Nesterov, weight decay and maximize, with
     torch's arguments, defaults, validation and ``state_dict`` layout
     (``momentum_buffer`` only when momentum is non-zero, initialised with the
-    gradient on its first step). Dense fp32/bf16/fp16 CPU params run natively;
-    sparse grads, other dtypes and devices, strided params and
-    ``differentiable=True`` run torch's own implementation.
+    gradient on its first step). Dense fp32/bf16/fp16 CPU params run natively,
+    and CUDA params too when the wheel has the CUDA backend; sparse grads,
+    other dtypes and devices, strided params and ``differentiable=True`` run
+    torch's own implementation.
 
     Args:
         params: iterable of parameters or param groups to optimize.
@@ -44,6 +205,7 @@ class SGD(FusedOptimizerMixin, torch.optim.SGD):
     """
 
     _torch_cls = torch.optim.SGD
+    _spec = SGD_SPEC
 
     def __init__(
         self,
@@ -55,159 +217,19 @@ class SGD(FusedOptimizerMixin, torch.optim.SGD):
         nesterov: bool = False,
         *,
         maximize: bool = False,
-        foreach: bool | None = None,
+        foreach: Optional[bool] = None,
         differentiable: bool = False,
-        fused: bool | None = None,
+        fused: Optional[bool] = None,
         master_weights: bool = False,
         stochastic_rounding: bool = False,
         kahan_summation: bool = False,
         state_dtype: Optional[torch.dtype] = None,
         max_grad_norm: Optional[float] = None,
     ) -> None:
-        _check_fused(fused, foreach, differentiable)
+        check_fused(fused, foreach, differentiable)
         torch.optim.SGD.__init__(
             self, params, lr, momentum, dampening, weight_decay, nesterov,
             maximize=maximize, foreach=foreach, differentiable=differentiable, fused=None,
         )
-        self.defaults["fused"] = fused
-        for group in self.param_groups:
-            group["fused"] = fused
-        if fused:
-            self._step_supports_amp_scaling = True
-        self._fo_setup_options(dict(
-            master_weights=master_weights, stochastic_rounding=stochastic_rounding,
-            kahan_summation=kahan_summation, state_dtype=state_dtype, max_grad_norm=max_grad_norm,
-        ))
-
-    def _fo_hyper(self, group: Dict[str, Any]) -> Tuple[Any, ...]:
-        lr = _hyper(group["lr"], "learning rate")
-        momentum = _hyper(group["momentum"], "momentum value")
-        wd = _hyper(group["weight_decay"], "weight_decay value")
-        dampening = _scalar(group["dampening"], "dampening value")  # torch allows any finite value
-        if not math.isfinite(dampening):
-            raise ValueError(f"Invalid dampening value: {dampening}")
-        nesterov = bool(group["nesterov"])
-        if nesterov and (momentum <= 0 or dampening != 0):
-            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
-        return lr, momentum, dampening, wd, nesterov, bool(group["maximize"])
-
-    def _fo_state_keys(self, group: Dict[str, Any]) -> Tuple[str, ...]:
-        keys: Tuple[str, ...] = ("momentum_buffer",) if group["momentum"] != 0 else ()
-        extra = self._fo_opts(group).extra_key
-        return keys + (extra,) if extra else keys
-
-    def _fo_check_grad(self, i: int, p: Tensor, g: Tensor) -> None:
-        if g.layout != torch.strided:
-            # Sparse grads are torch's business (its SGD supports them).
-            if g.shape != p.shape:
-                raise ValueError(
-                    f"grad of param {i} has shape {tuple(g.shape)} but the param has shape {tuple(p.shape)}"
-                )
-            return
-        _check_grad_matches(i, p, g)
-
-    def _fo_state_usable(self, p: Tensor, state: Dict[str, Any], group: Dict[str, Any]) -> bool:
-        opts = self._fo_opts(group)
-        if opts.stochastic_rounding:
-            step = state.get("step")
-            if step is not None and not (isinstance(step, Tensor) and step.dtype == torch.float32
-                                         and step.device.type == "cpu" and step.numel() == 1):
-                return False
-        return _states_fit(p, state, ("momentum_buffer",) + ((opts.extra_key,) if opts.extra_key else ()), opts)
-
-    def _fo_init_state(self, p: Tensor, state: Dict[str, Any], group: Dict[str, Any]) -> bool:
-        opts = self._fo_opts(group)
-        first = False
-        if group["momentum"] != 0 and state.get("momentum_buffer") is None:
-            # Filled by the kernel with the (decayed) gradient: torch's buf = grad.
-            state["momentum_buffer"] = torch.empty_like(p, dtype=opts.moment_dtype(p),
-                                                        memory_format=torch.preserve_format)
-            first = True
-        if opts.extra_key is not None and state.get(opts.extra_key) is None:
-            state[opts.extra_key] = _new_state(p, opts.extra_key, opts)
-        if opts.stochastic_rounding and "step" not in state:
-            state["step"] = torch.tensor(0.0, dtype=torch.float32)  # the random keys count steps
-        return first
-
-    def _fo_state_usable_cuda(self, p: Tensor, state: Dict[str, Any], group: Dict[str, Any]) -> bool:
-        return self._fo_state_usable(p, state, group)
-
-    def _fo_run_cuda(self, group: Dict[str, Any], params: List[Tensor], grads: List[Tensor],
-                     hyper: Tuple[Any, ...], grad_scale: Optional[Tensor],
-                     found_inf: Optional[Tensor]) -> List[Tuple["_cuda.Batch", List[int]]]:
-        """Create missing momentum buffers and launch the CUDA kernels; see Adam's."""
-        use_momentum = hyper[1] != 0
-        opts = self._fo_opts(group)
-        position = self._fo_positions() if opts.stochastic_rounding else {}
-        state_all = self.state  # type: ignore[attr-defined]
-        first = [state_all[p].get("momentum_buffer") is None for p in params] if use_momentum else []
-        if found_inf is not None and (any(first) or opts.stochastic_rounding):
-            # A first step creates the buffers (buf = grad): it must know now
-            # whether the step happens, which costs one host sync on the very
-            # first step only. Torch's own fused SGD leaves them uninitialised.
-            # (Stochastic rounding counts SGD steps on the host: a sync each step.)
-            if bool(found_inf.item()):
-                return []
-            found_inf = None
-        batches: Dict[Tuple[Any, ...], List[int]] = {}
-        states = []
-        keys = self._fo_state_keys(group)
-        for j, p in enumerate(params):
-            state: Dict[str, Any] = {}
-            if keys or opts.stochastic_rounding:
-                state = state_all[p]
-                if use_momentum and first[j]:
-                    # Written by the kernel with the (decayed) gradient: torch's buf = grad.
-                    state["momentum_buffer"] = torch.empty_like(p, dtype=opts.moment_dtype(p),
-                                                                memory_format=torch.preserve_format)
-                if opts.extra_key is not None and state.get(opts.extra_key) is None:
-                    state[opts.extra_key] = _new_state(p, opts.extra_key, opts)
-                if opts.stochastic_rounding and "step" not in state:
-                    state["step"] = torch.tensor(0.0, dtype=torch.float32)  # the random keys count steps
-            states.append(state)
-            batches.setdefault((p.device, p.dtype), []).append(j)
-        out = []
-        for (device, dtype), idx in batches.items():
-            b = _cuda.batch_of(device, DTYPE_CODES[dtype], [params[j] for j in idx], [states[j] for j in idx], keys,
-                               with_steps=opts.stochastic_rounding, opts=opts,
-                               ids=[position[id(params[j])] for j in idx] if opts.stochastic_rounding else None)
-            out.append((b, idx))
-            gptrs, copies, keep = _cuda.grad_ptrs([grads[j] for j in idx])
-            _cuda.sgd_call(b, gptrs, [first[j] for j in idx] if use_momentum else None, hyper, grad_scale, found_inf,
-                           self._fo_clip)
-            _cuda.write_back(copies, grad_scale)
-            del keep
-        return out
-
-    def _fo_cuda_call(self, b: "_cuda.Batch", gptrs: List[int], hyper: Tuple[Any, ...],
-                      grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
-        # A cached plan exists only once every buffer does: never a first step.
-        if found_inf is not None and b.opts is not None and b.opts.stochastic_rounding:
-            if bool(found_inf.item()):
-                return  # host step counters must not count a skipped step
-            found_inf = None
-        _cuda.sgd_call(b, gptrs, [False] * len(gptrs), hyper, grad_scale, found_inf, self._fo_clip)
-
-    def _fo_run_plan(self, plan: "_C.StepPlan", group: Dict[str, Any], hyper: Tuple[Any, ...], threads: int) -> None:
-        lr, momentum, dampening, wd, nesterov, maximize = hyper
-        opts = self._fo_opts(group)
-        if not opts.active:
-            plan.run_sgd(lr, wd, momentum, dampening, nesterov, maximize, threads)
-            return
-        plan.run_sgd(lr, wd, momentum, dampening, nesterov, maximize, threads, state_dtype=opts.state_code,
-                     store=opts.store, seed=opts.seed, grad_mul=1.0 if self._fo_clip is None else self._fo_clip)
-
-    def _fo_native(self, bucket: _Bucket, group: Dict[str, Any], hyper: Tuple[Any, ...], gptrs, threads: int) -> None:
-        lr, momentum, dampening, wd, nesterov, maximize = hyper
-        use_momentum = momentum != 0
-        opts = self._fo_opts(group)
-        kw = {}
-        if opts.active:
-            kw = _precision_kwargs(self, bucket, opts)
-            if opts.stochastic_rounding:
-                kw["steps"] = bucket.steps
-        _C.sgd_step(
-            bucket.pptrs, gptrs, bucket.streams.get("momentum_buffer") if use_momentum else None,
-            bucket.first if use_momentum else None, bucket.numels, bucket.code,
-            lr, wd, momentum, dampening, nesterov, maximize, threads, **kw,
-        )
+        self._fo_init(fused, _options(master_weights, stochastic_rounding, kahan_summation, state_dtype,
+                                      max_grad_norm))

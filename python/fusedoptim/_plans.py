@@ -1,0 +1,246 @@
+"""The step plans of param groups: routing plus pointer tables, cached.
+
+A :class:`GroupPlan` is a group's :class:`~fusedoptim._routing.Route` with
+the tables the backends call with, built once the missing state exists
+(phase 2 of a step). A group updated by one backend alone also gets a
+:class:`fusedoptim._C.StepPlan` (Note [cached step plans] in
+csrc/bindings/step_plan.h): from the next step on it checks itself from C
+(the same params, addresses, sizes, dtypes and contiguity, the same grads
+present, the same ``optimizer.state`` entries and state tensors) and reads
+the grads' addresses; only when something changed does the step route the
+group again. A step over thousands of small tensors then costs one
+``collect`` and one run call per group.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Sequence
+
+from torch import Tensor
+
+from . import _C
+from ._routing import Route
+from ._spec import Spec
+from ._tensors import DTYPE_CODES, grad_addresses, local
+from .backends import StepArgs, Tables, cpu, cuda
+
+__all__ = ["GroupPlan", "build_cpu", "run_cpu", "run_cuda"]
+
+
+class GroupPlan:
+    """Routing and tables of one param group, valid while unchanged."""
+
+    __slots__ = ("route", "tables", "built", "cpu_plan", "cuda_plan", "cuda_tables", "mode")
+
+    def __init__(self, route: Route) -> None:
+        self.route = route
+        self.tables: List[Tables] = []  # one CPU kernel call each
+        self.built = False  # state created and tables filled (phase 2)
+        self.cpu_plan: Optional[_C.StepPlan] = None  # all-CPU groups: the tables, checked and run from C
+        self.cuda_plan: Optional[_C.StepPlan] = None  # all-CUDA groups: checks and grad addresses from C
+        self.cuda_tables: List[Tables] = []  # the launches the cuda_plan feeds
+        self.mode = cuda.mode()  # a plan holds to the mode it was built in (CUDA emulated or not)
+
+    @property
+    def opts(self) -> Any:
+        return self.route.opts
+
+    def cached(self, spec: Spec, group: Dict[str, Any], opts: Any) -> Optional[str]:
+        """Which cached plan may run this group ("cpu", "cuda" or None), if still current."""
+        r = self.route
+        if r.opts != opts or r.keys != spec.keys(group, opts) or self.mode != cuda.mode():
+            return None
+        if self.cpu_plan is not None and not r.torch and not r.cuda:
+            return "cpu"
+        if self.cuda_plan is not None:
+            return "cuda"
+        return None
+
+    def release(self) -> None:
+        """Drop the grad references a ``collect()`` took."""
+        if self.cpu_plan is not None:
+            self.cpu_plan.release()
+        if self.cuda_plan is not None:
+            self.cuda_plan.release()
+
+
+def _positions(param_groups: Sequence[Dict[str, Any]]) -> Dict[int, int]:
+    """id(param) -> its position in the optimizer, over all groups in order
+    (the tensor id of stochastic rounding; stable across state_dicts)."""
+    out: Dict[int, int] = {}
+    for g in param_groups:
+        for p in g["params"]:
+            out.setdefault(id(p), len(out))
+    return out
+
+
+def _fill(t: Tables, p: Tensor, state: Dict[str, Any], keys: Sequence[str], uses_step: bool, first: bool,
+          pid: int) -> None:
+    shard = local(p)
+    t.params.append(p)
+    t.numels.append(shard.numel())
+    t.pptrs.append(shard.data_ptr())
+    for k in keys:
+        t.streams[k].append(local(state[k]).data_ptr())
+    if uses_step:
+        t.steps.append(state["step"].data_ptr())
+    t.first.append(first)
+    t.ids.append(pid)
+
+
+def _native_plan(params: Any, state_all: Any, keys: Sequence[str], uses_step: bool,
+                 entries: List[tuple]) -> Optional["_C.StepPlan"]:
+    """A C plan over ``entries`` (tables, index in tables, position, state)."""
+    if not hasattr(_C, "StepPlanBuilder"):  # TEMP: the module before the builder
+        return _legacy_plan(params, state_all, keys, uses_step, entries)
+    b = _C.StepPlanBuilder(params, state_all, list(keys), uses_step)
+    for t, j, i, state in entries:
+        b.add(i, t.params[j], state, t.code, t.numels[j], t.pptrs[j], [t.streams[k][j] for k in keys],
+              t.steps[j] if uses_step else 0, t.first[j], t.ids[j])
+    return b.build()
+
+
+def build_cpu(plan: GroupPlan, spec: Spec, opt: Any, group: Dict[str, Any], ps: List[Tensor]) -> None:
+    """Phase 2 for the CPU params: create missing state, fill the tables, and
+    cache a C plan when the group is a plain list of unsharded params."""
+    r = plan.route
+    keys, opts = r.keys, r.opts
+    state_all = opt.state
+    keeps = spec.keeps_state(group, opts)
+    uses_step = spec.uses_step(opts)
+    position = _positions(opt.param_groups) if opts.stochastic_rounding else {}
+    entries = []
+    sharded = False
+    plan.tables = []
+    for code, index in r.cpu.items():
+        t = Tables(code, opts)
+        t.index = list(index)
+        t.streams = {k: [] for k in keys}
+        for j, i in enumerate(index):
+            p = ps[i]
+            # Touch optimizer.state only where torch would keep state.
+            state = state_all[p] if keeps else {}
+            first = spec.init_state(p, state, keys, opts)
+            _fill(t, p, state, keys, uses_step, first, position.get(id(p), 0))
+            sharded = sharded or local(p) is not p
+            entries.append((t, j, i, state))
+        plan.tables.append(t)
+    plan.built = True
+    plan.cpu_plan = None
+    # Sharded params take the general path every step: the C plan checks
+    # params by their own addresses, which a DTensor does not have.
+    if plan.tables and isinstance(group["params"], list) and not sharded:
+        plan.cpu_plan = _native_plan(group["params"], state_all, keys, uses_step, entries)
+
+
+def run_cpu(plan: GroupPlan, spec: Spec, gs: List[Tensor], hyper: Any, args: StepArgs) -> None:
+    """The general CPU path: one kernel call per table, grads read now."""
+    for t in plan.tables:
+        addr = grad_addresses([gs[i] for i in t.index])
+        cpu.run(spec.kernel, t, addr.ptrs, hyper, args)
+        del addr
+        if any(t.first):
+            t.first = [False] * len(t.first)
+    if plan.cpu_plan is not None:
+        plan.cpu_plan.clear_first()
+
+
+def run_cuda(plan: GroupPlan, spec: Spec, opt: Any, group: Dict[str, Any], ps: List[Tensor], gs: List[Tensor],
+             hyper: Any, args: StepArgs) -> None:
+    """The CUDA params of a group: create missing state (torch's layout),
+    launch, and cache a plan when the whole group is CUDA."""
+    r = plan.route
+    keys, opts = r.keys, r.opts
+    state_all = opt.state
+    if args.found_inf is not None and (
+        any(spec.grad_init_missing(state_all.get(ps[i], {}), keys) for i in r.cuda)
+        or (opts.stochastic_rounding and not spec.torch_step)
+    ):
+        # A first step fills buffers from the grad, and host counters count
+        # steps: whether the step happens must be known now (one host sync;
+        # for buffers, on their first step only). A skipped step creates nothing.
+        if bool(args.found_inf.item()):
+            return
+        args = StepArgs(args.threads, args.grad_scale, None, args.clip)
+    keeps = spec.keeps_state(group, opts)
+    uses_step = spec.uses_step(opts)
+    # Step counters on the param's device with capturable=True or fused=True.
+    step_on_device = spec.torch_step and bool(group.get("capturable") or group.get("fused"))
+    position = _positions(opt.param_groups) if opts.stochastic_rounding else {}
+    batches: Dict[tuple, Tables] = {}
+    states: Dict[int, Dict[str, Any]] = {}
+    for i in r.cuda:
+        p = ps[i]
+        state = state_all[p] if keeps else {}
+        first = spec.init_state(p, state, keys, opts, step_on_device=step_on_device)
+        step = state.get("step") if spec.torch_step else None
+        device_steps = step is not None and (step.device.type != "cpu" or (step_on_device and cuda.on_device(step)))
+        key = (DTYPE_CODES[p.dtype], str(p.device), device_steps)
+        t = batches.get(key)
+        if t is None:
+            t = batches[key] = Tables(key[0], opts, p.device, device_steps)
+            t.streams = {k: [] for k in keys}
+        t.index.append(i)
+        _fill(t, p, state, keys, uses_step, first, position.get(id(p), 0))
+        states[i] = state
+    # Batches of one dtype side by side (a C plan's buckets are runs of one dtype).
+    tables = [batches[k] for k in sorted(batches, key=lambda k: k[0])]
+    for t in tables:
+        addr = grad_addresses([gs[i] for i in t.index])
+        cuda.launch(spec.kernel, t, addr.ptrs, hyper, args)
+        if args.grad_scale is not None:
+            addr.write_back()
+        del addr
+        t.first = [False] * len(t.first)
+    plan.cuda_plan = None
+    if not r.cpu and not r.torch:
+        _cache_cuda(plan, group, ps, tables, states, keys, uses_step, state_all)
+
+
+def _cache_cuda(plan: GroupPlan, group: Dict[str, Any], ps: List[Tensor], tables: List[Tables],
+                states: Dict[int, Dict[str, Any]], keys: Sequence[str], uses_step: bool, state_all: Any) -> None:
+    """Cache a group that is all CUDA, unless a param is sharded (the C plan
+    checks params by their own addresses) or its state is incomplete (e.g.
+    SGD buffers that a skipped first step did not create)."""
+    if not tables or not isinstance(group["params"], list):
+        return
+    tracked = tuple(keys) + (("step",) if uses_step else ())
+    entries = []
+    lo = 0
+    for t in tables:
+        for j, i in enumerate(t.index):
+            state = states[i]
+            if local(ps[i]) is not ps[i] or any(state.get(k) is None for k in tracked):
+                return
+            entries.append((t, j, i, state))
+        t.lo, t.hi = lo, lo + len(t.index)
+        lo = t.hi
+    plan.cuda_plan = _native_plan(group["params"], state_all, keys, uses_step, entries)
+    plan.cuda_tables = tables
+
+
+def run_cuda_cached(plan: GroupPlan, spec: Spec, hyper: Any, args: StepArgs) -> None:
+    """A cached all-CUDA group: the grads' addresses from the C plan's collect()."""
+    gptrs = plan.cuda_plan.take_grad_ptrs()  # type: ignore[union-attr]
+    for t in plan.cuda_tables:
+        cuda.launch(spec.kernel, t, gptrs[t.lo:t.hi], hyper, args)
+
+
+def _legacy_plan(params, state_all, keys, uses_step, entries):  # TEMP
+    tracked = list(keys) + (["step"] if uses_step else [])
+    codes, sizes = [], []
+    for t, j, i, state in entries:
+        if codes and codes[-1] == t.code:
+            sizes[-1] += 1
+        else:
+            codes.append(t.code)
+            sizes.append(1)
+    plan = _C.StepPlan(
+        params, [p.grad is not None for p in params], [e[3] for e in entries], list(keys),
+        [e[3].get(k) for e in entries for k in tracked], state_all, [e[2] for e in entries], codes, sizes,
+        [e[0].numels[e[1]] for e in entries], [e[0].pptrs[e[1]] for e in entries],
+        [e[0].streams[k][e[1]] for e in entries for k in keys],
+        [e[0].steps[e[1]] for e in entries] if uses_step else [], [e[0].first[e[1]] for e in entries],
+        [e[0].params[e[1]].dtype for e in entries], [tuple(e[0].params[e[1]].shape) for e in entries])
+    plan.set_ids([e[0].ids[e[1]] for e in entries])
+    return plan

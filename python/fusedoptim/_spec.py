@@ -1,0 +1,193 @@
+"""What an optimizer is, declared once: its state streams and their order,
+how they are created and checked, for every backend.
+
+An optimizer of this package is a :class:`Spec` (a declaration) plus its
+update math in ``csrc/common/update_math.h``. The spec says:
+
+- ``kernel``: the native kernel family (``"adam"`` or ``"sgd"``) the
+  backends call;
+- ``streams``: the per-element state tensors, named and ordered once; that
+  order is the kernels' argument order and the cached plans' table order.
+  A stream exists for a group when its ``when`` holds; it starts as zeros,
+  or (``init="grad"``) is filled by the kernel from the grad on its first
+  step, as torch's SGD does with ``buf = grad``;
+- ``torch_step``: torch keeps a float32 ``step`` per param (Adam);
+- ``sparse_error``: the error torch raises for sparse grads, or None when
+  torch's own implementation takes them (SGD);
+- ``hyper``: the group's hyperparameters, validated (torch's messages);
+- ``traced_step``: one group's step as torch.compile traces it
+  (:mod:`fusedoptim._compile`).
+
+The precision options (:mod:`fusedoptim._precision`) add one stream (fp32
+master weights or the Kahan compensation) after the spec's own, set the
+streams' dtypes, and may add a ``step`` counter (stochastic rounding).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from ._precision import Options
+from ._tensors import local
+
+__all__ = ["Spec", "Stream", "in_range", "number"]
+
+
+class Stream(NamedTuple):
+    """One per-element state tensor of an optimizer."""
+
+    key: str
+    #: Whether a group has this stream (None: every group).
+    when: Optional[Callable[[Dict[str, Any]], bool]] = None
+    #: "zeros", or "grad": the kernel fills it from the grad on its first step.
+    init: str = "zeros"
+
+
+def number(value: Any, name: str) -> float:
+    """A hyperparameter as a Python float (a 1-element tensor allowed); NaN rejected."""
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"Tensor {name} must be 1-element")
+        value = value.item()
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a number or a 1-element tensor, got {type(value).__name__}") from None
+    if out != out:
+        raise ValueError(f"Invalid {name}: nan")
+    return out
+
+
+def in_range(value: Any, name: str, upper: float = math.inf) -> Any:
+    """The domain rule of most hyperparameters, torch's message: ``0 <= value < upper``.
+
+    A plain comparison (it also rejects NaN), so that it holds for a traced
+    symbolic float under torch.compile as for a float.
+    """
+    if not 0.0 <= value < upper:
+        raise ValueError(f"Invalid {name}: {value}")
+    return value
+
+
+def checked(value: Any, name: str, upper: float = math.inf) -> float:
+    """:func:`number`, then :func:`in_range`."""
+    return in_range(number(value, name), name, upper)
+
+
+class Spec:
+    """The declaration of one optimizer; see the module docstring."""
+
+    def __init__(self, name: str, kernel: str, streams: Tuple[Stream, ...], hyper: Callable[[Dict[str, Any]], Any],
+                 traced_step: Callable[[Any, Dict[str, Any]], None], *, torch_step: bool,
+                 sparse_error: Optional[str] = None) -> None:
+        self.name = name
+        self.kernel = kernel
+        self.streams = streams
+        self.hyper = hyper
+        self.traced_step = traced_step
+        self.torch_step = torch_step
+        self.sparse_error = sparse_error
+        self._grad_init = {s.key for s in streams if s.init == "grad"}
+
+    # -- the streams ----------------------------------------------------------
+    def keys(self, group: Dict[str, Any], opts: Options) -> Tuple[str, ...]:
+        """The group's state streams, in kernel order: the spec's, then the options' extra one."""
+        keys = tuple(s.key for s in self.streams if s.when is None or s.when(group))
+        return keys + (opts.extra_key,) if opts.extra_key else keys
+
+    def uses_step(self, opts: Options) -> bool:
+        """Whether params keep a float32 ``step`` the kernels count."""
+        return self.torch_step or opts.stochastic_rounding
+
+    def keeps_state(self, group: Dict[str, Any], opts: Options) -> bool:
+        """Whether params of the group have state at all (SGD without momentum keeps none)."""
+        return bool(self.keys(group, opts)) or self.uses_step(opts)
+
+    # -- checks (phase 1: nothing is written) -----------------------------------
+    def check_grad(self, i: int, p: Tensor, g: Tensor) -> None:
+        """A grad must match its param, or raise (torch's exception types where torch checks)."""
+        if g.layout != torch.strided:
+            if self.sparse_error is not None:
+                raise RuntimeError(self.sparse_error)
+            # Sparse grads are torch's business (its SGD supports them).
+            if g.shape != p.shape:
+                raise ValueError(f"grad of param {i} has shape {tuple(g.shape)} but the param has shape {tuple(p.shape)}")
+            return
+        if g.shape != p.shape:
+            raise ValueError(f"grad of param {i} has shape {tuple(g.shape)} but the param has shape {tuple(p.shape)}")
+        if g.dtype != p.dtype:
+            raise ValueError(f"grad of param {i} has dtype {g.dtype} but the param has dtype {p.dtype}")
+        if g.device != p.device:
+            raise ValueError(f"grad of param {i} is on {g.device} but the param is on {p.device}")
+
+    def check_state(self, i: int, p: Tensor, state: Dict[str, Any], keys: Tuple[str, ...]) -> None:
+        """Existing state must fit its param, else torch's code would fail midway."""
+        for key in keys:
+            t = state.get(key)
+            if t is None:
+                continue
+            if not isinstance(t, Tensor):
+                raise TypeError(f"state[{key!r}] of param {i} must be a Tensor, got {type(t).__name__}")
+            if t.shape != p.shape:
+                raise ValueError(
+                    f"state[{key!r}] of param {i} has shape {tuple(t.shape)} but the param has {tuple(p.shape)}"
+                )
+
+    def state_usable(self, p: Tensor, state: Dict[str, Any], keys: Tuple[str, ...], opts: Options,
+                     cuda: bool = False) -> bool:
+        """Whether existing state is in the layout the kernels take: streams
+        beside the param, contiguous, in the options' dtypes; step counters
+        float32 scalars on the host (or, for the CUDA kernels and torch's own
+        counters, on the param's device: capturable / fused)."""
+        if self.uses_step(opts):
+            step = state.get("step")
+            if step is not None or self.torch_step:
+                if not (isinstance(step, Tensor) and step.dtype == torch.float32 and step.numel() == 1
+                        and not step.requires_grad):
+                    return False
+                on_device = cuda and self.torch_step and step.device == p.device
+                if step.device.type != "cpu" and not on_device:
+                    return False
+        shard = local(p)
+        for key in keys:
+            t = state.get(key)
+            if t is not None and not (isinstance(t, Tensor) and t.dtype == opts.key_dtype(p, key)
+                                      and t.device == p.device and local(t).is_contiguous()
+                                      and local(t).shape == shard.shape):
+                return False
+        return True
+
+    # -- creation (phase 2) ------------------------------------------------------
+    def init_state(self, p: Tensor, state: Dict[str, Any], keys: Tuple[str, ...], opts: Options,
+                   step_on_device: bool = False) -> bool:
+        """Create the missing state of ``p`` in torch's layout (in the options'
+        dtypes). Returns whether a stream is filled from the grad this step.
+
+        torch's own ``step`` comes first, as torch creates it; a counter that
+        only stochastic rounding needs comes last.
+        """
+        if self.torch_step and "step" not in state:
+            state["step"] = (torch.zeros((), dtype=torch.float32, device=p.device) if step_on_device
+                             else torch.tensor(0.0, dtype=torch.float32))
+        first = False
+        for key in keys:
+            if state.get(key) is not None:
+                continue
+            if key in self._grad_init:
+                state[key] = torch.empty_like(p, dtype=opts.moment_dtype(p), memory_format=torch.preserve_format)
+                first = True
+            elif key == "master_param":
+                state[key] = p.detach().to(dtype=torch.float32, memory_format=torch.preserve_format, copy=True)
+            else:
+                state[key] = torch.zeros_like(p, dtype=opts.key_dtype(p, key), memory_format=torch.preserve_format)
+        if not self.torch_step and opts.stochastic_rounding and "step" not in state:
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)  # the random keys count steps
+        return first
+
+    def grad_init_missing(self, state: Dict[str, Any], keys: Tuple[str, ...]) -> bool:
+        """Whether a stream filled from the grad has yet to be created."""
+        return any(k in self._grad_init and state.get(k) is None for k in keys)

@@ -1,0 +1,329 @@
+"""The base of fusedoptim's optimizers: the step driver, state_dict, torch's fallback.
+
+Every fusedoptim optimizer subclasses its torch.optim counterpart and this
+class, and declares a :class:`~fusedoptim._spec.Spec`. ``step()`` runs in
+two phases so that a raised error leaves params and state exactly as they
+were:
+
+1. *Check* (nothing is written): per param group, a cached plan checks
+   itself from C (:mod:`fusedoptim._plans`), or every param is routed again
+   (:func:`fusedoptim._routing.route`): its grad compared with it, its
+   state checked, and the CPU kernels, the CUDA kernels or torch chosen.
+   AMP's inf flag, unscaling and ``max_grad_norm``'s norm come last.
+2. *Run*: missing state is created with torch's layout, the backends update
+   their params (one call per group and dtype), and the params the kernels
+   do not cover go through torch's own for-loop/foreach step.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+from torch import Tensor
+from torch.optim.optimizer import _use_grad_for_differentiable
+
+from . import _compile, _config, _plans, _precision
+from ._plans import GroupPlan
+from ._routing import route
+from ._spec import Spec
+from ._tensors import DTYPE_CODES, grad_addresses, grads_of, local
+from .backends import StepArgs, cpu, cuda
+
+__all__ = ["FusedOptimizer"]
+
+
+def check_fused(fused: Any, foreach: Any, differentiable: bool) -> None:
+    """torch's own checks of ``fused``, minus its device check: the fused
+    step runs on the CPU and the GPU (and falls back to torch elsewhere)."""
+    if fused:
+        if differentiable:
+            raise RuntimeError("`fused` does not support `differentiable`")
+        if foreach:
+            raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+
+
+def _unhooked(fn: Callable) -> Callable:
+    """torch wraps ``Optimizer.step`` with its hook runner; get the inner step."""
+    while getattr(fn, "hooked", False) and hasattr(fn, "__wrapped__"):
+        fn = fn.__wrapped__
+    return fn
+
+
+class _Work:
+    """One param group in one step: its plan, and how it runs."""
+
+    __slots__ = ("group", "plan", "ps", "gs", "hyper", "cached")
+
+    def __init__(self, group: Dict[str, Any], plan: Optional[GroupPlan], ps: Any = None, gs: Any = None,
+                 hyper: Any = None, cached: Optional[str] = None) -> None:
+        self.group, self.plan, self.ps, self.gs, self.hyper, self.cached = group, plan, ps, gs, hyper, cached
+
+    def grads(self) -> List[Tensor]:
+        return self.gs if self.gs is not None else grads_of(self.group["params"])[1]
+
+
+class FusedOptimizer:
+    """The step shared by fusedoptim's optimizers; see the module docstring.
+
+    A subclass names the torch class it replaces (``_torch_cls``) and its
+    declaration (``_spec``).
+    """
+
+    _torch_cls: type
+    _spec: Spec
+    #: Threads of the CPU kernels for this optimizer; None follows
+    #: :func:`fusedoptim.get_num_threads`.
+    num_threads: Optional[int] = None
+
+    def _fo_init(self, fused: Any, options: Dict[str, Any]) -> None:
+        """The end of a constructor: torch's ``fused`` flag kept as given
+        (``True`` lets ``torch.amp.GradScaler`` hand the unscaling to the
+        step), then the precision options."""
+        self.defaults["fused"] = fused  # type: ignore[attr-defined]
+        for group in self.param_groups:  # type: ignore[attr-defined]
+            group["fused"] = fused
+        if fused:
+            self._step_supports_amp_scaling = True
+        _precision.setup(self.defaults, self.param_groups, options)  # type: ignore[attr-defined]
+        self._fo_options_set = True
+
+    @property
+    def last_backends(self) -> List[str]:
+        """Which backend each param group took on the last step.
+
+        One entry per group: ``"native-cpu/<isa>"``, ``"native-cuda"``,
+        ``"torch"``, several joined with ``+`` when only some params of the
+        group could use the kernels, ``"none"`` for a group without grads,
+        or ``"skipped (found_inf)"``.
+        """
+        return list(self.__dict__.get("_fo_last", []))
+
+    @property
+    def last_grad_norm(self) -> Optional[Tensor]:
+        """With ``max_grad_norm``: the global grad norm of the last step (a
+        0-d float32 tensor, what ``clip_grad_norm_`` returns), else None."""
+        return self.__dict__.get("_fo_last_norm")
+
+    def torch_state_dict(self) -> Dict[str, Any]:
+        """A ``state_dict`` for torch.optim: without the state of fusedoptim's
+        precision options (``master_param``, ``kahan_comp``, SGD's ``step``)
+        and with the moments in each param's dtype, as torch keeps them.
+
+        Warns (UserWarning) when something is dropped: e.g. torch keeps no
+        fp32 master copy, so the params' rounded values carry on.
+        """
+        params = [p for g in self.param_groups for p in g["params"]]  # type: ignore[attr-defined]
+        return _precision.torch_state_dict(self.state_dict(), params, self._spec.torch_step)  # type: ignore[attr-defined]
+
+    def add_param_group(self, param_group: Dict[str, Any]) -> None:
+        """Add a param group, as torch does; its precision options are
+        checked against its params (a rejected group is not added)."""
+        super().add_param_group(param_group)  # type: ignore[misc]
+        if self.__dict__.get("_fo_options_set"):  # torch's __init__ adds groups before the options exist
+            groups = self.param_groups  # type: ignore[attr-defined]
+            try:
+                _precision.check_group_options(groups[-1], len(groups) - 1)
+            except Exception:
+                groups.pop()
+                raise
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """Load a checkpoint of fusedoptim or torch.optim, as torch does; the
+        state of the precision options keeps the dtypes the options need."""
+        self._fo_plans: Dict[int, Any] = {}
+        saved = _precision.saved_state(state_dict, self.param_groups)  # type: ignore[attr-defined]
+        super().load_state_dict(state_dict)  # type: ignore[misc]
+        _precision.restore_state(self.defaults, self.param_groups, self.state, saved)  # type: ignore[attr-defined]
+        self._fo_plans = {}
+
+    def __getstate__(self) -> Dict[str, Any]:
+        state = dict(super().__getstate__())  # type: ignore[misc]
+        state["num_threads"] = self.__dict__.get("num_threads")
+        return state
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        state = dict(state)
+        num_threads = state.pop("num_threads", None)
+        super().__setstate__(state)  # type: ignore[misc]
+        self.num_threads = num_threads
+        self._fo_plans = {}
+
+    @_compile.compile_aware  # under torch.compile: the traced step, custom ops, no graph break
+    @_use_grad_for_differentiable
+    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
+        """Perform a single optimization step.
+
+        Args:
+            closure (Callable, optional): A closure that reevaluates the model
+                and returns the loss.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        # AMP: with fused=True torch's GradScaler hands the scale and the inf
+        # flag to the step (_step_supports_amp_scaling) instead of unscaling.
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        # An inf flag the CUDA kernels read on the device: reading it here would be a host sync.
+        defer_inf = found_inf is not None and cuda.on_device(found_inf)
+        if found_inf is not None and not defer_inf and bool(found_inf.item()):
+            self._fo_last = ["skipped (found_inf)"] * len(self.param_groups)  # type: ignore[attr-defined]
+            return loss
+        work: List[_Work] = []
+        try:
+            self._fo_check(work)
+            if defer_inf and any(w.plan is not None and (w.plan.route.cpu or w.plan.route.torch) for w in work):
+                # Work outside the CUDA kernels cannot read the flag on the device.
+                if bool(found_inf.item()):  # type: ignore[union-attr]
+                    self._fo_last = ["skipped (found_inf)"] * len(self.param_groups)  # type: ignore[attr-defined]
+                    return loss
+                defer_inf = False
+            if grad_scale is not None:
+                # The CUDA kernels unscale their own grads in place; the rest here.
+                grads = []
+                for w in work:
+                    skip = set(w.plan.route.cuda) if w.plan is not None else ()
+                    grads.extend(g for k, g in enumerate(w.grads()) if k not in skip)
+                _unscale_(grads, grad_scale)
+            args = StepArgs(_config.threads_of(self.num_threads), grad_scale, found_inf if defer_inf else None)
+            max_norm = _precision.max_grad_norm(self.param_groups)  # type: ignore[attr-defined]
+            if max_norm is not None:
+                # The global norm of all grads (after AMP unscaling), before anything is updated.
+                args.clip = self._fo_grad_norm(work, max_norm, args)
+            fallback = self._fo_run(work, args)
+        finally:
+            for w in work:
+                if w.plan is not None:
+                    w.plan.release()
+        if fallback:
+            self._fo_torch_step(fallback)
+        return loss
+
+    def _fo_check(self, work: List[_Work]) -> None:
+        """Phase 1: check every group, write nothing."""
+        spec = self._spec
+        plans: Dict[int, Any] = self.__dict__.setdefault("_fo_plans", {})
+        state_all = self.state  # type: ignore[attr-defined]
+        for gi, group in enumerate(self.param_groups):  # type: ignore[attr-defined]
+            opts = _precision.options_of(group)
+            cached = plans.get(id(group))
+            plan = cached[1] if cached is not None and cached[0] is group else None
+            how = plan.cached(spec, group, opts) if plan is not None else None
+            if how is not None:
+                native = plan.cpu_plan if how == "cpu" else plan.cuda_plan  # type: ignore[union-attr]
+                hyper = spec.hyper(group)
+                if native.collect(group["params"], state_all) == 0:  # type: ignore[union-attr]
+                    work.append(_Work(group, plan, hyper=hyper, cached=how))
+                    continue
+            ps, gs = grads_of(group["params"])
+            if not ps:
+                work.append(_Work(group, None, ps, gs))
+                continue
+            hyper = spec.hyper(group)
+            r = route(spec, group, ps, gs, state_all, opts, gi, type(self).__name__)
+            work.append(_Work(group, GroupPlan(r), ps, gs, hyper))
+
+    def _fo_grad_norm(self, work: List[_Work], max_norm: float, args: StepArgs) -> Any:
+        """The global grad norm and the clip coefficient (a float for the CPU
+        kernels, a device tensor ``[norm, coef]`` for the CUDA kernels, with
+        no host sync); sets :attr:`last_grad_norm`. CPU grads are in the
+        order of the plans' tables, which a cached plan reads too."""
+        ptrs: List[int] = []
+        numels: List[int] = []
+        codes: List[int] = []
+        keep = []
+        device_grads: List[Tensor] = []
+        for w in work:
+            if w.plan is None:
+                continue
+            if w.cached == "cuda":
+                device_grads.extend(w.grads())
+            elif w.cached == "cpu":
+                ptrs.extend(w.plan.cpu_plan.grad_ptrs())  # type: ignore[union-attr]
+                numels.extend(n for t in w.plan.tables for n in t.numels)
+                codes.extend(t.code for t in w.plan.tables for _ in t.index)
+            else:
+                for idx in w.plan.route.cpu.values():
+                    addr = grad_addresses([w.gs[i] for i in idx])
+                    keep.append(addr)
+                    ptrs.extend(addr.ptrs)
+                    numels.extend(local(w.gs[i]).numel() for i in idx)
+                    codes.extend(DTYPE_CODES[w.gs[i].dtype] for i in idx)
+                device_grads.extend(w.gs[i] for i in w.plan.route.cuda)
+        if device_grads:
+            if ptrs:
+                raise RuntimeError("max_grad_norm needs all params of the optimizer on one device type "
+                                   "(CPU or CUDA), not both")
+            out = cuda.clip_on_device(device_grads, max_norm, args.grad_scale)
+            self._fo_last_norm = out[0]
+            return out
+        self._fo_last_norm, coef = cpu.grad_norm(ptrs, numels, codes, max_norm, args.threads)
+        return coef
+
+    def _fo_run(self, work: List[_Work], args: StepArgs) -> List[Dict[str, Any]]:
+        """Phase 2: create missing state and run the kernels; returns the
+        groups left to torch's own step."""
+        spec = self._spec
+        plans = self._fo_plans
+        names: List[str] = []
+        fallback: List[Dict[str, Any]] = []
+        for w in work:
+            plan = w.plan
+            if plan is None:
+                names.append("none")
+                continue
+            if w.cached == "cpu":
+                cpu.run_plan(spec.kernel, plan.cpu_plan, w.hyper, plan.opts, args)
+                names.append(cpu.name())
+                continue
+            if w.cached == "cuda":
+                _plans.run_cuda_cached(plan, spec, w.hyper, args)
+                names.append(cuda.name())
+                continue
+            r = plan.route
+            used = []
+            if not plan.built:
+                _plans.build_cpu(plan, spec, self, w.group, w.ps)
+                plans[id(w.group)] = (w.group, plan)
+            if r.cpu:
+                if plan.cpu_plan is not None and not r.torch and not r.cuda \
+                        and plan.cpu_plan.collect(w.group["params"], self.state) == 0:  # type: ignore[attr-defined]
+                    cpu.run_plan(spec.kernel, plan.cpu_plan, w.hyper, plan.opts, args)
+                else:
+                    _plans.run_cpu(plan, spec, w.gs, w.hyper, args)
+                used.append(cpu.name())
+            if r.cuda:
+                _plans.run_cuda(plan, spec, self, w.group, w.ps, w.gs, w.hyper, args)
+                used.append(cuda.name())
+            if r.torch:
+                sub = dict(w.group)
+                sub["params"] = [w.ps[i] for i in r.torch]
+                if all(p.device.type == "cpu" for p in sub["params"]):
+                    sub["fused"] = False  # never torch's fused CPU kernels: they ignore strides
+                fallback.append(sub)
+                used.append("torch")
+            names.append("+".join(used))
+        self._fo_last = names
+        return fallback
+
+    def _fo_torch_step(self, groups: List[Dict[str, Any]]) -> None:
+        """Run torch's own implementation (for-loop or foreach) on ``groups``."""
+        saved = self.param_groups  # type: ignore[attr-defined]
+        hidden = {k: self.__dict__.pop(k) for k in ("grad_scale", "found_inf") if k in self.__dict__}
+        self.param_groups = groups
+        try:
+            _unhooked(self._torch_cls.step)(self)
+        finally:
+            self.param_groups = saved
+            self.__dict__.update(hidden)
+
+
+def _unscale_(grads: List[Tensor], grad_scale: Tensor) -> None:
+    """Divide grads by the AMP scale in place, as torch's fused kernels do."""
+    by_device: Dict[torch.device, List[Tensor]] = {}
+    for g in grads:
+        by_device.setdefault(g.device, []).append(g)
+    for device, gs in by_device.items():
+        torch._foreach_div_(gs, grad_scale.to(device))
