@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Precision options (issue 6): each option's Adam step against its own byte limit.
+"""Precision options: each option's Adam step against its own byte limit.
 
     python bench/bench_precision.py [fusedoptim-bench options]
 

@@ -1,8 +1,8 @@
 """The registry of optimizer cases and the helpers every test module shares.
 
 A case is (our class, torch's class, constructor kwargs), as in torch-optimi's
-tests. ``ADAM_CASES`` and ``SGD_CASES`` enumerate every flag combination the
-issue asks for; ``LARGE_CASES`` is the subset that also runs on 1000003
+tests. ``ADAM_CASES`` and ``SGD_CASES`` enumerate every combination of torch's
+flags (weight decay, amsgrad, maximize, momentum, dampening, Nesterov); ``LARGE_CASES`` is the subset that also runs on 1000003
 elements. Problems (initial params and per-step grads) are deterministic:
 each is drawn from seeded ``torch.Generator`` objects, so two runs of one
 problem see exactly the same numbers.

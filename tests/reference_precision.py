@@ -1,6 +1,6 @@
-"""Independent float64 NumPy references of the precision options of issue 6.
+"""Independent float64 NumPy references of the precision options.
 
-Written from the definitions in the issue and in Note [precision options]
+Written from the definitions in Note [precision options]
 (csrc/common/precision.h), not from fusedoptim's kernels. The update itself
 is reference_numpy's float64 Adam / AdamW / SGD (the published formulas); an
 option only changes where the update starts from and how its result is

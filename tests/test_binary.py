@@ -1,7 +1,8 @@
 """The compiled module stands alone: one wheel for every torch.
 
 It must not depend on libtorch, libc10, libpython or a shared CUDA runtime
-(principle 2 of the design). This reads the DT_NEEDED entries of the
+(the module takes plain pointers and values, so that one wheel serves
+every torch). This reads the DT_NEEDED entries of the
 installed ``fusedoptim._C`` straight from its ELF dynamic section.
 """
 

@@ -1,8 +1,8 @@
-"""Precision options of issue 6 on the CPU: master weights, stochastic
+"""Precision options on the CPU: master weights, stochastic
 rounding, Kahan summation, bf16 states and fused gradient clipping.
 
 Three layers, each checked against tests/reference_precision.py (float64 /
-NumPy definitions written from the issue and Note [precision options]):
+NumPy definitions written from Note [precision options]):
 
 1. The references themselves, against torch's conversions and closed forms.
 2. The kernels (``_C.adam_step`` / ``_C.sgd_step`` keyword options,
@@ -606,7 +606,7 @@ TOL_PARAM_ULPS = 1.0
 # Adam bf16: 100%) ...
 LOWP_MIN_WITHIN_ONE = 0.99
 LOWP_MIN_IDENTICAL = 0.98
-# ... and over all elements the issue's rule for low precision: the error
+# ... and over all elements the rule for low precision: the error
 # against the exact float64 trajectory (no store rounding, no state rounding)
 # no worse than 2x the reference's own error, in max and in RMS (measured
 # ratios 1.00 +- 0.01).

@@ -53,7 +53,7 @@ FP32_TRAINING_LOOP = dict(rtol=1e-4, atol=1e-5)
 # torch's own bf16/fp16 for-loop rounds every intermediate op to the storage
 # dtype; fusedoptim computes in fp32 and rounds once per stored value, so its
 # error against an fp32 run on the same (upcast) values must be no worse than
-# torch's, within this factor (the requirement). Measured ratios of
+# torch's, within this factor (what a low-precision option promises). Measured ratios of
 # max error: bf16 <= 1.28, fp16 <= 1.37 (SGD); RMS ratios <= 1.03. On fp16
 # Adam fusedoptim's error is 10x to 100x smaller than torch's.
 LOWP_MAX_RATIO = 2.0

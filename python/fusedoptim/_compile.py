@@ -27,7 +27,10 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["HAVE_CUSTOM_OP", "compile_aware", "compiled_step", "custom_op", "lr_arg", "threads_arg"]
+from ._tensors import DTYPE_CODES
+
+__all__ = ["HAVE_CUSTOM_OP", "compile_aware", "compiled_step", "custom_op", "kernel_ok", "lr_arg", "store_state",
+           "threads_arg"]
 
 HAVE_CUSTOM_OP = hasattr(torch.library, "custom_op") and hasattr(torch.compiler, "is_compiling")
 
@@ -131,7 +134,7 @@ def kernel_ok(p: Tensor, g: Tensor) -> bool:
         and p.layout == torch.strided
         and g.layout == torch.strided
         and p.device.type == "cpu"
-        and p.dtype in (torch.float32, torch.bfloat16, torch.float16)
+        and p.dtype in DTYPE_CODES
         and p.is_contiguous()
     )
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Tuple, Union
+from typing import Any, Dict, List, NamedTuple, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -24,15 +24,12 @@ from . import _compile, _config
 from ._precision import Options
 from ._spec import Spec, Stream, checked, in_range, number
 from .backends import cpu, cuda
-from .optimizer import FusedOptimizer, check_fused
+from .optimizer import FusedOptimizer, ParamsT, precision_options
 
 __all__ = ["ADAM", "ADAMW", "Adam", "AdamHyper", "AdamW", "adam"]
 
 _TORCH_ADAM_ARGS = inspect.signature(torch.optim.Adam.__init__).parameters
 _TORCH_DECOUPLED_ARG = "decoupled_weight_decay" in inspect.signature(_torch_adam.adam).parameters
-
-ParamsT = Union[Iterable[Tensor], Iterable[Dict[str, Any]], Iterable[Tuple[str, Tensor]]]
-
 
 class AdamHyper(NamedTuple):
     """A param group's Adam hyperparameters, validated."""
@@ -187,12 +184,6 @@ ADAMW = Spec("AdamW", "adam", _STREAMS, functools.partial(adam_hyper, decoupled=
              torch_step=True, sparse_error=_SPARSE)
 
 
-def _options(master_weights: bool, stochastic_rounding: bool, kahan_summation: bool,
-             state_dtype: Optional[torch.dtype], max_grad_norm: Optional[float]) -> Dict[str, Any]:
-    return dict(master_weights=master_weights, stochastic_rounding=stochastic_rounding,
-                kahan_summation=kahan_summation, state_dtype=state_dtype, max_grad_norm=max_grad_norm)
-
-
 class Adam(FusedOptimizer, torch.optim.Adam):
     """Drop-in :class:`torch.optim.Adam` with a fused multi-tensor step.
 
@@ -265,13 +256,9 @@ class Adam(FusedOptimizer, torch.optim.Adam):
         differentiable: bool = False,
         fused: Optional[bool] = None,
         decoupled_weight_decay: bool = False,
-        master_weights: bool = False,
-        stochastic_rounding: bool = False,
-        kahan_summation: bool = False,
-        state_dtype: Optional[torch.dtype] = None,
-        max_grad_norm: Optional[float] = None,
+        master_weights: bool = False, stochastic_rounding: bool = False, kahan_summation: bool = False,
+        state_dtype: Optional[torch.dtype] = None, max_grad_norm: Optional[float] = None,
     ) -> None:
-        check_fused(fused, foreach, differentiable)
         kwargs: Dict[str, Any] = dict(
             foreach=foreach, maximize=maximize, capturable=capturable, differentiable=differentiable, fused=None
         )
@@ -282,8 +269,8 @@ class Adam(FusedOptimizer, torch.optim.Adam):
                 f"torch {torch.__version__} has no Adam(decoupled_weight_decay=...); use fusedoptim.AdamW"
             )
         torch.optim.Adam.__init__(self, params, lr, betas, eps, weight_decay, amsgrad, **kwargs)
-        self._fo_init(fused, _options(master_weights, stochastic_rounding, kahan_summation, state_dtype,
-                                      max_grad_norm))
+        self._fo_init(fused, foreach, differentiable, precision_options(
+            master_weights, stochastic_rounding, kahan_summation, state_dtype, max_grad_norm))
 
 
 class AdamW(FusedOptimizer, torch.optim.AdamW):
@@ -313,16 +300,12 @@ class AdamW(FusedOptimizer, torch.optim.AdamW):
         capturable: bool = False,
         differentiable: bool = False,
         fused: Optional[bool] = None,
-        master_weights: bool = False,
-        stochastic_rounding: bool = False,
-        kahan_summation: bool = False,
-        state_dtype: Optional[torch.dtype] = None,
-        max_grad_norm: Optional[float] = None,
+        master_weights: bool = False, stochastic_rounding: bool = False, kahan_summation: bool = False,
+        state_dtype: Optional[torch.dtype] = None, max_grad_norm: Optional[float] = None,
     ) -> None:
-        check_fused(fused, foreach, differentiable)
         torch.optim.AdamW.__init__(
             self, params, lr, betas, eps, weight_decay, amsgrad,
             maximize=maximize, foreach=foreach, capturable=capturable, differentiable=differentiable, fused=None,
         )
-        self._fo_init(fused, _options(master_weights, stochastic_rounding, kahan_summation, state_dtype,
-                                      max_grad_norm))
+        self._fo_init(fused, foreach, differentiable, precision_options(
+            master_weights, stochastic_rounding, kahan_summation, state_dtype, max_grad_norm))

@@ -17,7 +17,7 @@ were:
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -30,7 +30,18 @@ from ._spec import Spec
 from ._tensors import DTYPE_CODES, grad_addresses, grads_of, local
 from .backends import StepArgs, cpu, cuda
 
-__all__ = ["FusedOptimizer"]
+__all__ = ["FusedOptimizer", "ParamsT", "check_fused", "precision_options"]
+
+
+#: What the constructors take as ``params``, as torch.optim.
+ParamsT = Union[Iterable[Tensor], Iterable[Dict[str, Any]], Iterable[Tuple[str, Tensor]]]
+
+
+def precision_options(master_weights: bool, stochastic_rounding: bool, kahan_summation: bool,
+                      state_dtype: Optional[torch.dtype], max_grad_norm: Optional[float]) -> Dict[str, Any]:
+    """The precision options of a constructor, by name (see :mod:`fusedoptim._precision`)."""
+    return dict(master_weights=master_weights, stochastic_rounding=stochastic_rounding,
+                kahan_summation=kahan_summation, state_dtype=state_dtype, max_grad_norm=max_grad_norm)
 
 
 def check_fused(fused: Any, foreach: Any, differentiable: bool) -> None:
@@ -76,10 +87,12 @@ class FusedOptimizer:
     #: :func:`fusedoptim.get_num_threads`.
     num_threads: Optional[int] = None
 
-    def _fo_init(self, fused: Any, options: Dict[str, Any]) -> None:
-        """The end of a constructor: torch's ``fused`` flag kept as given
-        (``True`` lets ``torch.amp.GradScaler`` hand the unscaling to the
-        step), then the precision options."""
+    def _fo_init(self, fused: Any, foreach: Any, differentiable: bool, options: Dict[str, Any]) -> None:
+        """The end of a constructor (torch's ran with ``fused=None``): torch's
+        checks of ``fused``, the flag kept as given (``True`` lets
+        ``torch.amp.GradScaler`` hand the unscaling to the step), then the
+        precision options."""
+        check_fused(fused, foreach, differentiable)
         self.defaults["fused"] = fused  # type: ignore[attr-defined]
         for group in self.param_groups:  # type: ignore[attr-defined]
             group["fused"] = fused
@@ -191,7 +204,7 @@ class FusedOptimizer:
             max_norm = _precision.max_grad_norm(self.param_groups)  # type: ignore[attr-defined]
             if max_norm is not None:
                 # The global norm of all grads (after AMP unscaling), before anything is updated.
-                args.clip = self._fo_grad_norm(work, max_norm, args)
+                self._fo_last_norm, args.clip = _grad_norm(work, max_norm, args)
             fallback = self._fo_run(work, args)
         finally:
             for w in work:
@@ -224,43 +237,6 @@ class FusedOptimizer:
             hyper = spec.hyper(group)
             r = route(spec, group, ps, gs, state_all, opts, gi, type(self).__name__)
             work.append(_Work(group, GroupPlan(r), ps, gs, hyper))
-
-    def _fo_grad_norm(self, work: List[_Work], max_norm: float, args: StepArgs) -> Any:
-        """The global grad norm and the clip coefficient (a float for the CPU
-        kernels, a device tensor ``[norm, coef]`` for the CUDA kernels, with
-        no host sync); sets :attr:`last_grad_norm`. CPU grads are in the
-        order of the plans' tables, which a cached plan reads too."""
-        ptrs: List[int] = []
-        numels: List[int] = []
-        codes: List[int] = []
-        keep = []
-        device_grads: List[Tensor] = []
-        for w in work:
-            if w.plan is None:
-                continue
-            if w.cached == "cuda":
-                device_grads.extend(w.grads())
-            elif w.cached == "cpu":
-                ptrs.extend(w.plan.cpu_plan.grad_ptrs())  # type: ignore[union-attr]
-                numels.extend(n for t in w.plan.tables for n in t.numels)
-                codes.extend(t.code for t in w.plan.tables for _ in t.index)
-            else:
-                for idx in w.plan.route.cpu.values():
-                    addr = grad_addresses([w.gs[i] for i in idx])
-                    keep.append(addr)
-                    ptrs.extend(addr.ptrs)
-                    numels.extend(local(w.gs[i]).numel() for i in idx)
-                    codes.extend(DTYPE_CODES[w.gs[i].dtype] for i in idx)
-                device_grads.extend(w.gs[i] for i in w.plan.route.cuda)
-        if device_grads:
-            if ptrs:
-                raise RuntimeError("max_grad_norm needs all params of the optimizer on one device type "
-                                   "(CPU or CUDA), not both")
-            out = cuda.clip_on_device(device_grads, max_norm, args.grad_scale)
-            self._fo_last_norm = out[0]
-            return out
-        self._fo_last_norm, coef = cpu.grad_norm(ptrs, numels, codes, max_norm, args.threads)
-        return coef
 
     def _fo_run(self, work: List[_Work], args: StepArgs) -> List[Dict[str, Any]]:
         """Phase 2: create missing state and run the kernels; returns the
@@ -318,6 +294,42 @@ class FusedOptimizer:
         finally:
             self.param_groups = saved
             self.__dict__.update(hidden)
+
+
+def _grad_norm(work: List[_Work], max_norm: float, args: StepArgs) -> Tuple[Tensor, Any]:
+    """The global grad norm (a 0-d float32 tensor) and the clip coefficient
+    (a float for the CPU kernels, a device tensor ``[norm, coef]`` for the
+    CUDA kernels, with no host sync). CPU grads are summed in the order of
+    the plans' tables, which a cached plan reads too."""
+    ptrs: List[int] = []
+    numels: List[int] = []
+    codes: List[int] = []
+    keep = []
+    device_grads: List[Tensor] = []
+    for w in work:
+        if w.plan is None:
+            continue
+        if w.cached == "cuda":
+            device_grads.extend(w.grads())
+        elif w.cached == "cpu":
+            ptrs.extend(w.plan.cpu_plan.grad_ptrs())  # type: ignore[union-attr]
+            numels.extend(n for t in w.plan.tables for n in t.numels)
+            codes.extend(t.code for t in w.plan.tables for _ in t.index)
+        else:
+            for idx in w.plan.route.cpu.values():
+                addr = grad_addresses([w.gs[i] for i in idx])
+                keep.append(addr)
+                ptrs.extend(addr.ptrs)
+                numels.extend(local(w.gs[i]).numel() for i in idx)
+                codes.extend(DTYPE_CODES[w.gs[i].dtype] for i in idx)
+            device_grads.extend(w.gs[i] for i in w.plan.route.cuda)
+    if device_grads:
+        if ptrs:
+            raise RuntimeError("max_grad_norm needs all params of the optimizer on one device type "
+                               "(CPU or CUDA), not both")
+        out = cuda.clip_on_device(device_grads, max_norm, args.grad_scale)
+        return out[0], out
+    return cpu.grad_norm(ptrs, numels, codes, max_norm, args.threads)
 
 
 def _unscale_(grads: List[Tensor], grad_scale: Tensor) -> None:

@@ -22,9 +22,8 @@ from torch.optim import sgd as _torch_sgd
 from . import _compile, _config
 from ._precision import Options
 from ._spec import Spec, Stream, checked, in_range, number
-from .adam import ParamsT, _options
 from .backends import cpu
-from .optimizer import FusedOptimizer, check_fused
+from .optimizer import FusedOptimizer, ParamsT, precision_options
 
 __all__ = ["SGD", "SGDHyper", "SGD_SPEC", "sgd"]
 
@@ -220,16 +219,12 @@ class SGD(FusedOptimizer, torch.optim.SGD):
         foreach: Optional[bool] = None,
         differentiable: bool = False,
         fused: Optional[bool] = None,
-        master_weights: bool = False,
-        stochastic_rounding: bool = False,
-        kahan_summation: bool = False,
-        state_dtype: Optional[torch.dtype] = None,
-        max_grad_norm: Optional[float] = None,
+        master_weights: bool = False, stochastic_rounding: bool = False, kahan_summation: bool = False,
+        state_dtype: Optional[torch.dtype] = None, max_grad_norm: Optional[float] = None,
     ) -> None:
-        check_fused(fused, foreach, differentiable)
         torch.optim.SGD.__init__(
             self, params, lr, momentum, dampening, weight_decay, nesterov,
             maximize=maximize, foreach=foreach, differentiable=differentiable, fused=None,
         )
-        self._fo_init(fused, _options(master_weights, stochastic_rounding, kahan_summation, state_dtype,
-                                      max_grad_norm))
+        self._fo_init(fused, foreach, differentiable, precision_options(
+            master_weights, stochastic_rounding, kahan_summation, state_dtype, max_grad_norm))

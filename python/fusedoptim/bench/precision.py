@@ -100,7 +100,7 @@ MAX_GRAD_NORM = 1.0
 
 DEFAULT_PRECISION_OPTIMIZERS = ("adam",)
 
-#: Cases at least this large are checked against the issue's targets ("the large CPU cases").
+#: Cases at least this large are checked against the speed targets of the precision options.
 TARGET_NUMEL = 16 * 2**20
 
 
@@ -146,7 +146,7 @@ IMPL_LABELS: Dict[str, str] = {
 }
 
 #: The default grid: every option on 1x16M; on one 2**27-param tensor the plain fp32 step
-#: (with torch fused, the issue's comparison) and fp32 params with bf16 states.
+#: (with torch fused, the comparison of the bf16-states target) and fp32 params with bf16 states.
 DEFAULT_PLAN: Tuple[Tuple[str, Tuple[str, ...]], ...] = (
     ("1x16M", tuple(OPTIONS)),
     ("1x128M", ("none/fp32", "state_dtype=bf16/fp32")),
@@ -429,7 +429,7 @@ def _find(report: Report, **want: Any) -> Optional[Row]:
 
 
 def _compare(report: Report) -> None:
-    """Speed-ups vs torch fused, and the issue's targets, as ``report.comparisons``."""
+    """Speed-ups vs torch fused, and the speed targets, as ``report.comparisons``."""
     comps: List[Dict[str, Any]] = []
     for r in report.rows:
         if r.implementation != "fusedoptim":
@@ -537,7 +537,7 @@ def format_precision_table(report: Report) -> str:
                                             for s in report.skipped))
     comps = getattr(report, "comparisons", [])
     if comps:
-        notes += ["", "Targets (issue 6, cases of 16M+ params):"]
+        notes += ["", "Targets (cases of 16M+ params):"]
         for c in comps:
             notes.append(f"  {'met   ' if c['met'] else 'MISSED'} {c['what']}: {c['measure']} = {c['value']} "
                          f"(target {c['target']})" + (f"; {c['detail']}" if c.get("detail") else ""))
