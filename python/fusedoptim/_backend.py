@@ -800,27 +800,16 @@ class FusedOptimizerMixin:
         # Sharded params take the general path every step: the C plan checks
         # params by their own addresses, which a DTensor does not have.
         if plan.buckets and isinstance(params, list) and not sharded:
-            tracked = self._fo_tracked_keys(plan, group)
-            plan.native = _C.StepPlan(
-                params,
-                [p.grad is not None for p in params],
-                plan.state_dicts,
-                list(keys),
-                [st.get(k) for st in plan.state_dicts for k in tracked],
-                state_all,
-                [i for b in plan.buckets for i in b.index],
-                [b.code for b in plan.buckets],
-                [len(b.index) for b in plan.buckets],
-                [n for b in plan.buckets for n in b.numels],
-                [q for b in plan.buckets for q in b.pptrs],
-                [ptr for b in plan.buckets for k in range(len(b.index)) for ptr in (b.streams[key][k] for key in keys)],
-                [q for b in plan.buckets for q in b.steps],
-                [f for b in plan.buckets for f in b.first],
-                [p.dtype for b in plan.buckets for p in b.params],
-                [tuple(p.shape) for b in plan.buckets for p in b.params],
-            )
-            if opts.stochastic_rounding:
-                plan.native.set_ids([q for b in plan.buckets for q in b.ids])
+            builder = _C.StepPlanBuilder(params, state_all, list(keys), uses_step)
+            k = 0
+            for bucket in plan.buckets:
+                for j, i in enumerate(bucket.index):
+                    builder.add(i, bucket.params[j], plan.state_dicts[k], bucket.code, bucket.numels[j],
+                                bucket.pptrs[j], [bucket.streams[key][j] for key in keys],
+                                bucket.steps[j] if uses_step else 0, bucket.first[j],
+                                bucket.ids[j] if opts.stochastic_rounding else 0)
+                    k += 1
+            plan.native = builder.build()
 
     def _fo_build_cuda(self, group: Dict[str, Any], ps: List[Tensor], plan: _Plan,
                        batches: List[Tuple["_cuda.Batch", List[int]]]) -> Optional[_CudaPlan]:
@@ -835,11 +824,13 @@ class FusedOptimizerMixin:
         state_all = self.state  # type: ignore[attr-defined]
         keys = plan.state_keys
         tracked = self._fo_tracked_keys(plan, group)
-        positions, state_dicts, expected, numels, pptrs, streams, steps = [], [], [], [], [], [], []
-        dtypes, shapes, bucket_dtype, bucket_size = [], [], [], []
+        with_step = self._fo_uses_step(group)
+        builder = _C.StepPlanBuilder(params, state_all, list(keys), with_step)
         k = 0
-        for b, idx in batches:
-            for j in idx:
+        # The plan's entries of one dtype must be consecutive: batches by dtype
+        # code (stably); each batch keeps its slice [lo, hi) of the plan.
+        for b, idx in sorted(batches, key=lambda bi: bi[0].code):
+            for n, j in enumerate(idx):
                 i = plan.cuda[j]
                 p = ps[i]
                 if _local(p) is not p:
@@ -847,26 +838,11 @@ class FusedOptimizerMixin:
                 state = state_all[p] if (keys or self._fo_has_step) else {}
                 if any(state.get(key) is None for key in tracked):
                     return None  # e.g. SGD buffers a skipped first step did not create
-                positions.append(i)
-                state_dicts.append(state)
-                expected.extend(state.get(key) for key in tracked)
-                dtypes.append(p.dtype)
-                shapes.append(tuple(p.shape))
+                builder.add(i, p, state, b.code, b.numels[n], b.pptrs[n], [b.streams[s][n] for s in range(len(keys))],
+                            b.steps[n] if with_step else 0, False, 0)
             b.lo, b.hi = k, k + len(idx)
             k = b.hi
-            numels.extend(b.numels)
-            pptrs.extend(b.pptrs)
-            for n in range(len(idx)):
-                streams.extend(b.streams[s][n] for s in range(len(keys)))
-            steps.extend(b.steps)
-            bucket_dtype.append(b.code)
-            bucket_size.append(len(idx))
-        native = _C.StepPlan(
-            params, [p.grad is not None for p in params], state_dicts, list(keys), expected, state_all,
-            positions, bucket_dtype, bucket_size, numels, pptrs, streams, steps, [False] * len(positions),
-            dtypes, shapes,
-        )
-        return _CudaPlan(native, [b for b, _ in batches])
+        return _CudaPlan(builder.build(), [b for b, _ in batches])
 
     def _fo_positions(self) -> Dict[int, int]:
         """id(param) -> its position in the optimizer, over all groups in order

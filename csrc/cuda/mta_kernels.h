@@ -1,11 +1,9 @@
-// Multi-tensor apply: the CUDA kernels of Adam, AdamW and SGD, the
-// grad-norm reduction, and the host code that packs a list of tensors into
-// launches.
+// The kernels of multi-tensor apply: Adam, AdamW and SGD updates, the step
+// counter increment and the grad-norm reduction.
 //
-// The file compiles two ways: with nvcc for GPUs (kernels.cu), and with a
-// host compiler after emulation.h (emulated.cpp), which runs the very same
-// kernels on the CPU for tests. The includer defines FO_MTA_LARGE and
-// FO_MTA_SMALL (0 or 1): which parameter blocks to instantiate.
+// Device code that compiles two ways: with nvcc for GPUs (kernels.cu), and
+// with a host compiler after emulation.h (emulated.cpp), which runs the very
+// same kernels on the CPU for tests.
 //
 // Note [multi-tensor apply]
 // One launch updates up to N tensors (N = 448 for Adam, 672 for SGD with
@@ -30,176 +28,30 @@
 // streams cannot be aligned together take the one-element path. Both paths
 // call the same per-element function (adam_elem / sgd_elem), which runs
 // adam_update/sgd_update of update_math.h and stores as the store mode says
-// (Note [precision options] in common/precision.h).
-//
-// Note [kernel parameter space]
-// Tensor addresses travel in the kernel's parameter block. CUDA 12.1 and
-// newer toolkits, on drivers of 12.1 and newer and GPUs of compute
-// capability 7.0 and up, accept 32764 bytes of kernel parameters instead of
-// 4096. The large block carries ~9x more tensors per launch; the small one
-// is the fallback for older drivers.
+// (common/store.h, Note [precision options] in common/precision.h).
 #pragma once
 
-#include <algorithm>
 #include <cstdint>
-#include <iterator>
-#include <memory>
-#include <stdexcept>
-#include <string>
 #include <type_traits>
 
-#include "../common/adam_coeffs.h"
+#include "../common/coeffs.h"
+#include "../common/macros.h"
 #include "../common/params.h"
 #include "../common/precision.h"
+#include "../common/store.h"
 #include "../common/update_math.h"
-#include "api.h"
 #include "device_math.h"
-
-#if !defined(FO_MTA_LARGE) || !defined(FO_MTA_SMALL)
-#error "define FO_MTA_LARGE and FO_MTA_SMALL before including mta.h"
-#endif
+#include "param_blocks.h"
 
 #if defined(__CUDACC__)
 #define FO_UNROLL _Pragma("unroll")
-// Kernels take their parameter block by value; emulated ones by reference,
-// which avoids a 32 KB copy per emulated thread.
-#define FO_KARG(T) const T
 #else
 #define FO_UNROLL
-#define FO_KARG(T) const T&
 #endif
 
 namespace fusedoptim {
 namespace cuda {
 
-constexpr int kBlockThreads = 256;
-constexpr int64_t kChunk = 8192;       // elements of the flat list per block
-constexpr int64_t kPad = 8;            // tensors start at multiples of 8 elements (16 or 32 bytes)
-constexpr int kLargeParamBytes = 32764;
-constexpr int kSmallParamBytes = 4096;
-
-// ---------------------------------------------------------------------------
-// Parameter blocks
-
-// A tensor of an Adam launch. Two pairs of fields share storage, one of each
-// pair used by a given launch: the extra stream of kStoreMaster/kStoreKahan
-// or the stochastic-rounding word (kStoreStochastic: the key with host
-// steps, the tensor id with device steps), and the device step counter or
-// the host-computed coefficients. This keeps a slot at 64 bytes, so the
-// capacities stay those of the plain layouts.
-struct AdamSlot {
-  void* param;
-  void* grad;  // written only to store AMP-unscaled grads
-  void* exp_avg;
-  void* exp_avg_sq;
-  void* max_exp_avg_sq;
-  union {
-    void* extra;
-    uint32_t sr;
-  };
-  union {
-    float* step;        // device_steps only
-    AdamCoeffs coeffs;  // host steps only
-  };
-  int64_t numel;
-};
-
-// Launch-wide values of the update kernels, read once per block.
-struct Uniform {
-  const float* grad_scale;  // AMP: grads are divided by it (and written back)
-  const float* found_inf;   // AMP: non-zero means this launch changes nothing
-  const float* clip_coef;   // the grad multiplier (max_grad_norm), null = 1
-  int32_t maximize;
-  int32_t device_steps;     // Adam only
-};
-
-struct AdamHeader {
-  AdamHyper hyper;
-  Uniform u;
-  double lr, beta1, beta2, weight_decay;
-  const float* lr_ptr;
-  uint64_t seed;  // stochastic rounding with device steps
-  int32_t count;
-};
-
-template <int N>
-struct AdamArgs {
-  static constexpr int kCapacity = N;
-  AdamHeader h;
-  int64_t start[N];  // offsets in the flat list, multiples of kPad
-  AdamSlot slot[N];
-};
-
-struct SGDSlot {
-  void* param;
-  void* grad;
-  void* momentum_buffer;
-  union {
-    void* extra;  // as AdamSlot
-    uint32_t sr;  // stochastic rounding: the key
-  };
-  int64_t numel;
-};
-
-struct SGDHeader {
-  SGDHyper hyper;
-  Uniform u;
-  int32_t count;
-};
-
-template <int N>
-struct SGDArgs {
-  static constexpr int kCapacity = N;
-  SGDHeader h;
-  int64_t start[N];
-  SGDSlot slot[N];
-  uint32_t first[(N + 31) / 32];  // bit t: tensor t's buffer is not initialised yet (buf = grad)
-};
-
-// The grad-norm reduction: one launch per dtype and up to N tensors.
-struct NormSlot {
-  const void* grad;
-  int64_t numel;
-};
-
-struct NormHeader {
-  const float* grad_scale;  // AMP: grads are unscaled (as the update reads them) before squaring
-  double* partials;         // one per block of this launch
-  int32_t count;
-};
-
-template <int N>
-struct NormArgs {
-  static constexpr int kCapacity = N;
-  NormHeader h;
-  int64_t start[N];
-  NormSlot slot[N];
-};
-
-struct NormFinalArgs {
-  const double* partials;
-  int64_t count;
-  float* out;  // out[0] = total norm, out[1] = clip coefficient
-  float max_norm;
-};
-
-using AdamArgsLarge = AdamArgs<448>;
-using AdamArgsSmall = AdamArgs<48>;
-using SGDArgsLarge = SGDArgs<672>;
-using SGDArgsSmall = SGDArgs<80>;
-using NormArgsLarge = NormArgs<1360>;
-using NormArgsSmall = NormArgs<168>;
-static_assert(sizeof(AdamSlot) == 64, "AdamSlot layout");
-static_assert(sizeof(SGDSlot) == 40, "SGDSlot layout");
-static_assert(sizeof(AdamArgsLarge) <= kLargeParamBytes, "Adam large parameter block");
-static_assert(sizeof(AdamArgsSmall) <= kSmallParamBytes, "Adam small parameter block");
-static_assert(sizeof(SGDArgsLarge) <= kLargeParamBytes, "SGD large parameter block");
-static_assert(sizeof(SGDArgsSmall) <= kSmallParamBytes, "SGD small parameter block");
-static_assert(sizeof(NormArgsLarge) <= kLargeParamBytes, "norm large parameter block");
-static_assert(sizeof(NormArgsSmall) <= kSmallParamBytes, "norm small parameter block");
-
-// ---------------------------------------------------------------------------
-// Device code
 
 // The last tensor whose flat start is <= pos (starts are sorted, start[0] == 0).
 FO_DEVICE int find_tensor(const int64_t* start, int count, int64_t pos) {
@@ -298,25 +150,24 @@ FO_DEVICE VecF grad_in(float& g, const Ctx& k) {
   return gv;
 }
 
-// Stores the update's result pv (p0: the value it started from) into `p`
-// (the value for the param, exact in S where the store mode rounds itself)
-// and `e` (the extra stream); see Note [precision options].
-template <class S, int kStore>
-FO_DEVICE void store_result(float& p, float& e, VecF p0, VecF pv, int64_t i, const Ctx& k) {
-  if constexpr (kStore == kStorePlain) {
-    p = pv.x;
-  } else if constexpr (kStore == kStoreMaster) {
-    e = pv.x;
-    p = pv.x;
-  } else if constexpr (kStore == kStoreStochastic) {
-    const uint32_t key_hi = sr_key_hi(k.key, uint32_t(uint64_t(i) >> 32));
-    p = bf16_to_float(float_to_bf16_sr(pv.x, sr_bits(key_hi, uint32_t(uint64_t(i)))));
-  } else {
-    VecF cv(e);
-    p = kahan_store<S>(p0, pv, cv).x;
-    e = cv.x;
+// One element's param and extra stream as fp32 values in registers (p: the
+// stored param, exact in S where the store mode rounds itself; e: the extra
+// stream), as the store modes of common/store.h read and write them.
+struct ElemAt {
+  float& p;
+  float& e;
+  int64_t i;
+  uint32_t key;  // stochastic rounding: the tensor's key
+
+  FO_DEVICE VecF load_param() const { return VecF(p); }
+  FO_DEVICE VecF load_extra() const { return VecF(e); }
+  FO_DEVICE void param(VecF v) const { p = v.x; }
+  FO_DEVICE void param_sr(VecF v) const {
+    const uint32_t key_hi = sr_key_hi(key, uint32_t(uint64_t(i) >> 32));
+    p = bf16_to_float(float_to_bf16_sr(v.x, sr_bits(key_hi, uint32_t(uint64_t(i)))));
   }
-}
+  FO_DEVICE void extra(VecF v) const { e = v.x; }
+};
 
 // One Adam element (index i of its tensor), all values as fp32: p is the
 // stored param (unused with kStoreMaster), e the extra stream's value.
@@ -324,13 +175,14 @@ template <class S, int kStore, int kWD, bool kAms>
 FO_DEVICE void adam_elem(float& p, float& e, float& g, float& m, float& v, float& x, int64_t i, const Ctx& k,
                          const AdamConsts<VecF>& c) {
   const VecF gv = grad_in<S>(g, k);
-  const VecF p0(kStore == kStoreMaster ? e : p);
+  const ElemAt io{p, e, i, k.key};
+  const VecF p0 = start_param<kStore, VecF>(io);
   VecF pv = p0, mv(m), vv(v), xv(x);
   adam_update<kWD, kAms, false>(pv, gv, mv, vv, xv, c);
   m = mv.x;
   v = vv.x;
   x = xv.x;
-  store_result<S, kStore>(p, e, p0, pv, i, k);
+  store_param<S, kStore>(io, p0, pv);
 }
 
 template <class S, class T, int kStore, int kWD, bool kAms>
@@ -475,11 +327,12 @@ __global__ void __launch_bounds__(kBlockThreads) adam_count_kernel(FO_KARG(AdamA
 template <class S, int kStore, bool kWD, int kMom, bool kFirst>
 FO_DEVICE void sgd_elem(float& p, float& e, float& g, float& b, int64_t i, const Ctx& k, const SGDConsts<VecF>& c) {
   const VecF gv = grad_in<S>(g, k);
-  const VecF p0(kStore == kStoreMaster ? e : p);
+  const ElemAt io{p, e, i, k.key};
+  const VecF p0 = start_param<kStore, VecF>(io);
   VecF pv = p0, bv(b);
   sgd_update<kWD, kMom, false, kFirst>(pv, gv, bv, c);
   b = bv.x;
-  store_result<S, kStore>(p, e, p0, pv, i, k);
+  store_param<S, kStore>(io, p0, pv);
 }
 
 template <class S, class T, int kStore, bool kWD, int kMom, bool kFirst>
@@ -660,323 +513,6 @@ __global__ void __launch_bounds__(kBlockThreads) norm_final_kernel(FO_KARG(NormF
     a.out[0] = norm;
     a.out[1] = coef;
   }
-}
-
-// ---------------------------------------------------------------------------
-// Host code: runtime flags -> a kernel instantiation, tensors -> launches.
-
-template <int N>
-using AdamKernel = void (*)(FO_KARG(AdamArgs<N>));
-template <int N>
-using SGDKernel = void (*)(FO_KARG(SGDArgs<N>));
-
-template <int N, class S, class T, int kStore, int kWD>
-AdamKernel<N> pick_adam_ams(bool amsgrad) {
-  return amsgrad ? &adam_kernel<S, T, kStore, kWD, true, N> : &adam_kernel<S, T, kStore, kWD, false, N>;
-}
-
-template <int N>
-struct AdamPick {
-  int wd;
-  bool amsgrad;
-  template <class S, class T, int kStore>
-  AdamKernel<N> get() const {
-    switch (wd) {
-      case kNoDecay: return pick_adam_ams<N, S, T, kStore, kNoDecay>(amsgrad);
-      case kL2: return pick_adam_ams<N, S, T, kStore, kL2>(amsgrad);
-      case kDecoupled: return pick_adam_ams<N, S, T, kStore, kDecoupled>(amsgrad);
-      default: return nullptr;
-    }
-  }
-};
-
-template <int N, class S, class T, int kStore, bool kWD>
-SGDKernel<N> pick_sgd_mom(int mom) {
-  switch (mom) {
-    case kNoMomentum: return &sgd_kernel<S, T, kStore, kWD, kNoMomentum, N>;
-    case kMomentum: return &sgd_kernel<S, T, kStore, kWD, kMomentum, N>;
-    case kNesterov: return &sgd_kernel<S, T, kStore, kWD, kNesterov, N>;
-    default: return nullptr;
-  }
-}
-
-template <int N>
-struct SGDPick {
-  bool wd;
-  int mom;
-  template <class S, class T, int kStore>
-  SGDKernel<N> get() const {
-    return wd ? pick_sgd_mom<N, S, T, kStore, true>(mom) : pick_sgd_mom<N, S, T, kStore, false>(mom);
-  }
-};
-
-// The layouts of precision.h's layout_supported(), one instantiation each.
-template <class Fn, class Pick>
-Fn pick_layout(int32_t dtype, int32_t state_dtype, int store, const Pick& pick) {
-  if (!layout_supported(dtype, state_dtype, store)) return nullptr;
-  switch (store) {
-    case kStorePlain:
-      if (dtype == kFloat32) {
-        return state_dtype == kFloat32 ? pick.template get<float, float, kStorePlain>()
-                                       : pick.template get<float, bf16_t, kStorePlain>();
-      }
-      if (dtype == kBFloat16) return pick.template get<bf16_t, bf16_t, kStorePlain>();
-      return pick.template get<f16_t, f16_t, kStorePlain>();
-    case kStoreMaster:
-      if (dtype == kBFloat16) return pick.template get<bf16_t, float, kStoreMaster>();
-      return pick.template get<f16_t, float, kStoreMaster>();
-    case kStoreStochastic:
-      return pick.template get<bf16_t, bf16_t, kStoreStochastic>();
-    case kStoreKahan:
-      if (dtype == kBFloat16) return pick.template get<bf16_t, bf16_t, kStoreKahan>();
-      return pick.template get<f16_t, f16_t, kStoreKahan>();
-    default:
-      return nullptr;
-  }
-}
-
-inline int64_t padded(int64_t numel) { return (numel + kPad - 1) / kPad * kPad; }
-inline int64_t blocks_for(int64_t flat) { return (flat + kChunk - 1) / kChunk; }
-
-inline Uniform uniform_of(const LaunchCommon& c, bool maximize, bool device_steps) {
-  Uniform u;
-  u.grad_scale = c.grad_scale;
-  u.found_inf = c.found_inf;
-  u.clip_coef = c.clip_coef;
-  u.maximize = maximize ? 1 : 0;
-  u.device_steps = device_steps ? 1 : 0;
-  return u;
-}
-
-// Packs r's tensors into as few launches as the parameter block allows.
-// Launcher provides launch(kernel, blocks, args) and throws on errors.
-template <class Args, class Launcher>
-LaunchStats run_adam(const AdamRequest& r, Launcher& launcher) {
-  constexpr int N = Args::kCapacity;
-  const LaunchCommon& co = r.common;
-  const AdamKernel<N> kernel =
-      pick_layout<AdamKernel<N>>(co.dtype, co.state_dtype, co.store, AdamPick<N>{r.wd_mode, r.amsgrad});
-  if (kernel == nullptr) throw std::invalid_argument("adam_step: unsupported layout or weight-decay mode");
-  const bool sr = co.store == kStoreStochastic;
-  if (sr && r.device_steps && r.tensor_ids.size() != r.tensors.size()) {
-    throw std::invalid_argument("adam_step: stochastic rounding with device steps needs one tensor id per tensor");
-  }
-  std::unique_ptr<Args> a(new Args());
-  a->h.hyper = r.hyper;
-  a->h.u = uniform_of(co, r.maximize, r.device_steps);
-  a->h.lr = r.lr;
-  a->h.beta1 = r.beta1;
-  a->h.beta2 = r.beta2;
-  a->h.weight_decay = r.weight_decay;
-  a->h.lr_ptr = r.lr_ptr;
-  a->h.seed = r.seed;
-  LaunchStats st;
-  st.capacity = N;
-  st.param_bytes = int(sizeof(Args));
-  int count = 0;
-  int64_t flat = 0;
-  auto flush = [&] {
-    if (count == 0) return;
-    a->h.count = count;
-    if (r.device_steps) launcher.launch(&adam_count_kernel<N>, 1, *a);
-    const int64_t blocks = blocks_for(flat);
-    if (blocks > 0) {
-      launcher.launch(kernel, blocks, *a);
-      st.launches += 1;
-      st.blocks += blocks;
-      st.max_tensors_per_launch = std::max(st.max_tensors_per_launch, count);
-    }
-    count = 0;
-    flat = 0;
-  };
-  for (size_t k = 0; k < r.tensors.size(); ++k) {
-    const AdamTensor& t = r.tensors[k];
-    // An empty tensor still counts a step when the device holds the counter.
-    if (t.numel == 0 && !r.device_steps) continue;
-    AdamSlot& s = a->slot[count];
-    s.param = t.param;
-    s.grad = const_cast<void*>(t.grad);
-    s.exp_avg = t.exp_avg;
-    s.exp_avg_sq = t.exp_avg_sq;
-    s.max_exp_avg_sq = t.max_exp_avg_sq;
-    if (sr) {
-      s.sr = r.device_steps ? r.tensor_ids[k] : t.sr_key;
-    } else {
-      s.extra = t.extra;
-    }
-    if (r.device_steps) {
-      s.step = r.steps[k];
-    } else {
-      s.coeffs = t.coeffs;
-    }
-    s.numel = t.numel;
-    a->start[count] = flat;
-    flat += padded(t.numel);
-    if (++count == N) flush();
-  }
-  flush();
-  return st;
-}
-
-template <class Args, class Launcher>
-LaunchStats run_sgd(const SGDRequest& r, Launcher& launcher) {
-  constexpr int N = Args::kCapacity;
-  const LaunchCommon& co = r.common;
-  const SGDKernel<N> kernel =
-      pick_layout<SGDKernel<N>>(co.dtype, co.state_dtype, co.store, SGDPick<N>{r.weight_decay, r.momentum_mode});
-  if (kernel == nullptr) throw std::invalid_argument("sgd_step: unsupported layout or momentum mode");
-  const bool sr = co.store == kStoreStochastic;
-  std::unique_ptr<Args> a(new Args());
-  a->h.hyper = r.hyper;
-  a->h.u = uniform_of(co, r.maximize, false);
-  LaunchStats st;
-  st.capacity = N;
-  st.param_bytes = int(sizeof(Args));
-  int count = 0;
-  int64_t flat = 0;
-  auto flush = [&] {
-    if (count == 0) return;
-    a->h.count = count;
-    const int64_t blocks = blocks_for(flat);
-    launcher.launch(kernel, blocks, *a);
-    st.launches += 1;
-    st.blocks += blocks;
-    st.max_tensors_per_launch = std::max(st.max_tensors_per_launch, count);
-    count = 0;
-    flat = 0;
-    std::fill(std::begin(a->first), std::end(a->first), 0u);
-  };
-  for (const SGDTensor& t : r.tensors) {
-    if (t.numel == 0) continue;
-    SGDSlot& s = a->slot[count];
-    s.param = t.param;
-    s.grad = const_cast<void*>(t.grad);
-    s.momentum_buffer = t.momentum_buffer;
-    if (sr) {
-      s.sr = t.sr_key;
-    } else {
-      s.extra = t.extra;
-    }
-    s.numel = t.numel;
-    if (t.first_step) a->first[count >> 5] |= 1u << (count & 31);
-    a->start[count] = flat;
-    flat += padded(t.numel);
-    if (++count == N) flush();
-  }
-  flush();
-  return st;
-}
-
-// The grad norm: per dtype (float32, bfloat16, float16, in this order), the
-// tensors of that dtype in list order are packed into launches of stage 1,
-// each writing its blocks' partials to the next free range of the scratch;
-// then stage 2 reduces them all. The scratch offset a launch gets depends
-// only on the sizes, so the order of every sum is fixed by the data.
-// Returns the statistics; stats.blocks counts stage-1 blocks, i.e. the
-// scratch entries used. With a NoLauncher nothing is launched (sizing).
-// Sizes a grad-norm request without launching (see norm_scratch_len).
-struct NoLauncher {};
-
-template <class Args, class Launcher>
-LaunchStats run_norm(const NormRequest& r, Launcher& launcher) {
-  constexpr bool launch = !std::is_same<Launcher, NoLauncher>::value;
-  constexpr int N = Args::kCapacity;
-  std::unique_ptr<Args> a(new Args());
-  a->h.grad_scale = r.common.grad_scale;
-  LaunchStats st;
-  st.capacity = N;
-  st.param_bytes = int(sizeof(Args));
-  int64_t offset = 0;
-  for (int32_t dtype : {kFloat32, kBFloat16, kFloat16}) {
-    int count = 0;
-    int64_t flat = 0;
-    auto flush = [&] {
-      if (count == 0) return;
-      a->h.count = count;
-      a->h.partials = r.scratch + offset;
-      const int64_t blocks = blocks_for(flat);
-      if constexpr (launch) {
-        if (offset + blocks > r.scratch_len) throw std::invalid_argument("grad_norm: scratch too small");
-        if (dtype == kFloat32) launcher.launch_cooperative(&norm_partial_kernel<float, N>, blocks, *a);
-        if (dtype == kBFloat16) launcher.launch_cooperative(&norm_partial_kernel<bf16_t, N>, blocks, *a);
-        if (dtype == kFloat16) launcher.launch_cooperative(&norm_partial_kernel<f16_t, N>, blocks, *a);
-      }
-      offset += blocks;
-      st.launches += 1;
-      st.blocks += blocks;
-      st.max_tensors_per_launch = std::max(st.max_tensors_per_launch, count);
-      count = 0;
-      flat = 0;
-    };
-    for (size_t k = 0; k < r.grads.size(); ++k) {
-      if (r.dtypes[k] != dtype || r.numels[k] == 0) continue;
-      a->slot[count].grad = r.grads[k];
-      a->slot[count].numel = r.numels[k];
-      a->start[count] = flat;
-      flat += padded(r.numels[k]);
-      if (++count == N) flush();
-    }
-    flush();
-  }
-  if constexpr (launch) {
-    NormFinalArgs f;
-    f.partials = r.scratch;
-    f.count = offset;
-    f.out = r.out;
-    f.max_norm = r.max_norm;
-    launcher.launch_cooperative(&norm_final_kernel, 1, f);
-  }
-  return st;
-}
-
-// The parameter blocks of each request type.
-template <class Request>
-struct BlocksOf;
-template <>
-struct BlocksOf<AdamRequest> {
-  using Large = AdamArgsLarge;
-  using Small = AdamArgsSmall;
-};
-template <>
-struct BlocksOf<SGDRequest> {
-  using Large = SGDArgsLarge;
-  using Small = SGDArgsSmall;
-};
-template <>
-struct BlocksOf<NormRequest> {
-  using Large = NormArgsLarge;
-  using Small = NormArgsSmall;
-};
-
-template <class Args, class Launcher>
-LaunchStats run(const AdamRequest& r, Launcher& launcher) { return run_adam<Args>(r, launcher); }
-template <class Args, class Launcher>
-LaunchStats run(const SGDRequest& r, Launcher& launcher) { return run_sgd<Args>(r, launcher); }
-template <class Args, class Launcher>
-LaunchStats run(const NormRequest& r, Launcher& launcher) { return run_norm<Args>(r, launcher); }
-
-// The parameter block a request gets: the large one unless the request or
-// the driver asks for the small one.
-template <class Request, class Launcher>
-LaunchStats dispatch(const Request& r, Launcher& launcher, bool large_ok) {
-  const bool large = r.common.space == ParamSpace::kLarge || (r.common.space == ParamSpace::kAuto && large_ok);
-#if FO_MTA_LARGE
-  if (large) return run<typename BlocksOf<Request>::Large>(r, launcher);
-#endif
-#if FO_MTA_SMALL
-  if (!large) return run<typename BlocksOf<Request>::Small>(r, launcher);
-#endif
-  throw std::runtime_error(std::string("this build has no CUDA kernels for the ") + (large ? "large" : "small") +
-                           " kernel parameter block");
-}
-
-// Scratch entries (float64) a grad-norm request needs with either parameter
-// block: the larger of the two, so one size serves whichever runs.
-inline int64_t norm_scratch_len(const NormRequest& r) {
-  NoLauncher none;
-  const int64_t large = run_norm<NormArgsLarge>(r, none).blocks;
-  const int64_t small = run_norm<NormArgsSmall>(r, none).blocks;
-  return std::max(large, small);
 }
 
 }  // namespace cuda

@@ -1,0 +1,56 @@
+// Macros and codes shared by every layer: the host/device qualifiers of the
+// code that compiles for both, and the enums whose values travel from Python
+// as plain integers (part of the module's ABI; see python/fusedoptim).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+// FO_HD: host and device (update math, conversions, coefficients).
+// FO_DEVICE: device only with nvcc; plain inline on a host compiler, where
+// cuda/emulation.h runs the device code on the CPU.
+#if defined(__CUDACC__)
+#define FO_HD __host__ __device__ __forceinline__
+#define FO_DEVICE __device__ __forceinline__
+#else
+#define FO_HD inline
+#define FO_DEVICE inline
+#endif
+
+namespace fusedoptim {
+
+// Storage dtype codes.
+enum DType : int32_t {
+  kFloat32 = 0,
+  kBFloat16 = 1,
+  kFloat16 = 2,
+};
+
+inline const char* dtype_name(int32_t code) {
+  switch (code) {
+    case kFloat32: return "float32";
+    case kBFloat16: return "bfloat16";
+    case kFloat16: return "float16";
+    default: return "unknown";
+  }
+}
+
+inline bool dtype_known(int32_t code) { return code == kFloat32 || code == kBFloat16 || code == kFloat16; }
+
+inline size_t dtype_size(int32_t code) { return code == kFloat32 ? 4 : 2; }
+
+// How a step's fp32 result is stored (Note [precision options] in precision.h).
+enum StoreMode : int {
+  kStorePlain = 0,
+  kStoreMaster = 1,
+  kStoreStochastic = 2,
+  kStoreKahan = 3,
+};
+
+// How weight decay enters Adam.
+enum WeightDecayMode : int { kNoDecay = 0, kL2 = 1, kDecoupled = 2 };
+
+// How SGD uses its momentum buffer.
+enum MomentumMode : int { kNoMomentum = 0, kMomentum = 1, kNesterov = 2 };
+
+}  // namespace fusedoptim
