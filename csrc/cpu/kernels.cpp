@@ -78,22 +78,28 @@ inline uint32_t key_at(uint32_t key, int64_t i) {
   return kStore == kStoreStochastic ? sr_key_hi(key, uint32_t(uint64_t(i) >> 32)) : 0u;
 }
 
-template <class V, class S, class T, int kStore, int kWD, bool kAms, bool kMax>
-FO_ALWAYS_INLINE void adam_elems(const AdamTensor& t, int64_t i, const AdamConsts<V>& c) {
-  S* p = static_cast<S*>(t.param);
+// Element(s) i of an Adam tensor: the update from p0, the states stored.
+// Returns the updated param for the caller to store.
+template <class V, class S, class T, int kWD, bool kAms, bool kMax>
+FO_ALWAYS_INLINE V adam_states(const AdamTensor& t, int64_t i, V p0, const AdamConsts<V>& c) {
   const S* g = static_cast<const S*>(t.grad);
   T* m = static_cast<T*>(t.exp_avg);
   T* v = static_cast<T*>(t.exp_avg_sq);
   T* vmax = static_cast<T*>(t.max_exp_avg_sq);
-  const ParamAt<kStore, V, S> io{p, t.extra, i, key_at<kStore>(t.sr_key, i)};
-  const V p0 = start_param<kStore, V>(io);
   V pv = p0, mv = V::load(m + i), vv = V::load(v + i);
   V vmaxv = kAms ? V::load(vmax + i) : V(0.0f);
   adam_update<kWD, kAms, kMax>(pv, V::load(g + i), mv, vv, vmaxv, c);
-  store_param<S, kStore>(io, p0, pv);
   mv.store(m + i);
   vv.store(v + i);
   if (kAms) vmaxv.store(vmax + i);
+  return pv;
+}
+
+template <class V, class S, class T, int kStore, int kWD, bool kAms, bool kMax>
+FO_ALWAYS_INLINE void adam_elems(const AdamTensor& t, int64_t i, const AdamConsts<V>& c) {
+  const ParamAt<kStore, V, S> io{static_cast<S*>(t.param), t.extra, i, key_at<kStore>(t.sr_key, i)};
+  const V p0 = start_param<kStore, V>(io);
+  store_param<S, kStore>(io, p0, adam_states<V, S, T, kWD, kAms, kMax>(t, i, p0, c));
 }
 
 // Note [two-pass stores]
@@ -105,22 +111,6 @@ FO_ALWAYS_INLINE void adam_elems(const AdamTensor& t, int64_t i, const AdamConst
 // passes: the updates (states stored, fp32 results kept in registers or on
 // the stack), then the stores. The operations and so the bits are the same.
 constexpr int kTwoPassVectors = 4;
-
-template <class V, class S, class T, int kStore, int kWD, bool kAms, bool kMax>
-FO_ALWAYS_INLINE V adam_update_only(const AdamTensor& t, int64_t i, const AdamConsts<V>& c) {
-  S* p = static_cast<S*>(t.param);
-  const S* g = static_cast<const S*>(t.grad);
-  T* m = static_cast<T*>(t.exp_avg);
-  T* v = static_cast<T*>(t.exp_avg_sq);
-  T* vmax = static_cast<T*>(t.max_exp_avg_sq);
-  V pv = start_param<kStore, V>(ParamAt<kStore, V, S>{p, t.extra, i, 0u}), mv = V::load(m + i), vv = V::load(v + i);
-  V vmaxv = kAms ? V::load(vmax + i) : V(0.0f);
-  adam_update<kWD, kAms, kMax>(pv, V::load(g + i), mv, vv, vmaxv, c);
-  mv.store(m + i);
-  vv.store(v + i);
-  if (kAms) vmaxv.store(vmax + i);
-  return pv;
-}
 
 template <class S, class T, int kStore, int kWD, bool kAms, bool kMax>
 void adam_segment(const AdamTensor& t, int64_t begin, int64_t end, const AdamHyper& h) {
@@ -134,7 +124,11 @@ void adam_segment(const AdamTensor& t, int64_t begin, int64_t end, const AdamHyp
     S* p = static_cast<S*>(t.param);
     for (; i + B * W <= end; i += B * W) {
       V pv[B];
-      for (int j = 0; j < B; ++j) pv[j] = adam_update_only<V, S, T, kStore, kWD, kAms, kMax>(t, i + j * W, cv);
+      for (int j = 0; j < B; ++j) {
+        const int64_t k = i + j * W;
+        const V p0 = start_param<kStore, V>(ParamAt<kStore, V, S>{p, t.extra, k, 0u});
+        pv[j] = adam_states<V, S, T, kWD, kAms, kMax>(t, k, p0, cv);
+      }
       for (int j = 0; j < B; ++j) {
         const int64_t k = i + j * W;
         const ParamAt<kStore, V, S> io{p, t.extra, k, key_at<kStore>(t.sr_key, k)};

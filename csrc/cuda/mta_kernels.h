@@ -26,13 +26,15 @@
 // stream. The elements before the first element at which every stream is
 // 16-byte aligned, after the last whole slice, and all of a tensor whose
 // streams cannot be aligned together take the one-element path. Both paths
-// call the same per-element function (adam_elem / sgd_elem), which runs
+// (written once for both optimizers, Note [update ops]) call the same
+// per-element function (adam_elem / sgd_elem), which runs
 // adam_update/sgd_update of update_math.h and stores as the store mode says
 // (common/store.h, Note [precision options] in common/precision.h).
 #pragma once
 
 #include <cstdint>
 #include <type_traits>
+#include <utility>
 
 #include "../common/coeffs.h"
 #include "../common/macros.h"
@@ -185,45 +187,105 @@ FO_DEVICE void adam_elem(float& p, float& e, float& g, float& m, float& v, float
   store_param<S, kStore>(io, p0, pv);
 }
 
-template <class S, class T, int kStore, int kWD, bool kAms>
-FO_DEVICE void adam_one(const AdamSlot& s, int64_t i, const AdamConsts<VecF>& c, const Ctx& k) {
-  using L = LayoutOf<S, T, kStore>;
+// Note [update ops]
+// The per-element loop of the updates is written once, over an Op that
+// says what differs between Adam and SGD: its layout (S, T, kStore), its
+// state streams (up to kStates streams of T: stream j is loaded when
+// read(j) and stored when write(j); state(slot, j) is its address) and the
+// element function elem(p, e, g, states, i, ctx). one_elem, packets and
+// head below follow the order of loads, conversions and stores that each
+// optimizer had when it was written out: params, grad, states, extra.
+
+// State stream Q of element i, as fp32 (0 when the update does not read it).
+template <class Op, int Q, class Slot>
+FO_DEVICE float load_state(const Slot& s, int64_t i) {
+  if constexpr (Op::read(Q)) {
+    return to_float(static_cast<typename Op::T*>(Op::state(s, Q))[i]);
+  } else {
+    return 0.0f;
+  }
+}
+
+template <class Op, int Q, class Slot>
+FO_DEVICE void store_state(const Slot& s, int64_t i, float v) {
+  if constexpr (Op::write(Q)) static_cast<typename Op::T*>(Op::state(s, Q))[i] = from_float<typename Op::T>(v);
+}
+
+// One element (index i of its tensor) on the one-element path.
+template <class Op, class Slot, int... Q>
+FO_DEVICE void one_elem(const Slot& s, int64_t i, const Op& op, const Ctx& k, std::integer_sequence<int, Q...>) {
+  using S = typename Op::S;
+  using L = LayoutOf<S, typename Op::T, Op::kStore>;
   using E = typename L::Extra;
   S* p = static_cast<S*>(s.param);
   S* g = static_cast<S*>(s.grad);
-  T* m = static_cast<T*>(s.exp_avg);
-  T* v = static_cast<T*>(s.exp_avg_sq);
-  T* x = static_cast<T*>(s.max_exp_avg_sq);
   E* ex = static_cast<E*>(L::kExtra ? s.extra : nullptr);
   float pf = L::kReadParam ? to_float(p[i]) : 0.0f;
   float ef = L::kExtra ? to_float(ex[i]) : 0.0f;
-  float gf = to_float(g[i]), mf = to_float(m[i]), vf = to_float(v[i]);
-  float xf = kAms ? to_float(x[i]) : 0.0f;
-  adam_elem<S, kStore, kWD, kAms>(pf, ef, gf, mf, vf, xf, i, k, c);
+  float gf = to_float(g[i]);
+  float st[] = {load_state<Op, Q>(s, i)...};  // (in order: a braced list is evaluated left to right)
+  op.elem(pf, ef, gf, st, i, k);
   if (k.unscale) g[i] = from_float<S>(gf);
   p[i] = from_float<S>(pf);
   if (L::kExtra) ex[i] = from_float<E>(ef);
-  m[i] = from_float<T>(mf);
-  v[i] = from_float<T>(vf);
-  if (kAms) x[i] = from_float<T>(xf);
+  (store_state<Op, Q>(s, i, st[Q]), ...);
 }
 
-template <class S, class T, int kStore, int kWD, bool kAms>
-FO_DEVICE void adam_packets(const AdamSlot& s, int64_t first, int64_t nvec, const AdamConsts<VecF>& c,
-                            const Ctx& k) {
-  using L = LayoutOf<S, T, kStore>;
+// The slice of state stream Q, loaded (zero where the update only writes it).
+template <class Op, int Q, class X>
+FO_DEVICE void load_slice(X& x, const typename Op::T* base, int64_t u) {
+  if constexpr (Op::read(Q)) {
+    x.load(base, u);
+  } else if constexpr (Op::write(Q)) {
+    x = X{};
+  }
+}
+
+template <class Op, int Q, class X>
+FO_DEVICE float slice_lane(const X& x, int l) {
+  if constexpr (Op::read(Q)) {
+    return x.get(l);
+  } else {
+    return 0.0f;
+  }
+}
+
+template <class Op, int Q, class X>
+FO_DEVICE void set_lane(X& x, int l, float v) {
+  if constexpr (Op::write(Q)) x.set(l, v);
+}
+
+template <class Op, int Q, class X>
+FO_DEVICE void store_slice(const X& x, typename Op::T* base, int64_t u) {
+  if constexpr (Op::write(Q)) x.store(base, u);
+}
+
+template <class Op, int Q, class Slot>
+FO_DEVICE typename Op::T* state_from(const Slot& s, int64_t first) {
+  if constexpr (Op::write(Q)) {
+    return static_cast<typename Op::T*>(Op::state(s, Q)) + first;
+  } else {
+    return nullptr;
+  }
+}
+
+// Slices [0, nvec) from element `first` on (Note [multi-tensor apply]).
+template <class Op, class Slot, int... Q>
+FO_DEVICE void packets(const Slot& s, int64_t first, int64_t nvec, const Op& op, const Ctx& k,
+                       std::integer_sequence<int, Q...>) {
+  using S = typename Op::S;
+  using T = typename Op::T;
+  using L = LayoutOf<S, T, Op::kStore>;
   using E = typename L::Extra;
   constexpr int W = L::kWidth;
   constexpr int kILP = L::kILP;
   S* p = static_cast<S*>(s.param) + first;
   S* g = static_cast<S*>(s.grad) + first;
-  T* m = static_cast<T*>(s.exp_avg) + first;
-  T* v = static_cast<T*>(s.exp_avg_sq) + first;
-  T* x = kAms ? static_cast<T*>(s.max_exp_avg_sq) + first : nullptr;
+  T* st[] = {state_from<Op, Q>(s, first)...};
   E* ex = L::kExtra ? static_cast<E*>(s.extra) + first : nullptr;
   for (int64_t u0 = threadIdx.x; u0 < nvec; u0 += int64_t(kBlockThreads) * kILP) {
     Slice<S, W> P[kILP], G[kILP];
-    Slice<T, W> M[kILP], V[kILP], X[kILP];
+    Slice<T, W> X[Op::kStates][kILP];
     Slice<E, W> XE[kILP];
     FO_UNROLL
     for (int j = 0; j < kILP; ++j) {
@@ -232,9 +294,7 @@ FO_DEVICE void adam_packets(const AdamSlot& s, int64_t first, int64_t nvec, cons
         if (L::kReadParam) P[j].load(p, u);
         else P[j] = Slice<S, W>{};
         G[j].load(g, u);
-        M[j].load(m, u);
-        V[j].load(v, u);
-        if (kAms) X[j].load(x, u);
+        (load_slice<Op, Q>(X[Q][j], st[Q], u), ...);
         if (L::kExtra) XE[j].load(ex, u);
       }
     }
@@ -246,20 +306,16 @@ FO_DEVICE void adam_packets(const AdamSlot& s, int64_t first, int64_t nvec, cons
         for (int l = 0; l < W; ++l) {
           float pf = L::kReadParam ? P[j].get(l) : 0.0f;
           float ef = L::kExtra ? XE[j].get(l) : 0.0f;
-          float gf = G[j].get(l), mf = M[j].get(l), vf = V[j].get(l);
-          float xf = kAms ? X[j].get(l) : 0.0f;
-          adam_elem<S, kStore, kWD, kAms>(pf, ef, gf, mf, vf, xf, first + u * W + l, k, c);
+          float gf = G[j].get(l);
+          float sf[] = {slice_lane<Op, Q>(X[Q][j], l)...};
+          op.elem(pf, ef, gf, sf, first + u * W + l, k);
           if (k.unscale) G[j].set(l, gf);
           P[j].set(l, pf);
           if (L::kExtra) XE[j].set(l, ef);
-          M[j].set(l, mf);
-          V[j].set(l, vf);
-          if (kAms) X[j].set(l, xf);
+          (set_lane<Op, Q>(X[Q][j], l, sf[Q]), ...);
         }
         P[j].store(p, u);
-        M[j].store(m, u);
-        V[j].store(v, u);
-        if (kAms) X[j].store(x, u);
+        (store_slice<Op, Q>(X[Q][j], st[Q], u), ...);
         if (L::kExtra) XE[j].store(ex, u);
         if (k.unscale) G[j].store(g, u);
       }
@@ -267,18 +323,64 @@ FO_DEVICE void adam_packets(const AdamSlot& s, int64_t first, int64_t nvec, cons
   }
 }
 
-// Where the slices of an Adam tensor start (see split_segment), -1 if its
-// streams cannot be 16-byte aligned together.
-template <class S, class T, int kStore, bool kAms>
-FO_DEVICE int64_t adam_head(const AdamSlot& s) {
-  using L = LayoutOf<S, T, kStore>;
-  const int64_t h = head_of(L::kRefIsState ? s.exp_avg : s.param, L::kRefSize);
+template <class Op, int Q, class Slot>
+FO_DEVICE bool state_aligned(const Slot& s, int64_t h, int ts) {
+  if constexpr (Op::write(Q)) {
+    return aligned_at(Op::state(s, Q), ts, h);
+  } else {
+    return true;
+  }
+}
+
+// Where the slices of a tensor start (see split_segment), -1 if its streams
+// cannot be 16-byte aligned together. The reference stream is the first
+// state where the layout's states are the 16-bit streams (and the update
+// has states), else the param. (The test is one chain of && in this
+// function, as it was when written out per optimizer: other forms of the
+// same test changed ptxas's register allocation.)
+template <class Op, class Slot, int... Q>
+FO_DEVICE int64_t head(const Slot& s, std::integer_sequence<int, Q...>) {
+  using S = typename Op::S;
+  using T = typename Op::T;
+  using L = LayoutOf<S, T, Op::kStore>;
+  constexpr bool kRefState = L::kRefIsState && Op::write(0);
+  const int64_t h = head_of(kRefState ? Op::state(s, 0) : s.param, kRefState ? int(sizeof(T)) : int(sizeof(S)));
   const int ss = int(sizeof(S)), ts = int(sizeof(T));
-  const bool ok = aligned_at(s.param, ss, h) && aligned_at(s.grad, ss, h) && aligned_at(s.exp_avg, ts, h) &&
-                  aligned_at(s.exp_avg_sq, ts, h) && (!kAms || aligned_at(s.max_exp_avg_sq, ts, h)) &&
+  const bool ok = ((aligned_at(s.param, ss, h) && aligned_at(s.grad, ss, h)) && ... && state_aligned<Op, Q>(s, h, ts)) &&
                   (!L::kExtra || aligned_at(s.extra, int(sizeof(typename L::Extra)), h));
   return ok ? h : -1;
 }
+
+// Elements [b, e) of one tensor: the one-element head, the slices, the tail.
+template <class Op, class Slot>
+FO_DEVICE void segment(const Slot& s, int64_t b, int64_t e, const Op& op, const Ctx& k) {
+  constexpr int W = LayoutOf<typename Op::S, typename Op::T, Op::kStore>::kWidth;
+  constexpr auto kStates = std::make_integer_sequence<int, Op::kStates>{};
+  int64_t vb, nvec;
+  split_segment<W>(head<Op>(s, kStates), b, e, &vb, &nvec);
+  const int64_t ve = vb + nvec * W;
+  for (int64_t i = b + threadIdx.x; i < vb; i += kBlockThreads) one_elem(s, i, op, k, kStates);
+  if (nvec > 0) packets(s, vb, nvec, op, k, kStates);
+  for (int64_t i = ve + threadIdx.x; i < e; i += kBlockThreads) one_elem(s, i, op, k, kStates);
+}
+
+// Adam's Op (Note [update ops]): exp_avg, exp_avg_sq, max_exp_avg_sq (amsgrad).
+template <class S_, class T_, int kStore_, int kWD, bool kAms>
+struct AdamOp {
+  using S = S_;
+  using T = T_;
+  static constexpr int kStore = kStore_;
+  static constexpr int kStates = 3;
+  static FO_DEVICE constexpr bool read(int j) { return j < 2 || kAms; }
+  static FO_DEVICE constexpr bool write(int j) { return read(j); }
+  static FO_DEVICE void* state(const AdamSlot& s, int j) {
+    return j == 0 ? s.exp_avg : (j == 1 ? s.exp_avg_sq : s.max_exp_avg_sq);
+  }
+  const AdamConsts<VecF>& c;
+  FO_DEVICE void elem(float& p, float& e, float& g, float (&st)[kStates], int64_t i, const Ctx& k) const {
+    adam_elem<S, kStore, kWD, kAms>(p, e, g, st[0], st[1], st[2], i, k, c);
+  }
+};
 
 // The fp32 layout says minBlocksPerSM = 1 (as sgd_kernel): without it
 // ptxas's occupancy heuristic spilled 8 bytes in fp32 kernels for
@@ -305,12 +407,7 @@ __global__ void __launch_bounds__(kBlockThreads, (sizeof(S) == 4 && sizeof(T) ==
     // Built after the coefficients for the same reason (cached loads).
     Ctx k(a.h.u);
     if (kStore == kStoreStochastic) k.key = a.h.u.device_steps ? sr_key(a.h.seed, uint32_t(*s.step), s.sr) : s.sr;
-    int64_t vb, nvec;
-    split_segment<LayoutOf<S, T, kStore>::kWidth>(adam_head<S, T, kStore, kAms>(s), b, e, &vb, &nvec);
-    const int64_t ve = vb + nvec * LayoutOf<S, T, kStore>::kWidth;
-    for (int64_t i = b + threadIdx.x; i < vb; i += kBlockThreads) adam_one<S, T, kStore, kWD, kAms>(s, i, c, k);
-    if (nvec > 0) adam_packets<S, T, kStore, kWD, kAms>(s, vb, nvec, c, k);
-    for (int64_t i = ve + threadIdx.x; i < e; i += kBlockThreads) adam_one<S, T, kStore, kWD, kAms>(s, i, c, k);
+    segment(s, b, e, AdamOp<S, T, kStore, kWD, kAms>{c}, k);
   }
 }
 
@@ -335,101 +432,22 @@ FO_DEVICE void sgd_elem(float& p, float& e, float& g, float& b, int64_t i, const
   store_param<S, kStore>(io, p0, pv);
 }
 
-template <class S, class T, int kStore, bool kWD, int kMom, bool kFirst>
-FO_DEVICE void sgd_one(const SGDSlot& s, int64_t i, const SGDConsts<VecF>& c, const Ctx& k) {
-  using L = LayoutOf<S, T, kStore>;
-  using E = typename L::Extra;
-  constexpr bool kBuf = kMom != kNoMomentum;
-  S* p = static_cast<S*>(s.param);
-  S* g = static_cast<S*>(s.grad);
-  T* buf = static_cast<T*>(s.momentum_buffer);
-  E* ex = static_cast<E*>(L::kExtra ? s.extra : nullptr);
-  float pf = L::kReadParam ? to_float(p[i]) : 0.0f;
-  float ef = L::kExtra ? to_float(ex[i]) : 0.0f;
-  float gf = to_float(g[i]);
-  float bf = (kBuf && !kFirst) ? to_float(buf[i]) : 0.0f;
-  sgd_elem<S, kStore, kWD, kMom, kFirst>(pf, ef, gf, bf, i, k, c);
-  if (k.unscale) g[i] = from_float<S>(gf);
-  p[i] = from_float<S>(pf);
-  if (L::kExtra) ex[i] = from_float<E>(ef);
-  if (kBuf) buf[i] = from_float<T>(bf);
-}
-
-template <class S, class T, int kStore, bool kWD, int kMom, bool kFirst>
-FO_DEVICE void sgd_packets(const SGDSlot& s, int64_t first, int64_t nvec, const SGDConsts<VecF>& c, const Ctx& k) {
-  using L = LayoutOf<S, T, kStore>;
-  using E = typename L::Extra;
-  constexpr int W = L::kWidth;
-  constexpr int kILP = L::kILP;
-  constexpr bool kBuf = kMom != kNoMomentum;
-  S* p = static_cast<S*>(s.param) + first;
-  S* g = static_cast<S*>(s.grad) + first;
-  T* buf = kBuf ? static_cast<T*>(s.momentum_buffer) + first : nullptr;
-  E* ex = L::kExtra ? static_cast<E*>(s.extra) + first : nullptr;
-  for (int64_t u0 = threadIdx.x; u0 < nvec; u0 += int64_t(kBlockThreads) * kILP) {
-    Slice<S, W> P[kILP], G[kILP];
-    Slice<T, W> B[kILP];
-    Slice<E, W> XE[kILP];
-    FO_UNROLL
-    for (int j = 0; j < kILP; ++j) {
-      const int64_t u = u0 + int64_t(j) * kBlockThreads;
-      if (u < nvec) {
-        if (L::kReadParam) P[j].load(p, u);
-        else P[j] = Slice<S, W>{};
-        G[j].load(g, u);
-        if (kBuf && !kFirst) B[j].load(buf, u);
-        else B[j] = Slice<T, W>{};
-        if (L::kExtra) XE[j].load(ex, u);
-      }
-    }
-    FO_UNROLL
-    for (int j = 0; j < kILP; ++j) {
-      const int64_t u = u0 + int64_t(j) * kBlockThreads;
-      if (u < nvec) {
-        FO_UNROLL
-        for (int l = 0; l < W; ++l) {
-          float pf = L::kReadParam ? P[j].get(l) : 0.0f;
-          float ef = L::kExtra ? XE[j].get(l) : 0.0f;
-          float gf = G[j].get(l);
-          float bf = (kBuf && !kFirst) ? B[j].get(l) : 0.0f;
-          sgd_elem<S, kStore, kWD, kMom, kFirst>(pf, ef, gf, bf, first + u * W + l, k, c);
-          if (k.unscale) G[j].set(l, gf);
-          P[j].set(l, pf);
-          if (L::kExtra) XE[j].set(l, ef);
-          if (kBuf) B[j].set(l, bf);
-        }
-        P[j].store(p, u);
-        if (kBuf) B[j].store(buf, u);
-        if (L::kExtra) XE[j].store(ex, u);
-        if (k.unscale) G[j].store(g, u);
-      }
-    }
+// SGD's Op (Note [update ops]): the momentum buffer, read unless this step
+// initialises it (kFirst).
+template <class S_, class T_, int kStore_, bool kWD, int kMom, bool kFirst>
+struct SGDOp {
+  using S = S_;
+  using T = T_;
+  static constexpr int kStore = kStore_;
+  static constexpr int kStates = 1;
+  static FO_DEVICE constexpr bool write(int) { return kMom != kNoMomentum; }
+  static FO_DEVICE constexpr bool read(int j) { return write(j) && !kFirst; }
+  static FO_DEVICE void* state(const SGDSlot& s, int) { return s.momentum_buffer; }
+  const SGDConsts<VecF>& c;
+  FO_DEVICE void elem(float& p, float& e, float& g, float (&st)[kStates], int64_t i, const Ctx& k) const {
+    sgd_elem<S, kStore, kWD, kMom, kFirst>(p, e, g, st[0], i, k, c);
   }
-}
-
-template <class S, class T, int kStore, bool kWD, int kMom>
-FO_DEVICE int64_t sgd_head(const SGDSlot& s) {
-  using L = LayoutOf<S, T, kStore>;
-  // Without momentum the states are absent: the param decides.
-  const bool ref_state = L::kRefIsState && kMom != kNoMomentum;
-  const int64_t h = head_of(ref_state ? s.momentum_buffer : s.param, ref_state ? int(sizeof(T)) : int(sizeof(S)));
-  const int ss = int(sizeof(S));
-  const bool ok = aligned_at(s.param, ss, h) && aligned_at(s.grad, ss, h) &&
-                  (kMom == kNoMomentum || aligned_at(s.momentum_buffer, int(sizeof(T)), h)) &&
-                  (!L::kExtra || aligned_at(s.extra, int(sizeof(typename L::Extra)), h));
-  return ok ? h : -1;
-}
-
-template <class S, class T, int kStore, bool kWD, int kMom, bool kFirst>
-FO_DEVICE void sgd_segment(const SGDSlot& s, int64_t b, int64_t e, const SGDConsts<VecF>& c, const Ctx& k) {
-  constexpr int W = LayoutOf<S, T, kStore>::kWidth;
-  int64_t vb, nvec;
-  split_segment<W>(sgd_head<S, T, kStore, kWD, kMom>(s), b, e, &vb, &nvec);
-  const int64_t ve = vb + nvec * W;
-  for (int64_t i = b + threadIdx.x; i < vb; i += kBlockThreads) sgd_one<S, T, kStore, kWD, kMom, kFirst>(s, i, c, k);
-  if (nvec > 0) sgd_packets<S, T, kStore, kWD, kMom, kFirst>(s, vb, nvec, c, k);
-  for (int64_t i = ve + threadIdx.x; i < e; i += kBlockThreads) sgd_one<S, T, kStore, kWD, kMom, kFirst>(s, i, c, k);
-}
+};
 
 // (minBlocksPerSM = 1: without it ptxas's occupancy heuristic spilled 16
 // bytes in a bf16-with-master Nesterov kernel for sm_80.)
@@ -447,9 +465,9 @@ __global__ void __launch_bounds__(kBlockThreads, 1) sgd_kernel(FO_KARG(SGDArgs<N
     if (b >= e) continue;
     if (kStore == kStoreStochastic) k.key = s.sr;
     if (kMom != kNoMomentum && ((a.first[t >> 5] >> (t & 31)) & 1u)) {
-      sgd_segment<S, T, kStore, kWD, kMom, true>(s, b, e, c, k);
+      segment(s, b, e, SGDOp<S, T, kStore, kWD, kMom, true>{c}, k);
     } else {
-      sgd_segment<S, T, kStore, kWD, kMom, false>(s, b, e, c, k);
+      segment(s, b, e, SGDOp<S, T, kStore, kWD, kMom, false>{c}, k);
     }
   }
 }
