@@ -17,6 +17,18 @@
 #define FO_DEVICE inline
 #endif
 
+// The arithmetic of Note [one source of math] (update_math.h) for a vector
+// type V that holds its lanes in V::x: add, sub, mul, div, sqrt and fma,
+// each the named correctly rounded operation on V::x. QUAL qualifies the
+// functions (inline, FO_DEVICE).
+#define FO_VEC_ARITH(QUAL, V, ADD, SUB, MUL, DIV, SQRT, FMA) \
+  QUAL V add(V a, V b) { return V(ADD(a.x, b.x)); }         \
+  QUAL V sub(V a, V b) { return V(SUB(a.x, b.x)); }         \
+  QUAL V mul(V a, V b) { return V(MUL(a.x, b.x)); }         \
+  QUAL V div(V a, V b) { return V(DIV(a.x, b.x)); }         \
+  QUAL V sqrt(V a) { return V(SQRT(a.x)); }                 \
+  QUAL V fma(V a, V b, V c) { return V(FMA(a.x, b.x, c.x)); }
+
 namespace fusedoptim {
 
 // Storage dtype codes.

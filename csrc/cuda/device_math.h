@@ -20,12 +20,7 @@ struct VecF {
   FO_DEVICE explicit VecF(float v) : x(v) {}
 };
 
-FO_DEVICE VecF add(VecF a, VecF b) { return VecF(__fadd_rn(a.x, b.x)); }
-FO_DEVICE VecF sub(VecF a, VecF b) { return VecF(__fsub_rn(a.x, b.x)); }
-FO_DEVICE VecF mul(VecF a, VecF b) { return VecF(__fmul_rn(a.x, b.x)); }
-FO_DEVICE VecF div(VecF a, VecF b) { return VecF(__fdiv_rn(a.x, b.x)); }
-FO_DEVICE VecF sqrt(VecF a) { return VecF(__fsqrt_rn(a.x)); }
-FO_DEVICE VecF fma(VecF a, VecF b, VecF c) { return VecF(__fmaf_rn(a.x, b.x, c.x)); }
+FO_VEC_ARITH(FO_DEVICE, VecF, __fadd_rn, __fsub_rn, __fmul_rn, __fdiv_rn, __fsqrt_rn, __fmaf_rn)
 FO_DEVICE VecF neg(VecF a) { return VecF(bits_float(float_bits(a.x) ^ 0x80000000u)); }
 FO_DEVICE VecF max_nan(VecF a, VecF b) { return (a.x != a.x) ? a : (a.x > b.x ? a : b); }
 

@@ -66,6 +66,19 @@ FO_DEVICE int find_tensor(const int64_t* start, int count, int64_t pos) {
   return lo;
 }
 
+// f(t, b, e) for each tensor t of a launch with elements [b, e) in this
+// block's chunk of the flat list (Note [multi-tensor apply]).
+template <class Args, class F>
+FO_DEVICE void for_each_in_chunk(const Args& a, F&& f) {
+  const int64_t lo = int64_t(blockIdx.x) * kChunk;
+  const int64_t hi = lo + kChunk;
+  for (int t = find_tensor(a.start, a.h.count, lo); t < a.h.count && a.start[t] < hi; ++t) {
+    const int64_t b = lo > a.start[t] ? lo - a.start[t] : 0;
+    const int64_t e = hi - a.start[t] < a.slot[t].numel ? hi - a.start[t] : a.slot[t].numel;
+    if (b < e) f(t, b, e);
+  }
+}
+
 // Bias corrections from a device step counter, once per (block, tensor).
 // Not inlined: its double-precision division and square root call
 // subroutines, and inlined into the larger kernels (bf16 params with fp32
@@ -389,13 +402,8 @@ struct AdamOp {
 template <class S, class T, int kStore, int kWD, bool kAms, int N>
 __global__ void __launch_bounds__(kBlockThreads, (sizeof(S) == 4 && sizeof(T) == 4) ? 1 : 0) adam_kernel(FO_KARG(AdamArgs<N>) a) {
   if (a.h.u.found_inf != nullptr && *a.h.u.found_inf != 0.0f) return;
-  const int64_t lo = int64_t(blockIdx.x) * kChunk;
-  const int64_t hi = lo + kChunk;
-  for (int t = find_tensor(a.start, a.h.count, lo); t < a.h.count && a.start[t] < hi; ++t) {
+  for_each_in_chunk(a, [&](int t, int64_t b, int64_t e) {
     const AdamSlot& s = a.slot[t];
-    const int64_t b = lo > a.start[t] ? lo - a.start[t] : 0;
-    const int64_t e = hi - a.start[t] < s.numel ? hi - a.start[t] : s.numel;
-    if (b >= e) continue;
     // With a device lr (capturable), the step size and AdamW's decay come
     // from it. (Read here rather than once per block: fewer values live
     // across the double-precision division keeps every kernel spill-free.)
@@ -408,7 +416,7 @@ __global__ void __launch_bounds__(kBlockThreads, (sizeof(S) == 4 && sizeof(T) ==
     Ctx k(a.h.u);
     if (kStore == kStoreStochastic) k.key = a.h.u.device_steps ? sr_key(a.h.seed, uint32_t(*s.step), s.sr) : s.sr;
     segment(s, b, e, AdamOp<S, T, kStore, kWD, kAms>{c}, k);
-  }
+  });
 }
 
 // Device step counters: +1 in fp32 (torch's `step_t += 1`), skipped with found_inf.
@@ -456,20 +464,15 @@ __global__ void __launch_bounds__(kBlockThreads, 1) sgd_kernel(FO_KARG(SGDArgs<N
   if (a.h.u.found_inf != nullptr && *a.h.u.found_inf != 0.0f) return;
   const SGDConsts<VecF> c(a.h.hyper);
   Ctx k(a.h.u);
-  const int64_t lo = int64_t(blockIdx.x) * kChunk;
-  const int64_t hi = lo + kChunk;
-  for (int t = find_tensor(a.start, a.h.count, lo); t < a.h.count && a.start[t] < hi; ++t) {
+  for_each_in_chunk(a, [&](int t, int64_t b, int64_t e) {
     const SGDSlot& s = a.slot[t];
-    const int64_t b = lo > a.start[t] ? lo - a.start[t] : 0;
-    const int64_t e = hi - a.start[t] < s.numel ? hi - a.start[t] : s.numel;
-    if (b >= e) continue;
     if (kStore == kStoreStochastic) k.key = s.sr;
     if (kMom != kNoMomentum && ((a.first[t >> 5] >> (t & 31)) & 1u)) {
       segment(s, b, e, SGDOp<S, T, kStore, kWD, kMom, true>{c}, k);
     } else {
       segment(s, b, e, SGDOp<S, T, kStore, kWD, kMom, false>{c}, k);
     }
-  }
+  });
 }
 
 // Sum of one double per thread of the block, in a fixed order (16 groups of
@@ -501,20 +504,16 @@ template <class S, int N>
 __global__ void __launch_bounds__(kBlockThreads) norm_partial_kernel(FO_KARG(NormArgs<N>) a) {
   const bool unscale = a.h.grad_scale != nullptr;
   const float scale = unscale ? *a.h.grad_scale : 1.0f;
-  const int64_t lo = int64_t(blockIdx.x) * kChunk;
-  const int64_t hi = lo + kChunk;
   double acc = 0.0;
-  for (int t = find_tensor(a.start, a.h.count, lo); t < a.h.count && a.start[t] < hi; ++t) {
+  for_each_in_chunk(a, [&](int t, int64_t b, int64_t e) {
     const S* g = static_cast<const S*>(a.slot[t].grad);
-    const int64_t b = lo > a.start[t] ? lo - a.start[t] : 0;
-    const int64_t e = hi - a.start[t] < a.slot[t].numel ? hi - a.start[t] : a.slot[t].numel;
     for (int64_t i = b + threadIdx.x; i < e; i += kBlockThreads) {
       float x = to_float(g[i]);
       if (unscale) x = unscaled<S>(x, scale);
       const double d = double(x);
       acc += d * d;
     }
-  }
+  });
   const double total = block_sum(acc);
   if (threadIdx.x == 0) a.h.partials[blockIdx.x] = total;
 }
