@@ -1,6 +1,6 @@
 // The module fusedoptim._C: every name it binds, here or through def_cuda
-// (cuda.cpp). The binding layer is this file, cuda.cpp, step_plan.{h,cpp}
-// and parse.h; nothing below csrc/bindings includes pybind11.
+// (cuda.cpp). The binding layer is csrc/bindings (this file, cuda.{h,cpp},
+// step_plan.{h,cpp}, parse.h); nothing outside it includes pybind11.
 //
 // fusedoptim._C takes plain values: data pointers as Python ints, element
 // counts, dtype codes and hyperparameters. It never sees a torch object and

@@ -12,7 +12,7 @@ phases so that a raised error leaves params and state exactly as they were:
    kernels do not cover go through torch's for-loop/foreach code.
 
 The routing and the pointer tables of a group are cached in a
-:class:`_C.StepPlan` (see Note [cached step plans] in csrc/bindings/module.cpp).
+:class:`_C.StepPlan` (see Note [cached step plans] in csrc/bindings/step_plan.h).
 Each step it checks itself from C (the same params, addresses, sizes, dtypes
 and contiguity, the same grads present, the same ``optimizer.state`` entries
 and state tensors) and reads the grads' addresses; only when something

@@ -1,7 +1,7 @@
 """The CUDA path: which params it takes, and the launches.
 
 CUDA params of the drop-in classes go to the multi-tensor kernels of
-``csrc/cuda/mta.h`` (one launch per up to ~450 tensors of one device and
+``csrc/cuda/mta_kernels.h`` (one launch per up to ~450 tensors of one device and
 dtype, on torch's current stream of that device) when this build has the
 CUDA backend and a GPU is usable; otherwise torch's own implementation runs
 them, with one warning that says why.
