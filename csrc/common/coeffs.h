@@ -137,12 +137,11 @@ class StepCounter {
   }
 
   // Tensor k with counter steps[k] and id ids[k] (ids: empty without
-  // stochastic rounding; steps: empty for SGD without it).
+  // stochastic rounding).
   template <class Tensor>
   void count_all(std::vector<Tensor>& tensors, const std::vector<float*>& steps, const std::vector<uint32_t>& ids) {
-    for (size_t k = 0; k < tensors.size(); ++k) {
-      if (k < steps.size()) count(steps[k], ids.empty() ? 0u : ids[k], tensors[k]);
-    }
+    if (steps.empty()) return;  // SGD without stochastic rounding keeps no counters
+    for (size_t k = 0; k < tensors.size(); ++k) count(steps[k], ids.empty() ? 0u : ids[k], tensors[k]);
   }
 
  private:
