@@ -206,8 +206,11 @@ FO_DEVICE void adam_elem(float& p, float& e, float& g, float& m, float& v, float
 // state streams (up to kStates streams of T: stream j is loaded when
 // read(j) and stored when write(j); state(slot, j) is its address) and the
 // element function elem(p, e, g, states, i, ctx). one_elem, packets and
-// head below follow the order of loads, conversions and stores that each
-// optimizer had when it was written out: params, grad, states, extra.
+// head below keep the order of loads, stores and tests that each optimizer
+// had when it was written out on its own, and a state's flags are tested
+// with if constexpr (per stream index Q): ptxas allocates registers
+// differently for other forms of the same code, so these keep every kernel
+// at its former register count.
 
 // State stream Q of element i, as fp32 (0 when the update does not read it).
 template <class Op, int Q, class Slot>
