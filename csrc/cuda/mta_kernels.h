@@ -209,8 +209,8 @@ FO_DEVICE void adam_elem(float& p, float& e, float& g, float& m, float& v, float
 // head below keep the order of loads, stores and tests that each optimizer
 // had when it was written out on its own, and a state's flags are tested
 // with if constexpr (per stream index Q): ptxas allocates registers
-// differently for other forms of the same code, so these keep every kernel
-// at its former register count.
+// differently for other forms of the same code; these forms keep the
+// kernels at the register counts they had (.ci/cuda-report).
 
 // State stream Q of element i, as fp32 (0 when the update does not read it).
 template <class Op, int Q, class Slot>
