@@ -7,13 +7,18 @@
 #include <cstdint>
 
 // FO_HD: host and device (update math, conversions, coefficients).
+// FO_HD_ALWAYS: the same, and always inlined on the host too, for helpers
+// of the CPU loops that take vectors of up to 64 bytes by value: inlined,
+// they live in registers; called, they would go through the stack.
 // FO_DEVICE: device only with nvcc; plain inline on a host compiler, where
 // cuda/emulation.h runs the device code on the CPU.
 #if defined(__CUDACC__)
 #define FO_HD __host__ __device__ __forceinline__
+#define FO_HD_ALWAYS __host__ __device__ __forceinline__
 #define FO_DEVICE __device__ __forceinline__
 #else
 #define FO_HD inline
+#define FO_HD_ALWAYS inline __attribute__((always_inline))
 #define FO_DEVICE inline
 #endif
 

@@ -19,7 +19,7 @@
 namespace fusedoptim {
 
 template <int kStore, class V, class IO>
-FO_HD V start_param(const IO& io) {
+FO_HD_ALWAYS V start_param(const IO& io) {
   if constexpr (kStore == kStoreMaster) {
     return io.load_extra();
   } else {
@@ -29,7 +29,7 @@ FO_HD V start_param(const IO& io) {
 
 // Stores the update's result pv; p0 is the value it started from.
 template <class S, int kStore, class V, class IO>
-FO_HD void store_param(const IO& io, V p0, V pv) {
+FO_HD_ALWAYS void store_param(const IO& io, V p0, V pv) {
   if constexpr (kStore == kStorePlain) {
     io.param(pv);
   } else if constexpr (kStore == kStoreMaster) {
