@@ -8,7 +8,9 @@
 #include <string>
 #include <vector>
 
+#include "../common/coeffs.h"
 #include "../cuda/api.h"
+#include "cuda.h"
 #include "parse.h"
 
 #ifndef FUSEDOPTIM_HAVE_CUDA
@@ -80,13 +82,12 @@ py::dict cuda_adam_step(CudaAdamFn fn, py::handle params, py::handle grads, py::
                         uint64_t seed, uintptr_t clip_coef) {
   cuda::AdamRequest r;
   r.common = launch_common(dtype, grad_scale, found_inf, device, stream, space);
-  const Options o = options(dtype, state_dtype, store, seed, 1.0);
+  const Options o = options(dtype, state_dtype, store, seed);
   set_options(r.common, o, clip_coef);
-  const AdamCall call = adam_call(lr, beta1, beta2, eps, weight_decay, decoupled);
   if (lr_ptr != 0 && !device_steps) throw py::value_error("lr_ptr needs device_steps=True");
   check_ptr(lr_ptr, lr_ptr ? 1 : 0, alignof(float), "lr_ptr", 0);
-  r.hyper = call.hyper;
-  r.wd_mode = call.wd_mode;
+  r.hyper = adam_hyper(lr, beta1, beta2, eps, weight_decay, decoupled);
+  r.wd_mode = adam_wd_mode(weight_decay, decoupled);
   r.amsgrad = amsgrad;
   r.maximize = maximize;
   r.device_steps = device_steps;
@@ -105,7 +106,7 @@ py::dict cuda_adam_step(CudaAdamFn fn, py::handle params, py::handle grads, py::
     r.steps = std::move(lists.steps);
     r.tensor_ids = std::move(lists.ids);
   } else {
-    count_host_steps(lists, lr, beta1, beta2, o);
+    StepCounter(lr, beta1, beta2, o.store, o.seed).count_all(lists.tensors, lists.steps, lists.ids);
   }
   r.tensors = std::move(lists.tensors);
   cuda::LaunchStats st;
@@ -124,17 +125,16 @@ py::dict cuda_sgd_step(CudaSGDFn fn, py::handle params, py::handle grads, py::ha
                        uint64_t seed, uintptr_t clip_coef) {
   cuda::SGDRequest r;
   r.common = launch_common(dtype, grad_scale, found_inf, device, stream, space);
-  const Options o = options(dtype, state_dtype, store, seed, 1.0);
+  const Options o = options(dtype, state_dtype, store, seed);
   set_options(r.common, o, clip_coef);
-  const SGDCall call = sgd_call(lr, weight_decay, momentum, dampening, nesterov);
-  r.hyper = call.hyper;
+  r.hyper = sgd_hyper(lr, weight_decay, momentum, dampening);
   r.weight_decay = weight_decay != 0.0;
-  r.momentum_mode = call.momentum_mode;
+  r.momentum_mode = sgd_momentum_mode(momentum, nesterov);
   r.maximize = maximize;
   SGDLists lists =
       sgd_lists(params, grads, momentum_buffers, first_step, numels_obj, o, momentum != 0.0, extras, steps, ids);
   // Every check has passed: the host step counters (stochastic rounding) first.
-  count_sgd_steps(lists, o);
+  StepCounter(o.store, o.seed).count_all(lists.tensors, lists.steps, lists.ids);
   r.tensors = std::move(lists.tensors);
   cuda::LaunchStats st;
   {
@@ -176,6 +176,8 @@ py::dict cuda_grad_norm(CudaNormFn fn, py::handle grads, py::handle numels, cons
                         int device, uintptr_t stream, const std::string& space) {
   cuda::NormRequest r = norm_request(grads, numels, dtypes);
   r.common = launch_common(kFloat32, grad_scale, 0, device, stream, space);
+  // A domain check kept here: tests/test_precision_cuda_emulation.py calls
+  // grad_norm directly and expects ValueError.
   if (!(std::isfinite(max_norm) && max_norm > 0.0)) {
     throw py::value_error("max_norm must be positive and finite, got " + std::to_string(max_norm));
   }

@@ -1,20 +1,22 @@
 // Parsing and checking of the binding layer's arguments, shared by the CPU
-// entry points (module.cpp) and the CUDA ones (cuda.cpp). Everything here
-// throws a Python exception before anything is written.
+// entry points (module.cpp, step_plan.cpp) and the CUDA ones (cuda.cpp):
+// lists of addresses, counts, dtype and layout codes, pointers, alignment and
+// lengths, the checks that keep the kernels inside their memory. Everything
+// here throws a Python exception before anything is written.
+// Hyperparameter domains (betas in [0, 1), Nesterov's conditions...) are the
+// Python layer's to check; the scalars themselves come from common/coeffs.h.
 #pragma once
 
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
-#include <cmath>
 #include <cstdint>
 #include <string>
 #include <vector>
 
+#include "../common/layouts.h"
+#include "../common/macros.h"
 #include "../common/params.h"
-#include "../common/precision.h"
-#include "../common/update_math.h"
-#include "../cpu/dispatch.h"
 
 namespace fusedoptim {
 namespace bind {
@@ -52,15 +54,7 @@ inline std::vector<int64_t> counts(const py::handle& obj) {
 }
 
 inline void check_dtype(int32_t dtype) {
-  if (dtype != kFloat32 && dtype != kBFloat16 && dtype != kFloat16) {
-    throw py::value_error("unsupported dtype code " + std::to_string(dtype));
-  }
-}
-
-inline void check_finite(double v, const char* name, bool allow_negative = false) {
-  if (!std::isfinite(v) || (!allow_negative && v < 0)) {
-    throw py::value_error(std::string("Invalid ") + name + " value: " + std::to_string(v));
-  }
+  if (!dtype_known(dtype)) throw py::value_error("unsupported dtype code " + std::to_string(dtype));
 }
 
 inline void check_ptr(uintptr_t p, int64_t numel, size_t align, const char* what, size_t k) {
@@ -74,66 +68,17 @@ inline int resolve_threads(int num_threads) {
   return num_threads;
 }
 
-// Validated hyperparameters of one Adam call: the step-independent scalars
-// and the weight-decay mode. Throws ValueError before anything is written.
-struct AdamCall {
-  AdamHyper hyper;
-  int wd_mode;
-};
-
-inline AdamCall adam_call(double lr, double beta1, double beta2, double eps, double weight_decay, bool decoupled) {
-  check_finite(lr, "learning rate");
-  check_finite(eps, "epsilon");
-  check_finite(weight_decay, "weight_decay");
-  if (!(beta1 >= 0.0 && beta1 < 1.0)) throw py::value_error("Invalid beta parameter at index 0: " + std::to_string(beta1));
-  if (!(beta2 >= 0.0 && beta2 < 1.0)) throw py::value_error("Invalid beta parameter at index 1: " + std::to_string(beta2));
-  AdamCall c;
-  const float w = float(1.0 - beta1);  // torch passes 1 - beta1 to lerp_ as a float
-  c.hyper.lerp_from_grad = !(w < 0.5f);
-  c.hyper.lerp_coeff = c.hyper.lerp_from_grad ? w - 1.0f : w;
-  c.hyper.beta2 = float(beta2);
-  c.hyper.one_minus_beta2 = float(1.0 - beta2);
-  c.hyper.eps = float(eps);
-  c.hyper.weight_decay = float(weight_decay);
-  c.hyper.decay = decoupled ? float(1.0 - lr * weight_decay) : 1.0f;
-  c.wd_mode = weight_decay == 0.0 ? kNoDecay : (decoupled ? kDecoupled : kL2);
-  return c;
-}
-
-struct SGDCall {
-  SGDHyper hyper;
-  int momentum_mode;
-};
-
-inline SGDCall sgd_call(double lr, double weight_decay, double momentum, double dampening, bool nesterov) {
-  check_finite(lr, "learning rate");
-  check_finite(weight_decay, "weight_decay");
-  check_finite(momentum, "momentum value");
-  check_finite(dampening, "dampening value", /*allow_negative=*/true);
-  if (nesterov && (momentum <= 0.0 || dampening != 0.0)) {
-    throw py::value_error("Nesterov momentum requires a momentum and zero dampening");
-  }
-  SGDCall c;
-  c.hyper.neg_lr = float(-lr);
-  c.hyper.weight_decay = float(weight_decay);
-  c.hyper.momentum = float(momentum);
-  c.hyper.one_minus_dampening = float(1.0 - dampening);
-  c.momentum_mode = momentum == 0.0 ? kNoMomentum : (nesterov ? kNesterov : kMomentum);
-  return c;
-}
-
 // Precision options of a call (Note [precision options] in
 // common/precision.h), checked: which storage the states use, how the
-// param is stored, the stochastic-rounding seed and the grad multiplier.
+// param is stored (a layout of common/layouts.h) and the stochastic-rounding seed.
 struct Options {
   int32_t dtype = kFloat32;        // params and grads
   int32_t state_dtype = kFloat32;  // exp_avg, exp_avg_sq, max_exp_avg_sq, momentum_buffer
   int store = kStorePlain;
   uint64_t seed = 0;
-  float grad_mul = 1.0f;
 };
 
-inline Options options(int32_t dtype, int32_t state_dtype, int store, uint64_t seed, double grad_mul) {
+inline Options options(int32_t dtype, int32_t state_dtype, int store, uint64_t seed) {
   check_dtype(dtype);
   Options o;
   o.dtype = dtype;
@@ -144,12 +89,6 @@ inline Options options(int32_t dtype, int32_t state_dtype, int store, uint64_t s
     throw py::value_error(std::string("unsupported combination: ") + dtype_name(o.dtype) + " params, " +
                           dtype_name(o.state_dtype) + " states, store mode " + std::to_string(store));
   }
-  // The multiplier is the clip coefficient: NaN or 0 are legitimate (a
-  // non-finite grad norm), a negative or larger-than-1 one is not.
-  if (!(grad_mul >= 0.0 && grad_mul <= 1.0) && !std::isnan(grad_mul)) {
-    throw py::value_error("grad_mul must lie in [0, 1] (or be NaN), got " + std::to_string(grad_mul));
-  }
-  o.grad_mul = float(grad_mul);
   o.seed = seed;
   return o;
 }
@@ -185,7 +124,7 @@ inline std::vector<uint32_t> tensor_ids(py::handle ids, const Options& o, size_t
 
 // The tensor lists of an Adam call, parsed and checked; nothing written yet.
 struct AdamLists {
-  std::vector<AdamTensor> tensors;  // coeffs and sr_key unset until count_host_steps()
+  std::vector<AdamTensor> tensors;  // coeffs and sr_key unset until StepCounter::count_all()
   std::vector<float*> steps;        // float32 step counters, one per tensor
   std::vector<uint32_t> ids;        // stochastic rounding: tensor ids
 };
@@ -233,19 +172,6 @@ inline AdamLists adam_lists(py::handle params, py::handle grads, py::handle exp_
     out.steps[k] = reinterpret_cast<float*>(s[k]);
   }
   return out;
-}
-
-// Host step counters: the first write of a step. Each float32 counter is
-// incremented in fp32, as torch does with `step_t += 1`, and gives its
-// tensor's bias corrections (and, with stochastic rounding, its random key).
-inline void count_host_steps(AdamLists& lists, double lr, double beta1, double beta2, const Options& o) {
-  cpu::AdamCoeffCache coeff_cache(lr, beta1, beta2);
-  const bool sr = o.store == kStoreStochastic;
-  for (size_t k = 0; k < lists.tensors.size(); ++k) {
-    *lists.steps[k] += 1.0f;
-    lists.tensors[k].coeffs = coeff_cache.get(*lists.steps[k]);
-    if (sr) lists.tensors[k].sr_key = sr_key(o.seed, uint32_t(*lists.steps[k]), lists.ids[k]);
-  }
 }
 
 // The tensor lists of an SGD call, parsed and checked; nothing written yet.
@@ -307,19 +233,6 @@ inline SGDLists sgd_lists(py::handle params, py::handle grads, py::handle moment
   }
   return out;
 }
-
-// SGD step counters (stochastic rounding only): +1 in fp32, then the keys.
-inline void count_sgd_steps(SGDLists& lists, const Options& o) {
-  if (o.store != kStoreStochastic) return;
-  for (size_t k = 0; k < lists.tensors.size(); ++k) {
-    *lists.steps[k] += 1.0f;
-    lists.tensors[k].sr_key = sr_key(o.seed, uint32_t(*lists.steps[k]), lists.ids[k]);
-  }
-}
-
-// Registers the CUDA backends (module cuda.cpp): _C.cuda_emulation always,
-// _C.cuda when built with nvcc, and _C.cuda_info.
-void def_cuda(py::module_& m);
 
 }  // namespace bind
 }  // namespace fusedoptim

@@ -11,33 +11,34 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
-#include "update_math.h"
+#include "macros.h"
 
 namespace fusedoptim {
 
 struct bf16_t { uint16_t bits; };
 struct f16_t { uint16_t bits; };
 
-FO_HD uint32_t float_bits(float f) {
+// The bits of a 32-bit value as another 32-bit type (float <-> uint32_t).
+template <class To, class From>
+FO_HD To bits_as(From x) {
+  static_assert(sizeof(To) == 4 && sizeof(From) == 4, "32-bit values only");
 #if defined(__CUDA_ARCH__)
-  return __float_as_uint(f);
+  if constexpr (std::is_same_v<To, float>) {
+    return __uint_as_float(x);
+  } else {
+    return __float_as_uint(x);
+  }
 #else
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof u);
-  return u;
+  To t;
+  std::memcpy(&t, &x, sizeof t);
+  return t;
 #endif
 }
 
-FO_HD float bits_float(uint32_t u) {
-#if defined(__CUDA_ARCH__)
-  return __uint_as_float(u);
-#else
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-#endif
-}
+FO_HD uint32_t float_bits(float f) { return bits_as<uint32_t>(f); }
+FO_HD float bits_float(uint32_t u) { return bits_as<float>(u); }
 
 FO_HD float bf16_to_float(uint16_t h) { return bits_float(uint32_t(h) << 16); }
 

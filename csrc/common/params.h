@@ -4,29 +4,11 @@
 // values into these structs, and the kernels read only these structs.
 #pragma once
 
-#include <cstddef>
 #include <cstdint>
 
+#include "macros.h"
+
 namespace fusedoptim {
-
-// Storage dtype codes. They travel from Python as plain integers, so the
-// values are part of the module's ABI (see python/fusedoptim/_backend.py).
-enum DType : int32_t {
-  kFloat32 = 0,
-  kBFloat16 = 1,
-  kFloat16 = 2,
-};
-
-inline const char* dtype_name(int32_t code) {
-  switch (code) {
-    case kFloat32: return "float32";
-    case kBFloat16: return "bfloat16";
-    case kFloat16: return "float16";
-    default: return "unknown";
-  }
-}
-
-inline size_t dtype_size(int32_t code) { return code == kFloat32 ? 4 : 2; }
 
 // Per-tensor scalars of an Adam step. They depend on the tensor's own step
 // count (tensors of one group may be at different steps after

@@ -8,6 +8,8 @@
 // how its fp32 result is stored (StoreMode), which storage type holds the
 // optimizer states, and what factor the grad is multiplied by first.
 //
+// The store modes (StoreMode, macros.h), written once in store.h:
+//
 //   kStorePlain       p = load(param);  param = rne(p')                 (torch)
 //   kStoreMaster      p = master (fp32); master = p';  param = rne(p')
 //   kStoreStochastic  p = load(param);  param = sr(p', bits(key, i))    (bf16)
@@ -15,6 +17,7 @@
 //                     y = (p' - p) + c;  s = p + y;  param = rne(s)
 //                     comp = rne(y - (float(param) - p))
 //
+// The (param, state, store) combinations compiled are listed in layouts.h.
 // rne is round to nearest even. sr adds 16 random bits to the 16 bits that
 // bf16 drops and truncates, so it rounds up with probability equal to the
 // distance to the lower neighbour: unbiased. The bits of element i of a
@@ -32,42 +35,9 @@
 #include <cstdint>
 
 #include "convert.h"
+#include "macros.h"
 
 namespace fusedoptim {
-
-enum StoreMode : int {
-  kStorePlain = 0,
-  kStoreMaster = 1,
-  kStoreStochastic = 2,
-  kStoreKahan = 3,
-};
-
-// Layout codes of the Python API: which (param, state, store) combination a
-// call uses. Only these combinations are compiled.
-//   param dtype  state dtype  store
-//   fp32         fp32         plain       (torch)
-//   bf16         bf16         plain       (torch)
-//   fp16         fp16         plain       (torch)
-//   fp32         bf16         plain       state_dtype=torch.bfloat16
-//   bf16         fp32         master      master_weights=True
-//   fp16         fp32         master      master_weights=True
-//   bf16         bf16         stochastic  stochastic_rounding=True
-//   bf16         bf16         kahan       kahan_summation=True
-//   fp16         fp16         kahan       kahan_summation=True
-inline bool layout_supported(int32_t param_dtype, int32_t state_dtype, int store) {
-  switch (store) {
-    case kStorePlain:
-      return param_dtype == state_dtype || (param_dtype == kFloat32 && state_dtype == kBFloat16);
-    case kStoreMaster:
-      return (param_dtype == kBFloat16 || param_dtype == kFloat16) && state_dtype == kFloat32;
-    case kStoreStochastic:
-      return param_dtype == kBFloat16 && state_dtype == kBFloat16;
-    case kStoreKahan:
-      return (param_dtype == kBFloat16 || param_dtype == kFloat16) && state_dtype == param_dtype;
-    default:
-      return false;
-  }
-}
 
 // A 32-bit integer hash with full avalanche (a bijection; mix32(0) == 0).
 FO_HD uint32_t mix32(uint32_t x) {

@@ -30,18 +30,10 @@
 //          p -= lr * g
 #pragma once
 
+#include "macros.h"
 #include "params.h"
 
-#if defined(__CUDACC__)
-#define FO_HD __host__ __device__ __forceinline__
-#else
-#define FO_HD inline
-#endif
-
 namespace fusedoptim {
-
-// How weight decay enters Adam.
-enum WeightDecayMode : int { kNoDecay = 0, kL2 = 1, kDecoupled = 2 };
 
 // Scalars of one Adam tensor, broadcast to the lanes of V.
 template <class V>
@@ -94,9 +86,6 @@ struct SGDConsts {
         momentum(V(h.momentum)), one_minus_dampening(V(h.one_minus_dampening)), grad_mul(V(h.grad_mul)),
         scale_grad(!(h.grad_mul == 1.0f)), dampen(!(h.one_minus_dampening == 1.0f)) {}
 };
-
-// How SGD uses its momentum buffer.
-enum MomentumMode : int { kNoMomentum = 0, kMomentum = 1, kNesterov = 2 };
 
 template <bool kWeightDecay, int kMom, bool kMaximize, bool kFirst, class V>
 FO_HD void sgd_update(V& p, V g, V& buf, const SGDConsts<V>& c) {

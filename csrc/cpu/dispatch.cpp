@@ -147,27 +147,52 @@ void set_isa(const std::string& name) {
   g_active.store(t);
 }
 
+namespace {
+
+// The element sizes of a layout's streams, for prefetching.
+struct StreamSizes {
+  size_t param, state, extra;
+  explicit StreamSizes(const Layout& l)
+      : param(dtype_size(l.dtype)), state(dtype_size(l.state_dtype)),
+        extra(l.store == kStoreMaster ? sizeof(float) : param) {}
+};
+
+void prefetch_tensor(const AdamTensor& n, const StreamSizes& z) {
+  prefetch_head(n.param, z.param, n.numel);
+  prefetch_head(n.grad, z.param, n.numel);
+  prefetch_head(n.exp_avg, z.state, n.numel);
+  prefetch_head(n.exp_avg_sq, z.state, n.numel);
+  if (n.max_exp_avg_sq != nullptr) prefetch_head(n.max_exp_avg_sq, z.state, n.numel);
+  if (n.extra != nullptr) prefetch_head(n.extra, z.extra, n.numel);
+}
+
+void prefetch_tensor(const SGDTensor& n, const StreamSizes& z) {
+  prefetch_head(n.param, z.param, n.numel);
+  prefetch_head(n.grad, z.param, n.numel);
+  if (n.momentum_buffer != nullptr) prefetch_head(n.momentum_buffer, z.state, n.numel);
+  if (n.extra != nullptr) prefetch_head(n.extra, z.extra, n.numel);
+}
+
+// Runs update(tensor, begin, end) over every tensor of a fused call,
+// prefetching the head of the next tensor.
+template <class Tensor, class Update>
+void run_tensors(const std::vector<Tensor>& tensors, const Layout& layout, int num_threads, Update&& update) {
+  std::vector<int64_t> numels(tensors.size());
+  for (size_t k = 0; k < tensors.size(); ++k) numels[k] = tensors[k].numel;
+  const StreamSizes sizes(layout);
+  run_flat(numels, num_threads, [&](size_t k, int64_t b, int64_t e) {
+    if (k + 1 < tensors.size()) prefetch_tensor(tensors[k + 1], sizes);
+    update(tensors[k], b, e);
+  });
+}
+
+}  // namespace
+
 void adam_step(const std::vector<AdamTensor>& tensors, const AdamHyper& hyper, const Layout& layout,
                int wd_mode, bool amsgrad, bool maximize, int num_threads) {
   const AdamSegmentFn fn = g_active.load()->adam(layout, wd_mode, amsgrad, maximize);
   if (fn == nullptr) throw std::invalid_argument("adam_step: unsupported layout or weight-decay mode");
-  std::vector<int64_t> numels(tensors.size());
-  for (size_t k = 0; k < tensors.size(); ++k) numels[k] = tensors[k].numel;
-  const size_t esize = dtype_size(layout.dtype);
-  const size_t ssize = dtype_size(layout.state_dtype);
-  const size_t xsize = layout.store == kStoreMaster ? sizeof(float) : esize;
-  run_flat(numels, num_threads, [&](size_t k, int64_t b, int64_t e) {
-    if (k + 1 < tensors.size()) {
-      const AdamTensor& n = tensors[k + 1];
-      prefetch_head(n.param, esize, n.numel);
-      prefetch_head(n.grad, esize, n.numel);
-      prefetch_head(n.exp_avg, ssize, n.numel);
-      prefetch_head(n.exp_avg_sq, ssize, n.numel);
-      if (n.max_exp_avg_sq != nullptr) prefetch_head(n.max_exp_avg_sq, ssize, n.numel);
-      if (n.extra != nullptr) prefetch_head(n.extra, xsize, n.numel);
-    }
-    fn(tensors[k], b, e, hyper);
-  });
+  run_tensors(tensors, layout, num_threads, [&](const AdamTensor& t, int64_t b, int64_t e) { fn(t, b, e, hyper); });
 }
 
 void sgd_step(const std::vector<SGDTensor>& tensors, const SGDHyper& hyper, const Layout& layout,
@@ -175,21 +200,8 @@ void sgd_step(const std::vector<SGDTensor>& tensors, const SGDHyper& hyper, cons
   const SGDSegmentFn steady = g_active.load()->sgd(layout, weight_decay, momentum_mode, maximize, false);
   const SGDSegmentFn first = g_active.load()->sgd(layout, weight_decay, momentum_mode, maximize, true);
   if (steady == nullptr || first == nullptr) throw std::invalid_argument("sgd_step: unsupported layout or momentum mode");
-  std::vector<int64_t> numels(tensors.size());
-  for (size_t k = 0; k < tensors.size(); ++k) numels[k] = tensors[k].numel;
-  const size_t esize = dtype_size(layout.dtype);
-  const size_t ssize = dtype_size(layout.state_dtype);
-  const size_t xsize = layout.store == kStoreMaster ? sizeof(float) : esize;
-  run_flat(numels, num_threads, [&](size_t k, int64_t b, int64_t e) {
-    if (k + 1 < tensors.size()) {
-      const SGDTensor& n = tensors[k + 1];
-      prefetch_head(n.param, esize, n.numel);
-      prefetch_head(n.grad, esize, n.numel);
-      if (n.momentum_buffer != nullptr) prefetch_head(n.momentum_buffer, ssize, n.numel);
-      if (n.extra != nullptr) prefetch_head(n.extra, xsize, n.numel);
-    }
-    (tensors[k].first_step ? first : steady)(tensors[k], b, e, hyper);
-  });
+  run_tensors(tensors, layout, num_threads,
+              [&](const SGDTensor& t, int64_t b, int64_t e) { (t.first_step ? first : steady)(t, b, e, hyper); });
 }
 
 double grad_norm_sq(const std::vector<NormTensor>& grads, int num_threads) {

@@ -5,7 +5,6 @@
 #include <string>
 #include <vector>
 
-#include "../common/adam_coeffs.h"
 #include "../common/params.h"
 #include "kernels.h"
 
@@ -22,27 +21,6 @@ const KernelTable& active_kernels();
 // Forces a variant; throws std::invalid_argument for an unknown name and
 // std::runtime_error for one this machine cannot run.
 void set_isa(const std::string& name);
-
-// adam_coeffs for a run of tensors that mostly share one step count: two
-// pow() per tensor would cost more than the update of a small tensor.
-class AdamCoeffCache {
- public:
-  AdamCoeffCache(double lr, double beta1, double beta2) : lr_(lr), beta1_(beta1), beta2_(beta2) {}
-  const AdamCoeffs& get(float step) {
-    if (!valid_ || step != step_) {
-      coeffs_ = adam_coeffs(lr_, beta1_, beta2_, double(step));
-      step_ = step;
-      valid_ = true;
-    }
-    return coeffs_;
-  }
-
- private:
-  double lr_, beta1_, beta2_;
-  bool valid_ = false;
-  float step_ = 0.0f;
-  AdamCoeffs coeffs_{};
-};
 
 // One fused call over every tensor of a group: a single parallel region over
 // the flattened list, cut into chunks aligned to 64 elements of each tensor.

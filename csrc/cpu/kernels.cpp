@@ -10,7 +10,9 @@
 
 #include <type_traits>
 
+#include "../common/layouts.h"
 #include "../common/precision.h"
+#include "../common/store.h"
 #include "../common/update_math.h"
 #include "vec_scalar.h"
 
@@ -53,35 +55,22 @@ namespace fusedoptim {
 namespace cpu {
 namespace {
 
-// The param the update starts from: the fp32 master copy or the param.
+// One vector of a tensor's param and extra streams from element i on, as
+// the store modes of common/store.h read and write them.
 template <int kStore, class V, class S>
-FO_ALWAYS_INLINE V load_param(const S* p, const void* extra, int64_t i) {
-  if constexpr (kStore == kStoreMaster) {
-    return V::load(static_cast<const float*>(extra) + i);
-  } else {
-    return V::load(p + i);
-  }
-}
+struct ParamAt {
+  using E = std::conditional_t<kStore == kStoreMaster, float, S>;  // the extra stream
+  S* p;
+  void* x;
+  int64_t i;
+  uint32_t key_hi;  // stochastic rounding: key_at(key, i)
 
-// Stores the update's result pv (p0: the value it started from) as the
-// store mode says; see Note [precision options] in common/precision.h.
-template <int kStore, class V, class S>
-FO_ALWAYS_INLINE void store_param(S* p, void* extra, V p0, V pv, int64_t i, uint32_t key_hi) {
-  if constexpr (kStore == kStorePlain) {
-    pv.store(p + i);
-  } else if constexpr (kStore == kStoreMaster) {
-    pv.store(static_cast<float*>(extra) + i);
-    pv.store(p + i);
-  } else if constexpr (kStore == kStoreStochastic) {
-    pv.store_sr(p + i, key_hi, uint32_t(uint64_t(i)));
-  } else {
-    S* comp = static_cast<S*>(extra);
-    V cv = V::load(comp + i);
-    const V stored = kahan_store<S>(p0, pv, cv);
-    stored.store(p + i);
-    cv.store(comp + i);
-  }
-}
+  FO_ALWAYS_INLINE V load_param() const { return V::load(p + i); }
+  FO_ALWAYS_INLINE V load_extra() const { return V::load(static_cast<const E*>(x) + i); }
+  FO_ALWAYS_INLINE void param(V v) const { v.store(p + i); }
+  FO_ALWAYS_INLINE void param_sr(V v) const { v.store_sr(p + i, key_hi, uint32_t(uint64_t(i))); }
+  FO_ALWAYS_INLINE void extra(V v) const { v.store(static_cast<E*>(x) + i); }
+};
 
 // The random key of the elements from i on (stochastic rounding only).
 template <int kStore>
@@ -89,21 +78,28 @@ inline uint32_t key_at(uint32_t key, int64_t i) {
   return kStore == kStoreStochastic ? sr_key_hi(key, uint32_t(uint64_t(i) >> 32)) : 0u;
 }
 
-template <class V, class S, class T, int kStore, int kWD, bool kAms, bool kMax>
-FO_ALWAYS_INLINE void adam_elems(const AdamTensor& t, int64_t i, const AdamConsts<V>& c) {
-  S* p = static_cast<S*>(t.param);
+// Element(s) i of an Adam tensor: the update from p0, the states stored.
+// Returns the updated param for the caller to store.
+template <class V, class S, class T, int kWD, bool kAms, bool kMax>
+FO_ALWAYS_INLINE V adam_states(const AdamTensor& t, int64_t i, V p0, const AdamConsts<V>& c) {
   const S* g = static_cast<const S*>(t.grad);
   T* m = static_cast<T*>(t.exp_avg);
   T* v = static_cast<T*>(t.exp_avg_sq);
   T* vmax = static_cast<T*>(t.max_exp_avg_sq);
-  const V p0 = load_param<kStore, V>(p, t.extra, i);
   V pv = p0, mv = V::load(m + i), vv = V::load(v + i);
   V vmaxv = kAms ? V::load(vmax + i) : V(0.0f);
   adam_update<kWD, kAms, kMax>(pv, V::load(g + i), mv, vv, vmaxv, c);
-  store_param<kStore, V, S>(p, t.extra, p0, pv, i, key_at<kStore>(t.sr_key, i));
   mv.store(m + i);
   vv.store(v + i);
   if (kAms) vmaxv.store(vmax + i);
+  return pv;
+}
+
+template <class V, class S, class T, int kStore, int kWD, bool kAms, bool kMax>
+FO_ALWAYS_INLINE void adam_elems(const AdamTensor& t, int64_t i, const AdamConsts<V>& c) {
+  const ParamAt<kStore, V, S> io{static_cast<S*>(t.param), t.extra, i, key_at<kStore>(t.sr_key, i)};
+  const V p0 = start_param<kStore, V>(io);
+  store_param<S, kStore>(io, p0, adam_states<V, S, T, kWD, kAms, kMax>(t, i, p0, c));
 }
 
 // Note [two-pass stores]
@@ -115,22 +111,6 @@ FO_ALWAYS_INLINE void adam_elems(const AdamTensor& t, int64_t i, const AdamConst
 // passes: the updates (states stored, fp32 results kept in registers or on
 // the stack), then the stores. The operations and so the bits are the same.
 constexpr int kTwoPassVectors = 4;
-
-template <class V, class S, class T, int kStore, int kWD, bool kAms, bool kMax>
-FO_ALWAYS_INLINE V adam_update_only(const AdamTensor& t, int64_t i, const AdamConsts<V>& c) {
-  const S* p = static_cast<const S*>(t.param);
-  const S* g = static_cast<const S*>(t.grad);
-  T* m = static_cast<T*>(t.exp_avg);
-  T* v = static_cast<T*>(t.exp_avg_sq);
-  T* vmax = static_cast<T*>(t.max_exp_avg_sq);
-  V pv = load_param<kStore, V>(p, t.extra, i), mv = V::load(m + i), vv = V::load(v + i);
-  V vmaxv = kAms ? V::load(vmax + i) : V(0.0f);
-  adam_update<kWD, kAms, kMax>(pv, V::load(g + i), mv, vv, vmaxv, c);
-  mv.store(m + i);
-  vv.store(v + i);
-  if (kAms) vmaxv.store(vmax + i);
-  return pv;
-}
 
 template <class S, class T, int kStore, int kWD, bool kAms, bool kMax>
 void adam_segment(const AdamTensor& t, int64_t begin, int64_t end, const AdamHyper& h) {
@@ -144,10 +124,15 @@ void adam_segment(const AdamTensor& t, int64_t begin, int64_t end, const AdamHyp
     S* p = static_cast<S*>(t.param);
     for (; i + B * W <= end; i += B * W) {
       V pv[B];
-      for (int j = 0; j < B; ++j) pv[j] = adam_update_only<V, S, T, kStore, kWD, kAms, kMax>(t, i + j * W, cv);
       for (int j = 0; j < B; ++j) {
         const int64_t k = i + j * W;
-        store_param<kStore, V, S>(p, t.extra, V::load(p + k), pv[j], k, key_at<kStore>(t.sr_key, k));
+        const V p0 = start_param<kStore, V>(ParamAt<kStore, V, S>{p, t.extra, k, 0u});
+        pv[j] = adam_states<V, S, T, kWD, kAms, kMax>(t, k, p0, cv);
+      }
+      for (int j = 0; j < B; ++j) {
+        const int64_t k = i + j * W;
+        const ParamAt<kStore, V, S> io{p, t.extra, k, key_at<kStore>(t.sr_key, k)};
+        store_param<S, kStore>(io, io.load_param(), pv[j]);
       }
     }
   }
@@ -160,11 +145,12 @@ FO_ALWAYS_INLINE void sgd_elems(const SGDTensor& t, int64_t i, const SGDConsts<V
   S* p = static_cast<S*>(t.param);
   const S* g = static_cast<const S*>(t.grad);
   T* buf = static_cast<T*>(t.momentum_buffer);
-  const V p0 = load_param<kStore, V>(p, t.extra, i);
+  const ParamAt<kStore, V, S> io{p, t.extra, i, key_at<kStore>(t.sr_key, i)};
+  const V p0 = start_param<kStore, V>(io);
   V pv = p0;
   V bv = (kMom != kNoMomentum && !kFirst) ? V::load(buf + i) : V(0.0f);
   sgd_update<kWD, kMom, kMax, kFirst>(pv, V::load(g + i), bv, c);
-  store_param<kStore, V, S>(p, t.extra, p0, pv, i, key_at<kStore>(t.sr_key, i));
+  store_param<S, kStore>(io, p0, pv);
   if (kMom != kNoMomentum) bv.store(buf + i);
 }
 
@@ -223,52 +209,19 @@ SGDSegmentFn pick_sgd_wd(bool wd, int mom, bool maximize, bool first) {
             : pick_sgd_mom<S, T, kStore, false>(mom, maximize, first);
 }
 
-// The layouts of precision.h's layout_supported(), one instantiation each.
-template <class Fn, class Pick>
-Fn pick_layout(const Layout& l, const Pick& pick) {
-  if (!layout_supported(l.dtype, l.state_dtype, l.store)) return nullptr;
-  switch (l.store) {
-    case kStorePlain:
-      if (l.dtype == kFloat32) {
-        return l.state_dtype == kFloat32 ? pick.template get<float, float, kStorePlain>()
-                                         : pick.template get<float, bf16_t, kStorePlain>();
-      }
-      if (l.dtype == kBFloat16) return pick.template get<bf16_t, bf16_t, kStorePlain>();
-      return pick.template get<f16_t, f16_t, kStorePlain>();
-    case kStoreMaster:
-      if (l.dtype == kBFloat16) return pick.template get<bf16_t, float, kStoreMaster>();
-      return pick.template get<f16_t, float, kStoreMaster>();
-    case kStoreStochastic:
-      return pick.template get<bf16_t, bf16_t, kStoreStochastic>();
-    case kStoreKahan:
-      if (l.dtype == kBFloat16) return pick.template get<bf16_t, bf16_t, kStoreKahan>();
-      return pick.template get<f16_t, f16_t, kStoreKahan>();
-    default:
-      return nullptr;
-  }
-}
-
-struct AdamPick {
-  int wd_mode;
-  bool amsgrad, maximize;
-  template <class S, class T, int kStore>
-  AdamSegmentFn get() const { return pick_adam_wd<S, T, kStore>(wd_mode, amsgrad, maximize); }
-};
-
-struct SGDPick {
-  bool wd;
-  int mom;
-  bool maximize, first;
-  template <class S, class T, int kStore>
-  SGDSegmentFn get() const { return pick_sgd_wd<S, T, kStore>(wd, mom, maximize, first); }
-};
-
+// One instantiation per layout of common/layouts.h.
 AdamSegmentFn pick_adam(const Layout& l, int wd_mode, bool amsgrad, bool maximize) {
-  return pick_layout<AdamSegmentFn>(l, AdamPick{wd_mode, amsgrad, maximize});
+  return layout_switch<AdamSegmentFn>(l.dtype, l.state_dtype, l.store, [&](auto layout) {
+    using L = decltype(layout);
+    return pick_adam_wd<typename L::Param, typename L::State, L::kStore>(wd_mode, amsgrad, maximize);
+  });
 }
 
 SGDSegmentFn pick_sgd(const Layout& l, bool wd, int mom, bool maximize, bool first) {
-  return pick_layout<SGDSegmentFn>(l, SGDPick{wd, mom, maximize, first});
+  return layout_switch<SGDSegmentFn>(l.dtype, l.state_dtype, l.store, [&](auto layout) {
+    using L = decltype(layout);
+    return pick_sgd_wd<typename L::Param, typename L::State, L::kStore>(wd, mom, maximize, first);
+  });
 }
 
 // One chunk of the grad-norm reduction (Note [precision options]): squares

@@ -6,6 +6,7 @@
 #include <type_traits>
 
 #include "../common/convert.h"
+#include "../common/macros.h"
 #include "../common/precision.h"
 
 namespace fusedoptim {
@@ -76,12 +77,8 @@ struct VecAVX2 {
   }
 };
 
-inline VecAVX2 add(VecAVX2 a, VecAVX2 b) { return VecAVX2(_mm256_add_ps(a.x, b.x)); }
-inline VecAVX2 sub(VecAVX2 a, VecAVX2 b) { return VecAVX2(_mm256_sub_ps(a.x, b.x)); }
-inline VecAVX2 mul(VecAVX2 a, VecAVX2 b) { return VecAVX2(_mm256_mul_ps(a.x, b.x)); }
-inline VecAVX2 div(VecAVX2 a, VecAVX2 b) { return VecAVX2(_mm256_div_ps(a.x, b.x)); }
-inline VecAVX2 sqrt(VecAVX2 a) { return VecAVX2(_mm256_sqrt_ps(a.x)); }
-inline VecAVX2 fma(VecAVX2 a, VecAVX2 b, VecAVX2 c) { return VecAVX2(_mm256_fmadd_ps(a.x, b.x, c.x)); }
+FO_VEC_ARITH(inline, VecAVX2, _mm256_add_ps, _mm256_sub_ps, _mm256_mul_ps, _mm256_div_ps, _mm256_sqrt_ps,
+             _mm256_fmadd_ps)
 inline VecAVX2 neg(VecAVX2 a) { return VecAVX2(_mm256_xor_ps(a.x, _mm256_set1_ps(-0.0f))); }
 inline VecAVX2 max_nan(VecAVX2 a, VecAVX2 b) {
   // MAXPS returns its second operand unless the first is greater: that is

@@ -11,6 +11,7 @@
 #include <type_traits>
 
 #include "../common/convert.h"
+#include "../common/macros.h"
 #include "../common/precision.h"
 
 namespace fusedoptim {
@@ -64,12 +65,8 @@ struct VecAVX512 {
   }
 };
 
-inline VecAVX512 add(VecAVX512 a, VecAVX512 b) { return VecAVX512(_mm512_add_ps(a.x, b.x)); }
-inline VecAVX512 sub(VecAVX512 a, VecAVX512 b) { return VecAVX512(_mm512_sub_ps(a.x, b.x)); }
-inline VecAVX512 mul(VecAVX512 a, VecAVX512 b) { return VecAVX512(_mm512_mul_ps(a.x, b.x)); }
-inline VecAVX512 div(VecAVX512 a, VecAVX512 b) { return VecAVX512(_mm512_div_ps(a.x, b.x)); }
-inline VecAVX512 sqrt(VecAVX512 a) { return VecAVX512(_mm512_sqrt_ps(a.x)); }
-inline VecAVX512 fma(VecAVX512 a, VecAVX512 b, VecAVX512 c) { return VecAVX512(_mm512_fmadd_ps(a.x, b.x, c.x)); }
+FO_VEC_ARITH(inline, VecAVX512, _mm512_add_ps, _mm512_sub_ps, _mm512_mul_ps, _mm512_div_ps, _mm512_sqrt_ps,
+             _mm512_fmadd_ps)
 inline VecAVX512 neg(VecAVX512 a) {
   return VecAVX512(_mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(a.x), _mm512_set1_epi32(int(0x80000000u)))));
 }

@@ -4,6 +4,7 @@
 #include <cmath>
 
 #include "../common/convert.h"
+#include "../common/macros.h"
 #include "../common/precision.h"
 
 namespace fusedoptim {
@@ -24,12 +25,14 @@ struct VecScalar {
   __attribute__((always_inline)) void store_sr(bf16_t* p, uint32_t key_hi, uint32_t lo) const { p->bits = float_to_bf16_sr(x, sr_bits(key_hi, lo)); }
 };
 
-inline VecScalar add(VecScalar a, VecScalar b) { return VecScalar(a.x + b.x); }
-inline VecScalar sub(VecScalar a, VecScalar b) { return VecScalar(a.x - b.x); }
-inline VecScalar mul(VecScalar a, VecScalar b) { return VecScalar(a.x * b.x); }
-inline VecScalar div(VecScalar a, VecScalar b) { return VecScalar(a.x / b.x); }
-inline VecScalar sqrt(VecScalar a) { return VecScalar(std::sqrt(a.x)); }
-inline VecScalar fma(VecScalar a, VecScalar b, VecScalar c) { return VecScalar(std::fma(a.x, b.x, c.x)); }
+namespace lane {
+inline float add(float a, float b) { return a + b; }
+inline float sub(float a, float b) { return a - b; }
+inline float mul(float a, float b) { return a * b; }
+inline float div(float a, float b) { return a / b; }
+}  // namespace lane
+
+FO_VEC_ARITH(inline, VecScalar, lane::add, lane::sub, lane::mul, lane::div, std::sqrt, std::fma)
 inline VecScalar neg(VecScalar a) { return VecScalar(bits_float(float_bits(a.x) ^ 0x80000000u)); }
 inline VecScalar max_nan(VecScalar a, VecScalar b) {
   return std::isnan(a.x) ? a : (a.x > b.x ? a : b);

@@ -9,8 +9,8 @@
 #include <string>
 #include <vector>
 
+#include "../common/macros.h"
 #include "../common/params.h"
-#include "../common/update_math.h"
 
 namespace fusedoptim {
 namespace cuda {
@@ -22,7 +22,7 @@ enum class ParamSpace : int { kAuto = 0, kLarge = 1, kSmall = 2 };
 struct LaunchCommon {
   int32_t dtype = kFloat32;          // params and grads
   int32_t state_dtype = kFloat32;    // optimizer states
-  int store = 0;                     // StoreMode of common/precision.h
+  int store = 0;                     // StoreMode of common/macros.h
   int device = 0;
   uintptr_t stream = 0;              // cudaStream_t of the params' device
   ParamSpace space = ParamSpace::kAuto;

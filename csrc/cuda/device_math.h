@@ -8,13 +8,8 @@
 #pragma once
 
 #include "../common/convert.h"
+#include "../common/macros.h"
 #include "../common/update_math.h"
-
-#if defined(__CUDACC__)
-#define FO_DEVICE __device__ __forceinline__
-#else
-#define FO_DEVICE inline
-#endif
 
 namespace fusedoptim {
 namespace cuda {
@@ -25,12 +20,7 @@ struct VecF {
   FO_DEVICE explicit VecF(float v) : x(v) {}
 };
 
-FO_DEVICE VecF add(VecF a, VecF b) { return VecF(__fadd_rn(a.x, b.x)); }
-FO_DEVICE VecF sub(VecF a, VecF b) { return VecF(__fsub_rn(a.x, b.x)); }
-FO_DEVICE VecF mul(VecF a, VecF b) { return VecF(__fmul_rn(a.x, b.x)); }
-FO_DEVICE VecF div(VecF a, VecF b) { return VecF(__fdiv_rn(a.x, b.x)); }
-FO_DEVICE VecF sqrt(VecF a) { return VecF(__fsqrt_rn(a.x)); }
-FO_DEVICE VecF fma(VecF a, VecF b, VecF c) { return VecF(__fmaf_rn(a.x, b.x, c.x)); }
+FO_VEC_ARITH(FO_DEVICE, VecF, __fadd_rn, __fsub_rn, __fmul_rn, __fdiv_rn, __fsqrt_rn, __fmaf_rn)
 FO_DEVICE VecF neg(VecF a) { return VecF(bits_float(float_bits(a.x) ^ 0x80000000u)); }
 FO_DEVICE VecF max_nan(VecF a, VecF b) { return (a.x != a.x) ? a : (a.x > b.x ? a : b); }
 
@@ -94,20 +84,21 @@ template <class S>
 FO_DEVICE VecF round_as(VecF x) { return VecF(to_float(from_float<S>(x.x))); }
 
 // W consecutive elements of one stream of storage type X, as one thread
-// holds them in a packet iteration (Note [multi-tensor apply] in mta.h):
+// holds them in a packet iteration (Note [multi-tensor apply] in mta_kernels.h):
 // fp32 with W = 4 is one 16-byte packet; W = 8 is one packet of a 16-bit
 // format or two adjacent packets of fp32. Slice u of a stream starts at
 // element u * W; get/set convert one lane from/to fp32.
 template <class X, int W>
 struct Slice;
 
-template <>
-struct Slice<float, 4> {
+// A Slice of one packet: 4 fp32 or 8 16-bit elements.
+template <class X>
+struct Slice1 {
   Pack16 a;
   FO_DEVICE void load(const void* base, int64_t u) { a = static_cast<const Pack16*>(base)[u]; }
   FO_DEVICE void store(void* base, int64_t u) const { static_cast<Pack16*>(base)[u] = a; }
-  FO_DEVICE float get(int l) const { return Lanes<float>::get(a, l); }
-  FO_DEVICE void set(int l, float v) { Lanes<float>::set(a, l, v); }
+  FO_DEVICE float get(int l) const { return Lanes<X>::get(a, l); }
+  FO_DEVICE void set(int l, float v) { Lanes<X>::set(a, l, v); }
 };
 
 template <>
@@ -130,18 +121,12 @@ struct Slice<float, 8> {
   }
 };
 
-template <class S>
-struct Slice16 {
-  Pack16 a;
-  FO_DEVICE void load(const void* base, int64_t u) { a = static_cast<const Pack16*>(base)[u]; }
-  FO_DEVICE void store(void* base, int64_t u) const { static_cast<Pack16*>(base)[u] = a; }
-  FO_DEVICE float get(int l) const { return Lanes<S>::get(a, l); }
-  FO_DEVICE void set(int l, float v) { Lanes<S>::set(a, l, v); }
-};
 template <>
-struct Slice<bf16_t, 8> : Slice16<bf16_t> {};
+struct Slice<float, 4> : Slice1<float> {};
 template <>
-struct Slice<f16_t, 8> : Slice16<f16_t> {};
+struct Slice<bf16_t, 8> : Slice1<bf16_t> {};
+template <>
+struct Slice<f16_t, 8> : Slice1<f16_t> {};
 
 }  // namespace cuda
 }  // namespace fusedoptim

@@ -1,4 +1,4 @@
-// The CUDA kernels of mta.h, compiled by the host compiler and run on the
+// The CUDA kernels of mta_kernels.h, compiled by the host compiler and run on the
 // CPU through emulation.h (see Note [CUDA emulation]). The test suite drives
 // them with CPU tensors against torch.optim, on every machine.
 #include "emulation.h"
@@ -8,7 +8,7 @@
 
 #define FO_MTA_LARGE 1
 #define FO_MTA_SMALL 1
-#include "mta.h"
+#include "launch.h"
 
 namespace fusedoptim {
 namespace cuda {

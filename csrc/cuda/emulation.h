@@ -1,11 +1,11 @@
-// Host emulation of the few CUDA built-ins the kernels of mta.h use, so the
+// Host emulation of the few CUDA built-ins the kernels of mta_kernels.h use, so the
 // same kernel source compiles as plain C++ and runs on a CPU (tests, CI).
 //
 // Note [CUDA emulation]
 // A launch runs its grid one block after another and, inside a block, one
 // thread after another, each to completion. That is a valid schedule only
 // for kernels whose threads never wait for each other, which is the rule for
-// the update kernels of mta.h: each thread owns disjoint elements, so the
+// the update kernels of mta_kernels.h: each thread owns disjoint elements, so the
 // result does not depend on the order.
 // The reductions of the grad norm need a block barrier: they are launched
 // with launch_cooperative(), which runs each thread of a block as a fiber

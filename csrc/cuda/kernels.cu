@@ -1,4 +1,4 @@
-// The CUDA backend: the kernels of mta.h built by nvcc, launched on the
+// The CUDA backend: the kernels of mta_kernels.h built by nvcc, launched on the
 // caller's stream of the params' device. Every CUDA call is checked and a
 // failure becomes std::runtime_error with CUDA's own text (a Python
 // RuntimeError through the bindings).
@@ -20,7 +20,7 @@
 #else
 #define FO_MTA_SMALL 0
 #endif
-#include "mta.h"
+#include "launch.h"
 
 namespace fusedoptim {
 namespace cuda {

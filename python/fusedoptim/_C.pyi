@@ -116,33 +116,14 @@ def triad(a: int, b: int, c: int, scalar: float, numel: int, num_threads: int) -
 class StepPlan:
     """Cached pointer tables of one param group (see Note [cached step plans]).
 
-    Built by ``fusedoptim._backend`` once a group's state exists; each step
+    Made by :class:`StepPlanBuilder` once a group's state exists; each step
     :meth:`collect` checks the cache against the group (same params list and
     objects, same addresses, same grads present, same state tensor objects)
     and reads the grads' addresses without writing anything, then
     :meth:`run_adam` or :meth:`run_sgd` updates every bucket.
     """
 
-    def __init__(
-        self,
-        params: List[Any],
-        with_grad: List[bool],
-        state_dicts: List[Dict[str, Any]],
-        keys: List[str],
-        expected: List[Any],
-        state_obj: Any,
-        positions: List[int],
-        bucket_dtype: List[int],
-        bucket_size: List[int],
-        numels: List[int],
-        pptrs: List[int],
-        stream_ptrs: List[int],
-        step_ptrs: List[int],
-        first: List[bool],
-        dtypes: List[Any],
-        shapes: List[Tuple[int, ...]],
-    ) -> None: ...
-    def collect(self, params: List[Any], state: Any) -> int:
+    def collect(self, params: List[Any], state: Dict[Any, Any]) -> int:
         """0: valid, grads read; 1: stale, rebuild; 2: a grad needs the general path."""
     def run_adam(
         self,
@@ -155,7 +136,13 @@ class StepPlan:
         amsgrad: bool,
         maximize: bool,
         num_threads: int,
-    ) -> None: ...
+        *,
+        state_dtype: int = -1,
+        store: int = ...,
+        seed: int = 0,
+        grad_mul: float = 1.0,
+    ) -> None:
+        """Adam/AdamW step of every entry (after a successful collect); precision options as ``adam_step``."""
     def run_sgd(
         self,
         lr: float,
@@ -165,15 +152,55 @@ class StepPlan:
         nesterov: bool,
         maximize: bool,
         num_threads: int,
-    ) -> None: ...
+        *,
+        state_dtype: int = -1,
+        store: int = ...,
+        seed: int = 0,
+        grad_mul: float = 1.0,
+    ) -> None:
+        """SGD step of every entry (after a successful collect); precision options as ``sgd_step``."""
+    def grad_ptrs(self) -> List[int]:
+        """The grads' addresses read by a successful collect(), in plan order; the plan stays ready to run."""
     def take_grad_ptrs(self) -> List[int]:
-        """The grads' addresses read by a successful collect(), in plan order."""
+        """The grads' addresses read by a successful collect(), in plan order (for the CUDA backend)."""
     def clear_first(self) -> None:
         """Mark every momentum buffer as initialised."""
     def release(self) -> None:
         """Drop the grad references taken by collect()."""
     def __len__(self) -> int: ...
 
+class StepPlanBuilder:
+    """Builds a :class:`StepPlan` one entry (a param the plan updates) at a time.
+
+    ``params`` is the group's list (``collect`` checks its identity); the
+    builder records which of its params have a grad now. ``state`` is
+    ``optimizer.state``, whose items are snapshotted by :meth:`build`;
+    ``keys`` are the state streams in kernel order; with ``with_step`` the
+    entries also track ``state_dict["step"]``.
+    """
+
+    def __init__(self, params: List[Any], state: Dict[Any, Any], keys: List[str], with_step: bool) -> None: ...
+    def add(
+        self,
+        position: int,
+        param: Any,
+        state_dict: Dict[str, Any],
+        dtype: int,
+        numel: int,
+        pptr: int,
+        streams: List[int],
+        step: int,
+        first: bool,
+        tensor_id: int,
+    ) -> None:
+        """One entry: the param at ``position`` among the group's params with a grad, its state dict, dtype
+        code, element count and address, one stream address per key, the float32 step counter's address
+        (0 without ``with_step``), whether this step initialises its SGD momentum buffer, and its
+        stochastic-rounding tensor id (0 when unused). The expected state objects, the param's dtype and
+        rank are read here. Consecutive entries of one dtype form a bucket; a dtype that comes back after
+        another bucket started raises ValueError."""
+    def build(self) -> StepPlan:
+        """The plan; the builder cannot be used afterwards."""
 
 def cuda_info() -> Dict[str, Any]:
     """Whether the CUDA backend was compiled and can run here (``reason`` if not), archs and versions."""
