@@ -91,8 +91,6 @@ def _fill(t: Tables, p: Tensor, state: Dict[str, Any], keys: Sequence[str], uses
 def _native_plan(params: Any, state_all: Any, keys: Sequence[str], uses_step: bool,
                  entries: List[tuple]) -> Optional["_C.StepPlan"]:
     """A C plan over ``entries`` (tables, index in tables, position, state)."""
-    if not hasattr(_C, "StepPlanBuilder"):  # TEMP: the module before the builder
-        return _legacy_plan(params, state_all, keys, uses_step, entries)
     b = _C.StepPlanBuilder(params, state_all, list(keys), uses_step)
     for t, j, i, state in entries:
         b.add(i, t.params[j], state, t.code, t.numels[j], t.pptrs[j], [t.streams[k][j] for k in keys],
@@ -225,22 +223,3 @@ def run_cuda_cached(plan: GroupPlan, spec: Spec, hyper: Any, args: StepArgs) -> 
     for t in plan.cuda_tables:
         cuda.launch(spec.kernel, t, gptrs[t.lo:t.hi], hyper, args)
 
-
-def _legacy_plan(params, state_all, keys, uses_step, entries):  # TEMP
-    tracked = list(keys) + (["step"] if uses_step else [])
-    codes, sizes = [], []
-    for t, j, i, state in entries:
-        if codes and codes[-1] == t.code:
-            sizes[-1] += 1
-        else:
-            codes.append(t.code)
-            sizes.append(1)
-    plan = _C.StepPlan(
-        params, [p.grad is not None for p in params], [e[3] for e in entries], list(keys),
-        [e[3].get(k) for e in entries for k in tracked], state_all, [e[2] for e in entries], codes, sizes,
-        [e[0].numels[e[1]] for e in entries], [e[0].pptrs[e[1]] for e in entries],
-        [e[0].streams[k][e[1]] for e in entries for k in keys],
-        [e[0].steps[e[1]] for e in entries] if uses_step else [], [e[0].first[e[1]] for e in entries],
-        [e[0].params[e[1]].dtype for e in entries], [tuple(e[0].params[e[1]].shape) for e in entries])
-    plan.set_ids([e[0].ids[e[1]] for e in entries])
-    return plan
