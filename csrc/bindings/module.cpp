@@ -5,7 +5,7 @@
 // fusedoptim._C takes plain values: data pointers as Python ints, element
 // counts, dtype codes and hyperparameters. It never sees a torch object and
 // links no torch library, so one build serves every torch version. Python
-// (fusedoptim/_backend.py) validates tensors and hyperparameters before
+// (fusedoptim/_routing.py, the specs) validates tensors and hyperparameters before
 // calling in; the checks here are a second line that guards memory safety,
 // and they all run before anything is written.
 #include <pybind11/pybind11.h>
