@@ -31,7 +31,7 @@ SGD, torch.optim.SGD docs::
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import numpy as np
 
@@ -78,8 +78,14 @@ class SGDState:
 
 
 def sgd_update(theta: np.ndarray, grad: np.ndarray, st: SGDState, *, lr: float, momentum: float, dampening: float,
-               weight_decay: float, nesterov: bool, maximize: bool) -> np.ndarray:
-    """One SGD step on float64 arrays; returns the new theta and updates ``st``."""
+               weight_decay: float, nesterov: bool, maximize: bool,
+               round_product: Optional[Callable[[np.ndarray], np.ndarray]] = None) -> np.ndarray:
+    """One SGD step on float64 arrays; returns the new theta and updates ``st``.
+
+    ``round_product`` rounds ``momentum * buf`` before the grad is added, as
+    torch's ``buf.mul_(momentum)`` does in the buffer's arithmetic: a model
+    of the one intermediate rounding that can decide a tie when the buffer
+    is then stored in a low-precision format."""
     theta = np.asarray(theta, dtype=np.float64)
     g = -np.asarray(grad, dtype=np.float64) if maximize else np.asarray(grad, dtype=np.float64)
     st.t += 1
@@ -89,7 +95,8 @@ def sgd_update(theta: np.ndarray, grad: np.ndarray, st: SGDState, *, lr: float, 
         if st.t == 1:
             st.b = g.copy()  # the first-step rule: the buffer starts as the gradient, no dampening
         else:
-            st.b = momentum * st.b + (1.0 - dampening) * g
+            product = momentum * st.b
+            st.b = (round_product(product) if round_product is not None else product) + (1.0 - dampening) * g
         g = g + momentum * st.b if nesterov else st.b
     return theta - lr * g
 

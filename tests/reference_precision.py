@@ -314,9 +314,13 @@ class PrecisionReference:
                 hyper["dampening"] = 1.0 - f32(1.0 - hyper["dampening"])
         return hyper
 
-    def _update(self, theta, g, st, hyper):
+    def _update(self, theta, g, st, hyper, exact: bool = False):
         if self.kind == "sgd":
-            return sgd_update(theta, g, st, **hyper)
+            # torch's buf.mul_(momentum) rounds to fp32 before the grad is
+            # added: with a low-precision buffer that rounding decides ties
+            # (the exact trajectory rounds nothing).
+            rp = to_fp32 if self.fp32_scalars and self.state_fmt is not None and not exact else None
+            return sgd_update(theta, g, st, round_product=rp, **hyper)
         return adam_update(theta, g, st, **hyper)
 
     def step(self, grads: List[List[Optional[np.ndarray]]]) -> None:
@@ -337,7 +341,7 @@ class PrecisionReference:
                 new_state = SGDState if self.kind == "sgd" else AdamState
                 st = self.states.setdefault(key, new_state())
                 est = self._exact_states.setdefault(key, new_state())
-                self.exact[gi][pi] = self._update(self.exact[gi][pi], g, est, hyper)
+                self.exact[gi][pi] = self._update(self.exact[gi][pi], g, est, hyper, exact=True)
                 p = group["params"][pi]
                 if self.option == "master":
                     master = self.masters.get(key, p)

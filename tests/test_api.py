@@ -13,7 +13,7 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 import fusedoptim
-from cases import (ALL_CASES, CASES_BY_ID, SMALL_GROUP_SHAPES, assert_close, assert_same_bits, make_problem,
+from cases import (ALL_CASES, CASES_BY_ID, SMALL_GROUP_SHAPES, assert_close, assert_same_bits, errors, make_problem,
                    param_groups, record, state_tensors)
 from tolerances import FP32_TRAINING_LOOP, FP32_VS_TORCH
 
@@ -368,11 +368,12 @@ def test_training_loop_matches_torch(case):
     # very slow when another process competes for the 2 cores.
     torch.set_num_threads(1)
     out = {}
-    for which in ("ours", "torch"):
+    for which in ("ours", "torch", "torch-fused"):
         torch.manual_seed(6)
         model = _Net()
-        opt = case.make(which, [{"params": list(model.fc1.parameters()) + list(model.fc3.parameters())},
-                                {"params": model.fc2.parameters(), "lr": case.kwargs["lr"] * 0.3}])
+        groups = [{"params": list(model.fc1.parameters()) + list(model.fc3.parameters())},
+                  {"params": model.fc2.parameters(), "lr": case.kwargs["lr"] * 0.3}]
+        opt = case.make("torch", groups, fused=True, foreach=None) if which == "torch-fused" else case.make(which, groups)
         gen = torch.Generator().manual_seed(7)
         x = torch.randn(64, 13, generator=gen)
         teacher = torch.randn(13, 3, generator=gen)
@@ -389,11 +390,24 @@ def test_training_loop_matches_torch(case):
         out[which] = (losses, [p.detach().clone() for p in model.parameters()])
     lo, po = out["ours"]
     lt, pt = out["torch"]
+    _, pf = out["torch-fused"]
     if not case.kwargs.get("maximize"):
         assert lo[-1] < lo[0], "training must reduce the loss"
-    stats = assert_close(po, pt, what=f"{case.id} nn.Module params after 50 steps", **FP32_TRAINING_LOOP)
+    # torch's CPU sqrt is off by an ulp on some inputs (Note [torch's rounding
+    # order]); where torch's own fused=True step then leaves the for-loop's
+    # trajectory (here a ReLU input near 0 flips), fusedoptim may leave it as
+    # far, and follows the fused step instead.
+    fused_err = errors(pf, pt)["abs"]
+    if fused_err <= FP32_TRAINING_LOOP["atol"]:
+        stats = assert_close(po, pt, what=f"{case.id} nn.Module params after 50 steps", **FP32_TRAINING_LOOP)
+        assert_close(lo, lt, what=f"{case.id} losses", **FP32_TRAINING_LOOP)
+    else:
+        assert case.kind != "sgd", f"{case.id}: torch's fused SGD left the for-loop by {fused_err:.3e}"
+        stats = assert_close(po, pf, what=f"{case.id} params vs torch fused=True", **FP32_TRAINING_LOOP)
+        ours_err = errors(po, pt)["abs"]
+        assert ours_err <= fused_err + FP32_TRAINING_LOOP["atol"], \
+            f"{case.id}: {ours_err:.3e} from torch's for-loop, torch's fused=True {fused_err:.3e}"
     record("fp32 params vs torch (module-train, 50 steps)", stats, case.id)
-    assert_close(lo, lt, what=f"{case.id} losses", **FP32_TRAINING_LOOP)
 
 
 def test_amp_grad_scaler_with_fused_true():

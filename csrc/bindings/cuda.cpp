@@ -79,7 +79,7 @@ py::dict cuda_adam_step(CudaAdamFn fn, py::handle params, py::handle grads, py::
                         bool decoupled, bool amsgrad, bool maximize, bool device_steps, uintptr_t lr_ptr,
                         uintptr_t grad_scale, uintptr_t found_inf, int device, uintptr_t stream,
                         const std::string& space, int32_t state_dtype, int store, py::handle extras, py::handle ids,
-                        uint64_t seed, uintptr_t clip_coef) {
+                        uint64_t seed, uintptr_t clip_coef, int32_t step_dtype) {
   cuda::AdamRequest r;
   r.common = launch_common(dtype, grad_scale, found_inf, device, stream, space);
   const Options o = options(dtype, state_dtype, store, seed);
@@ -97,13 +97,15 @@ py::dict cuda_adam_step(CudaAdamFn fn, py::handle params, py::handle grads, py::
   r.weight_decay = weight_decay;
   r.lr_ptr = reinterpret_cast<const float*>(lr_ptr);
   r.seed = o.seed;
+  if (device_steps && step_dtype != kFloat32) throw py::value_error("device step counters must be float32");
   AdamLists lists = adam_lists(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, numels_obj, o, amsgrad,
-                               extras, ids);
+                               extras, ids, step_dtype);
   // Every check has passed: from here on we write. Host step counters are
   // counted here, as the CPU path does (with the stochastic-rounding keys);
   // device ones by a kernel, which also derives the keys from them.
   if (device_steps) {
-    r.steps = std::move(lists.steps);
+    r.steps.reserve(lists.steps.size());
+    for (const StepRef& s : lists.steps) r.steps.push_back(static_cast<float*>(s.p));
     r.tensor_ids = std::move(lists.ids);
   } else {
     StepCounter(lr, beta1, beta2, o.store, o.seed).count_all(lists.tensors, lists.steps, lists.ids);
@@ -210,11 +212,11 @@ void def_cuda_backend(py::module_& m, CudaAdamFn adam, CudaSGDFn sgd, CudaNormFn
              double beta2, double eps, double weight_decay, bool decoupled, bool amsgrad, bool maximize,
              bool device_steps, uintptr_t lr_ptr, uintptr_t grad_scale, uintptr_t found_inf, int device,
              uintptr_t stream, const std::string& param_space, int32_t state_dtype, int store, py::handle extras,
-             py::handle tensor_ids, uint64_t seed, uintptr_t clip_coef) {
+             py::handle tensor_ids, uint64_t seed, uintptr_t clip_coef, int32_t step_dtype) {
         return cuda_adam_step(adam, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, numels, dtype, lr,
                               beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize, device_steps, lr_ptr,
                               grad_scale, found_inf, device, stream, param_space, state_dtype, store, extras,
-                              tensor_ids, seed, clip_coef);
+                              tensor_ids, seed, clip_coef, step_dtype);
       },
       py::arg("params"), py::arg("grads"), py::arg("exp_avgs"), py::arg("exp_avg_sqs"), py::arg("max_exp_avg_sqs"),
       py::arg("steps"), py::arg("numels"), py::arg("dtype"), py::arg("lr"), py::arg("beta1"), py::arg("beta2"),
@@ -223,7 +225,9 @@ void def_cuda_backend(py::module_& m, CudaAdamFn adam, CudaSGDFn sgd, CudaNormFn
       py::arg("device") = 0, py::arg("stream") = 0, py::arg("param_space") = "auto", py::kw_only(),
       py::arg("state_dtype") = -1, py::arg("store") = 0, py::arg("extras") = py::none(),
       py::arg("tensor_ids") = py::none(), py::arg("seed") = 0, py::arg("clip_coef") = 0,
+      py::arg("step_dtype") = int(kFloat32),
       "Multi-tensor Adam/AdamW launch(es) on `stream` of `device`. Returns launch statistics.\n"
+      "step_dtype: DTYPE_FLOAT64 for float64 host step counters (device counters are float32).\n"
       "Precision options as _C.adam_step; clip_coef: address of a float32 on the device that multiplies\n"
       "the grads (0: none); with device_steps and stochastic rounding the keys come from the device steps.");
   m.def(

@@ -80,14 +80,14 @@ void adam_step(py::handle params, py::handle grads, py::handle exp_avgs, py::han
                py::handle max_exp_avg_sqs, py::handle steps, py::handle numels_obj, int32_t dtype,
                double lr, double beta1, double beta2, double eps, double weight_decay, bool decoupled,
                bool amsgrad, bool maximize, int num_threads, int32_t state_dtype, int store, py::handle extras,
-               py::handle ids, uint64_t seed, double grad_mul) {
+               py::handle ids, uint64_t seed, double grad_mul, int32_t step_dtype) {
   const Options o = options(dtype, state_dtype, store, seed);
   check_adam_hyper(lr, beta1, beta2, eps, weight_decay, grad_mul);
   AdamHyper hyper = adam_hyper(lr, beta1, beta2, eps, weight_decay, decoupled);
   hyper.grad_mul = float(grad_mul);
   const int threads = resolve_threads(num_threads);
   AdamLists lists = adam_lists(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, numels_obj, o, amsgrad,
-                               extras, ids);
+                               extras, ids, step_dtype);
   // Every check has passed: from here on we write.
   py::gil_scoped_release release;
   StepCounter(lr, beta1, beta2, o.store, o.seed).count_all(lists.tensors, lists.steps, lists.ids);
@@ -195,6 +195,7 @@ PYBIND11_MODULE(_C, m) {
   m.attr("DTYPE_FLOAT32") = int(kFloat32);
   m.attr("DTYPE_BFLOAT16") = int(kBFloat16);
   m.attr("DTYPE_FLOAT16") = int(kFloat16);
+  m.attr("DTYPE_FLOAT64") = int(kFloat64);  // step counters only
 
   m.attr("STORE_PLAIN") = int(kStorePlain);
   m.attr("STORE_MASTER") = int(kStoreMaster);
@@ -207,9 +208,10 @@ PYBIND11_MODULE(_C, m) {
         py::arg("weight_decay"), py::arg("decoupled"), py::arg("amsgrad"), py::arg("maximize"),
         py::arg("num_threads"), py::kw_only(), py::arg("state_dtype") = -1, py::arg("store") = int(kStorePlain),
         py::arg("extras") = py::none(), py::arg("tensor_ids") = py::none(), py::arg("seed") = 0,
-        py::arg("grad_mul") = 1.0,
+        py::arg("grad_mul") = 1.0, py::arg("step_dtype") = int(kFloat32),
         "Fused Adam/AdamW update of many tensors in one call. Pointers are data addresses; "
-        "steps point at float32 step counters, incremented in place before use. The keyword "
+        "steps point at step counters (float32, or float64 with step_dtype=DTYPE_FLOAT64), "
+        "incremented in place before use. The other keyword "
         "arguments select the precision options of Note [precision options]: the states' dtype "
         "code (-1: the params'), the store mode, its extra stream per tensor (fp32 master or "
         "Kahan compensation), the tensor ids and seed of stochastic rounding, and the factor "
@@ -262,9 +264,9 @@ PYBIND11_MODULE(_C, m) {
            py::arg("keys"), py::arg("with_step"))
       .def("add", &StepPlanBuilder::add, py::arg("position"), py::arg("param"), py::arg("state_dict"),
            py::arg("dtype"), py::arg("numel"), py::arg("pptr"), py::arg("streams"), py::arg("step"), py::arg("first"),
-           py::arg("tensor_id"),
+           py::arg("tensor_id"), py::kw_only(), py::arg("step_dtype") = int(kFloat32),
            "One entry: the param at `position` among those with a grad; consecutive entries of one dtype form a "
-           "bucket.")
+           "bucket. step_dtype: the dtype code of its step counter (float32 or float64).")
       .def("build", &StepPlanBuilder::build, "The plan; the builder cannot be used afterwards.");
   m.def("backend_info", &backend_info, "What was compiled, the CPU features found and the ISA in use.");
   m.def("set_cpu_isa", [](const std::string& name) { cpu::set_isa(name); }, py::arg("name"),

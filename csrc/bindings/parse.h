@@ -14,6 +14,7 @@
 #include <string>
 #include <vector>
 
+#include "../common/coeffs.h"
 #include "../common/layouts.h"
 #include "../common/macros.h"
 #include "../common/params.h"
@@ -125,13 +126,18 @@ inline std::vector<uint32_t> tensor_ids(py::handle ids, const Options& o, size_t
 // The tensor lists of an Adam call, parsed and checked; nothing written yet.
 struct AdamLists {
   std::vector<AdamTensor> tensors;  // coeffs and sr_key unset until StepCounter::count_all()
-  std::vector<float*> steps;        // float32 step counters, one per tensor
+  std::vector<StepRef> steps;       // step counters (float32, or all float64), one per tensor
   std::vector<uint32_t> ids;        // stochastic rounding: tensor ids
 };
 
 inline AdamLists adam_lists(py::handle params, py::handle grads, py::handle exp_avgs, py::handle exp_avg_sqs,
                             py::handle max_exp_avg_sqs, py::handle steps, py::handle numels_obj, const Options& o,
-                            bool amsgrad, py::handle extras = py::none(), py::handle ids = py::none()) {
+                            bool amsgrad, py::handle extras = py::none(), py::handle ids = py::none(),
+                            int32_t step_dtype = kFloat32) {
+  if (step_dtype != kFloat32 && step_dtype != kFloat64) {
+    throw py::value_error("step_dtype must be the code of float32 or float64, got " + std::to_string(step_dtype));
+  }
+  const bool f64 = step_dtype == kFloat64;
   const std::vector<int64_t> numels = counts(numels_obj);
   const size_t n = numels.size();
   const auto p = addresses(params, "params", n);
@@ -155,7 +161,7 @@ inline AdamLists adam_lists(py::handle params, py::handle grads, py::handle exp_
     check_ptr(m[k], numels[k], salign, "exp_avgs", k);
     check_ptr(v[k], numels[k], salign, "exp_avg_sqs", k);
     if (amsgrad) check_ptr(vmax[k], numels[k], salign, "max_exp_avg_sqs", k);
-    check_ptr(s[k], 1, alignof(float), "steps", k);
+    check_ptr(s[k], 1, f64 ? alignof(double) : alignof(float), "steps", k);
   }
   out.tensors.resize(n);
   out.steps.resize(n);
@@ -169,7 +175,7 @@ inline AdamLists adam_lists(py::handle params, py::handle grads, py::handle exp_
     t.extra = x.empty() ? nullptr : reinterpret_cast<void*>(x[k]);
     t.numel = numels[k];
     t.coeffs = AdamCoeffs{0.0f, 0.0f};
-    out.steps[k] = reinterpret_cast<float*>(s[k]);
+    out.steps[k] = StepRef{reinterpret_cast<void*>(s[k]), f64};
   }
   return out;
 }
@@ -179,7 +185,7 @@ inline AdamLists adam_lists(py::handle params, py::handle grads, py::handle exp_
 // none in torch) that give the random keys.
 struct SGDLists {
   std::vector<SGDTensor> tensors;
-  std::vector<float*> steps;
+  std::vector<StepRef> steps;  // float32
   std::vector<uint32_t> ids;
 };
 
@@ -229,7 +235,7 @@ inline SGDLists sgd_lists(py::handle params, py::handle grads, py::handle moment
     t.extra = x.empty() ? nullptr : reinterpret_cast<void*>(x[k]);
     t.numel = numels[k];
     t.first_step = first[k] != 0;
-    if (!s.empty()) out.steps.push_back(reinterpret_cast<float*>(s[k]));
+    if (!s.empty()) out.steps.push_back(StepRef{reinterpret_cast<void*>(s[k]), false});
   }
   return out;
 }

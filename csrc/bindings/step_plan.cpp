@@ -98,7 +98,7 @@ void StepPlanBuilder::check_open() const {
 
 void StepPlanBuilder::add(int64_t position, py::handle param, py::handle state_dict, int32_t dtype, int64_t numel,
                           uintptr_t pptr, const std::vector<uintptr_t>& streams, uintptr_t step, bool first,
-                          uint32_t tensor_id) {
+                          uint32_t tensor_id, int32_t step_dtype) {
   check_open();
   StepPlan& p = plan_;
   const size_t k = p.positions_.size();
@@ -110,8 +110,11 @@ void StepPlanBuilder::add(int64_t position, py::handle param, py::handle state_d
                           std::to_string(p.keys_.size()) + ")");
   }
   check_ptr(pptr, numel, dtype_size(dtype), "pptr", k);
+  if (step_dtype != kFloat32 && step_dtype != kFloat64) {
+    throw py::value_error("StepPlanBuilder.add: step_dtype must be the code of float32 or float64");
+  }
   if (p.with_step_) {
-    check_ptr(step, 1, alignof(float), "step", k);
+    check_ptr(step, 1, step_dtype == kFloat64 ? alignof(double) : alignof(float), "step", k);
   } else if (step != 0) {
     throw py::value_error("StepPlanBuilder.add: a step counter for a plan built without with_step");
   }
@@ -138,7 +141,10 @@ void StepPlanBuilder::add(int64_t position, py::handle param, py::handle state_d
   p.numels_.push_back(numel);
   p.pptrs_.push_back(pptr);
   p.stream_ptrs_.insert(p.stream_ptrs_.end(), streams.begin(), streams.end());
-  if (p.with_step_) p.step_ptrs_.push_back(step);
+  if (p.with_step_) {
+    p.step_ptrs_.push_back(step);
+    p.step_f64_.push_back(char(step_dtype == kFloat64));
+  }
   p.first_.push_back(char(first));
   p.ids_.push_back(tensor_id);
 }
@@ -291,7 +297,7 @@ void StepPlan::run_adam(double lr, double beta1, double beta2, double eps, doubl
         t.max_exp_avg_sq = amsgrad ? reinterpret_cast<void*>(stream_ptrs_[k * nk + 2]) : nullptr;
         t.extra = extra ? reinterpret_cast<void*>(stream_ptrs_[k * nk + nk - 1]) : nullptr;
         t.numel = numels_[k];
-        counter.count(reinterpret_cast<float*>(step_ptrs_[k]), ids_[k], t);
+        counter.count(StepRef{reinterpret_cast<void*>(step_ptrs_[k]), step_f64_[k] != 0}, ids_[k], t);
       },
       [&](const std::vector<AdamTensor>& ts, const Options& o) {
         cpu::adam_step(ts, hyper, cpu::Layout{o.dtype, o.state_dtype, o.store}, wd_mode, amsgrad, maximize, threads);
@@ -323,7 +329,7 @@ void StepPlan::run_sgd(double lr, double weight_decay, double momentum, double d
         t.extra = extra ? reinterpret_cast<void*>(stream_ptrs_[k * nk + nk - 1]) : nullptr;
         t.numel = numels_[k];
         t.first_step = use_momentum && first_[k] != 0;
-        if (with_step_) counter.count(reinterpret_cast<float*>(step_ptrs_[k]), ids_[k], t);
+        if (with_step_) counter.count(StepRef{reinterpret_cast<void*>(step_ptrs_[k]), step_f64_[k] != 0}, ids_[k], t);
       },
       [&](const std::vector<SGDTensor>& ts, const Options& o) {
         cpu::sgd_step(ts, hyper, cpu::Layout{o.dtype, o.state_dtype, o.store}, weight_decay != 0.0, mode, maximize,

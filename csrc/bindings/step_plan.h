@@ -79,6 +79,7 @@ class __attribute__((visibility("hidden"))) StepPlan {
   std::vector<uintptr_t> pptrs_;
   std::vector<uintptr_t> stream_ptrs_;   // entry-major: [k * keys_ + j]
   std::vector<uintptr_t> step_ptrs_;     // with_step_ only
+  std::vector<char> step_f64_;           // with_step_ only: a float64 counter (else float32)
   std::vector<char> first_;
   std::vector<uint32_t> ids_;            // stochastic rounding: tensor ids
   std::vector<uintptr_t> grad_ptrs_;
@@ -95,7 +96,8 @@ class __attribute__((visibility("hidden"))) StepPlanBuilder {
  public:
   // params: the group's list (collect() checks its identity); state:
   // optimizer.state; keys: the state streams in kernel order; with_step:
-  // entries also track state_dict["step"], a float32 step counter.
+  // entries also track state_dict["step"], a step counter (float32, or
+  // float64 as torch keeps it under a float64 default dtype; see add()).
   StepPlanBuilder(py::list params, py::dict state, std::vector<std::string> keys, bool with_step);
   // One entry: position among the group's params that have a grad, the
   // param and its state dict, dtype code, element count, the param's
@@ -104,7 +106,8 @@ class __attribute__((visibility("hidden"))) StepPlanBuilder {
   // the stochastic-rounding tensor id. Consecutive entries of one dtype
   // form a bucket.
   void add(int64_t position, py::handle param, py::handle state_dict, int32_t dtype, int64_t numel, uintptr_t pptr,
-           const std::vector<uintptr_t>& streams, uintptr_t step, bool first, uint32_t tensor_id);
+           const std::vector<uintptr_t>& streams, uintptr_t step, bool first, uint32_t tensor_id,
+           int32_t step_dtype = kFloat32);
   StepPlan build();
 
  private:

@@ -44,14 +44,13 @@ FO_HD double pow_step(double beta, double step) {
 FO_HD AdamCoeffs adam_coeffs(double lr, double beta1, double beta2, double step) {
   const double bc1 = 1.0 - pow_step(beta1, step);
   const double bc2 = 1.0 - pow_step(beta2, step);
-#if defined(__CUDA_ARCH__)
-  const double rs = 1.0 / ::sqrt(bc2);
-#else
-  const double rs = 1.0 / std::sqrt(bc2);
-#endif
   AdamCoeffs c;
   c.neg_step_size = float(-(lr / bc1));
-  c.inv_bc2_sqrt = float(rs);
+#if defined(__CUDA_ARCH__)
+  c.bc2_sqrt = float(::sqrt(bc2));
+#else
+  c.bc2_sqrt = float(std::sqrt(bc2));
+#endif
   return c;
 }
 
@@ -95,9 +94,9 @@ inline int sgd_momentum_mode(double momentum, bool nesterov) {
 class AdamCoeffCache {
  public:
   AdamCoeffCache(double lr, double beta1, double beta2) : lr_(lr), beta1_(beta1), beta2_(beta2) {}
-  const AdamCoeffs& get(float step) {
+  const AdamCoeffs& get(double step) {
     if (!valid_ || step != step_) {
-      coeffs_ = adam_coeffs(lr_, beta1_, beta2_, double(step));
+      coeffs_ = adam_coeffs(lr_, beta1_, beta2_, step);
       step_ = step;
       valid_ = true;
     }
@@ -107,12 +106,25 @@ class AdamCoeffCache {
  private:
   double lr_, beta1_, beta2_;
   bool valid_ = false;
-  float step_ = 0.0f;
+  double step_ = 0.0;
   AdamCoeffs coeffs_{};
 };
 
-// Host step counters: the first write of a step. Each float32 counter is
-// incremented in fp32, as torch does with `step_t += 1`, and the new count
+// A host step counter: a float32 scalar, or a float64 one (torch's `step`
+// when the default dtype is float64). bump() adds one in the counter's own
+// dtype, as torch's `step_t += 1`, and returns the new count.
+struct StepRef {
+  void* p = nullptr;
+  bool f64 = false;
+
+  double bump() const {
+    if (f64) return *static_cast<double*>(p) += 1.0;
+    return double(*static_cast<float*>(p) += 1.0f);
+  }
+};
+
+// Host step counters: the first write of a step. Each counter is
+// incremented in its dtype, as torch does with `step_t += 1`, and the new count
 // gives its tensor's bias corrections (Adam) and, with stochastic rounding,
 // its random key sr_key(seed, step, tensor id). SGD keeps a counter only
 // for the keys (torch's SGD has none).
@@ -124,22 +136,21 @@ class StepCounter {
   // SGD.
   StepCounter(int store, uint64_t seed) : coeffs_(0.0, 0.0, 0.0), sr_(store == kStoreStochastic), seed_(seed) {}
 
-  void count(float* step, uint32_t tensor_id, AdamTensor& t) {
-    *step += 1.0f;
-    t.coeffs = coeffs_.get(*step);
-    if (sr_) t.sr_key = sr_key(seed_, uint32_t(*step), tensor_id);
+  void count(StepRef step, uint32_t tensor_id, AdamTensor& t) {
+    const double s = step.bump();
+    t.coeffs = coeffs_.get(s);
+    if (sr_) t.sr_key = sr_key(seed_, uint32_t(s), tensor_id);
   }
 
-  void count(float* step, uint32_t tensor_id, SGDTensor& t) {
+  void count(StepRef step, uint32_t tensor_id, SGDTensor& t) {
     if (!sr_) return;
-    *step += 1.0f;
-    t.sr_key = sr_key(seed_, uint32_t(*step), tensor_id);
+    t.sr_key = sr_key(seed_, uint32_t(step.bump()), tensor_id);
   }
 
   // Tensor k with counter steps[k] and id ids[k] (ids: empty without
   // stochastic rounding).
   template <class Tensor>
-  void count_all(std::vector<Tensor>& tensors, const std::vector<float*>& steps, const std::vector<uint32_t>& ids) {
+  void count_all(std::vector<Tensor>& tensors, const std::vector<StepRef>& steps, const std::vector<uint32_t>& ids) {
     if (steps.empty()) return;  // SGD without stochastic rounding keeps no counters
     for (size_t k = 0; k < tensors.size(); ++k) count(steps[k], ids.empty() ? 0u : ids[k], tensors[k]);
   }

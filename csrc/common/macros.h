@@ -36,11 +36,14 @@
 
 namespace fusedoptim {
 
-// Storage dtype codes.
+// Storage dtype codes: the three of params, grads and states, and float64,
+// which only a step counter may have (torch keeps `step` in float64 when
+// the default dtype is float64).
 enum DType : int32_t {
   kFloat32 = 0,
   kBFloat16 = 1,
   kFloat16 = 2,
+  kFloat64 = 3,
 };
 
 inline const char* dtype_name(int32_t code) {
@@ -48,13 +51,14 @@ inline const char* dtype_name(int32_t code) {
     case kFloat32: return "float32";
     case kBFloat16: return "bfloat16";
     case kFloat16: return "float16";
+    case kFloat64: return "float64";
     default: return "unknown";
   }
 }
 
 inline bool dtype_known(int32_t code) { return code == kFloat32 || code == kBFloat16 || code == kFloat16; }
 
-inline size_t dtype_size(int32_t code) { return code == kFloat32 ? 4 : 2; }
+inline size_t dtype_size(int32_t code) { return code == kFloat64 ? 8 : code == kFloat32 ? 4 : 2; }
 
 // How a step's fp32 result is stored (Note [precision options] in precision.h).
 enum StoreMode : int {

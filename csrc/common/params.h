@@ -17,7 +17,7 @@ namespace fusedoptim {
 // for-loop implementation does when it passes Python floats to fp32 ops.
 struct AdamCoeffs {
   float neg_step_size;     // -lr / (1 - beta1^t)
-  float inv_bc2_sqrt;      // 1 / sqrt(1 - beta2^t)
+  float bc2_sqrt;          // sqrt(1 - beta2^t)
 };
 
 // Step-independent scalars of an Adam step, identical for all tensors.

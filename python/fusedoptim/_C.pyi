@@ -11,6 +11,8 @@ from typing import Any, Dict, List, Optional, Tuple
 DTYPE_FLOAT32: int
 DTYPE_BFLOAT16: int
 DTYPE_FLOAT16: int
+#: float64: the dtype code of a step counter only (torch's ``step`` under a float64 default dtype).
+DTYPE_FLOAT64: int
 #: Store modes of the precision options (Note [precision options]).
 STORE_PLAIN: int
 STORE_MASTER: int
@@ -42,10 +44,12 @@ def adam_step(
     tensor_ids: Optional[List[int]] = None,
     seed: int = 0,
     grad_mul: float = 1.0,
+    step_dtype: int = ...,
 ) -> None:
     """Fused Adam/AdamW step over many tensors.
 
-    ``steps`` holds the addresses of float32 step counters; each is
+    ``steps`` holds the addresses of step counters, float32 (or float64 with
+    ``step_dtype=DTYPE_FLOAT64``); each is
     incremented by one before its tensor's bias corrections are computed.
     The keyword arguments are the precision options: the moments' dtype code
     (-1: the params'), the store mode (``STORE_*``), one extra stream per
@@ -192,6 +196,8 @@ class StepPlanBuilder:
         step: int,
         first: bool,
         tensor_id: int,
+        *,
+        step_dtype: int = ...,
     ) -> None:
         """One entry: the param at ``position`` among the group's params with a grad, its state dict, dtype
         code, element count and address, one stream address per key, the float32 step counter's address
@@ -241,6 +247,7 @@ class _CudaBackend:
         tensor_ids: Optional[List[int]] = None,
         seed: int = 0,
         clip_coef: int = 0,
+        step_dtype: int = ...,
     ) -> Dict[str, int]:
         """Multi-tensor Adam/AdamW launches on ``stream`` of ``device``.
 

@@ -21,7 +21,7 @@ from torch import Tensor
 from . import _C
 from ._routing import Route
 from ._spec import Spec
-from ._tensors import DTYPE_CODES, grad_addresses, local
+from ._tensors import DTYPE_CODES, STEP_CODES, grad_addresses, local
 from .backends import StepArgs, Tables, cpu, cuda
 
 __all__ = ["GroupPlan", "build_cpu", "run_cpu", "run_cuda"]
@@ -94,7 +94,7 @@ def _native_plan(params: Any, state_all: Any, keys: Sequence[str], uses_step: bo
     b = _C.StepPlanBuilder(params, state_all, list(keys), uses_step)
     for t, j, i, state in entries:
         b.add(i, t.params[j], state, t.code, t.numels[j], t.pptrs[j], [t.streams[k][j] for k in keys],
-              t.steps[j] if uses_step else 0, t.first[j], t.ids[j])
+              t.steps[j] if uses_step else 0, t.first[j], t.ids[j], step_dtype=t.step_code)
     return b.build()
 
 
@@ -110,15 +110,16 @@ def build_cpu(plan: GroupPlan, spec: Spec, opt: Any, group: Dict[str, Any], ps: 
     entries = []
     sharded = False
     plan.tables = []
-    for code, index in r.cpu.items():
-        t = Tables(code, opts)
+    step_dtype = spec.step_dtype(group)
+    for (code, step_code), index in r.cpu.items():
+        t = Tables(code, opts, step_code=step_code)
         t.index = list(index)
         t.streams = {k: [] for k in keys}
         for j, i in enumerate(index):
             p = ps[i]
             # Touch optimizer.state only where torch would keep state.
             state = state_all[p] if keeps else {}
-            first = spec.init_state(p, state, keys, opts)
+            first = spec.init_state(p, state, keys, opts, step_dtype=step_dtype)
             _fill(t, p, state, keys, uses_step, first, position.get(id(p), 0))
             sharded = sharded or local(p) is not p
             entries.append((t, j, i, state))
@@ -165,18 +166,20 @@ def run_cuda(plan: GroupPlan, spec: Spec, opt: Any, group: Dict[str, Any], ps: L
     # Step counters on the param's device with capturable=True or fused=True.
     step_on_device = spec.torch_step and bool(group.get("capturable") or group.get("fused"))
     position = _positions(opt.param_groups) if opts.stochastic_rounding else {}
+    step_dtype = spec.step_dtype(group)
     batches: Dict[tuple, Tables] = {}
     states: Dict[int, Dict[str, Any]] = {}
     for i in r.cuda:
         p = ps[i]
         state = state_all[p] if keeps else {}
-        first = spec.init_state(p, state, keys, opts, step_on_device=step_on_device)
+        first = spec.init_state(p, state, keys, opts, step_on_device=step_on_device, step_dtype=step_dtype)
         step = state.get("step") if spec.torch_step else None
         device_steps = step is not None and (step.device.type != "cpu" or (step_on_device and cuda.on_device(step)))
-        key = (DTYPE_CODES[p.dtype], str(p.device), device_steps)
+        step_code = STEP_CODES[step.dtype] if step is not None else _C.DTYPE_FLOAT32
+        key = (DTYPE_CODES[p.dtype], str(p.device), device_steps, step_code)
         t = batches.get(key)
         if t is None:
-            t = batches[key] = Tables(key[0], opts, p.device, device_steps)
+            t = batches[key] = Tables(key[0], opts, p.device, device_steps, step_code)
             t.streams = {k: [] for k in keys}
         t.index.append(i)
         _fill(t, p, state, keys, uses_step, first, position.get(id(p), 0))

@@ -16,7 +16,7 @@ from torch import Tensor
 from . import _precision
 from ._precision import Options
 from ._spec import Spec
-from ._tensors import DTYPE_CODES, disjoint, local, plain, same_sharding, step_dtype
+from ._tensors import DTYPE_CODES, STEP_CODES, disjoint, local, plain, same_sharding
 from .backends import cuda
 
 __all__ = ["Route", "route"]
@@ -30,7 +30,8 @@ class Route:
     def __init__(self, keys: Tuple[str, ...], opts: Options) -> None:
         self.keys = keys  # the group's state streams, in kernel order
         self.opts = opts
-        self.cpu: Dict[int, List[int]] = {}  # dtype code -> positions, one CPU kernel call each
+        # (dtype code, step counter's dtype code) -> positions, one CPU kernel call each
+        self.cpu: Dict[Tuple[int, int], List[int]] = {}
         self.cuda: List[int] = []  # positions the CUDA kernels update (real or emulated)
         self.torch: List[int] = []  # positions torch's own implementation updates
 
@@ -47,8 +48,11 @@ def route(spec: Spec, group: Dict[str, Any], ps: List[Tensor], gs: List[Tensor],
     """
     r = Route(spec.keys(group, opts), opts)
     native_ok = not group.get("differentiable", False)
-    if spec.torch_step and step_dtype() != torch.float32:
-        native_ok = False
+    new_step = spec.step_dtype(group)
+    # Counters a CUDA kernel increments on the device are float32 (torch's
+    # capturable layout under a float64 default dtype keeps float64 ones).
+    cuda_ok = not (spec.torch_step and group.get("capturable") and not group.get("fused")
+                   and new_step != torch.float32)
     for i, (p, g) in enumerate(zip(ps, gs)):
         spec.check_grad(i, p, g)
         state = state_all.get(p)
@@ -66,15 +70,21 @@ def route(spec: Spec, group: Dict[str, Any], ps: List[Tensor], gs: List[Tensor],
             and lp.is_contiguous()
         )
         if kernel_ok and cuda.takes(p):
-            usable = not state or spec.state_usable(p, state, r.keys, opts, cuda=True)
+            usable = cuda_ok and (not state or spec.state_usable(p, state, r.keys, opts, cuda=True))
             (r.cuda if usable else r.torch).append(i)
             continue
         if p.device.type == "cuda":
             cuda.warn_unavailable(p)
         if kernel_ok and p.device.type == "cpu" and (not state or spec.state_usable(p, state, r.keys, opts)):
-            r.cpu.setdefault(DTYPE_CODES[p.dtype], []).append(i)
+            step = state.get("step") if state else None
+            step_code = STEP_CODES[step.dtype if step is not None else new_step]
+            r.cpu.setdefault((DTYPE_CODES[p.dtype], step_code), []).append(i)
         else:
             r.torch.append(i)
+    # Calls of one dtype side by side (a C plan's buckets are runs of one dtype),
+    # dtypes in the order they first appear.
+    codes = list(dict.fromkeys(code for code, _ in r.cpu))
+    r.cpu = {k: r.cpu[k] for c in codes for k in r.cpu if k[0] == c}
     native = [i for idx in r.cpu.values() for i in idx] + r.cuda
     if native and not disjoint([ps[i] for i in native]):
         # Params that share memory are updated one after the other by

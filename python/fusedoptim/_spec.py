@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from ._precision import Options
-from ._tensors import local
+from ._tensors import local, step_dtype
 
 __all__ = ["Spec", "Stream", "in_range", "number"]
 
@@ -103,6 +103,12 @@ class Spec:
         """Whether params keep a float32 ``step`` the kernels count."""
         return self.torch_step or opts.stochastic_rounding
 
+    def step_dtype(self, group: Dict[str, Any]) -> torch.dtype:
+        """The dtype of a new ``step``: torch's for its own counter (float32,
+        or float64 under a float64 default dtype unless ``fused``); float32
+        for the counter of stochastic rounding."""
+        return step_dtype(bool(group.get("fused"))) if self.torch_step else torch.float32
+
     def keeps_state(self, group: Dict[str, Any], opts: Options) -> bool:
         """Whether params of the group have state at all (SGD without momentum keeps none)."""
         return bool(self.keys(group, opts)) or self.uses_step(opts)
@@ -141,15 +147,17 @@ class Spec:
                      cuda: bool = False) -> bool:
         """Whether existing state is in the layout the kernels take: streams
         beside the param, contiguous, in the options' dtypes; step counters
-        float32 scalars on the host (or, for the CUDA kernels and torch's own
-        counters, on the param's device: capturable / fused)."""
+        scalars on the host, float32 (or float64 for torch's own), or for the
+        CUDA kernels and torch's own counters float32 on the param's device
+        (capturable / fused)."""
         if self.uses_step(opts):
             step = state.get("step")
             if step is not None or self.torch_step:
-                if not (isinstance(step, Tensor) and step.dtype == torch.float32 and step.numel() == 1
+                host = (torch.float32, torch.float64) if self.torch_step else (torch.float32,)
+                if not (isinstance(step, Tensor) and step.dtype in host and step.numel() == 1
                         and not step.requires_grad):
                     return False
-                on_device = cuda and self.torch_step and step.device == p.device
+                on_device = cuda and self.torch_step and step.device == p.device and step.dtype == torch.float32
                 if step.device.type != "cpu" and not on_device:
                     return False
         shard = local(p)
@@ -163,7 +171,7 @@ class Spec:
 
     # -- creation (phase 2) ------------------------------------------------------
     def init_state(self, p: Tensor, state: Dict[str, Any], keys: Tuple[str, ...], opts: Options,
-                   step_on_device: bool = False) -> bool:
+                   step_on_device: bool = False, step_dtype: torch.dtype = torch.float32) -> bool:
         """Create the missing state of ``p`` in torch's layout (in the options'
         dtypes). Returns whether a stream is filled from the grad this step.
 
@@ -171,8 +179,8 @@ class Spec:
         only stochastic rounding needs comes last.
         """
         if self.torch_step and "step" not in state:
-            state["step"] = (torch.zeros((), dtype=torch.float32, device=p.device) if step_on_device
-                             else torch.tensor(0.0, dtype=torch.float32))
+            state["step"] = (torch.zeros((), dtype=step_dtype, device=p.device) if step_on_device
+                             else torch.tensor(0.0, dtype=step_dtype))
         first = False
         for key in keys:
             if state.get(key) is not None:

@@ -18,6 +18,7 @@ from . import _C
 
 __all__ = [
     "DTYPE_CODES",
+    "STEP_CODES",
     "check_cpu",
     "GradAddresses",
     "disjoint",
@@ -95,8 +96,15 @@ def grads_of(params: Sequence[Tensor]) -> Tuple[List[Tensor], List[Tensor]]:
     return ps, gs
 
 
-def step_dtype() -> torch.dtype:
-    """The dtype torch keeps ``step`` in: float32 unless the default dtype is float64."""
+#: dtype of a step counter -> its code for the compiled module.
+STEP_CODES: Dict[torch.dtype, int] = {torch.float32: _C.DTYPE_FLOAT32, torch.float64: _C.DTYPE_FLOAT64}
+
+
+def step_dtype(fused: bool = False) -> torch.dtype:
+    """The dtype torch.optim keeps ``step`` in: float32 with ``fused=True``,
+    else float32 unless the default dtype is float64."""
+    if fused:
+        return torch.float32
     return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
 
 

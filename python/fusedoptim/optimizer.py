@@ -152,14 +152,19 @@ class FusedOptimizer:
 
     def __getstate__(self) -> Dict[str, Any]:
         state = dict(super().__getstate__())  # type: ignore[misc]
-        state["num_threads"] = self.__dict__.get("num_threads")
+        if "num_threads" in self.__dict__:  # set on this optimizer (else the class's None)
+            state["num_threads"] = self.__dict__["num_threads"]
         return state
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
+        # A copy has exactly the original's public attributes: num_threads
+        # only where the original set its own.
         state = dict(state)
+        own = "num_threads" in state
         num_threads = state.pop("num_threads", None)
         super().__setstate__(state)  # type: ignore[misc]
-        self.num_threads = num_threads
+        if own:
+            self.num_threads = num_threads
         self._fo_plans = {}
 
     @_compile.compile_aware  # under torch.compile: the traced step, custom ops, no graph break

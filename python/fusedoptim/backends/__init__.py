@@ -28,11 +28,13 @@ class Tables:
     the order of the optimizer's spec (see :mod:`fusedoptim._spec`).
     """
 
-    __slots__ = ("code", "device", "device_steps", "index", "params", "numels", "pptrs", "streams", "steps",
-                 "first", "ids", "opts", "lo", "hi")
+    __slots__ = ("code", "step_code", "device", "device_steps", "index", "params", "numels", "pptrs", "streams",
+                 "steps", "first", "ids", "opts", "lo", "hi")
 
-    def __init__(self, code: int, opts: Any, device: Optional[torch.device] = None, device_steps: bool = False) -> None:
+    def __init__(self, code: int, opts: Any, device: Optional[torch.device] = None, device_steps: bool = False,
+                 step_code: int = 0) -> None:
         self.code = code
+        self.step_code = step_code  # dtype code of the step counters (float32, or float64 on the host)
         self.opts = opts  # the group's precision options (fusedoptim._precision.Options)
         self.device = device
         self.device_steps = device_steps  # step counters on the device (CUDA, capturable or fused)

@@ -47,6 +47,8 @@ def run(kernel: str, t: Tables, gptrs: List[int], h: Any, args: StepArgs) -> Non
                 kw["steps"] = t.steps
     s = t.streams
     if kernel == "adam":
+        if t.step_code != _C.DTYPE_FLOAT32:
+            kw["step_dtype"] = t.step_code  # torch's float64 counters
         _C.adam_step(
             t.pptrs, gptrs, s["exp_avg"], s["exp_avg_sq"], s.get("max_exp_avg_sq"), t.steps, t.numels, t.code,
             float(h.lr), h.beta1, h.beta2, h.eps, h.weight_decay, h.decoupled, h.amsgrad, h.maximize, args.threads,

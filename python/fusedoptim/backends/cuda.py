@@ -201,12 +201,14 @@ def _adam(t: Tables, gptrs: List[int], h: Any, args: StepArgs, found_inf: Option
             lr = lr.item()
     index, stream = _where(t.device)  # type: ignore[arg-type]
     s = t.streams
+    kw = _options(t, args.clip)
+    if t.step_code != _C.DTYPE_FLOAT32:
+        kw["step_dtype"] = t.step_code  # torch's float64 host counters
     return _module().adam_step(
         t.pptrs, gptrs, s["exp_avg"], s["exp_avg_sq"], s["max_exp_avg_sq"] if h.amsgrad else None, t.steps,
         t.numels, t.code, float(lr), h.beta1, h.beta2, h.eps, h.weight_decay, h.decoupled, h.amsgrad, h.maximize,
         device_steps=t.device_steps, lr_ptr=lr_ptr, grad_scale=_on(args.grad_scale, t.device, keep),
-        found_inf=_on(found_inf, t.device, keep), device=index, stream=stream, param_space=_param_space,
-        **_options(t, args.clip),
+        found_inf=_on(found_inf, t.device, keep), device=index, stream=stream, param_space=_param_space, **kw,
     )
 
 
