@@ -26,11 +26,12 @@ streams' dtypes, and may add a ``step`` counter (stochastic rounding).
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
 
+from ._compile import kernel_ok
 from ._precision import Options
 from ._tensors import local, step_dtype
 
@@ -168,6 +169,21 @@ class Spec:
                                       and local(t).shape == shard.shape):
                 return False
         return True
+
+    def split(self, params: List[Tensor], grads: List[Tensor], states: List[Dict[str, Any]], keys: Tuple[str, ...],
+              native_ok: bool) -> Tuple[List[int], List[int]]:
+        """The functional steps' routing (lists of tensors, no optimizer):
+        every grad and state checked as the optimizers check them, then the
+        positions the native op takes and those left to torch."""
+        native: List[int] = []
+        fallback: List[int] = []
+        for i, (p, g, state) in enumerate(zip(params, grads, states)):
+            self.check_grad(i, p, g)
+            if state:
+                self.check_state(i, p, state, keys)
+            usable = native_ok and kernel_ok(p, g) and self.state_usable(p, state, keys, Options())
+            (native if usable else fallback).append(i)
+        return native, fallback
 
     # -- creation (phase 2) ------------------------------------------------------
     def init_state(self, p: Tensor, state: Dict[str, Any], keys: Tuple[str, ...], opts: Options,

@@ -120,19 +120,9 @@ def adam(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor], exp_
     spec = ADAMW if decoupled_weight_decay else ADAM
     keys = spec.keys({"amsgrad": amsgrad}, Options())
     native_ok = not differentiable and not any(isinstance(v, Tensor) for v in (beta1, beta2, eps, weight_decay))
-    native: List[int] = []
-    fallback: List[int] = []
-    for i in range(len(params)):
-        p, g = params[i], grads[i]
-        spec.check_grad(i, p, g)
-        state = {"step": state_steps[i], "exp_avg": exp_avgs[i], "exp_avg_sq": exp_avg_sqs[i]}
-        if amsgrad:
-            state["max_exp_avg_sq"] = max_exp_avg_sqs[i]
-        spec.check_state(i, p, state, keys)
-        if native_ok and _compile.kernel_ok(p, g) and spec.state_usable(p, state, keys, Options()):
-            native.append(i)
-        else:
-            fallback.append(i)
+    states = [dict({"step": state_steps[i], "exp_avg": exp_avgs[i], "exp_avg_sq": exp_avg_sqs[i]},
+                   **({"max_exp_avg_sq": max_exp_avg_sqs[i]} if amsgrad else {})) for i in range(len(params))]
+    native, fallback = spec.split(params, grads, states, keys, native_ok)
     if native:
         op = torch.ops.fusedoptim.adam_step_ if _compile.HAVE_CUSTOM_OP and torch.compiler.is_compiling() else _native
         op([params[i] for i in native], [grads[i] for i in native], [exp_avgs[i] for i in native],

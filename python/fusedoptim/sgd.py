@@ -110,19 +110,9 @@ def sgd(params: List[Tensor], d_p_list: List[Tensor], momentum_buffer_list: List
     use_momentum = momentum != 0
     keys = SGD_SPEC.keys({"momentum": momentum}, Options())
     native_ok = not differentiable and not any(isinstance(v, Tensor) for v in (momentum, dampening, weight_decay))
-    native: List[int] = []
-    fallback: List[int] = []
-    for i in range(len(params)):
-        p, g = params[i], d_p_list[i]
-        SGD_SPEC.check_grad(i, p, g)
-        buf = momentum_buffer_list[i] if use_momentum else None
-        state = {"momentum_buffer": buf} if buf is not None else {}
-        if state:
-            SGD_SPEC.check_state(i, p, state, keys)
-        if native_ok and _compile.kernel_ok(p, g) and SGD_SPEC.state_usable(p, state, keys, Options()):
-            native.append(i)
-        else:
-            fallback.append(i)
+    bufs = momentum_buffer_list if use_momentum else [None] * len(params)
+    states = [{"momentum_buffer": buf} if buf is not None else {} for buf in bufs]
+    native, fallback = SGD_SPEC.split(params, d_p_list, states, keys, native_ok)
     if native:
         in_range(momentum, "momentum value")
         in_range(weight_decay, "weight_decay value")
