@@ -487,3 +487,26 @@ def test_sgd_momentum_switched_mid_run(start, then):
             opt.step()
         out[which] = (p.detach().clone(), q.detach().clone())
     assert_close(list(out["ours"]), list(out["torch"]), what=f"SGD momentum {start} -> {then}", **FP32_VS_TORCH)
+
+
+def test_step_reports_reach_a_copy_of_the_dict():
+    """Lightning's optimizer wrapper copies the optimizer's __dict__ once; the
+    per-step reports (last_backends, last_grad_norm) must still follow."""
+    ps = [torch.nn.Parameter(torch.randn(10)), torch.nn.Parameter(torch.randn(6, 4).t())]  # the second strided
+    opt = fusedoptim.AdamW([{"params": [ps[0]]}, {"params": [ps[1]]}], lr=0.01)
+    wrapper = object.__new__(type("Wrapped", (type(opt),), {}))
+    wrapper.__dict__ = dict(opt.__dict__)
+    assert wrapper.last_backends == []
+    for p in ps:
+        p.grad = torch.randn(p.shape).contiguous()
+    opt.step()
+    assert opt.last_backends == [f"native-cpu/{fusedoptim.get_cpu_isa()}", "torch"]
+    assert wrapper.last_backends == opt.last_backends
+    ps[1].grad = None
+    opt.step()
+    assert wrapper.last_backends == [f"native-cpu/{fusedoptim.get_cpu_isa()}", "none"]
+    clipped = fusedoptim.SGD([ps[0]], lr=0.1, max_grad_norm=0.5)
+    wrapper = object.__new__(type(clipped))
+    wrapper.__dict__ = dict(clipped.__dict__)
+    clipped.step()
+    assert wrapper.last_grad_norm is not None and torch.equal(wrapper.last_grad_norm, clipped.last_grad_norm)

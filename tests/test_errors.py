@@ -182,9 +182,12 @@ def test_mismatched_grad_raises_before_writing(name, mismatch, warm):
     _swap_grad_data(victim, new)
     assert victim.grad.shape != victim.shape or victim.grad.dtype != victim.dtype
     before = snapshot(opt, flat)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError) as raised:
         opt.step()
     assert_snapshot_equal(before, snapshot(opt, flat), f"{name}: grad {mismatch} mismatch")
+    # torch raises RuntimeError here: code that catches it must catch ours.
+    assert isinstance(raised.value, RuntimeError), type(raised.value)
+    assert "param 0 of group 2" in str(raised.value), str(raised.value)
 
 
 @pytest.mark.parametrize("name", ["Adam", "AdamW"])

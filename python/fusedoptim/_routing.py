@@ -54,7 +54,7 @@ def route(spec: Spec, group: Dict[str, Any], ps: List[Tensor], gs: List[Tensor],
     cuda_ok = not (spec.torch_step and group.get("capturable") and not group.get("fused")
                    and new_step != torch.float32)
     for i, (p, g) in enumerate(zip(ps, gs)):
-        spec.check_grad(i, p, g)
+        spec.check_grad(i, p, g, gi)
         state = state_all.get(p)
         if state:
             spec.check_state(i, p, state, r.keys)

@@ -35,7 +35,13 @@ from ._compile import kernel_ok
 from ._precision import Options
 from ._tensors import local, step_dtype
 
-__all__ = ["Spec", "Stream", "in_range", "number"]
+__all__ = ["GradMismatchError", "Spec", "Stream", "in_range", "number"]
+
+
+class GradMismatchError(RuntimeError, ValueError):
+    """A grad that does not match its param (shape, dtype or device): a
+    RuntimeError, as torch raises for it, and a ValueError, as this package
+    raised before."""
 
 
 class Stream(NamedTuple):
@@ -115,21 +121,20 @@ class Spec:
         return bool(self.keys(group, opts)) or self.uses_step(opts)
 
     # -- checks (phase 1: nothing is written) -----------------------------------
-    def check_grad(self, i: int, p: Tensor, g: Tensor) -> None:
-        """A grad must match its param, or raise (torch's exception types where torch checks)."""
-        if g.layout != torch.strided:
-            if self.sparse_error is not None:
-                raise RuntimeError(self.sparse_error)
-            # Sparse grads are torch's business (its SGD supports them).
-            if g.shape != p.shape:
-                raise ValueError(f"grad of param {i} has shape {tuple(g.shape)} but the param has shape {tuple(p.shape)}")
-            return
+    def check_grad(self, i: int, p: Tensor, g: Tensor, gi: Optional[int] = None) -> None:
+        """A grad must match its param (param ``i`` of group ``gi``), or raise
+        :class:`GradMismatchError` (torch's errors for sparse grads)."""
+        where = f"param {i}" if gi is None else f"param {i} of group {gi}"
+        if g.layout != torch.strided and self.sparse_error is not None:
+            raise RuntimeError(self.sparse_error)
         if g.shape != p.shape:
-            raise ValueError(f"grad of param {i} has shape {tuple(g.shape)} but the param has shape {tuple(p.shape)}")
+            raise GradMismatchError(f"grad of {where} has shape {tuple(g.shape)} but the param has shape {tuple(p.shape)}")
+        if g.layout != torch.strided:
+            return  # sparse grads are torch's business (its SGD supports them)
         if g.dtype != p.dtype:
-            raise ValueError(f"grad of param {i} has dtype {g.dtype} but the param has dtype {p.dtype}")
+            raise GradMismatchError(f"grad of {where} has dtype {g.dtype} but the param has dtype {p.dtype}")
         if g.device != p.device:
-            raise ValueError(f"grad of param {i} is on {g.device} but the param is on {p.device}")
+            raise GradMismatchError(f"grad of {where} is on {g.device} but the param is on {p.device}")
 
     def check_state(self, i: int, p: Tensor, state: Dict[str, Any], keys: Tuple[str, ...]) -> None:
         """Existing state must fit its param, else torch's code would fail midway."""

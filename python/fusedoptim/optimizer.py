@@ -61,6 +61,18 @@ def _unhooked(fn: Callable) -> Callable:
     return fn
 
 
+class StepReport:
+    """What the last step did. One object per optimizer, mutated by every
+    step, never replaced: a framework wrapper that copies the optimizer's
+    ``__dict__`` once (Lightning's LightningOptimizer) sees every later step."""
+
+    __slots__ = ("backends", "grad_norm")
+
+    def __init__(self) -> None:
+        self.backends: List[str] = []
+        self.grad_norm: Optional[Tensor] = None
+
+
 class _Work:
     """One param group in one step: its plan, and how it runs."""
 
@@ -100,6 +112,14 @@ class FusedOptimizer:
             self._step_supports_amp_scaling = True
         _precision.setup(self.defaults, self.param_groups, options)  # type: ignore[attr-defined]
         self._fo_options_set = True
+        self._fo_report = StepReport()
+
+    @property
+    def _report(self) -> StepReport:
+        report = self.__dict__.get("_fo_report")
+        if report is None:  # unpickled: __setstate__ makes one, this is a fallback
+            report = self.__dict__["_fo_report"] = StepReport()
+        return report
 
     @property
     def last_backends(self) -> List[str]:
@@ -110,13 +130,13 @@ class FusedOptimizer:
         group could use the kernels, ``"none"`` for a group without grads,
         or ``"skipped (found_inf)"``.
         """
-        return list(self.__dict__.get("_fo_last", []))
+        return list(self._report.backends)
 
     @property
     def last_grad_norm(self) -> Optional[Tensor]:
         """With ``max_grad_norm``: the global grad norm of the last step (a
         0-d float32 tensor, what ``clip_grad_norm_`` returns), else None."""
-        return self.__dict__.get("_fo_last_norm")
+        return self._report.grad_norm
 
     def torch_state_dict(self) -> Dict[str, Any]:
         """A ``state_dict`` for torch.optim: without the state of fusedoptim's
@@ -166,6 +186,7 @@ class FusedOptimizer:
         if own:
             self.num_threads = num_threads
         self._fo_plans = {}
+        self._fo_report = StepReport()
 
     @_compile.compile_aware  # under torch.compile: the traced step, custom ops, no graph break
     @_use_grad_for_differentiable
@@ -187,7 +208,7 @@ class FusedOptimizer:
         # An inf flag the CUDA kernels read on the device: reading it here would be a host sync.
         defer_inf = found_inf is not None and cuda.on_device(found_inf)
         if found_inf is not None and not defer_inf and bool(found_inf.item()):
-            self._fo_last = ["skipped (found_inf)"] * len(self.param_groups)  # type: ignore[attr-defined]
+            self._report.backends[:] = ["skipped (found_inf)"] * len(self.param_groups)  # type: ignore[attr-defined]
             return loss
         work: List[_Work] = []
         try:
@@ -195,7 +216,7 @@ class FusedOptimizer:
             if defer_inf and any(w.plan is not None and (w.plan.route.cpu or w.plan.route.torch) for w in work):
                 # Work outside the CUDA kernels cannot read the flag on the device.
                 if bool(found_inf.item()):  # type: ignore[union-attr]
-                    self._fo_last = ["skipped (found_inf)"] * len(self.param_groups)  # type: ignore[attr-defined]
+                    self._report.backends[:] = ["skipped (found_inf)"] * len(self.param_groups)  # type: ignore
                     return loss
                 defer_inf = False
             if grad_scale is not None:
@@ -209,7 +230,7 @@ class FusedOptimizer:
             max_norm = _precision.max_grad_norm(self.param_groups)  # type: ignore[attr-defined]
             if max_norm is not None:
                 # The global norm of all grads (after AMP unscaling), before anything is updated.
-                self._fo_last_norm, args.clip = _grad_norm(work, max_norm, args)
+                self._report.grad_norm, args.clip = _grad_norm(work, max_norm, args)
             fallback = self._fo_run(work, args)
         finally:
             for w in work:
@@ -286,7 +307,7 @@ class FusedOptimizer:
                 fallback.append(sub)
                 used.append("torch")
             names.append("+".join(used))
-        self._fo_last = names
+        self._report.backends[:] = names
         return fallback
 
     def _fo_torch_step(self, groups: List[Dict[str, Any]]) -> None:
