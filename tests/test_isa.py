@@ -288,3 +288,16 @@ def test_env_var_bad_request_warns_and_keeps_supported_isa(tmp_path, request_kin
     msgs = [w for w in out["warnings"] if w[0] == "RuntimeWarning" and "FUSEDOPTIM_CPU_ISA" in w[1]]
     assert len(msgs) == 1, out["warnings"]
     assert value in msgs[0][1]
+    if request_kind == "unknown":  # says it is no variant, and lists the names
+        assert "is not a CPU variant" in msgs[0][1] and "scalar, avx2, avx512" in msgs[0][1], msgs[0][1]
+    else:
+        assert "cannot be used here" in msgs[0][1], msgs[0][1]
+
+
+def test_env_var_and_set_cpu_isa_take_any_case(tmp_path, restore_isa):
+    out = _probe(tmp_path, "SCALAR")
+    assert out["isa"] == "scalar" and out["request"] == "SCALAR" and out["honored"] is True
+    assert not [w for w in out["warnings"] if "FUSEDOPTIM_CPU_ISA" in w[1]], out["warnings"]
+    for name in ("Scalar", "SCALAR"):
+        fusedoptim.set_cpu_isa(name)
+        assert fusedoptim.get_cpu_isa() == "scalar"

@@ -38,7 +38,14 @@ const Variant kVariants[] = {
     {"scalar", &kernels_scalar, &always},
 };
 
-const KernelTable* find(const std::string& name, bool* runnable) {
+// Variant names match in any case ("AVX2" is "avx2"); nothing else is trimmed.
+std::string ascii_lower(std::string s) {
+  for (char& c : s) c = (c >= 'A' && c <= 'Z') ? char(c - 'A' + 'a') : c;
+  return s;
+}
+
+const KernelTable* find(const std::string& requested, bool* runnable) {
+  const std::string name = ascii_lower(requested);
   for (const Variant& v : kVariants) {
     if (name == v.name) {
       *runnable = v.runnable();
@@ -139,7 +146,7 @@ void set_isa(const std::string& name) {
   const KernelTable* t = find(name, &runnable);
   if (t == nullptr) {
     bool known = false;
-    for (const Variant& v : kVariants) known |= (name == v.name);
+    for (const Variant& v : kVariants) known |= (ascii_lower(name) == v.name);
     if (!known) throw std::invalid_argument("unknown CPU ISA '" + name + "' (expected scalar, avx2 or avx512)");
     throw std::runtime_error("CPU ISA '" + name + "' was not compiled into this build of fusedoptim");
   }

@@ -14,6 +14,8 @@ from .backends import cuda
 __all__ = ["backend_info", "get_cpu_isa", "get_num_threads", "set_cpu_isa", "set_num_threads", "threads_of"]
 
 _num_threads: Optional[int] = None
+#: The CPU variants' names (FUSEDOPTIM_CPU_ISA and set_cpu_isa take them in any case).
+ISA_NAMES = ("scalar", "avx2", "avx512")
 
 
 def set_num_threads(num_threads: Optional[int]) -> None:
@@ -40,7 +42,7 @@ def threads_of(own: Optional[int]) -> int:
 
 
 def set_cpu_isa(name: str) -> None:
-    """Force a CPU variant: ``"scalar"``, ``"avx2"`` or ``"avx512"``.
+    """Force a CPU variant: ``"scalar"``, ``"avx2"`` or ``"avx512"`` (any case).
 
     Raises ValueError for an unknown name and RuntimeError for a variant this
     build or this CPU cannot run. The environment variable
@@ -68,7 +70,7 @@ def backend_info() -> Dict[str, Any]:
     info = dict(_C.backend_info())
     request = os.environ.get("FUSEDOPTIM_CPU_ISA") or None
     info["isa_request"] = request
-    info["isa_request_honored"] = request is None or request == info["isa"]
+    info["isa_request_honored"] = request is None or request.lower() == info["isa"]
     info["num_threads"] = get_num_threads()
     facts = cuda.info()
     info["cuda_available"] = bool(facts["available"])
@@ -81,11 +83,10 @@ def backend_info() -> Dict[str, Any]:
 def warn_ignored_isa_request() -> None:
     """Warn when ``FUSEDOPTIM_CPU_ISA`` names a variant that is not in use."""
     request = os.environ.get("FUSEDOPTIM_CPU_ISA")
-    if request and request != _C.get_cpu_isa():
-        supported = _C.backend_info()["supported_isas"]
-        warnings.warn(
-            f"FUSEDOPTIM_CPU_ISA={request!r} cannot be used here (supported: {supported}); "
-            f"using {_C.get_cpu_isa()!r}",
-            RuntimeWarning,
-            stacklevel=3,
-        )
+    active = _C.get_cpu_isa()
+    if request and request.lower() != active:
+        if request.lower() not in ISA_NAMES:
+            why = f"is not a CPU variant: the names are {', '.join(ISA_NAMES)} (any case)"
+        else:
+            why = f"cannot be used here (supported: {', '.join(_C.backend_info()['supported_isas'])})"
+        warnings.warn(f"FUSEDOPTIM_CPU_ISA={request!r} {why}; using {active!r}", RuntimeWarning, stacklevel=3)
