@@ -188,3 +188,32 @@ def test_float64_default_dtype(cls, kw):
                 assert dst.last_backends == [f"native-cpu/{fusedoptim.get_cpu_isa()}"]
     finally:
         torch.set_default_dtype(saved)
+
+
+@pytest.mark.parametrize("kw", [{"fused": True}, {}], ids=["fused", "plain"])
+def test_float64_step_counters_through_the_cuda_path(kw):
+    """Emulated CUDA: float64 host counters (a checkpoint of a float64-default
+    run) are counted on the host, with the CPU path's bits."""
+    from fusedoptim.backends import cuda
+
+    gen = torch.Generator().manual_seed(9)
+    init = torch.randn(300, generator=gen)
+    grads = [torch.randn(300, generator=gen) for _ in range(3)]
+    out = []
+    for emulate in (False, True):
+        p = nn.Parameter(init.clone())
+        opt = fusedoptim.AdamW([p], lr=0.01, **kw)
+        p.grad = grads[0].clone()
+        opt.step()
+        opt.state[p]["step"] = opt.state[p]["step"].double()  # as a float64-default run keeps it
+        for g in grads[1:]:
+            p.grad = g.clone()
+            if emulate:
+                with cuda.emulate():
+                    opt.step()
+                assert opt.last_backends == ["native-cuda-emulated"]
+            else:
+                opt.step()
+        assert opt.state[p]["step"].dtype == torch.float64 and float(opt.state[p]["step"]) == 3.0
+        out.append(p.detach().clone())
+    assert torch.equal(out[0].view(torch.int32), out[1].view(torch.int32))

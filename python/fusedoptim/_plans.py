@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Optional, Sequence
 
+import torch
 from torch import Tensor
 
 from . import _C
@@ -30,12 +31,11 @@ __all__ = ["GroupPlan", "build_cpu", "run_cpu", "run_cuda"]
 class GroupPlan:
     """Routing and tables of one param group, valid while unchanged."""
 
-    __slots__ = ("route", "tables", "built", "cpu_plan", "cuda_plan", "cuda_tables", "mode")
+    __slots__ = ("route", "tables", "cpu_plan", "cuda_plan", "cuda_tables", "mode")
 
     def __init__(self, route: Route) -> None:
         self.route = route
         self.tables: List[Tables] = []  # one CPU kernel call each
-        self.built = False  # state created and tables filled (phase 2)
         self.cpu_plan: Optional[_C.StepPlan] = None  # all-CPU groups: the tables, checked and run from C
         self.cuda_plan: Optional[_C.StepPlan] = None  # all-CUDA groups: checks and grad addresses from C
         self.cuda_tables: List[Tables] = []  # the launches the cuda_plan feeds
@@ -124,7 +124,6 @@ def build_cpu(plan: GroupPlan, spec: Spec, opt: Any, group: Dict[str, Any], ps: 
             sharded = sharded or local(p) is not p
             entries.append((t, j, i, state))
         plan.tables.append(t)
-    plan.built = True
     plan.cpu_plan = None
     # Sharded params take the general path every step: the C plan checks
     # params by their own addresses, which a DTensor does not have.
@@ -174,7 +173,9 @@ def run_cuda(plan: GroupPlan, spec: Spec, opt: Any, group: Dict[str, Any], ps: L
         state = state_all[p] if keeps else {}
         first = spec.init_state(p, state, keys, opts, step_on_device=step_on_device, step_dtype=step_dtype)
         step = state.get("step") if spec.torch_step else None
-        device_steps = step is not None and (step.device.type != "cpu" or (step_on_device and cuda.on_device(step)))
+        # Counters a kernel increments on the device are float32; others are counted on the host.
+        device_steps = step is not None and step.dtype == torch.float32 and (
+            step.device.type != "cpu" or (step_on_device and cuda.on_device(step)))
         step_code = STEP_CODES[step.dtype] if step is not None else _C.DTYPE_FLOAT32
         key = (DTYPE_CODES[p.dtype], str(p.device), device_steps, step_code)
         t = batches.get(key)

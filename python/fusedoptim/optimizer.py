@@ -286,9 +286,9 @@ class FusedOptimizer:
                 continue
             r = plan.route
             used = []
-            if not plan.built:
-                _plans.build_cpu(plan, spec, self, w.group, w.ps)
-                plans[id(w.group)] = (w.group, plan)
+            # A plan routed this step: create its state, fill its tables, cache it.
+            _plans.build_cpu(plan, spec, self, w.group, w.ps)
+            plans[id(w.group)] = (w.group, plan)
             if r.cpu:
                 if plan.cpu_plan is not None and not r.torch and not r.cuda \
                         and plan.cpu_plan.collect(w.group["params"], self.state) == 0:  # type: ignore[attr-defined]
