@@ -1,9 +1,13 @@
-"""Threads and many tensors: fusedoptim's own thread pool next to torch's
-intra-op threads and Python threads; 300+ tensors of odd sizes and mixed
+"""Threads and many tensors: the step on torch's OpenMP team and on
+fusedoptim's own pool, next to torch's intra-op threads and Python threads; 300+ tensors of odd sizes and mixed
 dtypes in one group."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -57,7 +61,7 @@ def test_interleaved_with_torch_ops_and_changing_torch_threads(case, dtype):
 
 
 @pytest.mark.parametrize("case", CASES, ids=_ids)
-def test_optimizer_in_a_python_thread_while_torch_runs(case):
+def test_optimizer_in_a_python_thread_while_torch_runs(case, threads_backend):
     ref = _run(case, torch.float32, 10, threads=2)
     result, errors = {}, []
 
@@ -80,7 +84,7 @@ def test_optimizer_in_a_python_thread_while_torch_runs(case):
     assert_same_bits(result["got"], ref, f"{case.id} stepped from a Python thread")
 
 
-def test_two_optimizers_stepping_concurrently_from_python_threads():
+def test_two_optimizers_stepping_concurrently_from_python_threads(threads_backend):
     """Two optimizers share fusedoptim's thread pool from two Python threads."""
     cases = [CASES_BY_ID["Adam-wd0.1-amsgrad"], CASES_BY_ID["SGD-mom0.9-damp0.1-wd0"]]
     refs = [_run(c, torch.float32, 10, threads=2) for c in cases]
@@ -155,3 +159,122 @@ def test_many_tensors_mixed_dtypes_in_one_group(case):
                 assert v.dtype == torch.float32 and float(v) == 12.0
             else:
                 assert v.dtype == p.dtype and v.shape == p.shape
+
+
+# ---------------------------------------------------------------- whose threads: torch's OpenMP team or our pool
+BACKENDS = ("openmp", "pool")
+
+
+@pytest.fixture(params=BACKENDS)
+def threads_backend(request):
+    """Runs a test on torch's OpenMP team and on fusedoptim's own pool."""
+    if request.param == "openmp" and "OpenMP" not in torch.__config__.parallel_info():
+        pytest.skip("torch was built without OpenMP")
+    before = fusedoptim.get_threads_backend()
+    fusedoptim.set_threads_backend(request.param)
+    assert fusedoptim.get_threads_backend() == request.param
+    yield request.param
+    fusedoptim.set_threads_backend("auto")
+    assert fusedoptim.get_threads_backend() == before
+
+
+def test_default_threads_are_torchs_openmp_team():
+    """Where torch runs on OpenMP, the step runs on the runtime torch loaded,
+    found in the process, not one of our own."""
+    if "OpenMP" not in torch.__config__.parallel_info():
+        pytest.skip("torch was built without OpenMP")
+    assert fusedoptim.get_threads_backend() == "openmp"
+    threading_ = fusedoptim.backend_info()["threading"]
+    assert threading_.startswith("openmp (") and threading_.endswith(")"), threading_
+    path = threading_[len("openmp ("):-1]
+    with open("/proc/self/maps") as f:
+        maps = f.read()
+    assert path in maps, f"{path} is not a library loaded in this process"
+
+
+def test_threads_backend_names():
+    with pytest.raises(ValueError, match="unknown threads backend 'bogus'"):
+        fusedoptim.set_threads_backend("bogus")
+    fusedoptim.set_threads_backend("pool")
+    try:
+        assert fusedoptim.get_threads_backend() == "pool"
+        assert fusedoptim.backend_info()["threading"] == "pool"
+    finally:
+        fusedoptim.set_threads_backend("auto")
+
+
+@pytest.mark.parametrize("case", CASES + [CASES_BY_ID["SGD-mom0-damp0-wd0"]], ids=_ids)
+def test_same_bits_for_every_thread_count_on_either_backend(case, threads_backend):
+    """Threads claim chunks in whatever order they arrive; the bits never
+    depend on that, nor on the thread count."""
+    shapes = [[(300_007,), (17,), (65_600,)], [(130_001,), (7, 3)]]
+    problem = make_problem(shapes, torch.float32, seed=5, steps=4)
+    results = []
+    for threads in (1, 2, 3, 5):
+        groups = param_groups(case, problem.init)
+        opt = case.make("ours", groups)
+        opt.num_threads = threads
+        flat = [p for g in groups for p in g["params"]]
+        for step in range(4):
+            torch.mm(torch.randn(256, 256), torch.randn(256, 256))  # torch's team runs just before
+            for p, g in zip(flat, [g for row in problem.grads(step) for g in row]):
+                p.grad = g
+            opt.step()
+        assert all(b.startswith("native-cpu") for b in opt.last_backends)
+        results.append([p.detach().clone() for p in flat] + [t.clone() for p in flat for t in opt.state[p].values()])
+    for threads, got in zip((2, 3, 5), results[1:]):
+        assert_same_bits(got, results[0], f"{case.id}: {threads} threads on {threads_backend} vs 1 thread")
+
+
+def test_grad_norm_same_bits_on_either_backend(threads_backend):
+    """Clipping's grad norm sums fixed chunks in a fixed order."""
+    gen = torch.Generator().manual_seed(3)
+    params = [torch.randn(n, generator=gen).requires_grad_() for n in (400_003, 5, 70_000)]
+    grads = [torch.randn(p.shape, generator=gen) * 10 for p in params]
+    norms = []
+    for threads in (1, 2, 4):
+        opt = fusedoptim.AdamW([p.detach().clone().requires_grad_() for p in params], max_grad_norm=1.0)
+        opt.num_threads = threads
+        for p, g in zip(opt.param_groups[0]["params"], grads):
+            p.grad = g.clone()
+        opt.step()
+        norms.append(opt.last_grad_norm.clone())
+    assert norms[0].item() > 1.0
+    for got in norms[1:]:
+        assert got.view(torch.int32).item() == norms[0].view(torch.int32).item(), (got, norms[0])
+
+
+def test_step_leaves_torchs_workers_floating_point_mode_alone(threads_backend):
+    """The step runs torch's workers in the caller's flush-to-zero mode and
+    gives them their own back: a torch op after it keeps its denormals."""
+    if not torch.set_flush_denormal(False):
+        pytest.skip("this CPU cannot flush denormals (no SSE3)")
+    torch.set_num_threads(2)
+    p = torch.zeros(400_000, requires_grad=True)
+    p.grad = torch.full_like(p, 1e-39)
+    opt = fusedoptim.SGD([p], lr=1.0)
+    opt.num_threads = 2
+    torch.set_flush_denormal(True)
+    try:
+        opt.step()
+    finally:
+        torch.set_flush_denormal(False)
+    assert int((p.detach() == 0).sum()) == p.numel()  # flushed, as the caller asked
+    x = torch.full((1 << 21,), 1e-39)
+    y = x * 1.0  # split across torch's threads
+    assert int((y == 0).sum()) == 0, "a torch worker was left flushing denormals"
+
+
+@pytest.mark.parametrize("value, expect", [("pool", "pool"), ("bogus", None)])
+def test_threads_environment_variable(value, expect):
+    code = ("import warnings, json\nwith warnings.catch_warnings(record=True) as w:\n"
+            "    warnings.simplefilter('always')\n    import fusedoptim\n"
+            "print(json.dumps([fusedoptim.backend_info()['threading'], [str(x.message) for x in w]]))")
+    env = dict(os.environ, FUSEDOPTIM_THREADS=value)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    threading_, warned = json.loads(out.stdout.strip().splitlines()[-1])
+    if expect is not None:
+        assert threading_ == expect
+        assert not [w for w in warned if "FUSEDOPTIM_THREADS" in w]
+    else:
+        assert any("FUSEDOPTIM_THREADS='bogus' is not a threads backend" in w for w in warned), warned

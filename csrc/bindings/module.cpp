@@ -176,7 +176,7 @@ py::dict backend_info() {
   info["vector_width"] = cpu::active_kernels().vector_width;
   info["cpu_features"] = features;
   info["thread_pool_size"] = cpu::pool_size();
-  info["threading"] = "fusedoptim thread pool (no OpenMP)";
+  info["threading"] = cpu::threads_backend();
 #if defined(__clang__)
   info["compiler"] = std::string("clang ") + __clang_version__;
 #elif defined(__GNUC__)
@@ -272,6 +272,10 @@ PYBIND11_MODULE(_C, m) {
   m.def("set_cpu_isa", [](const std::string& name) { cpu::set_isa(name); }, py::arg("name"),
         "Force a CPU variant: 'scalar', 'avx2' or 'avx512'.");
   m.def("get_cpu_isa", [] { return std::string(cpu::active_kernels().isa); });
+  m.def("set_threads_backend", [](const std::string& name) { cpu::set_threads_backend(name); }, py::arg("name"),
+        "Runs the CPU kernels on torch's OpenMP team ('openmp'), on fusedoptim's own threads ('pool'), or on the "
+        "first where an OpenMP runtime is loaded ('auto', the default).");
+  m.def("threads_backend", &cpu::threads_backend, "The threads the CPU kernels run on now.");
 
   def_cuda(m);
 }

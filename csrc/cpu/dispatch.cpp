@@ -80,6 +80,11 @@ constexpr int64_t kMinElemsPerThread = 1 << 15;
 // Chunk boundaries fall on multiples of this many elements of each tensor:
 // 256 B of fp32, 128 B of bf16/fp16, so whole cache lines of each stream.
 constexpr int64_t kChunkAlign = 64;
+// Threads claim chunks of this many elements (Note [threads]): small enough
+// that a thread the OS has descheduled holds up little, large enough that
+// each stream of a chunk is a long run for the hardware prefetcher.
+constexpr int64_t kMinChunk = 1 << 12;
+constexpr int64_t kMaxChunk = 1 << 16;
 
 // Many small tensors are separate allocations, and the hardware prefetcher
 // starts over at each one: while a tensor is updated, ask for the first
@@ -100,18 +105,21 @@ void run_flat(const std::vector<int64_t>& numels, int num_threads, Fn&& fn) {
   }
   const int64_t total = start[n];
   if (total == 0) return;
-  int64_t threads = std::min<int64_t>(std::max(num_threads, 1), (total + kMinElemsPerThread - 1) / kMinElemsPerThread);
+  const int64_t threads =
+      std::min<int64_t>(std::max(num_threads, 1), (total + kMinElemsPerThread - 1) / kMinElemsPerThread);
   if (threads <= 1) {
     for (size_t k = 0; k < n; ++k) {
       if (numels[k] > 0) fn(k, 0, numels[k]);
     }
     return;
   }
-  const int64_t units = total / kChunkAlign;
-  parallel_run(int(threads), [&](int tid) {
-    const int64_t lo = units * tid / threads * kChunkAlign;
-    const int64_t hi = units * (tid + 1) / threads * kChunkAlign;
-    if (lo >= hi) return;
+  // About eight chunks a thread, so the split evens out when one is late.
+  int64_t chunk = std::min(kMaxChunk, std::max(kMinChunk, total / (threads * 8)));
+  chunk = (chunk + kChunkAlign - 1) / kChunkAlign * kChunkAlign;
+  const int64_t chunks = (total + chunk - 1) / chunk;
+  parallel_chunks(int(threads), chunks, [&](int64_t c) {
+    const int64_t lo = c * chunk;
+    const int64_t hi = std::min(total, lo + chunk);
     size_t k = size_t(std::upper_bound(start.begin(), start.end(), lo) - start.begin()) - 1;
     for (; k < n && start[k] < hi; ++k) {
       const int64_t b = std::max(lo, start[k]) - start[k];
@@ -227,21 +235,13 @@ double grad_norm_sq(const std::vector<NormTensor>& grads, int num_threads) {
   }
   const int64_t nchunks = int64_t(chunk_tensor.size());
   std::vector<double> sums(size_t(nchunks), 0.0);
-  // Threads take contiguous runs of chunks; a chunk's sum never depends on
-  // which thread computes it.
+  // A chunk's sum never depends on which thread computes it.
   const int64_t threads = std::min<int64_t>(std::max(num_threads, 1), std::max<int64_t>(1, nchunks / 8));
-  auto work = [&](int64_t lo, int64_t hi) {
-    for (int64_t j = lo; j < hi; ++j) {
-      const NormTensor& t = grads[chunk_tensor[size_t(j)]];
-      const int64_t b = chunk_begin[size_t(j)];
-      sums[size_t(j)] = fns[chunk_tensor[size_t(j)]](t.grad, b, std::min(b + kNormChunk, t.numel));
-    }
-  };
-  if (threads <= 1) {
-    work(0, nchunks);
-  } else {
-    parallel_run(int(threads), [&](int tid) { work(nchunks * tid / threads, nchunks * (tid + 1) / threads); });
-  }
+  parallel_chunks(int(threads), nchunks, [&](int64_t j) {
+    const NormTensor& t = grads[chunk_tensor[size_t(j)]];
+    const int64_t b = chunk_begin[size_t(j)];
+    sums[size_t(j)] = fns[chunk_tensor[size_t(j)]](t.grad, b, std::min(b + kNormChunk, t.numel));
+  });
   // Chunk sums in order: within a tensor, then across tensors.
   double total = 0.0;
   size_t j = 0;

@@ -1,13 +1,23 @@
+// Threads for the CPU kernels: torch's OpenMP team where one is loaded, else
+// a pool of our own (Note [threads] in thread_pool.h).
 #include "thread_pool.h"
 
+#include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
+#include <cstdlib>
 #include <mutex>
+#include <stdexcept>
 #include <thread>
 #include <vector>
 
 #if !defined(_WIN32)
+#include <dlfcn.h>
 #include <unistd.h>
+#endif
+#if defined(__linux__)
+#include <link.h>
 #endif
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
@@ -18,9 +28,10 @@ namespace fusedoptim {
 namespace cpu {
 namespace {
 
-// Workers take the caller's floating-point environment for each job
+// Every thread takes the caller's floating-point environment for the job
 // (flush-to-zero and denormals-are-zero, as torch.set_flush_denormal sets
-// them), so the thread count never changes a result.
+// them), so the thread count never changes a result; torch's workers get
+// their own back afterwards.
 unsigned fp_mode() {
 #if FO_HAVE_MXCSR
   return _mm_getcsr();
@@ -37,12 +48,120 @@ void set_fp_mode(unsigned mode) {
 #endif
 }
 
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  _mm_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield");
+#endif
+}
+
 int current_pid() {
 #if defined(_WIN32)
   return 0;
 #else
   return int(getpid());
 #endif
+}
+
+// ---------------------------------------------------------------------------
+// torch's OpenMP team
+
+using GompParallelFn = void (*)(void (*)(void*), void*, unsigned, unsigned);
+
+struct OpenMP {
+  GompParallelFn parallel = nullptr;
+  std::string path;
+};
+
+#if defined(__linux__)
+int find_openmp_library(struct dl_phdr_info* info, size_t, void* out) {
+  const char* name = info->dlpi_name;
+  if (name == nullptr || *name == '\0') return 0;
+  const std::string s(name);
+  const size_t slash = s.rfind('/');
+  const std::string base = slash == std::string::npos ? s : s.substr(slash + 1);
+  for (const char* lib : {"libgomp", "libiomp5", "libomp"}) {
+    if (base.compare(0, std::char_traits<char>::length(lib), lib) == 0) {
+      static_cast<std::vector<std::string>*>(out)->push_back(s);
+      break;
+    }
+  }
+  return 0;
+}
+#endif
+
+// The first OpenMP runtime loaded into the process, in load order: torch's,
+// since fusedoptim imports torch before its compiled module.
+OpenMP find_openmp() {
+  OpenMP omp;
+#if !defined(_WIN32)
+  void* sym = nullptr;
+#if defined(__linux__)
+  std::vector<std::string> libs;
+  dl_iterate_phdr(&find_openmp_library, &libs);
+  for (const std::string& lib : libs) {
+    // RTLD_NOLOAD: only a library already loaded; the handle is never closed.
+    void* handle = dlopen(lib.c_str(), RTLD_LAZY | RTLD_NOLOAD);
+    if (handle == nullptr) continue;
+    sym = dlsym(handle, "GOMP_parallel");
+    if (sym != nullptr) break;
+  }
+#endif
+  if (sym == nullptr) sym = dlsym(RTLD_DEFAULT, "GOMP_parallel");
+  if (sym != nullptr) {
+    omp.parallel = reinterpret_cast<GompParallelFn>(sym);
+    Dl_info info;
+    omp.path = (dladdr(sym, &info) != 0 && info.dli_fname != nullptr) ? info.dli_fname : "?";
+  }
+#endif
+  return omp;
+}
+
+const OpenMP& openmp() {
+  static const OpenMP omp = find_openmp();
+  return omp;
+}
+
+struct OmpJob {
+  const std::function<void(int64_t)>* fn;
+  int64_t num_chunks;
+  unsigned mode;
+  std::atomic<int64_t> next{0};
+};
+
+void omp_body(void* data) {
+  OmpJob& job = *static_cast<OmpJob*>(data);
+  const unsigned saved = fp_mode();
+  if (saved != job.mode) set_fp_mode(job.mode);
+  for (int64_t c; (c = job.next.fetch_add(1, std::memory_order_relaxed)) < job.num_chunks;) (*job.fn)(c);
+  if (saved != job.mode) set_fp_mode(saved);
+}
+
+void run_openmp(const OpenMP& omp, int n, int64_t num_chunks, const std::function<void(int64_t)>& fn) {
+  OmpJob job;
+  job.fn = &fn;
+  job.num_chunks = num_chunks;
+  job.mode = fp_mode();
+  omp.parallel(&omp_body, &job, unsigned(n), 0);
+}
+
+// ---------------------------------------------------------------------------
+// Our own pool
+//
+// A job is published as one 64-bit ticket: a generation (16 bits), the
+// chunk count (24 bits) and the next unclaimed chunk (24 bits). A thread
+// claims a chunk by a compare-and-swap that keeps generation and count, so a
+// worker that wakes late claims nothing of a finished job, and one that read
+// the job's function before the swap read this job's (the caller publishes
+// the next job only once every chunk of this one is claimed and done).
+
+constexpr int kIndexBits = 24;
+constexpr uint64_t kIndexMask = (uint64_t(1) << kIndexBits) - 1;
+constexpr int64_t kMaxPoolChunks = int64_t(kIndexMask);
+
+inline uint64_t ticket(uint64_t gen, uint64_t count, uint64_t index) {
+  return (gen << (2 * kIndexBits)) | (count << kIndexBits) | index;
 }
 
 class ThreadPool {
@@ -53,80 +172,110 @@ class ThreadPool {
   int size() const { return int(workers_.size()); }
 
   // Precondition: busy_ is held by the caller.
-  void run(int n, const std::function<void(int)>& fn) {
+  void run(int n, int64_t num_chunks, const std::function<void(int64_t)>& fn) {
     grow(n - 1);
-    {
+    const uint64_t gen = ((ticket_.load(std::memory_order_relaxed) >> (2 * kIndexBits)) + 1) & 0xFFFF;
+    fn_.store(&fn, std::memory_order_relaxed);
+    mode_.store(fp_mode(), std::memory_order_relaxed);
+    max_workers_.store(n - 1, std::memory_order_relaxed);
+    done_.store(0, std::memory_order_relaxed);
+    ticket_.store(ticket(gen, uint64_t(num_chunks), 0), std::memory_order_seq_cst);
+    if (sleepers_.load(std::memory_order_seq_cst) > 0) {
       std::lock_guard<std::mutex> lk(mu_);
-      job_ = &fn;
-      job_threads_ = n;
-      job_fp_mode_ = fp_mode();
-      remaining_.store(n - 1, std::memory_order_relaxed);
-      ++generation_;
+      cv_.notify_all();
     }
-    cv_.notify_all();
-    fn(0);
-    // Workers finish within microseconds of us on a memory-bound loop: spin
-    // briefly, then sleep.
-    for (int spins = 0; remaining_.load(std::memory_order_acquire) != 0; ++spins) {
-      if (spins < 20000) {
-        std::this_thread::yield();
+    int64_t mine = 0;
+    for (int64_t c; (c = claim(gen)) >= 0; ++mine) fn(c);
+    // Only chunks a worker has claimed remain: wait for those alone.
+    const int64_t others = num_chunks - mine;
+    for (int spins = 0; done_.load(std::memory_order_acquire) != others; ++spins) {
+      if (spins < 4096) {
+        cpu_relax();
       } else {
-        std::unique_lock<std::mutex> lk(mu_);
-        done_cv_.wait(lk, [&] { return remaining_.load(std::memory_order_acquire) == 0; });
+        std::this_thread::yield();
       }
     }
-    std::lock_guard<std::mutex> lk(mu_);
-    job_ = nullptr;
   }
 
   std::mutex busy_;
 
  private:
+  // The next chunk of job `gen`, or -1 when none is left.
+  int64_t claim(uint64_t gen) {
+    uint64_t t = ticket_.load(std::memory_order_acquire);
+    for (;;) {
+      const uint64_t index = t & kIndexMask;
+      const uint64_t count = (t >> kIndexBits) & kIndexMask;
+      if ((t >> (2 * kIndexBits)) != gen || index >= count) return -1;
+      if (ticket_.compare_exchange_weak(t, t + 1, std::memory_order_acq_rel, std::memory_order_acquire)) {
+        return int64_t(index);
+      }
+    }
+  }
+
   void grow(int want) {
     while (int(workers_.size()) < want) {
       const int tid = int(workers_.size()) + 1;
-      unsigned long long start;
-      {
-        std::lock_guard<std::mutex> lk(mu_);
-        start = generation_;  // the next job is the first this worker takes
-      }
-      workers_.emplace_back([this, tid, start] { loop(tid, start); });
+      const uint64_t seen = ticket_.load(std::memory_order_relaxed) >> (2 * kIndexBits);
+      workers_.emplace_back([this, tid, seen] { loop(tid, seen); });
       workers_.back().detach();
     }
   }
 
-  void loop(int tid, unsigned long long seen) {
+  // Spins for a new job for a short while (a step's groups follow each other
+  // within microseconds), then sleeps.
+  uint64_t wait_for_job(uint64_t seen) {
+    using clock = std::chrono::steady_clock;
+    const auto give_up = clock::now() + std::chrono::microseconds(200);
+    for (int spins = 0;; ++spins) {
+      const uint64_t gen = ticket_.load(std::memory_order_acquire) >> (2 * kIndexBits);
+      if (gen != seen) return gen;
+      cpu_relax();
+      if ((spins & 255) == 255 && clock::now() > give_up) break;
+    }
+    std::unique_lock<std::mutex> lk(mu_);
+    sleepers_.fetch_add(1, std::memory_order_seq_cst);
+    uint64_t gen;
+    cv_.wait(lk, [&] {
+      gen = ticket_.load(std::memory_order_seq_cst) >> (2 * kIndexBits);
+      return gen != seen;
+    });
+    sleepers_.fetch_sub(1, std::memory_order_relaxed);
+    return gen;
+  }
+
+  void loop(int tid, uint64_t seen) {
     for (;;) {
-      const std::function<void(int)>* job;
-      int n;
-      unsigned mode;
-      {
-        std::unique_lock<std::mutex> lk(mu_);
-        cv_.wait(lk, [&] { return generation_ != seen; });
-        seen = generation_;
-        job = job_;
-        n = job_threads_;
-        mode = job_fp_mode_;
+      seen = wait_for_job(seen);
+      // The job's fields are read after its ticket; a claim then checks the
+      // ticket is unchanged, so they belong to the job the chunk is of.
+      const std::function<void(int64_t)>* fn = fn_.load(std::memory_order_relaxed);
+      const unsigned mode = mode_.load(std::memory_order_relaxed);
+      if (tid > max_workers_.load(std::memory_order_relaxed)) continue;
+      const unsigned saved = fp_mode();
+      bool set = false;
+      for (int64_t c; (c = claim(seen)) >= 0;) {
+        if (!set && mode != saved) {
+          set_fp_mode(mode);
+          set = true;
+        }
+        (*fn)(c);
+        done_.fetch_add(1, std::memory_order_release);
       }
-      if (job == nullptr || tid >= n) continue;
-      set_fp_mode(mode);
-      (*job)(tid);
-      if (remaining_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
-        std::lock_guard<std::mutex> lk(mu_);
-        done_cv_.notify_all();
-      }
+      if (set) set_fp_mode(saved);
     }
   }
 
   const int pid_;
   std::vector<std::thread> workers_;
+  std::atomic<uint64_t> ticket_{0};
+  std::atomic<const std::function<void(int64_t)>*> fn_{nullptr};
+  std::atomic<unsigned> mode_{0};
+  std::atomic<int> max_workers_{0};
+  std::atomic<int64_t> done_{0};
+  std::atomic<int> sleepers_{0};
   std::mutex mu_;
-  std::condition_variable cv_, done_cv_;
-  unsigned long long generation_ = 0;
-  const std::function<void(int)>* job_ = nullptr;
-  int job_threads_ = 0;
-  unsigned job_fp_mode_ = 0;
-  std::atomic<int> remaining_{0};
+  std::condition_variable cv_;
 };
 
 std::mutex g_pool_mu;
@@ -139,25 +288,73 @@ ThreadPool* get_pool() {
   return g_pool;
 }
 
+// ---------------------------------------------------------------------------
+// The choice between them
+
+enum class Backend { kAuto, kOpenMP, kPool };
+
+Backend parse_backend(const std::string& name) {
+  if (name == "auto" || name.empty()) return Backend::kAuto;
+  if (name == "openmp") return Backend::kOpenMP;
+  if (name == "pool") return Backend::kPool;
+  throw std::invalid_argument("unknown threads backend '" + name + "' (expected auto, openmp or pool)");
+}
+
+Backend initial_backend() {
+  const char* env = std::getenv("FUSEDOPTIM_THREADS");
+  if (env == nullptr) return Backend::kAuto;
+  try {
+    return parse_backend(env);
+  } catch (const std::invalid_argument&) {
+    return Backend::kAuto;  // Python warns about the value
+  }
+}
+
+std::atomic<Backend> g_backend{initial_backend()};
+
+bool use_openmp() {
+  const Backend b = g_backend.load(std::memory_order_relaxed);
+  return b != Backend::kPool && openmp().parallel != nullptr;
+}
+
 }  // namespace
 
-void parallel_run(int num_threads, const std::function<void(int)>& fn) {
-  if (num_threads <= 1) {
-    fn(0);
+void parallel_chunks(int num_threads, int64_t num_chunks, const std::function<void(int64_t)>& fn) {
+  if (num_chunks <= 0) return;
+  const int n = int(std::min<int64_t>(num_threads, num_chunks));
+  if (n <= 1) {
+    for (int64_t c = 0; c < num_chunks; ++c) fn(c);
+    return;
+  }
+  if (use_openmp()) {
+    run_openmp(openmp(), n, num_chunks, fn);
     return;
   }
   ThreadPool* pool = get_pool();
   std::unique_lock<std::mutex> busy(pool->busy_, std::try_to_lock);
-  if (!busy.owns_lock()) {
-    for (int t = 0; t < num_threads; ++t) fn(t);
+  if (!busy.owns_lock() || num_chunks > kMaxPoolChunks) {
+    for (int64_t c = 0; c < num_chunks; ++c) fn(c);
     return;
   }
-  pool->run(num_threads, fn);
+  pool->run(n, num_chunks, fn);
+}
+
+std::string threads_backend() {
+  if (use_openmp()) return "openmp (" + openmp().path + ")";
+  return "pool";
 }
 
 int pool_size() {
   std::lock_guard<std::mutex> lk(g_pool_mu);
   return g_pool == nullptr ? 0 : g_pool->size();
+}
+
+void set_threads_backend(const std::string& name) {
+  const Backend b = parse_backend(name);
+  if (b == Backend::kOpenMP && openmp().parallel == nullptr) {
+    throw std::runtime_error("no OpenMP runtime is loaded in this process");
+  }
+  g_backend.store(b);
 }
 
 }  // namespace cpu

@@ -104,6 +104,12 @@ def backend_info() -> Dict[str, Any]:
 def set_cpu_isa(name: str) -> None:
     """Force 'scalar', 'avx2' or 'avx512'; ValueError if unknown, RuntimeError if unsupported here."""
 
+def set_threads_backend(name: str) -> None:
+    """'openmp' (torch's OpenMP team), 'pool' (fusedoptim's own threads) or 'auto'."""
+
+def threads_backend() -> str:
+    """The threads the CPU kernels run on now: 'openmp (<runtime path>)' or 'pool'."""
+
 def get_cpu_isa() -> str:
     """The CPU variant in use."""
 

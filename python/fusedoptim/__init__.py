@@ -9,8 +9,16 @@ portable scalar)::
     opt = fusedoptim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1)
 """
 
-from ._config import backend_info, get_cpu_isa, get_num_threads, set_cpu_isa, set_num_threads
-from ._config import warn_ignored_isa_request as _warn
+from ._config import (
+    backend_info,
+    get_cpu_isa,
+    get_num_threads,
+    get_threads_backend,
+    set_cpu_isa,
+    set_num_threads,
+    set_threads_backend,
+)
+from ._config import warn_ignored_requests as _warn
 from .adam import Adam, AdamW
 from .sgd import SGD
 
@@ -23,8 +31,10 @@ __all__ = [
     "backend_info",
     "get_cpu_isa",
     "get_num_threads",
+    "get_threads_backend",
     "set_cpu_isa",
     "set_num_threads",
+    "set_threads_backend",
     "__version__",
 ]
 

@@ -11,11 +11,22 @@ import torch
 from . import _C
 from .backends import cuda
 
-__all__ = ["backend_info", "get_cpu_isa", "get_num_threads", "set_cpu_isa", "set_num_threads", "threads_of"]
+__all__ = [
+    "backend_info",
+    "get_cpu_isa",
+    "get_num_threads",
+    "get_threads_backend",
+    "set_cpu_isa",
+    "set_num_threads",
+    "set_threads_backend",
+    "threads_of",
+]
 
 _num_threads: Optional[int] = None
 #: The CPU variants' names (FUSEDOPTIM_CPU_ISA and set_cpu_isa take them in any case).
 ISA_NAMES = ("scalar", "avx2", "avx512")
+#: Where the CPU kernels' threads come from (FUSEDOPTIM_THREADS and set_threads_backend).
+THREADS_BACKENDS = ("auto", "openmp", "pool")
 
 
 def set_num_threads(num_threads: Optional[int]) -> None:
@@ -41,6 +52,38 @@ def threads_of(own: Optional[int]) -> int:
     return own if own is not None else get_num_threads()
 
 
+def set_threads_backend(name: str) -> None:
+    """Choose the threads the CPU kernels run on (all optimizers).
+
+    Args:
+        name: ``"openmp"``: torch's own OpenMP team, the runtime torch loaded,
+            found in the process at run time (never linked); its workers are
+            often still spinning from torch's last parallel op, so the step
+            starts at once and competes with no other threads.
+            ``"pool"``: fusedoptim's own threads. ``"auto"`` (the default):
+            ``"openmp"`` where an OpenMP runtime is loaded, else ``"pool"``.
+            The environment variable ``FUSEDOPTIM_THREADS`` sets it at import.
+
+    Raises:
+        ValueError: for another name.
+        RuntimeError: for ``"openmp"`` where no OpenMP runtime is loaded
+            (a torch built without OpenMP).
+
+    Results are bit-identical whichever threads run the step.
+    """
+    if name not in THREADS_BACKENDS:
+        raise ValueError(f"unknown threads backend {name!r}: the names are {', '.join(THREADS_BACKENDS)}")
+    _C.set_threads_backend(name)
+
+
+def get_threads_backend() -> str:
+    """The threads the CPU kernels run on: ``"openmp"`` or ``"pool"``.
+
+    ``backend_info()["threading"]`` also names the OpenMP runtime's file.
+    """
+    return _C.threads_backend().split(" ", 1)[0]
+
+
 def set_cpu_isa(name: str) -> None:
     """Force a CPU variant: ``"scalar"``, ``"avx2"`` or ``"avx512"`` (any case).
 
@@ -62,7 +105,8 @@ def backend_info() -> Dict[str, Any]:
     Keys: ``version``, ``compiled_isas``, ``supported_isas``, ``isa``,
     ``vector_width``, ``cpu_features``, ``isa_request`` (the value of
     ``FUSEDOPTIM_CPU_ISA``, or None) and ``isa_request_honored``,
-    ``num_threads``, ``threading``, ``compiler``, ``cuda_compiled``,
+    ``num_threads``, ``threading`` (``"openmp (<runtime file>)"`` or
+    ``"pool"``: see :func:`set_threads_backend`), ``compiler``, ``cuda_compiled``,
     ``cuda_available`` with ``cuda_reason``, ``cuda`` (the CUDA backend's
     facts: compiled, available, reason, archs, versions) and
     ``torch_version``.
@@ -80,8 +124,16 @@ def backend_info() -> Dict[str, Any]:
     return info
 
 
-def warn_ignored_isa_request() -> None:
-    """Warn when ``FUSEDOPTIM_CPU_ISA`` names a variant that is not in use."""
+def warn_ignored_requests() -> None:
+    """Warn when ``FUSEDOPTIM_CPU_ISA`` names a variant that is not in use, or
+    ``FUSEDOPTIM_THREADS`` a threads backend that does not exist."""
+    threads = os.environ.get("FUSEDOPTIM_THREADS")
+    if threads and threads not in THREADS_BACKENDS:
+        warnings.warn(f"FUSEDOPTIM_THREADS={threads!r} is not a threads backend: the names are "
+                      f"{', '.join(THREADS_BACKENDS)}; using {get_threads_backend()!r}", RuntimeWarning, stacklevel=3)
+    elif threads == "openmp" and get_threads_backend() != "openmp":
+        warnings.warn("FUSEDOPTIM_THREADS='openmp', but no OpenMP runtime is loaded in this process (torch was "
+                      "built without OpenMP); using fusedoptim's own threads", RuntimeWarning, stacklevel=3)
     request = os.environ.get("FUSEDOPTIM_CPU_ISA")
     active = _C.get_cpu_isa()
     if request and request.lower() != active:
