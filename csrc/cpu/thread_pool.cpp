@@ -127,15 +127,52 @@ struct OmpJob {
   const std::function<void(int64_t)>* fn;
   int64_t num_chunks;
   unsigned mode;
+  std::thread::id caller;
   std::atomic<int64_t> next{0};
+  std::atomic<int64_t> by_others{0};  // chunks the team's other threads ran
+  double caller_seconds = 0.0;        // the caller's time in the region
 };
+
+using Clock = std::chrono::steady_clock;
 
 void omp_body(void* data) {
   OmpJob& job = *static_cast<OmpJob*>(data);
+  const bool caller = std::this_thread::get_id() == job.caller;
+  const auto t0 = caller ? Clock::now() : Clock::time_point();
   const unsigned saved = fp_mode();
   if (saved != job.mode) set_fp_mode(job.mode);
-  for (int64_t c; (c = job.next.fetch_add(1, std::memory_order_relaxed)) < job.num_chunks;) (*job.fn)(c);
+  int64_t mine = 0;
+  for (int64_t c; (c = job.next.fetch_add(1, std::memory_order_relaxed)) < job.num_chunks; ++mine) (*job.fn)(c);
   if (saved != job.mode) set_fp_mode(saved);
+  if (caller) {
+    job.caller_seconds = std::chrono::duration<double>(Clock::now() - t0).count();
+  } else if (mine > 0) {
+    job.by_others.fetch_add(mine, std::memory_order_relaxed);
+  }
+}
+
+// Note [late workers]
+// ~~~~~~~~~~~~~~~~~~~
+// An OpenMP region ends at a barrier that waits for every thread of the team.
+// When another process holds a core, the team's thread there may not run for
+// a whole scheduler time slice (milliseconds), and the region waits for it
+// although the caller has claimed and run every chunk; or a thread of the
+// team is descheduled in the middle of a chunk. Such a region is easy to see
+// afterwards: the caller waited at the barrier longer than it worked (with
+// chunks claimed one at a time, an unhindered team ends within a chunk of
+// each other). A late region that wasted W seconds
+// buys a period of factor * W seconds in which every call runs on the calling
+// thread alone; the factor doubles at each late region (from kMinSolo up to
+// kMaxSolo) and halves at each region the team turns up for. While another
+// process holds a core the waits then cost a few percent at most, and on an
+// idle machine nothing changes. The bits are the same either way.
+constexpr double kMinSolo = 16.0;
+constexpr double kMaxSolo = 256.0;
+std::atomic<int64_t> g_solo_until{0};  // steady-clock ns before which calls run alone
+std::atomic<double> g_solo_factor{kMinSolo};
+
+int64_t now_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now().time_since_epoch()).count();
 }
 
 void run_openmp(const OpenMP& omp, int n, int64_t num_chunks, const std::function<void(int64_t)>& fn) {
@@ -143,8 +180,23 @@ void run_openmp(const OpenMP& omp, int n, int64_t num_chunks, const std::functio
   job.fn = &fn;
   job.num_chunks = num_chunks;
   job.mode = fp_mode();
+  job.caller = std::this_thread::get_id();
+  const auto t0 = Clock::now();
   omp.parallel(&omp_body, &job, unsigned(n), 0);
+  const double total = std::chrono::duration<double>(Clock::now() - t0).count();
+  const int64_t by_others = job.by_others.load(std::memory_order_relaxed);
+  const double factor = g_solo_factor.load(std::memory_order_relaxed);
+  const double wasted = total - job.caller_seconds;  // the caller waiting at the barrier
+  if (wasted > job.caller_seconds + 100e-6) {
+    g_solo_until.store(now_ns() + int64_t(factor * wasted * 1e9), std::memory_order_relaxed);
+    g_solo_factor.store(std::min(kMaxSolo, 2.0 * factor), std::memory_order_relaxed);
+  } else if (by_others > 0 && factor > kMinSolo) {
+    g_solo_factor.store(std::max(kMinSolo, factor / 2.0), std::memory_order_relaxed);
+  }
 }
+
+// Whether this call should run on the caller alone (Note [late workers]).
+bool skip_team() { return now_ns() < g_solo_until.load(std::memory_order_relaxed); }
 
 // ---------------------------------------------------------------------------
 // Our own pool
@@ -327,7 +379,11 @@ void parallel_chunks(int num_threads, int64_t num_chunks, const std::function<vo
     return;
   }
   if (use_openmp()) {
-    run_openmp(openmp(), n, num_chunks, fn);
+    if (skip_team()) {
+      for (int64_t c = 0; c < num_chunks; ++c) fn(c);
+    } else {
+      run_openmp(openmp(), n, num_chunks, fn);
+    }
     return;
   }
   ThreadPool* pool = get_pool();

@@ -32,6 +32,18 @@ from .precision import (
     write_precision_markdown,
     write_precision_plot,
 )
+from .sweep import (
+    SweepConfig,
+    SweepReport,
+    format_sweep_table,
+    parse_sizes,
+    sweep_config_dict,
+    sweep_main,
+    write_sweep_csv,
+    write_sweep_json,
+    write_sweep_markdown,
+    write_sweep_plot,
+)
 from .harness import (
     DTYPES,
     IMPL_ALIASES,
@@ -114,6 +126,13 @@ def _threads(x: str) -> int:
     return n
 
 
+def _sizes(x: str) -> List[int]:
+    try:
+        return parse_sizes(x)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _positive_int(x: str) -> int:
     n = int(x)
     if n < 1:
@@ -143,10 +162,23 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
         ),
     )
     sel = p.add_argument_group("what to run")
-    sel.add_argument("--suite", choices=("default", "precision"), default="default",
+    sel.add_argument("--suite", choices=("default", "precision", "sweep"), default="default",
                      help="default: the optimizers against torch.optim; precision: each precision option "
                      "(master_weights, stochastic_rounding, kahan_summation, state_dtype=bf16, max_grad_norm) "
-                     "against its byte limit, on 1x16M and (state_dtype) 1x128M unless --cases; --impls is ignored")
+                     "against its byte limit, on 1x16M and (state_dtype) 1x128M unless --cases; --impls is ignored; "
+                     "sweep: fusedoptim against torch fused=True on one tensor of 2^10 to 2^27 elements and the "
+                     "many-tensor cases (--cases), adam, adamw and sgd, timed interleaved, the ratio plotted against "
+                     "size (--plot)")
+    sel.add_argument("--sizes", type=_sizes, metavar="EXPONENTS",
+                     help="sweep: one tensor of 2^E elements for each E, as 10-27 (default) or 10,16,20")
+    sel.add_argument("--mode", choices=("loop", "back-to-back"), default="loop",
+                     help="sweep: 'loop' (default) puts torch's work before every timed step, as backward and "
+                     "the forward's ops come before a step in training; 'back-to-back' times steps alone")
+    sel.add_argument("--contended", action="store_true",
+                     help="sweep: keep one core busy with a spinning process for the whole run")
+    tim0 = sel
+    tim0.add_argument("--blocks", type=_positive_int, metavar="N",
+                      help="sweep: interleaved blocks per cell (default: 9)")
     sel.add_argument("--options", type=_list_of(_choice(list(OPTION_NAMES), "option"), list(OPTION_NAMES)),
                      metavar="LIST", help=f"precision suite: of {', '.join(OPTION_NAMES)} (default: all; none = "
                      "the plain steps they are compared with)")
@@ -244,6 +276,8 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> in
             check_plot_available()  # before minutes of measuring
     except BenchError as exc:
         parser.error(str(exc))
+    if args.suite == "sweep":
+        return _sweep(parser, args, argv, cfg)
     precision = args.suite == "precision"
     grid = None
     if precision:
@@ -287,4 +321,51 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> in
     except (BenchError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    return status
+
+
+def _sweep(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: Sequence[str], cfg: Config) -> int:
+    """``--suite sweep``: see :mod:`fusedoptim.bench.sweep`."""
+    sc = SweepConfig(threads=cfg.threads)
+    if args.optimizers:
+        sc.optimizers = args.optimizers
+    if args.dtypes:
+        sc.dtypes = args.dtypes
+    if args.sizes:
+        sc.exponents = args.sizes
+    if args.cases is not None:
+        sc.cases = [c for c in args.cases if c.num_tensors > 1]
+    elif args.quick:
+        sc.cases = []
+    if args.quick:
+        sc.exponents = args.sizes or [10, 16, 20]
+        sc.blocks, sc.block_time = 3, 0.005
+    if args.blocks:
+        sc.blocks = args.blocks
+    sc.mode = args.mode
+    sc.contended = args.contended
+    report = SweepReport(machine=machine_facts(), config=sweep_config_dict(sc))
+    report.config["command"] = " ".join([parser.prog, shlex.join(argv)]).strip()
+    progress = None if args.quiet else sys.stderr
+    status = sweep_main(sc, report, progress)
+    if progress is not None:
+        print(f"done in {report.wall_s:.0f} s", file=sys.stderr)
+    print(format_sweep_table(report))
+    written = []
+    try:
+        for path, write in ((args.json, write_sweep_json), (args.csv, write_sweep_csv),
+                            (args.plot, write_sweep_plot)):
+            if path:
+                write(report, path)
+                written.append(path)
+        if args.markdown:
+            base = os.path.dirname(os.path.abspath(args.markdown))
+            files = [os.path.relpath(os.path.abspath(p), base) for p in (args.plot, args.json, args.csv) if p]
+            write_sweep_markdown(report, args.markdown, files)
+            written.append(args.markdown)
+    except (BenchError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if written:
+        print("wrote " + ", ".join(written), file=sys.stderr)
     return status

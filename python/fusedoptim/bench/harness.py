@@ -714,6 +714,7 @@ def machine_facts() -> Dict[str, Any]:
     return {
         "cpu_model": cpu_model(),
         "isa": info["isa"],
+        "threading": info.get("threading"),
         "vector_width": info.get("vector_width"),
         "cores": os.cpu_count(),
         "usable_cores": usable,
