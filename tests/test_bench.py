@@ -74,3 +74,78 @@ def test_precision_byte_model():
     assert probe_shape(18, "bf16") == ("bf16", 4, True)  # Kahan
     assert probe_shape(20, "fp32") == ("fp32", 2, True)  # bf16 states
     assert probe_shape(32, "fp32", 28) == ("fp32", 3, False)  # max_grad_norm: the step's probe, converted
+
+
+def test_bench_times_in_a_loop_and_back_to_back(tmp_path):
+    out = tmp_path / "rows.json"
+    cmd = [sys.executable, "-m", "fusedoptim.bench", "--quiet", "--optimizers", "sgd", "--impls", "fusedoptim,fused",
+           "--cases", "1x64K", "--dtypes", "fp32", "--threads", "1", "--repeats", "10", "--triad-size", "65536",
+           "--json", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    rows = [r for r in json.loads(out.read_text())["rows"] if r["implementation"] != "limit"]
+    assert {r["mode"] for r in rows} == {"loop"}
+    fo = next(r for r in rows if r["implementation"] == "fusedoptim")
+    assert fo["repeats"] == 10
+    assert fo["speedup_vs_torch_fused"] > 0 and fo["speedup_back_to_back"] > 0, fo
+    assert "loop" in done.stdout and "b2b" in done.stdout
+
+
+def test_time_interleaved_alternates_and_runs_work_before_every_step():
+    from fusedoptim.bench.harness import Config, time_interleaved
+
+    calls = []
+    cfg = Config(warmup=1, repeats=4, blocks=4)
+    t = time_interleaved(cfg, {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
+                         before=lambda: calls.append("-"))
+    assert len(t["a"].samples) == 4 and len(t["b"].samples) == 4
+    assert calls[:4] == ["-", "a", "-", "b"]  # warm-up steps
+    steps = [c for c in calls[4:] if c != "-"]
+    assert steps == ["a", "b", "b", "a", "a", "b", "b", "a"]
+    assert calls[4:] == [x for s in steps for x in ("-", s)]
+
+
+def _report(fused_q=(0.9, 1.1), fo_pct=90.0):
+    from fusedoptim.bench.harness import Report, Row, trusted
+
+    def row(impl, ms, q, pct):
+        return Row(optimizer="adam", implementation=impl, case="1x1M", dtype="fp32", threads=1, tensors=1,
+                   numel=1 << 20, median_ms=ms, q1_ms=q[0], q3_ms=q[1], repeats=20, bytes_per_step=28 << 20,
+                   gb_per_s=1.0, pct_of_limit=pct, mode="loop")
+
+    lim = row("limit", 1.0, (0.98, 1.02), 100.0)
+    fo = row("fusedoptim", 1.0, (0.95, 1.05), fo_pct)
+    fused = row("torch-fused", 1.0, fused_q, 90.0)
+    fo.speedup_vs_torch_fused = 1.0
+    fo.comparable = trusted(fo) and trusted(fused)
+    fo.speedup_back_to_back = 1.1
+    return Report(machine={"cpu_model": "x", "usable_cores": 2, "fusedoptim_version": "0", "isa": "avx2",
+                           "torch_version": "2", "date": "d"}, config={}, rows=[lim, fo, fused], complete=True)
+
+
+def test_table_gives_no_ratio_for_an_unsteady_row_and_no_percentage_over_the_limit():
+    from fusedoptim.bench.harness import format_table
+
+    steady = format_table(_report())
+    assert "1.00x" in steady and "1.10x" in steady and "? = no ratio" not in steady
+    unsteady = format_table(_report(fused_q=(0.5, 2.0)))
+    assert "1.00x" not in unsteady and "? = no ratio" in unsteady and "adam 1x1M fp32 1t" in unsteady
+    over = format_table(_report(fo_pct=130.0))
+    assert ">lim" in over and "130%" not in over
+    within = format_table(_report(fo_pct=103.0))  # inside the limit's 5% noise
+    assert "103%" in within and ">lim" not in within
+
+
+def test_sweep_suite_smoke(tmp_path):
+    out = tmp_path / "sweep.json"
+    cmd = [sys.executable, "-m", "fusedoptim.bench", "--suite", "sweep", "--quick", "--quiet", "--sizes", "10,14",
+           "--optimizers", "sgd,adamw", "--dtypes", "bf16", "--threads", "1", "--json", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert {(r["optimizer"], r["numel"]) for r in rows} == {(o, n) for o in ("sgd", "adamw") for n in (1024, 16384)}
+    for r in rows:
+        assert r["fusedoptim_ms"] > 0 and r["torch_fused_ms"] > 0 and r["mode"] == "loop", r
+        assert r["ratio_q1"] <= r["ratio"] <= r["ratio_q3"], r
+    assert "2^10" in done.stdout and "2^14" in done.stdout and "ratio = torch fused" in done.stdout
+    assert f"wrote {out}" in done.stderr

@@ -3,7 +3,10 @@
 Run ``fusedoptim-bench`` (or ``python -m fusedoptim.bench``) with no
 arguments for the default grid (Adam and SGD with momentum; every case;
 fp32 and bf16; 1 thread and all cores; fusedoptim against torch.optim's
-fused, foreach and for-loop steps), about two minutes on a 2-core machine.
+fused, foreach and for-loop steps, timed side by side in a training loop's
+conditions, and fusedoptim against torch fused back to back), a few minutes
+on a 2-core machine. ``--suite sweep`` compares fusedoptim with torch's fused
+step over sizes from 2^10 to 2^27 elements (:mod:`fusedoptim.bench.sweep`).
 Progress goes to stderr, the table to stdout. ``--suite precision`` runs the
 precision options instead (see :mod:`fusedoptim.bench.precision`, about 1-2
 minutes). ``--quick`` is a smoke run of a few seconds; ``--full`` runs every implementation on every case and, unless
@@ -172,13 +175,12 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     sel.add_argument("--sizes", type=_sizes, metavar="EXPONENTS",
                      help="sweep: one tensor of 2^E elements for each E, as 10-27 (default) or 10,16,20")
     sel.add_argument("--mode", choices=("loop", "back-to-back"), default="loop",
-                     help="sweep: 'loop' (default) puts torch's work before every timed step, as backward and "
-                     "the forward's ops come before a step in training; 'back-to-back' times steps alone")
+                     help="default and sweep suites: 'loop' (default) runs torch's work untimed before every timed "
+                     "step (the grads rewritten, one parallel op), as backward and the forward's ops come before a "
+                     "step in training; the default suite then also times fusedoptim and torch fused back to back "
+                     "(the b2b column). 'back-to-back' times steps alone")
     sel.add_argument("--contended", action="store_true",
                      help="sweep: keep one core busy with a spinning process for the whole run")
-    tim0 = sel
-    tim0.add_argument("--blocks", type=_positive_int, metavar="N",
-                      help="sweep: interleaved blocks per cell (default: 9)")
     sel.add_argument("--options", type=_list_of(_choice(list(OPTION_NAMES), "option"), list(OPTION_NAMES)),
                      metavar="LIST", help=f"precision suite: of {', '.join(OPTION_NAMES)} (default: all; none = "
                      "the plain steps they are compared with)")
@@ -211,6 +213,9 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     tim.add_argument("--max-time", type=float, metavar="S",
                      help="stop timing a measurement after S seconds of timed steps, even below --repeats or 5 "
                      "steps (default: 1, --full: 10; bounds pathologically slow cases)")
+    tim.add_argument("--blocks", type=_positive_int, metavar="N",
+                     help="blocks each measurement's steps are split into, the implementations alternating "
+                     "A B, B A, ... (default: 5; sweep: 9)")
     tim.add_argument("--triad-size", type=_positive_int, metavar="N",
                      help="elements per STREAM triad array (default: 2**25 = 32M)")
     out = p.add_argument_group("output")
@@ -259,6 +264,11 @@ def config_from_args(args: argparse.Namespace) -> Config:
         cfg.max_repeats = args.max_repeats
     if args.triad_size is not None:
         cfg.triad_numel = args.triad_size
+    cfg.mode = args.mode
+    if args.blocks is not None:
+        cfg.blocks = args.blocks
+    elif args.quick:
+        cfg.blocks = 3
     return cfg
 
 

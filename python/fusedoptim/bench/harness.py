@@ -225,6 +225,8 @@ class Config:
     full: bool = False
     triad_numel: int = 2**25
     seed: int = 0
+    mode: str = "loop"  # "loop": torch's work before every timed step; "back-to-back": steps alone
+    blocks: int = 5  # interleaved blocks per measurement
 
 
 def time_calls(fn: Callable[[], Any], warmup: int, repeats: Optional[int], min_repeats: int = 5,
@@ -273,6 +275,94 @@ def time_calls(fn: Callable[[], Any], warmup: int, repeats: Optional[int], min_r
 
 def _time_steps(cfg: Config, fn: Callable[[], Any]) -> Timing:
     return time_calls(fn, cfg.warmup, cfg.repeats, cfg.min_repeats, cfg.min_time, cfg.max_repeats, cfg.max_time)
+
+
+class LoopWork:
+    """torch's work before a step in training, run untimed before every timed step of the loop mode.
+
+    The grads are rewritten by a torch op (as backward writes them) and torch
+    runs one parallel op on a 1M-element tensor (as the forward's ops run):
+    the step then starts where torch's OpenMP workers have just been busy and
+    the grads are as warm in cache as after a backward.
+    """
+
+    def __init__(self, params: Sequence[Tensor]) -> None:
+        self.grads = [p.grad for p in params if p.grad is not None]
+        self.a = torch.rand(1 << 20)
+        self.out = torch.empty_like(self.a)
+
+    def __call__(self) -> None:
+        torch._foreach_mul_(self.grads, 1.0)
+        torch.mul(self.a, 1.0001, out=self.out)
+
+
+def time_interleaved(cfg: Config, steps: Dict[str, Callable[[], Any]],
+                     before: Optional[Callable[[], Any]] = None) -> Dict[str, Timing]:
+    """Time several step functions side by side: ``cfg.blocks`` blocks alternating A B C, C B A, ...
+
+    Each function first runs ``cfg.warmup`` untimed steps; a block gives each
+    about ``min_time / blocks`` seconds of steps (``repeats / blocks`` steps
+    when ``cfg.repeats`` is set), and a function stops taking part once its
+    timed steps reach ``max_time`` seconds. ``before`` runs untimed before
+    every step. Drift of a shared machine then hits every function alike.
+    """
+    names = list(steps)
+    est: Dict[str, float] = {}
+    gc_was = gc.isenabled()
+    gc.disable()
+    try:
+        for n in names:
+            dt = 0.0
+            for _ in range(max(cfg.warmup, 1)):
+                if before is not None:
+                    before()
+                t0 = time.perf_counter()
+                steps[n]()
+                dt = time.perf_counter() - t0
+            est[n] = dt
+        blocks = max(1, cfg.blocks)
+        per_block: Dict[str, int] = {}
+        for n in names:
+            if cfg.repeats is not None:
+                per_block[n] = max(1, math.ceil(cfg.repeats / blocks))
+            else:
+                want = max(cfg.min_repeats, min(cfg.max_repeats, math.ceil(cfg.min_time / max(est[n], 1e-9))))
+                per_block[n] = max(1, math.ceil(want / blocks))
+        samples: Dict[str, List[float]] = {n: [] for n in names}
+        spent = {n: 0.0 for n in names}
+        for b in range(blocks):
+            for n in (names if b % 2 == 0 else names[::-1]):
+                for _ in range(per_block[n]):
+                    if samples[n] and spent[n] >= cfg.max_time:
+                        break
+                    if before is not None:
+                        before()
+                    t0 = time.perf_counter()
+                    steps[n]()
+                    dt = time.perf_counter() - t0
+                    samples[n].append(dt)
+                    spent[n] += dt
+    finally:
+        if gc_was:
+            gc.enable()
+    out = {}
+    for n in names:
+        wanted = per_block[n] * blocks
+        note = "" if len(samples[n]) >= min(wanted, cfg.min_repeats) else (
+            f"{len(samples[n])} steps: stopped at --max-time {cfg.max_time:g} s")
+        out[n] = Timing(samples[n], note=note)
+    return out
+
+
+#: A measurement is trusted when its interquartile range is at most this
+#: fraction of its median and it has at least ``TRUST_MIN_SAMPLES`` steps.
+TRUST_SPREAD = 0.25
+TRUST_MIN_SAMPLES = 5
+
+
+def trusted(t: "Row") -> bool:
+    """Whether a row's median is steady enough to compare with another's."""
+    return t.repeats >= TRUST_MIN_SAMPLES and (t.q3_ms - t.q1_ms) <= TRUST_SPREAD * t.median_ms
 
 
 class _ProbeArena:
@@ -365,6 +455,9 @@ class Row:
     speedup_vs_torch_fused: Optional[float] = None
     note: str = ""
     option: str = ""  # precision option of the precision suite ("" in the default suite)
+    mode: str = "back-to-back"  # "loop": torch's work ran before every timed step
+    speedup_back_to_back: Optional[float] = None  # torch fused / fusedoptim, both timed back to back
+    comparable: Optional[bool] = None  # both medians of the speedup were steady (see trusted())
 
 
 @dataclass
@@ -506,6 +599,8 @@ def _make_arena(cfg: Config) -> _ProbeArena:
 
 def _run_case(cfg: Config, case: Case, dtype_name: str, impls: List[str], report: Report, prog: _Progress,
               arena: _ProbeArena) -> None:
+    """Every optimizer and implementation on one (case, dtype): the implementations of an
+    optimizer are timed side by side (:func:`time_interleaved`), in a loop or back to back."""
     dtype = DTYPES[dtype_name]
     es = torch.empty((), dtype=dtype).element_size()
     params = build_tensors(case, dtype, cfg.seed)
@@ -513,82 +608,89 @@ def _run_case(cfg: Config, case: Case, dtype_name: str, impls: List[str], report
     grad0 = params[0].grad
     probe = arena.probe(case.numel, dtype, grad0.view(-1) if single and grad0 is not None else None)
     limit_note = "" if single else "limit measured on one tensor of the same total size"
+    before = LoopWork(params) if cfg.mode == "loop" else None
     try:
         for opt_name in cfg.optimizers:
             spec = OPTIMIZERS[opt_name]
             nbytes = spec.bytes_per_param(es) * case.numel
-            probe_samples: Dict[int, List[float]] = {t: [] for t in cfg.threads}
-            group: List[Row] = []
-            start = len(report.rows)  # the limits go first; rows are reported as they are measured
-            for impl in impls:
-                why = _applicable(cfg, spec, impl, case)
-                if why is not None:
-                    report.skipped.append(dict(optimizer=opt_name, implementation=impl, case=case.name,
-                                               dtype=dtype_name, reason=why))
-                    continue
-                try:
-                    opt = make_optimizer(spec, impl, params)
-                except Unsupported as exc:
-                    report.skipped.append(dict(optimizer=opt_name, implementation=impl, case=case.name,
-                                               dtype=dtype_name, reason=str(exc)))
-                    for threads in cfg.threads:
-                        prog(f"{opt_name} {impl} {case.name} {dtype_name} {_thr(threads)}", f"skipped: {exc}")
-                    continue
-                try:
-                    # The first step creates the state (page faults, plans): never timed, and not
-                    # a warm-up step, so a slow warm-up means a slow step (see time_calls).
-                    set_threads(opt, impl, cfg.threads[0])
-                    try:
-                        opt.step()
-                    except Exception as exc:  # noqa: BLE001 - an implementation that fails here is skipped
-                        report.skipped.append(dict(optimizer=opt_name, implementation=impl, case=case.name,
-                                                   dtype=dtype_name, reason=f"{type(exc).__name__}: {exc}"))
-                        for threads in cfg.threads:
-                            prog(f"{opt_name} {impl} {case.name} {dtype_name} {_thr(threads)}",
-                                 f"failed: {type(exc).__name__}: {exc}")
-                        continue
-                    for threads in cfg.threads:
-                        probe_samples[threads] += probe.block(cfg, spec.rw_streams, threads)
+            opts: Dict[str, Any] = {}
+            try:
+                for impl in impls:
+                    opt = _ready_optimizer(cfg, spec, opt_name, impl, case, dtype_name, params, report, prog)
+                    if opt is not None:
+                        opts[impl] = opt
+                start = len(report.rows)  # the limits go first; rows are reported as they are measured
+                limits: List[Row] = []
+                for threads in cfg.threads:
+                    probe_samples = probe.block(cfg, spec.rw_streams, threads)
+                    for impl, opt in opts.items():
                         set_threads(opt, impl, threads)
-                        what = f"{opt_name} {impl} {case.name} {dtype_name} {_thr(threads)}"
-                        try:
-                            t = _time_steps(cfg, opt.step)
-                        except Exception as exc:  # noqa: BLE001 - an implementation that fails here is skipped
-                            report.skipped.append(dict(optimizer=opt_name, implementation=impl, case=case.name,
-                                                       dtype=dtype_name, threads=threads,
-                                                       reason=f"{type(exc).__name__}: {exc}"))
-                            prog(what, f"failed: {type(exc).__name__}: {exc}")
-                            continue
+                    timings = time_interleaved(cfg, {i: o.step for i, o in opts.items()}, before)
+                    rows: Dict[str, Row] = {}
+                    for impl, t in timings.items():
                         row = _row(opt_name, impl, case, dtype_name, threads, t, nbytes, note=t.note)
-                        group.append(row)
+                        row.mode = cfg.mode
+                        rows[impl] = row
                         report.rows.append(row)
-                        prog(what, _fmt_result(row))
-                finally:
-                    del opt
-                    gc.collect()
-            limits: List[Row] = []
-            for threads in cfg.threads:
-                probe_samples[threads] += probe.block(cfg, spec.rw_streams, threads)
-                limit = _row(opt_name, "limit", case, dtype_name, threads, Timing(probe_samples[threads]), nbytes,
-                             note=limit_note)
-                limit.pct_of_limit = 100.0
-                rows = [r for r in group if r.threads == threads]
-                fused = next((r for r in rows if r.implementation == "torch-fused"), None)
-                for r in rows + [limit]:
-                    r.pct_of_limit = 100.0 * r.gb_per_s / limit.gb_per_s
-                    if fused is not None:
-                        r.speedup_vs_torch_fused = fused.median_ms / r.median_ms
-                limits.append(limit)
-                prog(f"{opt_name} limit {case.name} {dtype_name} {_thr(threads)}",
-                     _fmt_result(limit) + (" (one tensor)" if not single else ""))
-            report.rows[start:start] = limits
+                        prog(f"{opt_name} {impl} {case.name} {dtype_name} {_thr(threads)}", _fmt_result(row))
+                    pair = {i: opts[i] for i in ("fusedoptim", "torch-fused") if i in opts}
+                    if before is not None and len(pair) == 2:
+                        b2b = time_interleaved(cfg, {i: o.step for i, o in pair.items()})
+                        if all(len(t.samples) >= TRUST_MIN_SAMPLES for t in b2b.values()):
+                            rows["fusedoptim"].speedup_back_to_back = b2b["torch-fused"].median / b2b["fusedoptim"].median
+                    probe_samples += probe.block(cfg, spec.rw_streams, threads)
+                    limit = _row(opt_name, "limit", case, dtype_name, threads, Timing(probe_samples), nbytes,
+                                 note=limit_note)
+                    fused = rows.get("torch-fused")
+                    for r in list(rows.values()) + [limit]:
+                        r.pct_of_limit = 100.0 * r.gb_per_s / limit.gb_per_s
+                        if fused is not None and r is not limit:
+                            r.speedup_vs_torch_fused = fused.median_ms / r.median_ms
+                            r.comparable = trusted(r) and trusted(fused)
+                    limits.append(limit)
+                    prog(f"{opt_name} limit {case.name} {dtype_name} {_thr(threads)}",
+                         _fmt_result(limit) + (" (one tensor)" if not single else ""))
+                report.rows[start:start] = limits
+            finally:
+                opts.clear()
+                gc.collect()
     finally:
-        del params, probe
+        del params, probe, before
         gc.collect()
 
 
+def _ready_optimizer(cfg: Config, spec: OptimizerSpec, opt_name: str, impl: str, case: Case, dtype_name: str,
+                     params: List[Tensor], report: Report, prog: _Progress) -> Any:
+    """An optimizer of ``impl`` that has taken its first step (which creates the state), or None
+    (skipped, with the reason in the report)."""
+    why = _applicable(cfg, spec, impl, case)
+    if why is not None:
+        report.skipped.append(dict(optimizer=opt_name, implementation=impl, case=case.name, dtype=dtype_name,
+                                   reason=why))
+        return None
+    what = f"{opt_name} {impl} {case.name} {dtype_name}"
+    try:
+        opt = make_optimizer(spec, impl, params)
+        set_threads(opt, impl, cfg.threads[0])
+        opt.step()  # never timed, and not a warm-up step
+    except Unsupported as exc:
+        report.skipped.append(dict(optimizer=opt_name, implementation=impl, case=case.name, dtype=dtype_name,
+                                   reason=str(exc)))
+        for threads in cfg.threads:
+            prog(f"{what} {_thr(threads)}", f"skipped: {exc}")
+        return None
+    except Exception as exc:  # noqa: BLE001 - an implementation that fails here is skipped
+        report.skipped.append(dict(optimizer=opt_name, implementation=impl, case=case.name, dtype=dtype_name,
+                                   reason=f"{type(exc).__name__}: {exc}"))
+        for threads in cfg.threads:
+            prog(f"{what} {_thr(threads)}", f"failed: {type(exc).__name__}: {exc}")
+        return None
+    return opt
+
+
 def _fmt_result(r: Row) -> str:
-    out = f"{r.median_ms:9.3f} ms/step  [{r.q1_ms:.3f}, {r.q3_ms:.3f}]  {r.gb_per_s:6.1f} GB/s  n={r.repeats}"
+    out = (f"{r.median_ms:9.3f} ms/step (quartiles {r.q1_ms:.3f}-{r.q3_ms:.3f})  {r.gb_per_s:6.1f} GB/s  "
+           f"{r.repeats} steps")
     return out + (f" ({r.note})" if r.note and r.implementation != "limit" else "")
 
 
@@ -757,6 +859,11 @@ def _fmt_ms(ms: Optional[float]) -> str:
     return f"{ms:.0f}" if ms >= 1000 else f"{ms:.1f}" if ms >= 10 else f"{ms:.2f}" if ms >= 1 else f"{ms:.3f}"
 
 
+def _limit_noise(lim: Row) -> float:
+    """The limit's relative spread (at least 5%): how far a row may beat it by chance."""
+    return max(0.05, (lim.q3_ms - lim.q1_ms) / lim.median_ms)
+
+
 def _fmt_pct(p: Optional[float]) -> str:
     return "-" if p is None else f"{p:.0f}%"
 
@@ -774,8 +881,8 @@ def format_table(report: Report) -> str:
                                          order[("dtype", r.dtype)], r.threads)):
         by_key.setdefault((r.optimizer, r.case, r.dtype, r.threads), {})[r.implementation] = r
 
-    header1 = ["", "", "", "", "limit", ""]
-    header2 = ["optimizer", "case", "dtype", "thr", "ms", "GB/s"]
+    header1 = ["", "", "", "", "limit"]
+    header2 = ["optimizer", "case", "dtype", "thr", "GB/s"]
     for i in impls:
         label = IMPLEMENTATIONS[i]
         if i == "fusedoptim":
@@ -784,14 +891,17 @@ def format_table(report: Report) -> str:
         else:
             header1 += [label, ""]
             header2 += ["ms", "%lim"]
-    header1.append("fusedoptim")
-    header2.append("vs fused")
+    loop = any(r.mode == "loop" for r in rows)
+    header1 += ["fusedoptim vs fused", ""] if loop else ["fusedoptim", ""]
+    header2 += ["loop", "b2b"] if loop else ["vs fused", ""]
 
     body: List[List[str]] = []
     seps: List[int] = []
     last_opt = None
     multi = set()
     cuts = False
+    over = 0
+    unsteady: List[str] = []
     for key, cells in by_key.items():
         opt, case, dtype, threads = key
         if last_opt is not None and opt != last_opt:
@@ -801,7 +911,8 @@ def format_table(report: Report) -> str:
         if lim is not None and lim.note:
             multi.add(case)
         line = [opt, case + ("*" if lim is not None and lim.note else ""), dtype, str(threads),
-                _fmt_ms(lim.median_ms if lim else None), f"{lim.gb_per_s:.1f}" if lim else "-"]
+                f"{lim.gb_per_s:.1f}" if lim else "-"]
+        slack = _limit_noise(lim) if lim is not None else 0.0
         for i in impls:
             cell = cells.get(i)
             cut = cell is not None and bool(cell.note)
@@ -809,16 +920,28 @@ def format_table(report: Report) -> str:
             line.append(_fmt_ms(cell.median_ms if cell else None) + ("~" if cut else ""))
             if i == "fusedoptim":
                 line.append(f"{cell.gb_per_s:.1f}" if cell else "-")
-            line.append(_fmt_pct(cell.pct_of_limit if cell else None))
+            if cell is not None and cell.pct_of_limit is not None and cell.pct_of_limit > 100.0 * (1 + slack):
+                over += 1
+                line.append(">lim")
+            else:
+                line.append(_fmt_pct(cell.pct_of_limit if cell else None))
         fo = cells.get("fusedoptim")
-        line.append(f"{fo.speedup_vs_torch_fused:.2f}x" if fo and fo.speedup_vs_torch_fused else "-")
+        if fo is None or fo.speedup_vs_torch_fused is None:
+            line.append("-")
+        elif fo.comparable is False:
+            unsteady.append(f"{opt} {case} {dtype} {threads}t")
+            line.append("?")
+        else:
+            line.append(f"{fo.speedup_vs_torch_fused:.2f}x")
+        line.append(f"{fo.speedup_back_to_back:.2f}x" if fo is not None and fo.speedup_back_to_back else
+                    ("-" if loop else ""))
         body.append(line)
 
     ncol = len(header2)
     widths = [max(len(x[c]) for x in [header1, header2] + body) for c in range(ncol)]
     # group separators: a "|" before the limit and before each implementation
     group_starts = {4}
-    c = 6
+    c = 5
     for i in impls:
         group_starts.add(c)
         c += 3 if i == "fusedoptim" else 2
@@ -861,8 +984,21 @@ def format_table(report: Report) -> str:
         "(Adam 7 x dtype size per param, SGD momentum 5 x, plain SGD 3 x).",
         "limit = fusedoptim._C.stream_probe (x += grad over the same read-write streams, same ISA and thread "
         "split); %lim = GB/s / limit GB/s.",
-        "vs fused = torch fused time / fusedoptim time (>1: fusedoptim is faster).",
     ]
+    if loop:
+        notes.append("Steps timed in a loop: torch's work (grads rewritten, one parallel op) runs untimed before "
+                     "every step, and the implementations alternate in blocks (A B, B A, ...).")
+        notes.append("vs fused = torch fused time / fusedoptim time (>1: fusedoptim is faster): in the loop, and "
+                     "b2b = with steps back to back.")
+    else:
+        notes.append("vs fused = torch fused time / fusedoptim time (>1: fusedoptim is faster), steps back to back.")
+    if unsteady:
+        notes.append(f"? = no ratio: a median too unsteady to compare (quartiles wider than {TRUST_SPREAD:.0%} of "
+                     f"it, or under {TRUST_MIN_SAMPLES} steps): {', '.join(unsteady)}; the other rows can be "
+                     "trusted.")
+    if over:
+        notes.append(">lim = faster than the limit by more than the limit's own noise: that limit was measured "
+                     "low (a disturbed probe), so no percentage is given.")
     if multi:
         notes.append("* limit measured on one tensor of the same total size.")
     if cuts:
@@ -960,7 +1096,7 @@ def write_csv(report: Report, path: str) -> None:
             for k in ("median_ms", "q1_ms", "q3_ms"):
                 r[k] = f"{r[k]:.4f}"
             r["gb_per_s"] = f"{r['gb_per_s']:.3f}"
-            for k in ("pct_of_limit", "speedup_vs_torch_fused"):
+            for k in ("pct_of_limit", "speedup_vs_torch_fused", "speedup_back_to_back"):
                 r[k] = "" if r[k] is None else f"{r[k]:.2f}"
             w.writerow(r)
 
