@@ -25,13 +25,13 @@ from ._spec import Spec
 from ._tensors import DTYPE_CODES, STEP_CODES, grad_addresses, local
 from .backends import StepArgs, Tables, cpu, cuda
 
-__all__ = ["GroupPlan", "build_cpu", "run_cpu", "run_cuda"]
+__all__ = ["GroupPlan", "build_cpu", "group_values", "run_cpu", "run_cuda"]
 
 
 class GroupPlan:
     """Routing and tables of one param group, valid while unchanged."""
 
-    __slots__ = ("route", "tables", "cpu_plan", "cuda_plan", "cuda_tables", "mode")
+    __slots__ = ("route", "tables", "cpu_plan", "cuda_plan", "cuda_tables", "mode", "fast")
 
     def __init__(self, route: Route) -> None:
         self.route = route
@@ -40,6 +40,8 @@ class GroupPlan:
         self.cuda_plan: Optional[_C.StepPlan] = None  # all-CUDA groups: checks and grad addresses from C
         self.cuda_tables: List[Tables] = []  # the launches the cuda_plan feeds
         self.mode = cuda.mode()  # a plan holds to the mode it was built in (CUDA emulated or not)
+        # (group_values, hyper, "cpu"/"cuda", mode) of the last step that ran the cached plan.
+        self.fast: Optional[tuple] = None
 
     @property
     def opts(self) -> Any:
@@ -62,6 +64,27 @@ class GroupPlan:
             self.cpu_plan.release()
         if self.cuda_plan is not None:
             self.cuda_plan.release()
+
+
+_PLAIN = (float, int, bool, str, type(None), torch.dtype)
+
+
+def group_values(group: Dict[str, Any]) -> Optional[tuple]:
+    """The group's settings (every key but ``params``) as a tuple that ``==``
+    compares exactly, or None when one is not a plain value (a tensor lr can
+    change in place, so a group with one is checked in full every step)."""
+    out = []
+    for k, v in group.items():
+        if k == "params":
+            continue
+        if type(v) is tuple:
+            if not all(type(x) in _PLAIN for x in v):
+                return None
+        elif type(v) not in _PLAIN:
+            return None
+        out.append(k)
+        out.append(v)
+    return tuple(out)
 
 
 def _positions(param_groups: Sequence[Dict[str, Any]]) -> Dict[int, int]:

@@ -246,14 +246,26 @@ class FusedOptimizer:
         plans: Dict[int, Any] = self.__dict__.setdefault("_fo_plans", {})
         state_all = self.state  # type: ignore[attr-defined]
         for gi, group in enumerate(self.param_groups):  # type: ignore[attr-defined]
-            opts = _precision.options_of(group)
             cached = plans.get(id(group))
             plan = cached[1] if cached is not None and cached[0] is group else None
+            if plan is not None:
+                # The group's values as at the last step: the options, hyperparameters and
+                # which cached plan runs it are as they were then.
+                values = _plans.group_values(group)
+                fast = plan.fast
+                if fast is not None and values is not None and fast[0] == values and fast[3] == cuda.mode():
+                    _, hyper, how, _ = fast
+                    native = plan.cpu_plan if how == "cpu" else plan.cuda_plan
+                    if native.collect(group["params"], state_all) == 0:  # type: ignore[union-attr]
+                        work.append(_Work(group, plan, hyper=hyper, cached=how))
+                        continue
+            opts = _precision.options_of(group)
             how = plan.cached(spec, group, opts) if plan is not None else None
             if how is not None:
                 native = plan.cpu_plan if how == "cpu" else plan.cuda_plan  # type: ignore[union-attr]
                 hyper = spec.hyper(group)
                 if native.collect(group["params"], state_all) == 0:  # type: ignore[union-attr]
+                    plan.fast = (values, hyper, how, plan.mode) if values is not None else None  # type: ignore
                     work.append(_Work(group, plan, hyper=hyper, cached=how))
                     continue
             ps, gs = grads_of(group["params"])
