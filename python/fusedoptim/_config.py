@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import textwrap
 import warnings
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -96,7 +97,9 @@ class BackendInfo(Dict[str, Any]):
         ]
         rows += _cuda_rows(self.get("cuda") or {})
         width = max(len(k) for k, _ in rows)
-        return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+        indent = " " * (width + 2)
+        return "\n".join(f"{k:<{width}}  " + f"\n{indent}".join(textwrap.wrap(v, 100 - len(indent)) or [""])
+                         for k, v in rows)
 
 
 def _cuda_rows(c: Dict[str, Any]) -> List[Tuple[str, str]]:
