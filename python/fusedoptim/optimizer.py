@@ -150,8 +150,18 @@ class FusedOptimizer:
         return _precision.torch_state_dict(self.state_dict(), params, self._spec.torch_step)  # type: ignore[attr-defined]
 
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
-        """Add a param group, as torch does; its precision options are
-        checked against its params (a rejected group is not added)."""
+        """Add a param group, as :meth:`torch.optim.Optimizer.add_param_group` does.
+
+        Args:
+            param_group: a dict with ``"params"`` and any of the constructor's
+                arguments; those left out take the optimizer's defaults.
+
+        Raises:
+            ValueError: torch's checks (e.g. a param already in another
+                group), or a precision option the group's params cannot take
+                (e.g. ``master_weights`` on fp32 params). A rejected group is
+                not added.
+        """
         super().add_param_group(param_group)  # type: ignore[misc]
         if self.__dict__.get("_fo_options_set"):  # torch's __init__ adds groups before the options exist
             groups = self.param_groups  # type: ignore[attr-defined]
@@ -161,9 +171,48 @@ class FusedOptimizer:
                 groups.pop()
                 raise
 
+    def state_dict(self) -> Dict[str, Any]:
+        """The optimizer's state and param groups, in torch.optim's layout.
+
+        ``{"state": {index: {...}}, "param_groups": [...]}`` with torch's
+        keys (Adam: ``step``, ``exp_avg``, ``exp_avg_sq``, with ``amsgrad``
+        ``max_exp_avg_sq``; SGD: ``momentum_buffer``), so torch.optim loads
+        it. The precision options add their own state (``master_param``,
+        ``kahan_comp``, SGD's ``step``) and group entries (the options and
+        the stochastic-rounding seed), which torch ignores;
+        :meth:`torch_state_dict` gives a copy without them.
+
+        Returns:
+            A dict that refers to the state tensors themselves, as torch's
+            does: save it or copy it before the next step.
+        """
+        return super().state_dict()  # type: ignore[misc]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Reset the grads of every param, as torch.optim does.
+
+        Args:
+            set_to_none: set each ``.grad`` to None (the default, torch's)
+                instead of filling it with zeros; the next backward then
+                allocates new grads. The step reads the grads' addresses
+                every time, so it takes either.
+        """
+        super().zero_grad(set_to_none)  # type: ignore[misc]
+
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        """Load a checkpoint of fusedoptim or torch.optim, as torch does; the
-        state of the precision options keeps the dtypes the options need."""
+        """Load a checkpoint of fusedoptim or of torch.optim, as torch does.
+
+        Checkpoints move both ways, also mid-training. The state of the
+        precision options keeps the dtypes the options need (torch's loader
+        would cast it to the param's dtype); the state of an option this
+        optimizer does not use is dropped with a warning.
+
+        Args:
+            state_dict: what :meth:`state_dict` returned, here or in torch.optim.
+
+        Raises:
+            ValueError: torch's checks (the number of groups, of params per group).
+        """
         self._fo_plans: Dict[int, Any] = {}
         saved = _precision.saved_state(state_dict, self.param_groups)  # type: ignore[attr-defined]
         super().load_state_dict(state_dict)  # type: ignore[misc]
@@ -191,11 +240,28 @@ class FusedOptimizer:
     @_compile.compile_aware  # under torch.compile: the traced step, custom ops, no graph break
     @_use_grad_for_differentiable
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
-        """Perform a single optimization step.
+        """Update every param that has a grad, once.
+
+        Each param group is updated by one native call per dtype (CPU) or one
+        launch per ~450 tensors (CUDA); params the kernels cannot take run
+        torch's own step. :attr:`last_backends` tells which ran.
 
         Args:
-            closure (Callable, optional): A closure that reevaluates the model
-                and returns the loss.
+            closure: re-evaluates the model and returns the loss; called once,
+                with grad enabled, before the update.
+
+        Returns:
+            The closure's loss, or None without a closure.
+
+        Raises:
+            RuntimeError: a grad whose shape, dtype or device differs from its
+                param (``GradMismatchError``, also a ValueError), torch's
+                errors (e.g. sparse grads for Adam), or a param the fused
+                kernels cannot take under a precision option.
+            ValueError: a hyperparameter or a state tensor that does not fit.
+
+        Every check runs before anything is written: after a raise the
+        params, grads and state are exactly as they were.
         """
         loss = None
         if closure is not None:
