@@ -512,6 +512,26 @@ def test_step_reports_reach_a_copy_of_the_dict():
     assert wrapper.last_grad_norm is not None and torch.equal(wrapper.last_grad_norm, clipped.last_grad_norm)
 
 
+def test_step_reports_reach_a_wrapper_of_the_class():
+    """Lightning 2.x's optimizer wrapper takes the optimizer's class (for
+    isinstance) and holds the optimizer as _optimizer, without its __dict__:
+    the per-step reports it shows are the wrapped optimizer's."""
+
+    class Wrapper:  # as lightning.pytorch.core.optimizer.LightningOptimizer
+        def __init__(self, optimizer):
+            self._optimizer = optimizer
+            self.__class__ = type("Lightning" + type(optimizer).__name__, (Wrapper, type(optimizer)), {})
+
+    p = torch.nn.Parameter(torch.randn(10))
+    opt = fusedoptim.SGD([p], lr=0.1, max_grad_norm=0.5)
+    wrapper = Wrapper(opt)
+    assert isinstance(wrapper, fusedoptim.SGD) and wrapper.last_backends == [] and wrapper.last_grad_norm is None
+    p.grad = torch.randn(10)
+    opt.step()
+    assert wrapper.last_backends == opt.last_backends == [f"native-cpu/{fusedoptim.get_cpu_isa()}"]
+    assert wrapper.last_grad_norm is opt.last_grad_norm and opt.last_grad_norm is not None
+
+
 # ---------------------------------------------------------------- documentation
 @pytest.mark.parametrize("cls", [fusedoptim.Adam, fusedoptim.AdamW, fusedoptim.SGD], ids=lambda c: c.__name__)
 def test_help_documents_the_public_methods(cls):

@@ -117,7 +117,14 @@ class FusedOptimizer:
     @property
     def _report(self) -> StepReport:
         report = self.__dict__.get("_fo_report")
-        if report is None:  # unpickled: __setstate__ makes one, this is a fallback
+        if report is None:
+            # A wrapper that takes the optimizer's class but not its __dict__
+            # (Lightning's LightningOptimizer, which holds it as _optimizer)
+            # reports the wrapped optimizer's steps.
+            inner = self.__dict__.get("_optimizer")
+            if isinstance(inner, FusedOptimizer) and inner is not self:
+                return inner._report
+            # Unpickled: __setstate__ makes one, this is a fallback.
             report = self.__dict__["_fo_report"] = StepReport()
         return report
 
