@@ -30,7 +30,7 @@ from ._spec import Spec
 from ._tensors import DTYPE_CODES, grad_addresses, grads_of, local
 from .backends import StepArgs, cpu, cuda
 
-__all__ = ["FusedOptimizer", "ParamsT", "check_fused", "precision_options"]
+__all__ = ["FusedOptimizer", "ParamsT", "TorchProtocol", "check_fused", "precision_options"]
 
 
 #: What the constructors take as ``params``, as torch.optim.
@@ -86,64 +86,9 @@ class _Work:
         return self.gs if self.gs is not None else grads_of(self.group["params"])[1]
 
 
-class FusedOptimizer:
-    """The step shared by fusedoptim's optimizers; see the module docstring.
-
-    A subclass names the torch class it replaces (``_torch_cls``) and its
-    declaration (``_spec``).
-    """
-
-    _torch_cls: type
-    _spec: Spec
-    #: Threads of the CPU kernels for this optimizer; None follows
-    #: :func:`fusedoptim.get_num_threads`.
-    num_threads: Optional[int] = None
-
-    def _fo_init(self, fused: Any, foreach: Any, differentiable: bool, options: Dict[str, Any]) -> None:
-        """The end of a constructor (torch's ran with ``fused=None``): torch's
-        checks of ``fused``, the flag kept as given (``True`` lets
-        ``torch.amp.GradScaler`` hand the unscaling to the step), then the
-        precision options."""
-        check_fused(fused, foreach, differentiable)
-        self.defaults["fused"] = fused  # type: ignore[attr-defined]
-        for group in self.param_groups:  # type: ignore[attr-defined]
-            group["fused"] = fused
-        if fused:
-            self._step_supports_amp_scaling = True
-        _precision.setup(self.defaults, self.param_groups, options)  # type: ignore[attr-defined]
-        self._fo_options_set = True
-        self._fo_report = StepReport()
-
-    @property
-    def _report(self) -> StepReport:
-        report = self.__dict__.get("_fo_report")
-        if report is None:
-            # A wrapper that takes the optimizer's class but not its __dict__
-            # (Lightning's LightningOptimizer, which holds it as _optimizer)
-            # reports the wrapped optimizer's steps.
-            inner = self.__dict__.get("_optimizer")
-            if isinstance(inner, FusedOptimizer) and inner is not self:
-                return inner._report
-            # Unpickled: __setstate__ makes one, this is a fallback.
-            report = self.__dict__["_fo_report"] = StepReport()
-        return report
-
-    @property
-    def last_backends(self) -> List[str]:
-        """Which backend each param group took on the last step.
-
-        One entry per group: ``"native-cpu/<isa>"``, ``"native-cuda"``,
-        ``"torch"``, several joined with ``+`` when only some params of the
-        group could use the kernels, ``"none"`` for a group without grads,
-        or ``"skipped (found_inf)"``.
-        """
-        return list(self._report.backends)
-
-    @property
-    def last_grad_norm(self) -> Optional[Tensor]:
-        """With ``max_grad_norm``: the global grad norm of the last step (a
-        0-d float32 tensor, what ``clip_grad_norm_`` returns), else None."""
-        return self._report.grad_norm
+class TorchProtocol:
+    """The torch.optim.Optimizer methods fusedoptim extends: param groups,
+    checkpoints, grads and pickling (the step is :class:`FusedOptimizer`'s)."""
 
     def torch_state_dict(self) -> Dict[str, Any]:
         """A ``state_dict`` for torch.optim: without the state of fusedoptim's
@@ -243,6 +188,66 @@ class FusedOptimizer:
             self.num_threads = num_threads
         self._fo_plans = {}
         self._fo_report = StepReport()
+
+
+class FusedOptimizer(TorchProtocol):
+    """The step shared by fusedoptim's optimizers; see the module docstring.
+
+    A subclass names the torch class it replaces (``_torch_cls``) and its
+    declaration (``_spec``).
+    """
+
+    _torch_cls: type
+    _spec: Spec
+    #: Threads of the CPU kernels for this optimizer; None follows
+    #: :func:`fusedoptim.get_num_threads`.
+    num_threads: Optional[int] = None
+
+    def _fo_init(self, fused: Any, foreach: Any, differentiable: bool, options: Dict[str, Any]) -> None:
+        """The end of a constructor (torch's ran with ``fused=None``): torch's
+        checks of ``fused``, the flag kept as given (``True`` lets
+        ``torch.amp.GradScaler`` hand the unscaling to the step), then the
+        precision options."""
+        check_fused(fused, foreach, differentiable)
+        self.defaults["fused"] = fused  # type: ignore[attr-defined]
+        for group in self.param_groups:  # type: ignore[attr-defined]
+            group["fused"] = fused
+        if fused:
+            self._step_supports_amp_scaling = True
+        _precision.setup(self.defaults, self.param_groups, options)  # type: ignore[attr-defined]
+        self._fo_options_set = True
+        self._fo_report = StepReport()
+
+    @property
+    def _report(self) -> StepReport:
+        report = self.__dict__.get("_fo_report")
+        if report is None:
+            # A wrapper that takes the optimizer's class but not its __dict__
+            # (Lightning's LightningOptimizer, which holds it as _optimizer)
+            # reports the wrapped optimizer's steps.
+            inner = self.__dict__.get("_optimizer")
+            if isinstance(inner, FusedOptimizer) and inner is not self:
+                return inner._report
+            # Unpickled: __setstate__ makes one, this is a fallback.
+            report = self.__dict__["_fo_report"] = StepReport()
+        return report
+
+    @property
+    def last_backends(self) -> List[str]:
+        """Which backend each param group took on the last step.
+
+        One entry per group: ``"native-cpu/<isa>"``, ``"native-cuda"``,
+        ``"torch"``, several joined with ``+`` when only some params of the
+        group could use the kernels, ``"none"`` for a group without grads,
+        or ``"skipped (found_inf)"``.
+        """
+        return list(self._report.backends)
+
+    @property
+    def last_grad_norm(self) -> Optional[Tensor]:
+        """With ``max_grad_norm``: the global grad norm of the last step (a
+        0-d float32 tensor, what ``clip_grad_norm_`` returns), else None."""
+        return self._report.grad_norm
 
     @_compile.compile_aware  # under torch.compile: the traced step, custom ops, no graph break
     @_use_grad_for_differentiable
