@@ -84,7 +84,7 @@ class BackendInfo(Dict[str, Any]):
         else:
             chosen = f"FUSEDOPTIM_CPU_ISA={request} could not be honoured"
         workers = self.get("thread_pool_size")
-        pool = "not started yet" if not workers else f"{workers} worker(s) started"
+        pool = f"; started: {workers} worker(s) + the calling thread" if workers else ""
         rows = [
             ("fusedoptim", f"{self.get('version')} (torch {self.get('torch_version')})"),
             ("CPU variant", f"{self.get('isa')}, {self.get('vector_width')} float lanes ({chosen})"),
@@ -92,7 +92,7 @@ class BackendInfo(Dict[str, Any]):
             ("variants built", ", ".join(self.get("compiled_isas", []))),
             ("CPU features", " ".join(k for k, v in feats.items() if v) or "none"),
             ("threads", f"{self.get('num_threads')} per step ({self.get('num_threads_from')})"),
-            ("threading", f"{self.get('threading')}; pool {pool}"),
+            ("threading", f"{self.get('threading')}{pool}"),
             ("compiler", str(self.get("compiler"))),
         ]
         rows += _cuda_rows(self.get("cuda") or {})
