@@ -510,3 +510,43 @@ def test_step_reports_reach_a_copy_of_the_dict():
     wrapper.__dict__ = dict(clipped.__dict__)
     clipped.step()
     assert wrapper.last_grad_norm is not None and torch.equal(wrapper.last_grad_norm, clipped.last_grad_norm)
+
+
+def test_step_reports_reach_a_wrapper_of_the_class():
+    """Lightning 2.x's optimizer wrapper takes the optimizer's class (for
+    isinstance) and holds the optimizer as _optimizer, without its __dict__:
+    the per-step reports it shows are the wrapped optimizer's."""
+
+    class Wrapper:  # as lightning.pytorch.core.optimizer.LightningOptimizer
+        def __init__(self, optimizer):
+            self._optimizer = optimizer
+            self.__class__ = type("Lightning" + type(optimizer).__name__, (Wrapper, type(optimizer)), {})
+
+    p = torch.nn.Parameter(torch.randn(10))
+    opt = fusedoptim.SGD([p], lr=0.1, max_grad_norm=0.5)
+    wrapper = Wrapper(opt)
+    assert isinstance(wrapper, fusedoptim.SGD) and wrapper.last_backends == [] and wrapper.last_grad_norm is None
+    p.grad = torch.randn(10)
+    opt.step()
+    assert wrapper.last_backends == opt.last_backends == [f"native-cpu/{fusedoptim.get_cpu_isa()}"]
+    assert wrapper.last_grad_norm is opt.last_grad_norm and opt.last_grad_norm is not None
+
+
+# ---------------------------------------------------------------- documentation
+@pytest.mark.parametrize("cls", [fusedoptim.Adam, fusedoptim.AdamW, fusedoptim.SGD], ids=lambda c: c.__name__)
+def test_help_documents_the_public_methods(cls):
+    """help(cls) shows a Google-style docstring for each method a user calls,
+    and the class documents every constructor argument."""
+    for name in ("add_param_group", "load_state_dict", "state_dict", "step", "zero_grad", "torch_state_dict"):
+        doc = inspect.getdoc(getattr(cls, name))
+        assert doc and not doc.lstrip().startswith("#"), f"{cls.__name__}.{name}: {doc!r}"
+        owner = next(k for k in cls.__mro__ if name in vars(k))
+        assert owner.__module__.startswith("fusedoptim"), f"{name} is documented by {owner}"
+        takes = [p for p in inspect.signature(getattr(cls, name)).parameters if p != "self"]
+        if takes:
+            assert "Args:" in doc and all(f"{p}:" in doc for p in takes), f"{cls.__name__}.{name}: {doc}"
+    doc = inspect.getdoc(cls)
+    args = doc[doc.index("Args:"):]
+    for p in list(inspect.signature(cls).parameters):
+        assert f"{p}:" in args or f"{p}," in args, f"{cls.__name__} does not document {p}"
+    assert "compatibility" not in doc, doc

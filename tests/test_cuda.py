@@ -116,22 +116,54 @@ def state_on_cpu(opt) -> Dict[str, List[torch.Tensor]]:
 # --------------------------------------------------------------------------- runs everywhere
 def test_backend_info_reports_cuda():
     """backend_info() says whether the CUDA backend was compiled and can run
-    here, and if not, why (on every machine)."""
+    here, and if not, why (on every machine), under "cuda" alone."""
     info = fusedoptim.backend_info()
-    for key in ("cuda_compiled", "cuda_available", "cuda_reason", "cuda"):
-        assert key in info, key
     cuda = info["cuda"]
     for key in ("compiled", "available", "reason", "device_count", "driver_version", "runtime_version", "archs",
                 "large_param_space", "emulating"):
         assert key in cuda, key
-    assert info["cuda_available"] == cuda["available"] == _cuda.available()
-    assert info["cuda_compiled"] == cuda["compiled"]
-    if not info["cuda_available"]:
-        assert isinstance(info["cuda_reason"], str) and info["cuda_reason"].strip(), info
-        if not info["cuda_compiled"]:
-            assert cuda["archs"] == [] and "no CUDA backend" in info["cuda_reason"]
+    assert not any(k.startswith("cuda_") for k in info), sorted(info)
+    assert cuda["available"] == _cuda.available()
+    if not cuda["available"]:
+        assert isinstance(cuda["reason"], str) and cuda["reason"].strip(), cuda
+        if not cuda["compiled"]:
+            assert cuda["archs"] == [] and "no CUDA backend" in cuda["reason"]
+        elif cuda["driver_version"] == 0:
+            assert cuda["reason"] == "no CUDA driver found", cuda
     else:
-        assert info["cuda_compiled"] and info["cuda_reason"] is None
+        assert cuda["compiled"] and cuda["reason"] == ""
+
+
+def test_backend_info_old_cuda_keys_still_answer_with_a_warning():
+    info = fusedoptim.backend_info()
+    cuda = info["cuda"]
+    for old, new in (("cuda_compiled", "compiled"), ("cuda_available", "available"), ("cuda_reason", "reason")):
+        with pytest.warns(DeprecationWarning, match=f"backend_info\\(\\)\\['cuda'\\]\\['{new}'\\]"):
+            value = info[old]
+        assert value == (cuda[new] or None if new == "reason" else cuda[new]), (old, value)
+    with pytest.raises(KeyError):
+        info["cuda_nonsense"]
+
+
+@pytest.mark.parametrize("driver,expected", [
+    (0, "no CUDA driver found"),
+    (12040, "no usable CUDA driver or device: cudaErrorInsufficientDriver: "
+            "CUDA driver version is insufficient for CUDA runtime version"),
+])
+def test_reason_without_a_driver_says_so(monkeypatch, driver, expected):
+    """The CUDA runtime calls a missing driver (libcuda not found) an
+    insufficient one; with driver_version 0 the reason says there is none."""
+    raw = {"compiled": True, "available": False, "device_count": 0, "driver_version": driver,
+           "runtime_version": 13000, "archs": [80, 90], "large_param_space": False,
+           "reason": "no usable CUDA driver or device: cudaErrorInsufficientDriver: "
+                     "CUDA driver version is insufficient for CUDA runtime version"}
+    monkeypatch.setattr(_cuda, "_INFO", None)
+    monkeypatch.setattr(_cuda._C, "cuda_info", lambda: dict(raw))
+    cuda = fusedoptim.backend_info()["cuda"]
+    assert cuda["reason"] == expected and cuda["available"] is False
+    text = " ".join(str(fusedoptim.backend_info()).split())  # long values are wrapped
+    assert f"not available: {expected}" in text and "sm_80, sm_90" in text, text
+    assert f"driver {driver or 'none'}" in text, text
 
 
 @pytest.mark.skipif(not HAVE_GPU or _cuda.available(), reason="needs a GPU and a build without a usable CUDA backend")

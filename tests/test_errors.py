@@ -8,6 +8,7 @@ import torch
 
 import fusedoptim
 from fusedoptim import _C
+from fusedoptim._spec import GradMismatchError
 from cases import assert_snapshot_equal, snapshot
 
 NAN, INF = float("nan"), float("inf")
@@ -188,6 +189,39 @@ def test_mismatched_grad_raises_before_writing(name, mismatch, warm):
     # torch raises RuntimeError here: code that catches it must catch ours.
     assert isinstance(raised.value, RuntimeError), type(raised.value)
     assert "param 0 of group 2" in str(raised.value), str(raised.value)
+
+
+@pytest.mark.parametrize("warm", [False, True], ids=["first-step", "cached-plan"])
+@pytest.mark.parametrize("name", sorted(PAIRS))
+def test_same_size_reshaped_grad_raises_at_every_step(name, warm):
+    """A reshape that keeps rank and size (a (4, 3) grad swapped for (3, 4))
+    passes every check but the shape's; the cached plan must see it too."""
+    ours, theirs = PAIRS[name]
+    kwargs = dict(lr=0.1, momentum=0.9) if name == "SGD" else dict(lr=0.1)
+    results = {}
+    for label, cls in (("ours", ours), ("torch", theirs)):
+        gen = torch.Generator().manual_seed(0)
+        flat = [torch.randn(4, 3, generator=gen).requires_grad_(), torch.randn(5, generator=gen).requires_grad_()]
+        opt = cls(flat, **kwargs)
+        for s in range(2 if warm else 0):
+            _set_grads(flat, s)
+            opt.step()
+        _set_grads(flat, 10)
+        victim = flat[0]
+        _swap_grad_data(victim, torch.randn(3, 4, generator=gen))
+        assert victim.grad.numel() == victim.numel() and victim.grad.shape != victim.shape
+        before = snapshot(opt, flat)
+        raised = []
+        for _ in range(3):
+            with pytest.raises(RuntimeError) as info:
+                opt.step()
+            raised.append(info.value)
+            if label == "ours":
+                assert_snapshot_equal(before, snapshot(opt, flat), f"{name}: reshaped grad, step {len(raised)}")
+        results[label] = raised
+    for k, e in enumerate(results["ours"]):
+        assert type(e) is GradMismatchError, f"step {k + 1}: {type(e).__name__}: {e}"
+        assert "param 0 of group 0" in str(e) and "(3, 4)" in str(e) and "(4, 3)" in str(e), str(e)
 
 
 @pytest.mark.parametrize("name", ["Adam", "AdamW"])

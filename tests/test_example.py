@@ -7,6 +7,8 @@ import pathlib
 import pytest
 import torch
 
+import fusedoptim
+
 from tolerances import EXAMPLE_FINAL_LOSS_RTOL
 
 SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "examples" / "train.py"
@@ -36,6 +38,24 @@ def test_example_trains_like_torch_and_resumes_exactly(optimizer, bf16):
     # dozen data-dependent steps amplify (see tolerances.py).
     for a, b in zip(ours["val"], ref["val"]):
         assert abs(a - b) <= EXAMPLE_FINAL_LOSS_RTOL * abs(b), (ours["val"], ref["val"])
+    # The run reports its timings and which backend fusedoptim's step took.
+    assert len(ours["step_s"]) == len(ours["opt_step_s"]) == 60
+    assert all(0 < o <= s for o, s in zip(ours["opt_step_s"], ours["step_s"]))
+    assert ours["backends"] == [f"native-cpu/{fusedoptim.get_cpu_isa()}"] and ref["backends"] is None
     # A checkpoint saved and loaded mid-run changes nothing, bit for bit.
     assert resumed["train"] == ours["train"]
     assert resumed["val"] == ours["val"]
+
+
+def test_example_help_gives_each_option_a_description_and_default(capsys):
+    mod = _load()
+    with pytest.raises(SystemExit) as done:
+        mod.main(["--help"])
+    assert done.value.code == 0
+    text = capsys.readouterr().out
+    options = text[text.index("options:"):]
+    for flag, default in (("--optimizer", "adamw"), ("--steps", "300"), ("--batch", "128"), ("--dim", "32"),
+                          ("--width", "256"), ("--lr", "3e-3 for adamw"), ("--eval-every", "25"),
+                          ("--patience", "4"), ("--no-bf16", "bf16 autocast")):
+        entry = options[options.index(flag):].split("\n  --")[0]
+        assert f"(default: {default}" in " ".join(entry.split()), entry

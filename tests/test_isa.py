@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from typing import Dict
 
 import pytest
 import torch
@@ -49,7 +50,8 @@ def run_special(case, dtype, isa=None, threads=None, steps=4, **extra):
 def test_backend_info_is_consistent():
     info = fusedoptim.backend_info()
     for key in ("version", "compiled_isas", "supported_isas", "isa", "vector_width", "cpu_features",
-                "isa_request", "isa_request_honored", "num_threads"):
+                "isa_request", "isa_request_honored", "num_threads", "num_threads_from", "threading", "compiler",
+                "cuda", "torch_version"):
         assert key in info, key
     assert info["version"] == fusedoptim.__version__
     assert "scalar" in info["compiled_isas"] and "scalar" in info["supported_isas"]
@@ -70,6 +72,59 @@ def test_backend_info_is_consistent():
         best = [isa for isa in ("avx512", "avx2", "scalar") if isa in info["supported_isas"]][0]
         assert info["isa"] == best
         assert info["isa_request"] is None and info["isa_request_honored"] is True
+
+
+def test_backend_info_docstring_names_every_key():
+    info = fusedoptim.backend_info()
+    doc = fusedoptim.backend_info.__doc__
+    keys = set(info) | {"thread_pool_size"} | {f"cuda.{k}" for k in info["cuda"]}
+    missing = [k for k in sorted(keys) if f"``{k.split('.')[-1]}``" not in doc]
+    assert not missing, f"backend_info's docstring does not name {missing}"
+
+
+def test_backend_info_prints_one_fact_a_line(monkeypatch):
+    monkeypatch.delenv("FUSEDOPTIM_CPU_ISA", raising=False)
+    info = fusedoptim.backend_info()
+    lines = str(info).splitlines()
+    rows: Dict[str, str] = {}
+    for line in lines:  # a long value goes on over indented lines
+        if line.startswith(" "):
+            rows[key] += " " + line.strip()
+        else:
+            key, value = line.split("  ", 1)
+            rows[key] = value.strip()
+    assert rows["fusedoptim"] == f"{fusedoptim.__version__} (torch {torch.__version__})"
+    assert rows["CPU variant"].startswith(f"{info['isa']}, {info['vector_width']} float lanes")
+    assert rows["variants here"] == ", ".join(info["supported_isas"])
+    assert rows["threads"] == f"{fusedoptim.get_num_threads()} per step (torch.get_num_threads())"
+    assert rows["CUDA"].startswith("no: " if not info["cuda"]["compiled"] else
+                                   ("available" if info["cuda"]["available"] else "not available: "))
+    assert all(len(line) <= 100 for line in lines), lines
+    # thread_pool_size is reported once the pool has started, never as 0.
+    started = fusedoptim._C.backend_info()["thread_pool_size"]
+    assert ("thread_pool_size" in info) == (started > 0) and info.get("thread_pool_size", 1) > 0
+    assert rows["threading"] == info["threading"] + (f"; started: {started} worker(s) + the calling thread"
+                                                     if started else "")
+    fusedoptim.set_num_threads(1)
+    try:
+        assert fusedoptim.backend_info()["num_threads_from"] == "fusedoptim.set_num_threads"
+        assert "1 per step (fusedoptim.set_num_threads)" in str(fusedoptim.backend_info())
+    finally:
+        fusedoptim.set_num_threads(None)
+    assert fusedoptim.backend_info()["num_threads_from"] == "torch.get_num_threads()"
+
+
+def test_python_m_fusedoptim_prints_backend_info():
+    env = {k: v for k, v in os.environ.items() if k != "FUSEDOPTIM_CPU_ISA"}
+    text = subprocess.run([sys.executable, "-m", "fusedoptim"], capture_output=True, text=True, env=env,
+                          check=True, timeout=120).stdout
+    info = fusedoptim.backend_info()
+    assert text.startswith(f"fusedoptim      {fusedoptim.__version__} (torch {torch.__version__})\n"), text
+    assert f"CPU variant     {info['isa']}," in text and "\nCUDA " in text, text
+    raw = subprocess.run([sys.executable, "-m", "fusedoptim", "--json"], capture_output=True, text=True, env=env,
+                         check=True, timeout=120).stdout
+    parsed = json.loads(raw)
+    assert parsed["isa"] == info["isa"] and parsed["cuda"]["compiled"] == info["cuda"]["compiled"]
 
 
 def test_set_cpu_isa_round_trip_and_reported_backend(restore_isa):

@@ -286,7 +286,9 @@ py::dict cuda_info() {
 #else
   d["compiled"] = false;
   d["available"] = false;
-  d["reason"] = "this build of fusedoptim has no CUDA backend (built without a CUDA compiler)";
+  d["reason"] =
+      "this build of fusedoptim has no CUDA backend (built where no GPU was found; "
+      "FUSEDOPTIM_CUDA=ON at build time asks for it: see the README's CUDA section)";
   d["device_count"] = 0;
   d["driver_version"] = 0;
   d["runtime_version"] = 0;

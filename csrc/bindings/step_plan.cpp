@@ -16,8 +16,8 @@ py::object intern(const char* s) { return py::reinterpret_steal<py::object>(PyUn
 // The attribute names collect() reads, interned once (never freed: they
 // must outlive the interpreter's teardown).
 struct Names {
-  py::object grad = intern("grad"), data_ptr = intern("data_ptr"), nbytes = intern("nbytes"), ndim = intern("ndim"),
-             dtype = intern("dtype"), is_contiguous = intern("is_contiguous"), step = intern("step");
+  py::object grad = intern("grad"), data_ptr = intern("data_ptr"), nbytes = intern("nbytes"), dtype = intern("dtype"),
+             is_contiguous = intern("is_contiguous"), shape = intern("shape"), step = intern("step");
 };
 const Names& names() {
   static const Names* n = new Names();
@@ -50,6 +50,17 @@ bool attr_is(PyObject* t, const py::object& attr, PyObject* expected) {
   const bool same = r == expected;
   Py_DECREF(r);
   return same;
+}
+
+// Whether t.shape equals the expected torch.Size. The Size torch makes is
+// freed before this returns, so the garbage collector's count is unchanged.
+bool same_shape(PyObject* t, const py::object& expected) {
+  PyObject* r = PyObject_GetAttr(t, names().shape.ptr());
+  if (r == nullptr) throw py::error_already_set();
+  const int v = PyObject_RichCompareBool(r, expected.ptr(), Py_EQ);
+  Py_DECREF(r);
+  if (v < 0) throw py::error_already_set();
+  return v == 1;
 }
 
 int64_t get_int(PyObject* t, const py::object& attr) {
@@ -136,7 +147,7 @@ void StepPlanBuilder::add(int64_t position, py::handle param, py::handle state_d
   }
   p.state_dicts_.push_back(py::reinterpret_borrow<py::object>(state_dict));
   p.dtypes_.push_back(param.attr("dtype"));
-  p.ndims_.push_back(param.attr("ndim").cast<int64_t>());
+  p.shapes_.push_back(param.attr("shape"));
   p.positions_.push_back(position);
   p.numels_.push_back(numel);
   p.pptrs_.push_back(pptr);
@@ -206,13 +217,11 @@ int StepPlan::collect_impl(py::handle params, py::handle state_obj) {
   }
   // Native entries. The param: same address, still contiguous, same size
   // in bytes (p.data = p.data.t() keeps the address). The grad: the
-  // param's dtype, rank and size in bytes (g.data = ... can change any of
-  // them), contiguous, then its address. (len(g), for the first dimension,
-  // costs torch over a microsecond per tensor: a same-rank, same-size
-  // reshape of a grad's .data is the one change left to the kernels, which
-  // update element by element and read nothing beyond the grad.) Any doubt sends
-  // Python to its full check. Nothing here allocates a tracked object (no
-  // torch.Size): a step must not feed the garbage collector.
+  // param's dtype and shape (g.data = ... can change either, a reshape of
+  // the same size included, for which torch raises), contiguous, then its
+  // address. Dtype and shape imply the size in bytes, and one read of the
+  // shape costs about what reads of the rank and the size did. Any doubt
+  // sends Python to its full check.
   size_t bucket = 0;
   int64_t bucket_end = bucket_size_.empty() ? 0 : bucket_size_[0];
   for (size_t k = 0; k < positions_.size(); ++k) {
@@ -225,8 +234,7 @@ int StepPlan::collect_impl(py::handle params, py::handle state_obj) {
     if (call_ptr(p) != pptrs_[k] || !call_bool(p, names().is_contiguous.ptr()) || get_int(p, names().nbytes) != nbytes) {
       return kStale;
     }
-    if (!attr_is(g, names().dtype, dtypes_[k].ptr()) || get_int(g, names().nbytes) != nbytes) return kStale;
-    if (get_int(g, names().ndim) != ndims_[k]) return kStale;
+    if (!attr_is(g, names().dtype, dtypes_[k].ptr()) || !same_shape(g, shapes_[k])) return kStale;
     if (!call_bool(g, names().is_contiguous.ptr())) return kSlowGrad;
     grad_ptrs_[k] = call_ptr(g);
   }

@@ -20,9 +20,9 @@ namespace bind {
 // param group, everything that does not change between steps: the params,
 // their addresses, the state tensors and their addresses, grouped in buckets
 // of one dtype. Each step, collect() checks in C that the cache still holds
-// (same params in the same list, same addresses, same grads present, same
-// state tensor objects) and reads the grads' addresses; run_*() then updates
-// all buckets. collect() writes nothing, so a step can check every group
+// (same params in the same list, same addresses, dtypes and shapes, the same
+// grads present with their params' dtypes and shapes, same state tensor
+// objects) and reads the grads' addresses; run_*() then updates all buckets. collect() writes nothing, so a step can check every group
 // before it touches any; any mismatch sends Python back to its full check.
 // A StepPlanBuilder makes one: an entry per param that the plan updates,
 // added in kernel order (StepPlanBuilder::add).
@@ -73,7 +73,7 @@ class __attribute__((visibility("hidden"))) StepPlan {
   std::vector<py::object> state_dicts_;
   std::vector<py::object> expected_;     // entry-major: [k * key_objs_ + j]
   std::vector<py::object> dtypes_;       // the param's torch.dtype
-  std::vector<int64_t> ndims_;           // the param's rank
+  std::vector<py::object> shapes_;       // the param's torch.Size
   std::vector<int64_t> positions_;       // index among params with grad
   std::vector<int64_t> numels_;
   std::vector<uintptr_t> pptrs_;

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
+import textwrap
 import warnings
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
@@ -12,6 +13,7 @@ from . import _C
 from .backends import cuda
 
 __all__ = [
+    "BackendInfo",
     "backend_info",
     "get_cpu_isa",
     "get_num_threads",
@@ -99,27 +101,105 @@ def get_cpu_isa() -> str:
     return _C.get_cpu_isa()
 
 
-def backend_info() -> Dict[str, Any]:
-    """What was compiled, the CPU features found and the variant in use.
+#: Keys this dict had before the CUDA facts lived under ``cuda`` alone: old key -> key of ``cuda``.
+_MOVED_TO_CUDA = {"cuda_compiled": "compiled", "cuda_available": "available", "cuda_reason": "reason"}
 
-    Keys: ``version``, ``compiled_isas``, ``supported_isas``, ``isa``,
-    ``vector_width``, ``cpu_features``, ``isa_request`` (the value of
-    ``FUSEDOPTIM_CPU_ISA``, or None) and ``isa_request_honored``,
-    ``num_threads``, ``threading`` (``"openmp (<runtime file>)"`` or
-    ``"pool"``: see :func:`set_threads_backend`), ``compiler``, ``cuda_compiled``,
-    ``cuda_available`` with ``cuda_reason``, ``cuda`` (the CUDA backend's
-    facts: compiled, available, reason, archs, versions) and
-    ``torch_version``.
+
+class BackendInfo(Dict[str, Any]):
+    """The dict :func:`backend_info` returns; ``str()`` (and ``python -m
+    fusedoptim``) lays it out one fact a line."""
+
+    def __missing__(self, key: str) -> Any:
+        if key in _MOVED_TO_CUDA and "cuda" in self:
+            new = _MOVED_TO_CUDA[key]
+            warnings.warn(f"backend_info()[{key!r}] is backend_info()['cuda'][{new!r}]", DeprecationWarning,
+                          stacklevel=2)
+            value = self["cuda"][new]
+            return (value or None) if new == "reason" else value
+        raise KeyError(key)
+
+    def __str__(self) -> str:
+        feats = self.get("cpu_features", {})
+        request = self.get("isa_request")
+        if request is None:
+            chosen = "the best this CPU supports; FUSEDOPTIM_CPU_ISA not set"
+        elif self.get("isa_request_honored"):
+            chosen = f"FUSEDOPTIM_CPU_ISA={request}"
+        else:
+            chosen = f"FUSEDOPTIM_CPU_ISA={request} could not be honoured"
+        workers = self.get("thread_pool_size")
+        pool = f"; started: {workers} worker(s) + the calling thread" if workers else ""
+        rows = [
+            ("fusedoptim", f"{self.get('version')} (torch {self.get('torch_version')})"),
+            ("CPU variant", f"{self.get('isa')}, {self.get('vector_width')} float lanes ({chosen})"),
+            ("variants here", ", ".join(self.get("supported_isas", []))),
+            ("variants built", ", ".join(self.get("compiled_isas", []))),
+            ("CPU features", " ".join(k for k, v in feats.items() if v) or "none"),
+            ("threads", f"{self.get('num_threads')} per step ({self.get('num_threads_from')})"),
+            ("threading", f"{self.get('threading')}{pool}"),
+            ("compiler", str(self.get("compiler"))),
+        ]
+        rows += _cuda_rows(self.get("cuda") or {})
+        width = max(len(k) for k, _ in rows)
+        indent = " " * (width + 2)
+        return "\n".join(f"{k:<{width}}  " + f"\n{indent}".join(textwrap.wrap(v, 100 - len(indent)) or [""])
+                         for k, v in rows)
+
+
+def _cuda_rows(c: Dict[str, Any]) -> List[Tuple[str, str]]:
+    if not c.get("compiled"):
+        return [("CUDA", f"no: {c.get('reason')}")]
+    archs = ", ".join(f"sm_{a}" for a in c.get("archs", [])) or "none"
+    state = "available" if c.get("available") else f"not available: {c.get('reason')}"
+    driver = c.get("driver_version") or "none"
+    rows = [("CUDA", f"{state} ({c.get('device_count', 0)} device(s))"),
+            ("CUDA archs", archs),
+            ("CUDA versions", f"runtime {c.get('runtime_version')}, driver {driver}")]
+    if c.get("emulating"):
+        rows.append(("CUDA emulation", "on (CPU params run the CUDA path)"))
+    return rows
+
+
+def backend_info() -> BackendInfo:
+    """What was compiled, what this machine offers and what is in use.
+
+    A dict (``print()`` it, or run ``python -m fusedoptim``, for one fact a
+    line) with the keys:
+
+    - ``version``: fusedoptim's version; ``torch_version``: torch's.
+    - ``compiled_isas``: the CPU variants in this build; ``supported_isas``:
+      those this CPU and OS can run; ``isa``: the one in use;
+      ``vector_width``: its float lanes.
+    - ``cpu_features``: the CPU features found (CPUID, and XGETBV for what
+      the OS enables), name -> bool.
+    - ``isa_request``: the value of ``FUSEDOPTIM_CPU_ISA``, or None;
+      ``isa_request_honored``: whether the variant in use is the one asked for.
+    - ``num_threads``: the threads a step uses unless an optimizer sets its
+      own; ``num_threads_from``: where that number comes from
+      (:func:`torch.get_num_threads` or :func:`set_num_threads`).
+    - ``threading``: what runs the threads: ``"openmp (<runtime file>)"``
+      (torch's own OpenMP team) or ``"pool"`` (see
+      :func:`set_threads_backend`); ``thread_pool_size``: worker
+      threads fusedoptim's pool has started besides the calling thread,
+      present only once the pool has started (the first step on more than
+      one thread starts it).
+    - ``compiler``: the C++ compiler of this build.
+    - ``cuda``: the CUDA backend: ``compiled``, ``available`` and, if not,
+      ``reason``; ``device_count``, ``driver_version`` (0: no driver),
+      ``runtime_version``, ``archs`` (SM versions with SASS; the highest
+      also as PTX), ``large_param_space`` (32 KB kernel parameters) and
+      ``emulating``.
     """
-    info = dict(_C.backend_info())
+    info = BackendInfo(_C.backend_info())
+    info.pop("cuda_compiled", None)
+    if not info.get("thread_pool_size"):
+        info.pop("thread_pool_size", None)
     request = os.environ.get("FUSEDOPTIM_CPU_ISA") or None
     info["isa_request"] = request
     info["isa_request_honored"] = request is None or request.lower() == info["isa"]
     info["num_threads"] = get_num_threads()
-    facts = cuda.info()
-    info["cuda_available"] = bool(facts["available"])
-    info["cuda_reason"] = facts["reason"] or None
-    info["cuda"] = facts
+    info["num_threads_from"] = "torch.get_num_threads()" if _num_threads is None else "fusedoptim.set_num_threads"
+    info["cuda"] = cuda.info()
     info["torch_version"] = torch.__version__
     return info
 

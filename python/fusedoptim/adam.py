@@ -266,11 +266,37 @@ class Adam(FusedOptimizer, torch.optim.Adam):
 class AdamW(FusedOptimizer, torch.optim.AdamW):
     """Drop-in :class:`torch.optim.AdamW` with a fused multi-tensor step.
 
-    Same arguments, defaults (``weight_decay=1e-2``), validation and
-    ``state_dict`` as torch's AdamW; see :class:`fusedoptim.Adam` for what
-    runs natively and what falls back to torch, and for the precision
-    options (``master_weights``, ``stochastic_rounding``,
-    ``kahan_summation``, ``state_dtype``, ``max_grad_norm``).
+    Same arguments, defaults, validation and ``state_dict`` as torch's AdamW,
+    so checkpoints move freely between the two. Dense fp32/bf16/fp16 CPU
+    params are updated by one native call per param group and dtype, CUDA
+    params by multi-tensor launches when the wheel has the CUDA backend;
+    everything else runs torch's own implementation (see
+    :class:`fusedoptim.Adam`).
+
+    Args:
+        params: iterable of parameters or param groups to optimize.
+        lr: learning rate (default: 1e-3); a 1-element tensor is accepted.
+        betas: coefficients of the running averages of the gradient and its
+            square (default: (0.9, 0.999)).
+        eps: term added to the denominator (default: 1e-8).
+        weight_decay: decoupled weight decay: each step multiplies the param
+            by ``1 - lr * weight_decay`` (default: 1e-2).
+        amsgrad: use the AMSGrad variant (default: False).
+        maximize: maximize the objective (default: False).
+        foreach: passed to torch's implementation when it runs (fallback).
+        capturable: CUDA params keep their step counters on the device and
+            the kernels count them (no host sync); CPU steps need no capture
+            support.
+        differentiable: run torch's differentiable implementation.
+        fused: accepted; the CPU step is always fused. ``True`` also lets
+            ``torch.amp.GradScaler`` hand the unscaling to the step.
+        master_weights, stochastic_rounding, kahan_summation, state_dtype,
+            max_grad_norm: the precision options, off by default (torch's
+            results); see :class:`fusedoptim.Adam` and the README.
+
+    Threads default to :func:`torch.get_num_threads`; set
+    :func:`fusedoptim.set_num_threads` or the ``num_threads`` attribute to
+    change it. :attr:`last_backends` tells which backend each group took.
     """
 
     _torch_cls = torch.optim.AdamW

@@ -30,7 +30,7 @@ from ._spec import Spec
 from ._tensors import DTYPE_CODES, grad_addresses, grads_of, local
 from .backends import StepArgs, cpu, cuda
 
-__all__ = ["FusedOptimizer", "ParamsT", "check_fused", "precision_options"]
+__all__ = ["FusedOptimizer", "ParamsT", "TorchProtocol", "check_fused", "precision_options"]
 
 
 #: What the constructors take as ``params``, as torch.optim.
@@ -86,7 +86,111 @@ class _Work:
         return self.gs if self.gs is not None else grads_of(self.group["params"])[1]
 
 
-class FusedOptimizer:
+class TorchProtocol:
+    """The torch.optim.Optimizer methods fusedoptim extends: param groups,
+    checkpoints, grads and pickling (the step is :class:`FusedOptimizer`'s)."""
+
+    def torch_state_dict(self) -> Dict[str, Any]:
+        """A ``state_dict`` for torch.optim: without the state of fusedoptim's
+        precision options (``master_param``, ``kahan_comp``, SGD's ``step``)
+        and with the moments in each param's dtype, as torch keeps them.
+
+        Warns (UserWarning) when something is dropped: e.g. torch keeps no
+        fp32 master copy, so the params' rounded values carry on.
+        """
+        params = [p for g in self.param_groups for p in g["params"]]  # type: ignore[attr-defined]
+        return _precision.torch_state_dict(self.state_dict(), params, self._spec.torch_step)  # type: ignore[attr-defined]
+
+    def add_param_group(self, param_group: Dict[str, Any]) -> None:
+        """Add a param group, as :meth:`torch.optim.Optimizer.add_param_group` does.
+
+        Args:
+            param_group: a dict with ``"params"`` and any of the constructor's
+                arguments; those left out take the optimizer's defaults.
+
+        Raises:
+            ValueError: torch's checks (e.g. a param already in another
+                group), or a precision option the group's params cannot take
+                (e.g. ``master_weights`` on fp32 params). A rejected group is
+                not added.
+        """
+        super().add_param_group(param_group)  # type: ignore[misc]
+        if self.__dict__.get("_fo_options_set"):  # torch's __init__ adds groups before the options exist
+            groups = self.param_groups  # type: ignore[attr-defined]
+            try:
+                _precision.check_group_options(groups[-1], len(groups) - 1)
+            except Exception:
+                groups.pop()
+                raise
+
+    def state_dict(self) -> Dict[str, Any]:
+        """The optimizer's state and param groups, in torch.optim's layout.
+
+        ``{"state": {index: {...}}, "param_groups": [...]}`` with torch's
+        keys (Adam: ``step``, ``exp_avg``, ``exp_avg_sq``, with ``amsgrad``
+        ``max_exp_avg_sq``; SGD: ``momentum_buffer``), so torch.optim loads
+        it. The precision options add their own state (``master_param``,
+        ``kahan_comp``, SGD's ``step``) and group entries (the options and
+        the stochastic-rounding seed), which torch ignores;
+        :meth:`torch_state_dict` gives a copy without them.
+
+        Returns:
+            A dict that refers to the state tensors themselves, as torch's
+            does: save it or copy it before the next step.
+        """
+        return super().state_dict()  # type: ignore[misc]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Reset the grads of every param, as torch.optim does.
+
+        Args:
+            set_to_none: set each ``.grad`` to None (the default, torch's)
+                instead of filling it with zeros; the next backward then
+                allocates new grads. The step reads the grads' addresses
+                every time, so it takes either.
+        """
+        super().zero_grad(set_to_none)  # type: ignore[misc]
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """Load a checkpoint of fusedoptim or of torch.optim, as torch does.
+
+        Checkpoints move both ways, also mid-training. The state of the
+        precision options keeps the dtypes the options need (torch's loader
+        would cast it to the param's dtype); the state of an option this
+        optimizer does not use is dropped with a warning.
+
+        Args:
+            state_dict: what :meth:`state_dict` returned, here or in torch.optim.
+
+        Raises:
+            ValueError: torch's checks (the number of groups, of params per group).
+        """
+        self._fo_plans: Dict[int, Any] = {}
+        saved = _precision.saved_state(state_dict, self.param_groups)  # type: ignore[attr-defined]
+        super().load_state_dict(state_dict)  # type: ignore[misc]
+        _precision.restore_state(self.defaults, self.param_groups, self.state, saved)  # type: ignore[attr-defined]
+        self._fo_plans = {}
+
+    def __getstate__(self) -> Dict[str, Any]:
+        state = dict(super().__getstate__())  # type: ignore[misc]
+        if "num_threads" in self.__dict__:  # set on this optimizer (else the class's None)
+            state["num_threads"] = self.__dict__["num_threads"]
+        return state
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        # A copy has exactly the original's public attributes: num_threads
+        # only where the original set its own.
+        state = dict(state)
+        own = "num_threads" in state
+        num_threads = state.pop("num_threads", None)
+        super().__setstate__(state)  # type: ignore[misc]
+        if own:
+            self.num_threads = num_threads
+        self._fo_plans = {}
+        self._fo_report = StepReport()
+
+
+class FusedOptimizer(TorchProtocol):
     """The step shared by fusedoptim's optimizers; see the module docstring.
 
     A subclass names the torch class it replaces (``_torch_cls``) and its
@@ -117,7 +221,14 @@ class FusedOptimizer:
     @property
     def _report(self) -> StepReport:
         report = self.__dict__.get("_fo_report")
-        if report is None:  # unpickled: __setstate__ makes one, this is a fallback
+        if report is None:
+            # A wrapper that takes the optimizer's class but not its __dict__
+            # (Lightning's LightningOptimizer, which holds it as _optimizer)
+            # reports the wrapped optimizer's steps.
+            inner = self.__dict__.get("_optimizer")
+            if isinstance(inner, FusedOptimizer) and inner is not self:
+                return inner._report
+            # Unpickled: __setstate__ makes one, this is a fallback.
             report = self.__dict__["_fo_report"] = StepReport()
         return report
 
@@ -138,64 +249,31 @@ class FusedOptimizer:
         0-d float32 tensor, what ``clip_grad_norm_`` returns), else None."""
         return self._report.grad_norm
 
-    def torch_state_dict(self) -> Dict[str, Any]:
-        """A ``state_dict`` for torch.optim: without the state of fusedoptim's
-        precision options (``master_param``, ``kahan_comp``, SGD's ``step``)
-        and with the moments in each param's dtype, as torch keeps them.
-
-        Warns (UserWarning) when something is dropped: e.g. torch keeps no
-        fp32 master copy, so the params' rounded values carry on.
-        """
-        params = [p for g in self.param_groups for p in g["params"]]  # type: ignore[attr-defined]
-        return _precision.torch_state_dict(self.state_dict(), params, self._spec.torch_step)  # type: ignore[attr-defined]
-
-    def add_param_group(self, param_group: Dict[str, Any]) -> None:
-        """Add a param group, as torch does; its precision options are
-        checked against its params (a rejected group is not added)."""
-        super().add_param_group(param_group)  # type: ignore[misc]
-        if self.__dict__.get("_fo_options_set"):  # torch's __init__ adds groups before the options exist
-            groups = self.param_groups  # type: ignore[attr-defined]
-            try:
-                _precision.check_group_options(groups[-1], len(groups) - 1)
-            except Exception:
-                groups.pop()
-                raise
-
-    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        """Load a checkpoint of fusedoptim or torch.optim, as torch does; the
-        state of the precision options keeps the dtypes the options need."""
-        self._fo_plans: Dict[int, Any] = {}
-        saved = _precision.saved_state(state_dict, self.param_groups)  # type: ignore[attr-defined]
-        super().load_state_dict(state_dict)  # type: ignore[misc]
-        _precision.restore_state(self.defaults, self.param_groups, self.state, saved)  # type: ignore[attr-defined]
-        self._fo_plans = {}
-
-    def __getstate__(self) -> Dict[str, Any]:
-        state = dict(super().__getstate__())  # type: ignore[misc]
-        if "num_threads" in self.__dict__:  # set on this optimizer (else the class's None)
-            state["num_threads"] = self.__dict__["num_threads"]
-        return state
-
-    def __setstate__(self, state: Dict[str, Any]) -> None:
-        # A copy has exactly the original's public attributes: num_threads
-        # only where the original set its own.
-        state = dict(state)
-        own = "num_threads" in state
-        num_threads = state.pop("num_threads", None)
-        super().__setstate__(state)  # type: ignore[misc]
-        if own:
-            self.num_threads = num_threads
-        self._fo_plans = {}
-        self._fo_report = StepReport()
-
     @_compile.compile_aware  # under torch.compile: the traced step, custom ops, no graph break
     @_use_grad_for_differentiable
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
-        """Perform a single optimization step.
+        """Update every param that has a grad, once.
+
+        Each param group is updated by one native call per dtype (CPU) or one
+        launch per ~450 tensors (CUDA); params the kernels cannot take run
+        torch's own step. :attr:`last_backends` tells which ran.
 
         Args:
-            closure (Callable, optional): A closure that reevaluates the model
-                and returns the loss.
+            closure: re-evaluates the model and returns the loss; called once,
+                with grad enabled, before the update.
+
+        Returns:
+            The closure's loss, or None without a closure.
+
+        Raises:
+            RuntimeError: a grad whose shape, dtype or device differs from its
+                param (``GradMismatchError``, also a ValueError), torch's
+                errors (e.g. sparse grads for Adam), or a param the fused
+                kernels cannot take under a precision option.
+            ValueError: a hyperparameter or a state tensor that does not fit.
+
+        Every check runs before anything is written: after a raise the
+        params, grads and state are exactly as they were.
         """
         loss = None
         if closure is not None:

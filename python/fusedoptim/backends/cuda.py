@@ -47,7 +47,11 @@ def _info() -> Dict[str, Any]:
     # defers its own initialisation for the same reason).
     global _INFO
     if _INFO is None:
-        _INFO = dict(_C.cuda_info())
+        info = dict(_C.cuda_info())
+        if info["compiled"] and not info["available"] and not info["driver_version"]:
+            # The runtime reports a missing libcuda as an insufficient driver.
+            info["reason"] = "no CUDA driver found"
+        _INFO = info
     return _INFO
 
 
