@@ -83,7 +83,8 @@ def check_gpu() -> None:
                     "on the CPU.")
     if not _cuda.available():
         raise NoGPU(f"fusedoptim's CUDA backend cannot run here: {_cuda.info()['reason']}. "
-                    "Build fusedoptim with a CUDA compiler on PATH (see README, 'CUDA').")
+                    "Build fusedoptim with its CUDA kernels: pip install . -C cmake.define.FUSEDOPTIM_CUDA=ON "
+                    "(see README, 'CUDA').")
 
 
 def machine_facts() -> Dict[str, Any]:

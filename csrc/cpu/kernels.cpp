@@ -45,6 +45,12 @@ struct VecFor<bf16_t, bf16_t, kStore> { using type = VecAVX2x2; };
 }  // namespace fusedoptim
 
 #define FO_UNROLL_CPU _Pragma("GCC unroll 2")
+// Streaming loops ask for each stream's lines this many elements ahead: one
+// core alone does not keep enough misses in flight on the hardware
+// prefetcher's lead (measured on AVX2 Zen: SGD bf16 on 16M-64M elements,
+// 1 thread, went from 0.75-0.86x to 1.05-1.08x torch fused's step).
+// Prefetching past a tensor's end is harmless (a hint, never a fault).
+constexpr int kPrefetchAhead = 512;
 // The per-vector helpers take vectors of up to 64 bytes by value: inlined,
 // they live in registers; called, they would go through the stack.
 #define FO_ALWAYS_INLINE inline __attribute__((always_inline))
@@ -136,7 +142,15 @@ void adam_segment(const AdamTensor& t, int64_t begin, int64_t end, const AdamHyp
       }
     }
   }
-  for (; i + W <= end; i += W) adam_elems<V, S, T, kStore, kWD, kAms, kMax>(t, i, cv);
+  for (; i + W <= end; i += W) {
+    if constexpr (kPrefetchAhead > 0) {
+      __builtin_prefetch(static_cast<const S*>(t.grad) + i + kPrefetchAhead);
+      __builtin_prefetch(static_cast<const S*>(t.param) + i + kPrefetchAhead, 1);
+      __builtin_prefetch(static_cast<const T*>(t.exp_avg) + i + kPrefetchAhead, 1);
+      __builtin_prefetch(static_cast<const T*>(t.exp_avg_sq) + i + kPrefetchAhead, 1);
+    }
+    adam_elems<V, S, T, kStore, kWD, kAms, kMax>(t, i, cv);
+  }
   for (; i < end; ++i) adam_elems<VecScalar, S, T, kStore, kWD, kAms, kMax>(t, i, cs);
 }
 
@@ -161,7 +175,14 @@ void sgd_segment(const SGDTensor& t, int64_t begin, int64_t end, const SGDHyper&
   const SGDConsts<VecScalar> cs(h);
   constexpr int W = V::kWidth;
   int64_t i = begin;
-  for (; i + W <= end; i += W) sgd_elems<V, S, T, kStore, kWD, kMom, kMax, kFirst>(t, i, cv);
+  for (; i + W <= end; i += W) {
+    if constexpr (kPrefetchAhead > 0) {
+      __builtin_prefetch(static_cast<const S*>(t.grad) + i + kPrefetchAhead);
+      __builtin_prefetch(static_cast<const S*>(t.param) + i + kPrefetchAhead, 1);
+      if (kMom != kNoMomentum) __builtin_prefetch(static_cast<const T*>(t.momentum_buffer) + i + kPrefetchAhead, 1);
+    }
+    sgd_elems<V, S, T, kStore, kWD, kMom, kMax, kFirst>(t, i, cv);
+  }
   for (; i < end; ++i) sgd_elems<VecScalar, S, T, kStore, kWD, kMom, kMax, kFirst>(t, i, cs);
 }
 
