@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The optimizer step inside a training loop, against torch's fused step.
 
-    python bench/in_loop.py [adamw|sgd] [THREADS] [--iters N]
+    python bench/in_loop.py [adamw|sgd] [THREADS] [--iters N] [--dtype fp32|bf16]
 
 A 3 x Linear(2048, 2048) MLP (12.6M params, batch 64): each iteration is
 zero_grad, forward, backward and step, so every step follows torch's own
@@ -25,6 +25,8 @@ def main() -> None:
     ap.add_argument("kind", nargs="?", default="adamw", choices=("adamw", "sgd"))
     ap.add_argument("threads", nargs="?", type=int, default=torch.get_num_threads())
     ap.add_argument("--iters", type=int, default=40, help="timed iterations per optimizer (default: 40)")
+    ap.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
+                    help="the model's params and activations (default: fp32)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -41,9 +43,10 @@ def main() -> None:
         cls = fusedoptim.SGD if name == "fusedoptim" else torch.optim.SGD
         return cls(model.parameters(), lr=1e-3, momentum=0.9, **extra)
 
-    x = torch.randn(64, 2048)
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    x = torch.randn(64, 2048, dtype=dtype)
     names = ("fusedoptim", "torch fused")
-    models = {n: mlp() for n in names}
+    models = {n: mlp().to(dtype) for n in names}
     opts = {n: optimizer(n, models[n]) for n in names}
     step_s = {n: [] for n in names}
     iter_s = {n: [] for n in names}
@@ -59,7 +62,7 @@ def main() -> None:
                 step_s[n].append(t2 - t1)
                 iter_s[n].append(t2 - t0)
     med = {n: (statistics.median(step_s[n]) * 1e3, statistics.median(iter_s[n]) * 1e3) for n in names}
-    print(f"{args.kind}, {args.threads} thread(s), fusedoptim {fusedoptim.__version__} ({fusedoptim.get_cpu_isa()}), "
+    print(f"{args.kind} {args.dtype}, {args.threads} thread(s), fusedoptim {fusedoptim.__version__} ({fusedoptim.get_cpu_isa()}), "
           f"torch {torch.__version__}, medians of {args.iters} interleaved iterations")
     for n in names:
         print(f"  {n:12s} step {med[n][0]:7.2f} ms   iteration {med[n][1]:7.2f} ms")

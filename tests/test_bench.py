@@ -16,6 +16,7 @@ def test_bench_smoke_writes_rows(tmp_path):
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "fusedoptim" in done.stdout  # the table
+    assert f"wrote {out}" in done.stderr
     data = json.loads(out.read_text())
     assert {"machine", "rows"} <= set(data)
     rows = data["rows"]

@@ -317,20 +317,27 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> in
     if progress is not None:
         print(f"done in {report.wall_s:.0f} s", file=sys.stderr)
     print(format_precision_table(report) if precision else format_table(report))
+    written = []
     try:
         if args.json:
             write_json(report, args.json)
+            written.append(args.json)
         if args.csv:
             write_csv(report, args.csv)
+            written.append(args.csv)
         if args.plot:
             (write_precision_plot if precision else write_plot)(report, args.plot)
+            written.append(args.plot)
         if args.markdown:
             base = os.path.dirname(os.path.abspath(args.markdown))
             files = [os.path.relpath(os.path.abspath(p), base) for p in (args.plot, args.json, args.csv) if p]
             (write_precision_markdown if precision else write_markdown)(report, args.markdown, files)
+            written.append(args.markdown)
     except (BenchError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    if written:
+        print("wrote " + ", ".join(written), file=sys.stderr)
     return status
 
 
