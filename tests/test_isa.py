@@ -103,8 +103,10 @@ def test_backend_info_prints_one_fact_a_line(monkeypatch):
     # thread_pool_size is reported once the pool has started, never as 0.
     started = fusedoptim._C.backend_info()["thread_pool_size"]
     assert ("thread_pool_size" in info) == (started > 0) and info.get("thread_pool_size", 1) > 0
-    assert rows["threading"] == info["threading"] + (f"; started: {started} worker(s) + the calling thread"
-                                                     if started else "")
+    threading_ = info["threading"]
+    shown = (f"openmp: torch's OpenMP team ({os.path.basename(threading_[len('openmp ('):-1])})"
+             if threading_.startswith("openmp (") else "pool: fusedoptim's own threads")
+    assert rows["threading"] == shown + (f"; started: {started} worker(s) + the calling thread" if started else "")
     fusedoptim.set_num_threads(1)
     try:
         assert fusedoptim.backend_info()["num_threads_from"] == "fusedoptim.set_num_threads"

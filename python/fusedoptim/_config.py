@@ -136,14 +136,23 @@ class BackendInfo(Dict[str, Any]):
             ("variants built", ", ".join(self.get("compiled_isas", []))),
             ("CPU features", " ".join(k for k, v in feats.items() if v) or "none"),
             ("threads", f"{self.get('num_threads')} per step ({self.get('num_threads_from')})"),
-            ("threading", f"{self.get('threading')}{pool}"),
+            ("threading", f"{_threading_row(str(self.get('threading')))}{pool}"),
             ("compiler", str(self.get("compiler"))),
         ]
         rows += _cuda_rows(self.get("cuda") or {})
         width = max(len(k) for k, _ in rows)
         indent = " " * (width + 2)
-        return "\n".join(f"{k:<{width}}  " + f"\n{indent}".join(textwrap.wrap(v, 100 - len(indent)) or [""])
-                         for k, v in rows)
+        return "\n".join(f"{k:<{width}}  " + f"\n{indent}".join(
+            textwrap.wrap(v, 100 - len(indent), break_on_hyphens=False) or [""]) for k, v in rows)
+
+
+def _threading_row(value: str) -> str:
+    """``threading`` as printed: the OpenMP runtime by its file name (the dict has its path)."""
+    if value.startswith("openmp (") and value.endswith(")"):
+        return f"openmp: torch's OpenMP team ({os.path.basename(value[len('openmp ('):-1])})"
+    if value == "pool":
+        return "pool: fusedoptim's own threads"
+    return value
 
 
 def _cuda_rows(c: Dict[str, Any]) -> List[Tuple[str, str]]:

@@ -23,7 +23,7 @@ import argparse
 import os
 import shlex
 import sys
-from typing import Callable, List, Optional, Sequence, TypeVar
+from typing import Any, Callable, List, Optional, Sequence, TypeVar
 
 from .cases import CASES, DEFAULT_CASES, QUICK_CASES, parse_case
 from .precision import (
@@ -317,28 +317,9 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> in
     if progress is not None:
         print(f"done in {report.wall_s:.0f} s", file=sys.stderr)
     print(format_precision_table(report) if precision else format_table(report))
-    written = []
-    try:
-        if args.json:
-            write_json(report, args.json)
-            written.append(args.json)
-        if args.csv:
-            write_csv(report, args.csv)
-            written.append(args.csv)
-        if args.plot:
-            (write_precision_plot if precision else write_plot)(report, args.plot)
-            written.append(args.plot)
-        if args.markdown:
-            base = os.path.dirname(os.path.abspath(args.markdown))
-            files = [os.path.relpath(os.path.abspath(p), base) for p in (args.plot, args.json, args.csv) if p]
-            (write_precision_markdown if precision else write_markdown)(report, args.markdown, files)
-            written.append(args.markdown)
-    except (BenchError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    if written:
-        print("wrote " + ", ".join(written), file=sys.stderr)
-    return status
+    writers = (write_json, write_csv, write_precision_plot if precision else write_plot,
+               write_precision_markdown if precision else write_markdown)
+    return _write_outputs(args, report, *writers) or status
 
 
 def _sweep(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: Sequence[str], cfg: Config) -> int:
@@ -368,21 +349,27 @@ def _sweep(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: Sequ
     if progress is not None:
         print(f"done in {report.wall_s:.0f} s", file=sys.stderr)
     print(format_sweep_table(report))
+    return _write_outputs(args, report, write_sweep_json, write_sweep_csv, write_sweep_plot,
+                          write_sweep_markdown) or status
+
+
+def _write_outputs(args: argparse.Namespace, report: Any, write_json_: Callable, write_csv_: Callable,
+                   write_plot_: Callable, write_markdown_: Callable) -> int:
+    """Write the --json/--csv/--plot/--markdown files asked for and say which; 1 on an error, else 0."""
     written = []
     try:
-        for path, write in ((args.json, write_sweep_json), (args.csv, write_sweep_csv),
-                            (args.plot, write_sweep_plot)):
+        for path, write in ((args.json, write_json_), (args.csv, write_csv_), (args.plot, write_plot_)):
             if path:
                 write(report, path)
                 written.append(path)
         if args.markdown:
             base = os.path.dirname(os.path.abspath(args.markdown))
             files = [os.path.relpath(os.path.abspath(p), base) for p in (args.plot, args.json, args.csv) if p]
-            write_sweep_markdown(report, args.markdown, files)
+            write_markdown_(report, args.markdown, files)
             written.append(args.markdown)
     except (BenchError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     if written:
         print("wrote " + ", ".join(written), file=sys.stderr)
-    return status
+    return 0

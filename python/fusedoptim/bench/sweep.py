@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from .cases import Case, build_tensors, parse_case
-from .harness import DTYPES, OPTIMIZERS, BenchError, CpuLoad, make_optimizer
+from .harness import DTYPES, OPTIMIZERS, BenchError, CpuLoad, LoopWork, make_optimizer
 
 __all__ = ["SweepConfig", "SweepRow", "SweepReport", "parse_sizes", "run_sweep", "format_sweep_table",
            "write_sweep_json", "write_sweep_csv", "write_sweep_plot", "write_sweep_markdown", "interleaved"]
@@ -159,20 +159,6 @@ def _quartiles(xs: Sequence[float]) -> Tuple[float, float]:
     return q[0], q[2]
 
 
-class _LoopWork:
-    """torch's work before a step: the grads rewritten (as backward writes
-    them) and one parallel op on a 1M-element tensor."""
-
-    def __init__(self, params: List[Tensor]) -> None:
-        self.grads = [p.grad for p in params if p.grad is not None]
-        self.a = torch.rand(1 << 20)
-        self.out = torch.empty_like(self.a)
-
-    def __call__(self) -> None:
-        torch._foreach_mul_(self.grads, 1.0)
-        torch.mul(self.a, 1.0001, out=self.out)
-
-
 class Spinner:
     """A process that keeps one core busy while it lives."""
 
@@ -204,7 +190,7 @@ def _cell(cfg: SweepConfig, spec_name: str, dtype: str, threads: int, case: Case
     spec = OPTIMIZERS[spec_name]
     torch.set_num_threads(threads)
     opts = {side: make_optimizer(spec, side, params) for side in SIDES}
-    before = _LoopWork(params) if cfg.mode == "loop" else None
+    before = LoopWork(params) if cfg.mode == "loop" else None
     try:
         for opt in opts.values():  # the first steps create the state
             opt.step()
