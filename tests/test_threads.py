@@ -249,7 +249,15 @@ def test_step_leaves_torchs_workers_floating_point_mode_alone(threads_backend):
     gives them their own back: a torch op after it keeps its denormals."""
     if not torch.set_flush_denormal(False):
         pytest.skip("this CPU cannot flush denormals (no SSE3)")
+    saved_threads = torch.get_num_threads()
     torch.set_num_threads(2)
+    try:
+        _check_denormals_after_flushed_step()
+    finally:
+        torch.set_num_threads(saved_threads)
+
+
+def _check_denormals_after_flushed_step():
     p = torch.zeros(400_000, requires_grad=True)
     p.grad = torch.full_like(p, 1e-39)
     opt = fusedoptim.SGD([p], lr=1.0)

@@ -160,12 +160,12 @@ void omp_body(void* data) {
 // team is descheduled in the middle of a chunk. Such a region is easy to see
 // afterwards: the caller waited at the barrier longer than it worked (with
 // chunks claimed one at a time, an unhindered team ends within a chunk of
-// each other). A late region that wasted W seconds
-// buys a period of factor * W seconds in which every call runs on the calling
-// thread alone; the factor doubles at each late region (from kMinSolo up to
-// kMaxSolo) and halves at each region the team turns up for. While another
-// process holds a core the waits then cost a few percent at most, and on an
-// idle machine nothing changes. The bits are the same either way.
+// each other). A late region that wasted W seconds buys a period of
+// factor * W seconds in which every call runs on the calling thread alone;
+// the factor doubles at each late region (from kMinSolo up to kMaxSolo) and
+// halves at each region the team turns up for. So the time lost to waiting
+// stays at most about 1/kMinSolo of the time that follows it, and where no
+// region is late nothing changes. The bits are the same either way.
 constexpr double kMinSolo = 16.0;
 constexpr double kMaxSolo = 256.0;
 std::atomic<int64_t> g_solo_until{0};  // steady-clock ns before which calls run alone

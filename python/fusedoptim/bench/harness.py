@@ -6,14 +6,17 @@ What one run measures, for every (case, dtype) and optimizer:
   steps, DeepSpeed's CPU Adam when importable) at each thread count: one
   untimed first step per optimizer (it creates the state), warm-up steps at
   each thread count, then the median (and quartiles) of many timed
-  ``step()`` calls on grads that were set once;
+  ``step()`` calls, the implementations side by side in alternating blocks
+  (:func:`time_interleaved`); in the loop mode torch's work
+  (:class:`LoopWork`) runs untimed before every step, and fusedoptim and
+  torch fused are timed back to back as well;
 * **the limit**: :func:`fusedoptim._C.stream_probe`, which does ``x += read``
   over the same number of read-write streams as the optimizer plus one read
   stream (the grad), with the same ISA and thread split, on the same number
   of elements (for a many-tensor case: one tensor of the same total size).
-  It moves exactly the bytes of a step. Its timed repeats are spread in
-  blocks before each implementation and after the last one, so that drift of
-  a shared machine hits the limit and the optimizers alike;
+  It moves exactly the bytes of a step. Its timed repeats are taken in a
+  block before the implementations' blocks and one after them, so that drift
+  of a shared machine hits the limit and the optimizers alike;
 * once per thread count, STREAM triad (``a = b + s * c``, fp32) for reference.
 
 GB/s is the bytes a step must move (each stream read once, each read-write
@@ -300,7 +303,8 @@ def time_interleaved(cfg: Config, steps: Dict[str, Callable[[], Any]],
                      before: Optional[Callable[[], Any]] = None) -> Dict[str, Timing]:
     """Time several step functions side by side: ``cfg.blocks`` blocks alternating A B C, C B A, ...
 
-    Each function first runs ``cfg.warmup`` untimed steps; a block gives each
+    Each function first runs ``cfg.warmup`` untimed steps (at least one: it
+    sizes the blocks); a block gives each
     about ``min_time / blocks`` seconds of steps (``repeats / blocks`` steps
     when ``cfg.repeats`` is set), and a function stops taking part once its
     timed steps reach ``max_time`` seconds. ``before`` runs untimed before
