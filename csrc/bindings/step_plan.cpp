@@ -139,11 +139,21 @@ void StepPlanBuilder::add(int64_t position, py::handle param, py::handle state_d
     p.bucket_size_.push_back(0);
   }
   p.bucket_size_.back() += 1;
-  // The state objects collect() expects: state_dict.get(key), None if absent.
-  for (const py::object& key : p.key_objs_) {
-    PyObject* v = PyDict_GetItemWithError(state_dict.ptr(), key.ptr());
+  // The state objects collect() expects: state_dict.get(key), None if absent,
+  // with the address the kernels are given (which must be the object's own)
+  // and the object's size in bytes.
+  for (size_t j = 0; j < p.key_objs_.size(); ++j) {
+    PyObject* v = PyDict_GetItemWithError(state_dict.ptr(), p.key_objs_[j].ptr());
     if (v == nullptr && PyErr_Occurred()) throw py::error_already_set();
-    p.expected_.push_back(v != nullptr ? py::reinterpret_borrow<py::object>(v) : py::none());
+    const uintptr_t given = j < streams.size() ? streams[j] : step;
+    if (v != nullptr && v != Py_None && call_ptr(v) != given) {
+      throw py::value_error("StepPlanBuilder.add: the address of state['" + (j < p.keys_.size() ? p.keys_[j] : std::string("step")) +
+                            "'] of entry " + std::to_string(k) + " is not the state tensor's own");
+    }
+    const bool tensor = v != nullptr && v != Py_None;
+    p.expected_.push_back(tensor ? py::reinterpret_borrow<py::object>(v) : py::none());
+    p.expected_ptrs_.push_back(tensor ? given : 0);
+    p.expected_nbytes_.push_back(tensor ? get_int(v, names().nbytes) : 0);
   }
   p.state_dicts_.push_back(py::reinterpret_borrow<py::object>(state_dict));
   p.dtypes_.push_back(param.attr("dtype"));
@@ -238,15 +248,21 @@ int StepPlan::collect_impl(py::handle params, py::handle state_obj) {
     if (!call_bool(g, names().is_contiguous.ptr())) return kSlowGrad;
     grad_ptrs_[k] = call_ptr(g);
   }
-  // State: the same tensor objects under the same keys.
+  // State: the same tensor objects under the same keys, each still at the
+  // address the kernels write and of the same size in bytes (resize_,
+  // set_ or .data = ... keep the object and move or shrink its memory).
   const size_t nk = key_objs_.size();
   for (size_t k = 0; k < positions_.size(); ++k) {
     PyObject* d = state_dicts_[k].ptr();
     if (!PyDict_Check(d)) return kStale;
     for (size_t j = 0; j < nk; ++j) {
+      const size_t e = k * nk + j;
       PyObject* v = PyDict_GetItemWithError(d, key_objs_[j].ptr());
       if (v == nullptr && PyErr_Occurred()) throw py::error_already_set();
-      if (v != expected_[k * nk + j].ptr()) return kStale;
+      if (v != expected_[e].ptr()) return kStale;
+      if (expected_ptrs_[e] != 0 && (call_ptr(v) != expected_ptrs_[e] || get_int(v, names().nbytes) != expected_nbytes_[e])) {
+        return kStale;
+      }
     }
   }
   collected_ = true;

@@ -72,6 +72,8 @@ class __attribute__((visibility("hidden"))) StepPlan {
   // Per entry (param the plan updates), in kernel order:
   std::vector<py::object> state_dicts_;
   std::vector<py::object> expected_;     // entry-major: [k * key_objs_ + j]
+  std::vector<uintptr_t> expected_ptrs_;  // their data addresses (0 for None), as expected_
+  std::vector<int64_t> expected_nbytes_;  // their sizes in bytes, as expected_
   std::vector<py::object> dtypes_;       // the param's torch.dtype
   std::vector<py::object> shapes_;       // the param's torch.Size
   std::vector<int64_t> positions_;       // index among params with grad

@@ -22,17 +22,20 @@ to torch's functional for-loop implementation, which Dynamo traces.
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
 
+from . import _torch_compat as compat
 from ._tensors import DTYPE_CODES
 
 __all__ = ["HAVE_CUSTOM_OP", "compile_aware", "compiled_step", "custom_op", "kernel_ok", "lr_arg", "store_state",
            "threads_arg"]
 
-HAVE_CUSTOM_OP = hasattr(torch.library, "custom_op") and hasattr(torch.compiler, "is_compiling")
+HAVE_CUSTOM_OP = compat.HAVE_CUSTOM_OP
+is_compiling = compat.is_compiling
 
 #: Tensor types whose storage is their own memory (not wrapper subclasses
 #: such as FSDP2's DTensor); checked on the traced tensors' types.
@@ -61,19 +64,37 @@ def _fake(*args: Any, **kwargs: Any) -> None:
 def compile_aware(eager_step: Callable) -> Callable:
     """Wrap an optimizer's eager ``step`` so that Dynamo traces :func:`compiled_step` instead.
 
-    Outside ``torch.compile`` the wrapper only asks
-    :func:`torch.compiler.is_compiling` and calls ``eager_step``.
+    Outside ``torch.compile`` the wrapper only asks whether Dynamo is
+    tracing and calls ``eager_step``. On a torch without custom ops (before
+    2.4) a compiled step runs ``eager_step`` outside the graph, with one
+    warning: the native calls are never traced.
     """
-    if not HAVE_CUSTOM_OP:
-        return eager_step
 
     @functools.wraps(eager_step)
     def step(self: Any, closure: Optional[Callable[[], Any]] = None) -> Any:
-        if torch.compiler.is_compiling():
+        if is_compiling():
+            if not HAVE_CUSTOM_OP:
+                return compat.compiler_disable(_run_eager_warn)(eager_step, self, closure)
             return compiled_step(self, closure, eager_step)
         return eager_step(self, closure)
 
     return step
+
+
+_warned_eager = False
+
+
+def _run_eager_warn(eager_step: Callable, opt: Any, closure: Optional[Callable[[], Any]]) -> Any:
+    global _warned_eager
+    if not _warned_eager:
+        _warned_eager = True
+        warnings.warn(
+            f"fusedoptim: torch {torch.__version__} has no torch.library.custom_op (torch 2.4+), so a compiled "
+            "optimizer.step() runs eagerly, outside the graph (same results, a graph break at the step).",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+    return eager_step(opt, closure)
 
 
 def _run_eager(eager_step: Callable, opt: Any, closure: Optional[Callable[[], Any]]) -> Any:
@@ -108,7 +129,7 @@ def compiled_step(opt: Any, closure: Optional[Callable[[], Any]] = None, eager_s
         or any(_options_active(group) for group in opt.param_groups)
     ):
         # Wrapped here, not at import: torch.compiler.disable imports Dynamo.
-        return torch.compiler.disable(_run_eager)(eager_step, opt, closure)
+        return compat.compiler_disable(_run_eager)(eager_step, opt, closure)
     loss = None
     if closure is not None:
         with torch.enable_grad():

@@ -10,6 +10,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from . import _C
+from . import _torch_compat as compat
 from .backends import cuda
 
 __all__ = [
@@ -130,7 +131,9 @@ class BackendInfo(Dict[str, Any]):
         workers = self.get("thread_pool_size")
         pool = f"; started: {workers} worker(s) + the calling thread" if workers else ""
         rows = [
-            ("fusedoptim", f"{self.get('version')} (torch {self.get('torch_version')})"),
+            ("fusedoptim", f"{self.get('version')} (torch {self.get('torch_version')}; "
+                           f"supported: torch{self.get('torch_supported')})"),
+            ("torch.compile", str(self.get("torch_compile"))),
             ("CPU variant", f"{self.get('isa')}, {self.get('vector_width')} float lanes ({chosen})"),
             ("variants here", ", ".join(self.get("supported_isas", []))),
             ("variants built", ", ".join(self.get("compiled_isas", []))),
@@ -175,7 +178,11 @@ def backend_info() -> BackendInfo:
     A dict (``print()`` it, or run ``python -m fusedoptim``, for one fact a
     line) with the keys:
 
-    - ``version``: fusedoptim's version; ``torch_version``: torch's.
+    - ``version``: fusedoptim's version; ``torch_version``: torch's;
+      ``torch_supported``: the torch versions this package supports
+      (``">=2.2"``, as ``pyproject.toml`` says); ``torch_compile``: how a
+      compiled ``step()`` runs on this torch (custom ops from 2.4, else
+      eagerly outside the graph).
     - ``compiled_isas``: the CPU variants in this build; ``supported_isas``:
       those this CPU and OS can run; ``isa``: the one in use;
       ``vector_width``: its float lanes.
@@ -210,6 +217,9 @@ def backend_info() -> BackendInfo:
     info["num_threads_from"] = "torch.get_num_threads()" if _num_threads is None else "fusedoptim.set_num_threads"
     info["cuda"] = cuda.info()
     info["torch_version"] = torch.__version__
+    info["torch_supported"] = compat.supported_range()
+    info["torch_compile"] = ("custom ops (the step is traced into the graph)" if compat.HAVE_CUSTOM_OP
+                             else "eager (torch.library.custom_op needs torch 2.4+)")
     return info
 
 

@@ -22,10 +22,10 @@ from torch import Tensor
 from . import _C
 from ._routing import Route
 from ._spec import Spec
-from ._tensors import DTYPE_CODES, STEP_CODES, grad_addresses, local
+from ._tensors import DTYPE_CODES, STEP_CODES, address, grad_addresses, local
 from .backends import StepArgs, Tables, cpu, cuda
 
-__all__ = ["GroupPlan", "build_cpu", "group_values", "run_cpu", "run_cuda"]
+__all__ = ["CudaBuild", "GroupPlan", "build_cpu", "build_cuda", "group_values", "run_cpu", "run_cuda", "undo"]
 
 
 class GroupPlan:
@@ -97,16 +97,23 @@ def _positions(param_groups: Sequence[Dict[str, Any]]) -> Dict[int, int]:
     return out
 
 
-def _fill(t: Tables, p: Tensor, state: Dict[str, Any], keys: Sequence[str], uses_step: bool, first: bool,
+def _fill(t: Tables, p: Tensor, i: int, state: Dict[str, Any], keys: Sequence[str], uses_step: bool, first: bool,
           pid: int) -> None:
+    """Add param ``p`` (position ``i``) and its state to the tables, every
+    address checked against what the kernel touches (Note [addresses])."""
     shard = local(p)
+    n = shard.numel()
+    device = shard.device
+    opts = t.opts
     t.params.append(p)
-    t.numels.append(shard.numel())
-    t.pptrs.append(shard.data_ptr())
+    t.numels.append(n)
+    t.pptrs.append(address(p, f"param {i}", p.dtype, n, device))
     for k in keys:
-        t.streams[k].append(local(state[k]).data_ptr())
+        t.streams[k].append(address(state.get(k), f"state[{k!r}] of param {i}", opts.key_dtype(p, k), n, device))
     if uses_step:
-        t.steps.append(state["step"].data_ptr())
+        step_device = device if t.device_steps else "cpu"
+        step_dtype = torch.float64 if t.step_code == _C.DTYPE_FLOAT64 else torch.float32
+        t.steps.append(address(state.get("step"), f"state['step'] of param {i}", step_dtype, 1, step_device))
     t.first.append(first)
     t.ids.append(pid)
 
@@ -121,9 +128,35 @@ def _native_plan(params: Any, state_all: Any, keys: Sequence[str], uses_step: bo
     return b.build()
 
 
-def build_cpu(plan: GroupPlan, spec: Spec, opt: Any, group: Dict[str, Any], ps: List[Tensor]) -> None:
-    """Phase 2 for the CPU params: create missing state, fill the tables, and
-    cache a C plan when the group is a plain list of unsharded params."""
+def _state_of(state_all: Any, p: Tensor, journal: List[tuple]) -> Dict[str, Any]:
+    """``optimizer.state[p]``, created empty if missing (and journaled)."""
+    if p not in state_all:
+        journal.append((state_all, p))
+    return state_all[p]
+
+
+def _init_state(spec: Spec, p: Tensor, state: Dict[str, Any], keys: Sequence[str], opts: Any, journal: List[tuple],
+                **kw: Any) -> bool:
+    """:meth:`Spec.init_state`, with the entries it creates journaled."""
+    had = set(state)
+    first = spec.init_state(p, state, keys, opts, **kw)
+    journal.extend((state, k) for k in list(state) if k not in had)
+    return first
+
+
+def undo(journal: List[tuple]) -> None:
+    """Remove the state entries a failed build created, newest first: the
+    optimizer's state is then exactly as before the step."""
+    for d, k in reversed(journal):
+        d.pop(k, None)
+    journal.clear()
+
+
+def build_cpu(plan: GroupPlan, spec: Spec, opt: Any, group: Dict[str, Any], ps: List[Tensor],
+              journal: List[tuple]) -> None:
+    """Phase 2 for the CPU params: create missing state (each new entry
+    recorded in ``journal``), fill the tables, and cache a C plan when the
+    group is a plain list of unsharded params. Writes no param."""
     r = plan.route
     keys, opts = r.keys, r.opts
     state_all = opt.state
@@ -141,9 +174,9 @@ def build_cpu(plan: GroupPlan, spec: Spec, opt: Any, group: Dict[str, Any], ps: 
         for j, i in enumerate(index):
             p = ps[i]
             # Touch optimizer.state only where torch would keep state.
-            state = state_all[p] if keeps else {}
-            first = spec.init_state(p, state, keys, opts, step_dtype=step_dtype)
-            _fill(t, p, state, keys, uses_step, first, position.get(id(p), 0))
+            state = _state_of(state_all, p, journal) if keeps else {}
+            first = _init_state(spec, p, state, keys, opts, journal, step_dtype=step_dtype)
+            _fill(t, p, i, state, keys, uses_step, first, position.get(id(p), 0))
             sharded = sharded or local(p) is not p
             entries.append((t, j, i, state))
         plan.tables.append(t)
@@ -156,20 +189,34 @@ def build_cpu(plan: GroupPlan, spec: Spec, opt: Any, group: Dict[str, Any], ps: 
 
 def run_cpu(plan: GroupPlan, spec: Spec, gs: List[Tensor], hyper: Any, args: StepArgs) -> None:
     """The general CPU path: one kernel call per table, grads read now."""
-    for t in plan.tables:
-        addr = grad_addresses([gs[i] for i in t.index])
+    addrs = [grad_addresses([gs[i] for i in t.index], t.params) for t in plan.tables]
+    for t, addr in zip(plan.tables, addrs):
         cpu.run(spec.kernel, t, addr.ptrs, hyper, args)
-        del addr
         if any(t.first):
             t.first = [False] * len(t.first)
+    del addrs
     if plan.cpu_plan is not None:
         plan.cpu_plan.clear_first()
 
 
-def run_cuda(plan: GroupPlan, spec: Spec, opt: Any, group: Dict[str, Any], ps: List[Tensor], gs: List[Tensor],
-             hyper: Any, args: StepArgs) -> None:
-    """The CUDA params of a group: create missing state (torch's layout),
-    launch, and cache a plan when the whole group is CUDA."""
+class CudaBuild:
+    """What :func:`build_cuda` made for :func:`run_cuda`: the launches' tables,
+    the state of each param, and the step's args (its inf flag read when a
+    first step must know whether it happens)."""
+
+    __slots__ = ("tables", "states", "args")
+
+    def __init__(self, tables: List[Tables], states: Dict[int, Dict[str, Any]], args: StepArgs) -> None:
+        self.tables = tables
+        self.states = states
+        self.args = args
+
+
+def build_cuda(plan: GroupPlan, spec: Spec, opt: Any, group: Dict[str, Any], ps: List[Tensor], args: StepArgs,
+               journal: List[tuple]) -> Optional[CudaBuild]:
+    """Phase 2 for the CUDA params of a group: create missing state (torch's
+    layout; each new entry recorded in ``journal``) and fill the tables.
+    None when the step is skipped (AMP found an inf). Writes no param."""
     r = plan.route
     keys, opts = r.keys, r.opts
     state_all = opt.state
@@ -181,7 +228,7 @@ def run_cuda(plan: GroupPlan, spec: Spec, opt: Any, group: Dict[str, Any], ps: L
         # steps: whether the step happens must be known now (one host sync;
         # for buffers, on their first step only). A skipped step creates nothing.
         if bool(args.found_inf.item()):
-            return
+            return None
         args = StepArgs(args.threads, args.grad_scale, None, args.clip)
     keeps = spec.keeps_state(group, opts)
     uses_step = spec.uses_step(opts)
@@ -193,8 +240,9 @@ def run_cuda(plan: GroupPlan, spec: Spec, opt: Any, group: Dict[str, Any], ps: L
     states: Dict[int, Dict[str, Any]] = {}
     for i in r.cuda:
         p = ps[i]
-        state = state_all[p] if keeps else {}
-        first = spec.init_state(p, state, keys, opts, step_on_device=step_on_device, step_dtype=step_dtype)
+        state = _state_of(state_all, p, journal) if keeps else {}
+        first = _init_state(spec, p, state, keys, opts, journal, step_on_device=step_on_device,
+                            step_dtype=step_dtype)
         step = state.get("step") if spec.torch_step else None
         # Counters a kernel increments on the device are float32; others are counted on the host.
         device_steps = step is not None and step.dtype == torch.float32 and (
@@ -206,20 +254,27 @@ def run_cuda(plan: GroupPlan, spec: Spec, opt: Any, group: Dict[str, Any], ps: L
             t = batches[key] = Tables(key[0], opts, p.device, device_steps, step_code)
             t.streams = {k: [] for k in keys}
         t.index.append(i)
-        _fill(t, p, state, keys, uses_step, first, position.get(id(p), 0))
+        _fill(t, p, i, state, keys, uses_step, first, position.get(id(p), 0))
         states[i] = state
     # Batches of one dtype side by side (a C plan's buckets are runs of one dtype).
-    tables = [batches[k] for k in sorted(batches, key=lambda k: k[0])]
-    for t in tables:
-        addr = grad_addresses([gs[i] for i in t.index])
+    return CudaBuild([batches[k] for k in sorted(batches, key=lambda k: k[0])], states, args)
+
+
+def run_cuda(plan: GroupPlan, spec: Spec, opt: Any, group: Dict[str, Any], ps: List[Tensor], gs: List[Tensor],
+             built: CudaBuild, hyper: Any) -> None:
+    """Launch the CUDA params of a group, and cache a plan when the whole group is CUDA."""
+    r = plan.route
+    args = built.args
+    addrs = [grad_addresses([gs[i] for i in t.index], t.params) for t in built.tables]
+    for t, addr in zip(built.tables, addrs):
         cuda.launch(spec.kernel, t, addr.ptrs, hyper, args)
         if args.grad_scale is not None:
             addr.write_back()
-        del addr
         t.first = [False] * len(t.first)
+    del addrs
     plan.cuda_plan = None
     if not r.cpu and not r.torch:
-        _cache_cuda(plan, group, ps, tables, states, keys, uses_step, state_all)
+        _cache_cuda(plan, group, ps, built.tables, built.states, r.keys, spec.uses_step(r.opts), opt.state)
 
 
 def _cache_cuda(plan: GroupPlan, group: Dict[str, Any], ps: List[Tensor], tables: List[Tables],

@@ -93,6 +93,10 @@ def route(spec: Spec, group: Dict[str, Any], ps: List[Tensor], gs: List[Tensor],
         r.cpu, r.cuda = {}, []
     if opts.active:
         _check_precision(group, r, ps, gi, owner)
+    for i in r.torch:
+        state = state_all.get(ps[i])
+        if state:
+            spec.check_torch_state(i, ps[i], state, r.keys)
     return r
 
 

@@ -149,6 +149,21 @@ class Spec:
                     f"state[{key!r}] of param {i} has shape {tuple(t.shape)} but the param has {tuple(p.shape)}"
                 )
 
+    def check_torch_state(self, i: int, p: Tensor, state: Dict[str, Any], keys: Tuple[str, ...]) -> None:
+        """Existing state that torch's own implementation will be given must be
+        in the layout torch creates (and its ``load_state_dict`` casts to): each
+        stream of the param's dtype, on its device. torch's step would raise
+        midway on anything else, after updating other params; this raises
+        ValueError first, with nothing written."""
+        for key in keys:
+            t = state.get(key)
+            if isinstance(t, Tensor) and (t.dtype != p.dtype or t.device != p.device):
+                raise ValueError(
+                    f"state[{key!r}] of param {i} is {t.dtype} on {t.device} but the param is {p.dtype} on "
+                    f"{p.device}; torch's implementation, which updates this param, needs state of the "
+                    f"param's dtype and device (load_state_dict casts it so)"
+                )
+
     def state_usable(self, p: Tensor, state: Dict[str, Any], keys: Tuple[str, ...], opts: Options,
                      cuda: bool = False) -> bool:
         """Whether existing state is in the layout the kernels take: streams
@@ -187,6 +202,8 @@ class Spec:
             if state:
                 self.check_state(i, p, state, keys)
             usable = native_ok and kernel_ok(p, g) and self.state_usable(p, state, keys, Options())
+            if not usable and state:
+                self.check_torch_state(i, p, state, keys)
             (native if usable else fallback).append(i)
         return native, fallback
 

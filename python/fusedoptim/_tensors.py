@@ -4,22 +4,24 @@ What the compiled module is told about a tensor is a dtype code and a data
 address; this module is where those come from: the dtype codes, the memory
 a (possibly sharded) tensor really owns, whether tensors overlap, and the
 grads' addresses (a strided grad is read through a contiguous copy).
-It imports nothing of the package but the compiled module.
+It imports nothing of the package but the compiled module and the torch
+compatibility layer.
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
 from . import _C
+from ._torch_compat import local_shard
 
 __all__ = [
     "DTYPE_CODES",
     "STEP_CODES",
-    "check_cpu",
+    "address",
     "GradAddresses",
     "disjoint",
     "grad_addresses",
@@ -52,11 +54,8 @@ def local(t: Tensor) -> Tensor:
     other sharded params, whose optimizer state is sharded alike), else the
     tensor itself. The update is element-wise, so a shard updates like a
     whole tensor."""
-    if type(t).__name__ == "DTensor":
-        shard = getattr(t, "_local_tensor", None)
-        if isinstance(shard, Tensor):
-            return shard
-    return t
+    shard = local_shard(t)
+    return shard if shard is not None else t
 
 
 def same_sharding(p: Tensor, g: Tensor) -> bool:
@@ -108,6 +107,49 @@ def step_dtype(fused: bool = False) -> torch.dtype:
     return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
 
 
+# Note [addresses]
+# The compiled module is told where tensors live and how many elements of
+# which dtype it may read and write there; it cannot check that itself. So
+# no data address goes to a kernel except through `address` (params, state
+# tensors, step counters) or `GradAddresses` (grads), which check the tensor
+# against exactly what the kernel will touch: a plain (not fake, meta or
+# wrapper) dense tensor, contiguous, of that dtype, element count and
+# device. They are called while a step fills its tables, before any kernel
+# runs, so a tensor that does not fit (state created wrong, a state tensor
+# resized or re-pointed in place, a grad that changed) is a ValueError with
+# nothing written. The cached C plans (csrc/bindings/step_plan.cpp) hold
+# addresses checked here once, and from then on re-check each step that
+# every tensor still has the address and size it had.
+
+
+def _describe(t: Any) -> str:
+    if not isinstance(t, Tensor):
+        return type(t).__name__
+    kind = "" if type(t) in (Tensor, torch.nn.Parameter) else f"{type(t).__name__} "
+    contiguous = "contiguous" if t.layout == torch.strided and t.is_contiguous() else "non-contiguous"
+    return f"a {contiguous} {kind}{t.dtype} {t.layout} tensor of {t.numel()} elements on {t.device}"
+
+
+def address(t: Any, what: str, dtype: torch.dtype, numel: int, device: Any) -> int:
+    """The data address of ``t`` for a kernel that reads and writes ``numel``
+    contiguous elements of ``dtype`` there, on ``device``; ValueError naming
+    ``what`` unless that is exactly what ``t`` holds (Note [addresses]).
+    A DTensor stands for its local shard."""
+    s = local(t) if isinstance(t, Tensor) else t
+    if not (
+        isinstance(s, Tensor)
+        and s.layout == torch.strided
+        and s.dtype == dtype
+        and s.numel() == numel
+        and s.device == torch.device(device)
+        and s.is_contiguous()
+        and plain(s)
+    ):
+        raise ValueError(f"{what} must be a contiguous {dtype} tensor of {numel} elements on {device} "
+                         f"(what the kernel reads and writes), got {_describe(s)}")
+    return s.data_ptr()
+
+
 class GradAddresses:
     """The addresses the kernels read grads from.
 
@@ -121,38 +163,32 @@ class GradAddresses:
 
     __slots__ = ("ptrs", "copies")
 
-    def __init__(self, grads: Sequence[Tensor]) -> None:
+    def __init__(self, grads: Sequence[Tensor], params: Optional[Sequence[Tensor]] = None) -> None:
         self.ptrs: List[int] = []
         self.copies: List[Tuple[Tensor, Tensor]] = []  # (grad, its contiguous copy)
-        for g in grads:
+        for i, g in enumerate(grads):
             shard = local(g)
+            # What the kernel reads: the param's element count and dtype on its
+            # device (or, for a grad norm, the grad's own, in a dtype it takes).
+            ref = local(params[i]) if params is not None else shard
+            if not (isinstance(shard, Tensor) and shard.layout == torch.strided and plain(shard)
+                    and isinstance(ref, Tensor) and ref.dtype in DTYPE_CODES):
+                raise ValueError(f"grad {i} must be a dense tensor of {list(DTYPE_CODES)}, got {_describe(shard)}")
+            if shard.shape != ref.shape:  # a strided grad's copy pairs elements by position in the shape
+                raise ValueError(f"grad {i} has shape {tuple(shard.shape)} but its param has {tuple(ref.shape)}")
             if not shard.is_contiguous():
                 c = shard.contiguous()
                 self.copies.append((shard, c))
                 shard = c
-            self.ptrs.append(shard.data_ptr())
+            self.ptrs.append(address(shard, f"grad {i}", ref.dtype, ref.numel(), ref.device))
 
     def write_back(self) -> None:
         for g, c in self.copies:
             g.copy_(c)
 
 
-def grad_addresses(grads: Sequence[Tensor]) -> GradAddresses:
-    """Addresses of ``grads`` for the kernels; see :class:`GradAddresses`."""
-    return GradAddresses(grads)
-
-
-def check_cpu(name: str, i: int, t: Any, dtype: torch.dtype, numel: int, contiguous: bool = True) -> None:
-    """ValueError unless ``t`` is a dense CPU tensor of ``dtype`` with ``numel``
-    elements (and contiguous): what a kernel reads and writes through its address."""
-    if not (
-        isinstance(t, Tensor)
-        and t.layout == torch.strided
-        and t.device.type == "cpu"
-        and t.dtype == dtype
-        and t.numel() == numel
-        and (not contiguous or t.is_contiguous())
-    ):
-        what = "a contiguous" if contiguous else "a strided"
-        got = f"{t.dtype} {t.layout} on {t.device}, {t.numel()} elements" if isinstance(t, Tensor) else type(t).__name__
-        raise ValueError(f"{name}[{i}] must be {what} CPU {dtype} tensor of {numel} elements, got {got}")
+def grad_addresses(grads: Sequence[Tensor], params: Optional[Sequence[Tensor]] = None) -> GradAddresses:
+    """Addresses of ``grads`` for the kernels, each checked against its param
+    (same element count, dtype and device) when ``params`` is given; see
+    :class:`GradAddresses` and Note [addresses]."""
+    return GradAddresses(grads, params)

@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import functools
-import inspect
 from typing import Any, Dict, List, NamedTuple, Optional, Tuple, Union
 
 import torch
@@ -21,6 +20,7 @@ from torch import Tensor
 from torch.optim import adam as _torch_adam
 
 from . import _compile, _config
+from . import _torch_compat as compat
 from ._precision import Options
 from ._spec import Spec, Stream, checked, in_range, number
 from .backends import cpu, cuda
@@ -28,8 +28,7 @@ from .optimizer import FusedOptimizer, ParamsT, precision_options
 
 __all__ = ["ADAM", "ADAMW", "Adam", "AdamHyper", "AdamW", "adam"]
 
-_TORCH_ADAM_ARGS = inspect.signature(torch.optim.Adam.__init__).parameters
-_TORCH_DECOUPLED_ARG = "decoupled_weight_decay" in inspect.signature(_torch_adam.adam).parameters
+_TORCH_DECOUPLED_ARG = compat.accepts(_torch_adam.adam, "decoupled_weight_decay")  # torch 2.6+
 
 class AdamHyper(NamedTuple):
     """A param group's Adam hyperparameters, validated."""
@@ -124,7 +123,7 @@ def adam(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor], exp_
                    **({"max_exp_avg_sq": max_exp_avg_sqs[i]} if amsgrad else {})) for i in range(len(params))]
     native, fallback = spec.split(params, grads, states, keys, native_ok)
     if native:
-        op = torch.ops.fusedoptim.adam_step_ if _compile.HAVE_CUSTOM_OP and torch.compiler.is_compiling() else _native
+        op = torch.ops.fusedoptim.adam_step_ if _compile.HAVE_CUSTOM_OP and _compile.is_compiling() else _native
         op([params[i] for i in native], [grads[i] for i in native], [exp_avgs[i] for i in native],
            [exp_avg_sqs[i] for i in native], [max_exp_avg_sqs[i] for i in native] if amsgrad else [],
            [state_steps[i] for i in native], 0.0, in_range(beta1, "beta parameter at index 0", upper=1.0),
@@ -155,7 +154,7 @@ def _traced_step(opt: Any, group: Dict[str, Any]) -> None:
     exp_avg_sqs: List[Tensor] = []
     max_exp_avg_sqs: List[Tensor] = []
     state_steps: List[Tensor] = []
-    has_complex = opt._init_group(group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps)
+    has_complex = compat.init_group(opt, group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps)
     if params:
         adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, amsgrad=bool(group["amsgrad"]),
              beta1=group["betas"][0], beta2=group["betas"][1], lr=group["lr"], weight_decay=group["weight_decay"],
@@ -252,7 +251,7 @@ class Adam(FusedOptimizer, torch.optim.Adam):
         kwargs: Dict[str, Any] = dict(
             foreach=foreach, maximize=maximize, capturable=capturable, differentiable=differentiable, fused=None
         )
-        if "decoupled_weight_decay" in _TORCH_ADAM_ARGS:
+        if compat.accepts(torch.optim.Adam, "decoupled_weight_decay"):
             kwargs["decoupled_weight_decay"] = decoupled_weight_decay
         elif decoupled_weight_decay:
             raise TypeError(

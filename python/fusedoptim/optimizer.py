@@ -21,9 +21,9 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
-from torch.optim.optimizer import _use_grad_for_differentiable
 
 from . import _compile, _config, _plans, _precision
+from . import _torch_compat as compat
 from ._plans import GroupPlan
 from ._routing import route
 from ._spec import Spec
@@ -52,13 +52,6 @@ def check_fused(fused: Any, foreach: Any, differentiable: bool) -> None:
             raise RuntimeError("`fused` does not support `differentiable`")
         if foreach:
             raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
-
-
-def _unhooked(fn: Callable) -> Callable:
-    """torch wraps ``Optimizer.step`` with its hook runner; get the inner step."""
-    while getattr(fn, "hooked", False) and hasattr(fn, "__wrapped__"):
-        fn = fn.__wrapped__
-    return fn
 
 
 class StepReport:
@@ -213,7 +206,7 @@ class FusedOptimizer(TorchProtocol):
         for group in self.param_groups:  # type: ignore[attr-defined]
             group["fused"] = fused
         if fused:
-            self._step_supports_amp_scaling = True
+            setattr(self, compat.AMP_SCALING_ATTR, True)
         _precision.setup(self.defaults, self.param_groups, options)  # type: ignore[attr-defined]
         self._fo_options_set = True
         self._fo_report = StepReport()
@@ -250,7 +243,7 @@ class FusedOptimizer(TorchProtocol):
         return self._report.grad_norm
 
     @_compile.compile_aware  # under torch.compile: the traced step, custom ops, no graph break
-    @_use_grad_for_differentiable
+    @compat.use_grad_for_differentiable
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
         """Update every param that has a grad, once.
 
@@ -361,7 +354,22 @@ class FusedOptimizer(TorchProtocol):
         plans = self._fo_plans
         names: List[str] = []
         fallback: List[Dict[str, Any]] = []
-        for w in work:
+        # Every group routed this step creates its missing state and fills its
+        # tables first, each address checked (Note [addresses]); should a
+        # check fail, the state created is removed and nothing was written.
+        journal: List[tuple] = []
+        cuda_built: Dict[int, Optional[_plans.CudaBuild]] = {}
+        try:
+            for k, w in enumerate(work):
+                if w.plan is None or w.cached is not None:
+                    continue
+                _plans.build_cpu(w.plan, spec, self, w.group, w.ps, journal)
+                if w.plan.route.cuda:
+                    cuda_built[k] = _plans.build_cuda(w.plan, spec, self, w.group, w.ps, args, journal)
+        except BaseException:
+            _plans.undo(journal)
+            raise
+        for k, w in enumerate(work):
             plan = w.plan
             if plan is None:
                 names.append("none")
@@ -376,8 +384,7 @@ class FusedOptimizer(TorchProtocol):
                 continue
             r = plan.route
             used = []
-            # A plan routed this step: create its state, fill its tables, cache it.
-            _plans.build_cpu(plan, spec, self, w.group, w.ps)
+            # A plan routed and built this step: cache it.
             plans[id(w.group)] = (w.group, plan)
             if r.cpu:
                 if plan.cpu_plan is not None and not r.torch and not r.cuda \
@@ -387,7 +394,9 @@ class FusedOptimizer(TorchProtocol):
                     _plans.run_cpu(plan, spec, w.gs, w.hyper, args)
                 used.append(cpu.name())
             if r.cuda:
-                _plans.run_cuda(plan, spec, self, w.group, w.ps, w.gs, w.hyper, args)
+                built = cuda_built[k]
+                if built is not None:  # None: a step AMP skips
+                    _plans.run_cuda(plan, spec, self, w.group, w.ps, w.gs, built, w.hyper)
                 used.append(cuda.name())
             if r.torch:
                 sub = dict(w.group)
@@ -406,7 +415,7 @@ class FusedOptimizer(TorchProtocol):
         hidden = {k: self.__dict__.pop(k) for k in ("grad_scale", "found_inf") if k in self.__dict__}
         self.param_groups = groups
         try:
-            _unhooked(self._torch_cls.step)(self)
+            compat.unhooked(self._torch_cls.step)(self)
         finally:
             self.param_groups = saved
             self.__dict__.update(hidden)
@@ -454,4 +463,4 @@ def _unscale_(grads: List[Tensor], grad_scale: Tensor) -> None:
     for g in grads:
         by_device.setdefault(g.device, []).append(g)
     for device, gs in by_device.items():
-        torch._foreach_div_(gs, grad_scale.to(device))
+        compat.foreach_div_(gs, grad_scale.to(device))

@@ -20,6 +20,7 @@ from torch import Tensor
 from torch.optim import sgd as _torch_sgd
 
 from . import _compile, _config
+from . import _torch_compat as compat
 from ._precision import Options
 from ._spec import Spec, Stream, checked, in_range, number
 from .backends import cpu
@@ -125,7 +126,7 @@ def sgd(params: List[Tensor], d_p_list: List[Tensor], momentum_buffer_list: List
                 first.append(momentum_buffer_list[i] is None)
                 if momentum_buffer_list[i] is None:
                     momentum_buffer_list[i] = torch.empty_like(params[i], memory_format=torch.preserve_format)
-        op = torch.ops.fusedoptim.sgd_step_ if _compile.HAVE_CUSTOM_OP and torch.compiler.is_compiling() else _native
+        op = torch.ops.fusedoptim.sgd_step_ if _compile.HAVE_CUSTOM_OP and _compile.is_compiling() else _native
         op([params[i] for i in native], [d_p_list[i] for i in native],
            [momentum_buffer_list[i] for i in native] if use_momentum else [], first, 0.0, weight_decay, momentum,
            dampening, bool(nesterov), bool(maximize), _compile.lr_arg(lr), num_threads or 0)
@@ -144,7 +145,7 @@ def _traced_step(opt: Any, group: Dict[str, Any]) -> None:
     params: List[Tensor] = []
     grads: List[Tensor] = []
     bufs: List[Optional[Tensor]] = []
-    has_sparse_grad = opt._init_group(group, params, grads, bufs)
+    has_sparse_grad = compat.init_group(opt, group, params, grads, bufs)
     if not params:
         return
     new = [buf is None for buf in bufs]
@@ -214,7 +215,8 @@ class SGD(FusedOptimizer, torch.optim.SGD):
     ) -> None:
         torch.optim.SGD.__init__(
             self, params, lr, momentum, dampening, weight_decay, nesterov,
-            maximize=maximize, foreach=foreach, differentiable=differentiable, fused=None,
+            maximize=maximize, foreach=foreach, differentiable=differentiable,
+            **({"fused": None} if compat.accepts(torch.optim.SGD, "fused") else {}),  # torch 2.3+
         )
         self._fo_init(fused, foreach, differentiable, precision_options(
             master_weights, stochastic_rounding, kahan_summation, state_dtype, max_grad_norm))

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from .. import _C
 from .._precision import Options
-from .._tensors import DTYPE_CODES, check_cpu, disjoint, grad_addresses
+from .._tensors import DTYPE_CODES, address, disjoint, grad_addresses
 from . import StepArgs, Tables
 
 __all__ = ["grad_norm", "name", "run", "run_plan", "run_tensors"]
@@ -109,20 +109,15 @@ def run_tensors(kernel: str, params: Sequence[Tensor], grads: Sequence[Tensor], 
         t.streams = {k: [] for k in streams}
         for i in index:
             p = params[i]
-            check_cpu("params", i, p, p.dtype, p.numel())
-            check_cpu("grads", i, grads[i], p.dtype, p.numel(), contiguous=False)
-            if grads[i].shape != p.shape:  # the copy pairs elements by position in the param's shape
-                raise ValueError(f"grads[{i}] has shape {tuple(grads[i].shape)} but params[{i}] has {tuple(p.shape)}")
+            n = p.numel()
+            t.pptrs.append(address(p, f"params[{i}]", p.dtype, n, "cpu"))
             for k, xs in streams.items():
-                check_cpu(k, i, xs[i], p.dtype, p.numel())
-                t.streams[k].append(xs[i].data_ptr())
+                t.streams[k].append(address(xs[i], f"{k}[{i}]", p.dtype, n, "cpu"))
             if steps is not None:
-                check_cpu("state_steps", i, steps[i], torch.float32, 1)
-                t.steps.append(steps[i].data_ptr())
-            t.pptrs.append(p.data_ptr())
-            t.numels.append(p.numel())
+                t.steps.append(address(steps[i], f"state_steps[{i}]", torch.float32, 1, "cpu"))
+            t.numels.append(n)
             t.first.append(bool(first[i]) if first is not None else False)
-        calls.append((t, grad_addresses([grads[i] for i in index])))
+        calls.append((t, grad_addresses([grads[i] for i in index], [params[i] for i in index])))
     # Everything was checked: now write.
     args = StepArgs(threads)
     for t, addr in calls:

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from .. import _C
-from .._tensors import DTYPE_CODES, grad_addresses, local
+from .._tensors import DTYPE_CODES, address, grad_addresses, local
 from . import StepArgs, Tables
 
 __all__ = ["available", "clip_on_device", "emulate", "emulating", "info", "launch", "last_stats", "mode", "name",
@@ -148,7 +148,7 @@ def _on(t: Optional[Tensor], device: torch.device, keep: List[Tensor]) -> int:
     if t.device != device or t.dtype != torch.float32 or not t.is_contiguous():
         t = t.to(device=device, dtype=torch.float32, non_blocking=True).contiguous()
     keep.append(t)
-    return t.data_ptr()
+    return address(t.reshape(()) if t.numel() == 1 else t, "a scalar of the step", torch.float32, 1, device)
 
 
 def clip_on_device(grads: Sequence[Tensor], max_norm: float, grad_scale: Optional[Tensor]) -> Tensor:
@@ -199,7 +199,7 @@ def _adam(t: Tables, gptrs: List[int], h: Any, args: StepArgs, found_inf: Option
     lr, lr_ptr = h.lr, 0
     if isinstance(lr, Tensor):
         if t.device_steps and lr.device == t.device and lr.dtype == torch.float32 and lr.numel() == 1:
-            lr_ptr, lr = lr.data_ptr(), 0.0  # read on the device: capturable, no sync
+            lr_ptr, lr = address(lr.reshape(()), "lr", torch.float32, 1, t.device), 0.0  # read on the device: no sync
             keep.append(h.lr)
         else:
             lr = lr.item()

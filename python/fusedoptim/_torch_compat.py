@@ -1,0 +1,157 @@
+"""Every use of torch beyond its stable public API, in one module.
+
+A drop-in optimizer has to lean on some of torch.optim's internals (the
+grad-mode decorator of ``step``, ``_init_group``, the hook wrapper of
+``step``, the AMP handshake attribute) and on APIs newer than the oldest
+supported torch (custom ops, constructor keywords). Each use lives here,
+with the torch versions it was checked on and what happens where it is
+missing, so that a torch release that changes one breaks this module,
+loudly, and nothing else.
+
+Checked on torch 2.2.2, 2.13.0 and 2.15.0 (the suite's CI versions), and
+read against 2.5.1 (AdamW's own ``_init_group``).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import re
+from typing import Any, Callable, List, Tuple
+
+import torch
+
+__all__ = [
+    "AMP_SCALING_ATTR",
+    "HAVE_CUSTOM_OP",
+    "MIN_TORCH",
+    "TORCH_VERSION",
+    "accepts",
+    "compiler_disable",
+    "foreach_div_",
+    "init_group",
+    "is_compiling",
+    "local_shard",
+    "supported_range",
+    "unhooked",
+    "use_grad_for_differentiable",
+]
+
+
+def _version(text: str) -> Tuple[int, int, int]:
+    m = re.match(r"(\d+)\.(\d+)(?:\.(\d+))?", text)
+    if m is None:
+        return (0, 0, 0)
+    return int(m.group(1)), int(m.group(2)), int(m.group(3) or 0)
+
+
+#: The running torch as (major, minor, patch).
+TORCH_VERSION: Tuple[int, int, int] = _version(torch.__version__)
+#: The oldest torch this package supports (pyproject.toml says the same).
+MIN_TORCH: Tuple[int, int] = (2, 2)
+
+
+def supported_range() -> str:
+    """The supported torch versions, as ``backend_info()`` and the README state them."""
+    return f">={MIN_TORCH[0]}.{MIN_TORCH[1]}"
+
+
+# -- torch.compile ------------------------------------------------------------
+# torch.library.custom_op: 2.4 and later. Without it the native step cannot be
+# an opaque op in a graph, so a compiled step() runs eagerly (compiler_disable).
+HAVE_CUSTOM_OP: bool = hasattr(torch.library, "custom_op")
+
+
+if hasattr(torch.compiler, "is_compiling"):  # 2.3+
+    is_compiling: Callable[[], bool] = torch.compiler.is_compiling
+else:  # 2.2: Dynamo's own, which it folds to True while tracing
+    import torch._dynamo
+
+    is_compiling = torch._dynamo.is_compiling
+
+
+def compiler_disable(fn: Callable) -> Callable:
+    """``fn`` run outside any graph: ``torch.compiler.disable`` (2.1+)."""
+    return torch.compiler.disable(fn)
+
+
+# -- torch.optim internals ----------------------------------------------------
+def _own_use_grad_for_differentiable(func: Callable) -> Callable:
+    @functools.wraps(func)
+    def use_grad(self: Any, *args: Any, **kwargs: Any) -> Any:
+        prev = torch.is_grad_enabled()
+        try:
+            torch.set_grad_enabled(self.defaults["differentiable"])
+            return func(self, *args, **kwargs)
+        finally:
+            torch.set_grad_enabled(prev)
+
+    return use_grad
+
+
+try:
+    # The decorator of every torch.optim step (grad enabled only with
+    # differentiable=True; Dynamo knows it). 2.0 to 2.15.
+    from torch.optim.optimizer import _use_grad_for_differentiable as use_grad_for_differentiable
+except ImportError:  # pragma: no cover - the same behaviour, without Dynamo's special case
+    use_grad_for_differentiable = _own_use_grad_for_differentiable
+
+
+def unhooked(fn: Callable) -> Callable:
+    """The inner step of a torch.optim class: torch wraps ``step`` with its
+    hook runner (``hooked`` and ``__wrapped__`` set by functools.wraps, 2.0
+    to 2.15); a step without the wrapper is returned as it is."""
+    while getattr(fn, "hooked", False) and hasattr(fn, "__wrapped__"):
+        fn = fn.__wrapped__
+    return fn
+
+
+def init_group(opt: Any, group: Any, *lists: List[Any]) -> Any:
+    """``opt._init_group(group, *lists)``: torch's state creation for one
+    group. Adam's signature is (group, params, grads, exp_avgs, exp_avg_sqs,
+    max_exp_avg_sqs, state_steps) on every version; AdamW before 2.6 is its
+    own class whose ``_init_group`` takes ``amsgrad`` after the grads, which
+    is filled in from the group here."""
+    fn = opt._init_group
+    names = list(inspect.signature(fn).parameters)
+    if "amsgrad" in names:
+        k = names.index("amsgrad") - 1  # position among the lists (group comes first)
+        lists = lists[:k] + (group["amsgrad"],) + lists[k:]  # type: ignore[assignment]
+    return fn(group, *lists)
+
+
+#: The attribute that tells torch.amp.GradScaler the step unscales the grads
+#: itself (it then sets ``grad_scale`` and ``found_inf`` on the optimizer);
+#: read by every GradScaler from 1.13 to 2.15.
+AMP_SCALING_ATTR = "_step_supports_amp_scaling"
+
+
+def accepts(fn: Any, name: str) -> bool:
+    """Whether torch's function ``fn`` (a class: its ``__init__``) takes the
+    keyword ``name`` (e.g. SGD's ``fused``: 2.3+; Adam's and
+    ``torch.optim.adam.adam``'s ``decoupled_weight_decay``: 2.6+)."""
+    return name in inspect.signature(fn.__init__ if isinstance(fn, type) else fn).parameters
+
+
+# -- tensors --------------------------------------------------------------------
+def foreach_div_(tensors: List[torch.Tensor], divisor: torch.Tensor) -> None:
+    """Divide every tensor by the 0-d ``divisor`` in place: ``torch._foreach_div_``
+    (2.0+), else one division each."""
+    f = getattr(torch, "_foreach_div_", None)
+    if f is not None:
+        f(tensors, divisor)
+        return
+    for t in tensors:  # pragma: no cover
+        t.div_(divisor)
+
+
+def local_shard(t: Any) -> Any:
+    """A DTensor's local shard, else None: ``_local_tensor`` (2.2 to 2.15),
+    which unlike ``to_local()`` adds no autograd node, else ``to_local()``."""
+    if type(t).__name__ != "DTensor":
+        return None
+    shard = getattr(t, "_local_tensor", None)
+    if isinstance(shard, torch.Tensor):
+        return shard
+    to_local = getattr(t, "to_local", None)  # pragma: no cover
+    return to_local() if to_local is not None else None
