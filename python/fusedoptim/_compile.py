@@ -74,7 +74,7 @@ def compile_aware(eager_step: Callable) -> Callable:
     def step(self: Any, closure: Optional[Callable[[], Any]] = None) -> Any:
         if is_compiling():
             if not HAVE_CUSTOM_OP:
-                return compat.compiler_disable(_run_eager_warn)(eager_step, self, closure)
+                return _eager_outside_graph(eager_step, self, closure)
             return compiled_step(self, closure, eager_step)
         return eager_step(self, closure)
 
@@ -95,6 +95,12 @@ def _run_eager_warn(eager_step: Callable, opt: Any, closure: Optional[Callable[[
             stacklevel=4,
         )
     return eager_step(opt, closure)
+
+
+# torch < 2.4: made here, at import, because the torch.compiler.disable of
+# those versions cannot be called while Dynamo traces (it is on Dynamo's skip
+# list); that torch has imported Dynamo already (see _torch_compat).
+_eager_outside_graph = _run_eager_warn if HAVE_CUSTOM_OP else compat.compiler_disable(_run_eager_warn)
 
 
 def _run_eager(eager_step: Callable, opt: Any, closure: Optional[Callable[[], Any]]) -> Any:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import functools
 import inspect
 import re
-from typing import Any, Callable, List, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 import torch
 
@@ -106,18 +106,26 @@ def unhooked(fn: Callable) -> Callable:
     return fn
 
 
-def init_group(opt: Any, group: Any, *lists: List[Any]) -> Any:
+def _amsgrad_position(cls: type) -> Optional[int]:
+    """Where ``cls._init_group`` takes ``amsgrad`` among its lists, or None."""
+    names = list(inspect.signature(cls._init_group).parameters)  # type: ignore[attr-defined]
+    return names.index("amsgrad") - 2 if "amsgrad" in names else None  # after self and group
+
+
+# Read once, here: Dynamo traces init_group, and inspect would break its graph.
+_ADAMW_AMSGRAD = _amsgrad_position(torch.optim.AdamW)
+
+
+def init_group(opt: Any, group: Any, *lists: Any) -> Any:
     """``opt._init_group(group, *lists)``: torch's state creation for one
-    group. Adam's signature is (group, params, grads, exp_avgs, exp_avg_sqs,
-    max_exp_avg_sqs, state_steps) on every version; AdamW before 2.6 is its
-    own class whose ``_init_group`` takes ``amsgrad`` after the grads, which
-    is filled in from the group here."""
-    fn = opt._init_group
-    names = list(inspect.signature(fn).parameters)
-    if "amsgrad" in names:
-        k = names.index("amsgrad") - 1  # position among the lists (group comes first)
-        lists = lists[:k] + (group["amsgrad"],) + lists[k:]  # type: ignore[assignment]
-    return fn(group, *lists)
+    group. Adam's and SGD's signatures are the same on every version
+    (Adam: group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
+    state_steps); AdamW before 2.6 is its own class whose ``_init_group``
+    takes ``amsgrad`` after the grads, filled in here from the group."""
+    k = _ADAMW_AMSGRAD
+    if k is not None and isinstance(opt, torch.optim.AdamW):
+        lists = lists[:k] + (group["amsgrad"],) + lists[k:]
+    return opt._init_group(group, *lists)
 
 
 #: The attribute that tells torch.amp.GradScaler the step unscales the grads

@@ -202,9 +202,10 @@ class FusedOptimizer(TorchProtocol):
         ``torch.amp.GradScaler`` hand the unscaling to the step), then the
         precision options."""
         check_fused(fused, foreach, differentiable)
-        self.defaults["fused"] = fused  # type: ignore[attr-defined]
-        for group in self.param_groups:  # type: ignore[attr-defined]
-            group["fused"] = fused
+        if "fused" in self.defaults:  # type: ignore[attr-defined]  # (not in SGD's before torch 2.3)
+            self.defaults["fused"] = fused  # type: ignore[attr-defined]
+            for group in self.param_groups:  # type: ignore[attr-defined]
+                group["fused"] = fused
         if fused:
             setattr(self, compat.AMP_SCALING_ATTR, True)
         _precision.setup(self.defaults, self.param_groups, options)  # type: ignore[attr-defined]

@@ -187,7 +187,9 @@ class SGD(FusedOptimizer, torch.optim.SGD):
         foreach: passed to torch's implementation when it runs (fallback).
         differentiable: run torch's differentiable implementation.
         fused: accepted; the CPU step is always fused. ``True`` also lets
-            ``torch.amp.GradScaler`` hand the unscaling to the step.
+            ``torch.amp.GradScaler`` hand the unscaling to the step. As
+            torch's SGD, only from torch 2.3 on (before, any value but None
+            is a TypeError, and groups have no ``"fused"`` key).
         master_weights, stochastic_rounding, kahan_summation, state_dtype,
             max_grad_norm: the precision options, as for
             :class:`fusedoptim.Adam` (``state_dtype`` sets the momentum
@@ -213,10 +215,14 @@ class SGD(FusedOptimizer, torch.optim.SGD):
         master_weights: bool = False, stochastic_rounding: bool = False, kahan_summation: bool = False,
         state_dtype: Optional[torch.dtype] = None, max_grad_norm: Optional[float] = None,
     ) -> None:
+        has_fused = compat.accepts(torch.optim.SGD, "fused")  # torch 2.3+
+        if fused is not None and not has_fused:
+            raise TypeError(f"SGD.__init__() got an unexpected keyword argument 'fused' (torch {torch.__version__}'s "
+                            "SGD has none; it needs torch 2.3 or later)")
         torch.optim.SGD.__init__(
             self, params, lr, momentum, dampening, weight_decay, nesterov,
             maximize=maximize, foreach=foreach, differentiable=differentiable,
-            **({"fused": None} if compat.accepts(torch.optim.SGD, "fused") else {}),  # torch 2.3+
+            **({"fused": None} if has_fused else {}),
         )
         self._fo_init(fused, foreach, differentiable, precision_options(
             master_weights, stochastic_rounding, kahan_summation, state_dtype, max_grad_norm))
