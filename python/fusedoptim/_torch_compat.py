@@ -29,6 +29,7 @@ __all__ = [
     "accepts",
     "compiler_disable",
     "foreach_div_",
+    "foreach_mul_",
     "init_group",
     "is_compiling",
     "local_shard",
@@ -151,6 +152,17 @@ def foreach_div_(tensors: List[torch.Tensor], divisor: torch.Tensor) -> None:
         return
     for t in tensors:  # pragma: no cover
         t.div_(divisor)
+
+
+def foreach_mul_(tensors: List[torch.Tensor], factor: float) -> None:
+    """Multiply every tensor by ``factor`` in place: ``torch._foreach_mul_``
+    (2.0+), else one multiplication each."""
+    f = getattr(torch, "_foreach_mul_", None)
+    if f is not None:
+        f(tensors, factor)
+        return
+    for t in tensors:  # pragma: no cover
+        t.mul_(factor)
 
 
 def local_shard(t: Any) -> Any:

@@ -45,7 +45,7 @@ import torch
 from torch import Tensor
 
 import fusedoptim
-from fusedoptim import _C
+from fusedoptim import _C, _torch_compat
 
 from .cases import Case, build_tensors
 
@@ -295,7 +295,7 @@ class LoopWork:
         self.out = torch.empty_like(self.a)
 
     def __call__(self) -> None:
-        torch._foreach_mul_(self.grads, 1.0)
+        _torch_compat.foreach_mul_(self.grads, 1.0)
         torch.mul(self.a, 1.0001, out=self.out)
 
 
