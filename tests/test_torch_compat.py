@@ -35,8 +35,8 @@ def test_pyproject_readme_and_backend_info_agree_on_the_range():
 
 def test_backend_info_says_how_compile_runs():
     info = fusedoptim.backend_info()
-    if compat.HAVE_CUSTOM_OP:
-        assert info["torch_compile"].startswith("custom ops")
+    if compat.TRACE_STEP:
+        assert info["torch_compile"].startswith("traced")
     else:
         assert info["torch_compile"].startswith("eager")
 
@@ -120,7 +120,7 @@ def test_local_shard_of_a_plain_tensor_is_none():
     assert compat.local_shard(torch.zeros(2)) is None
 
 
-@pytest.mark.skipif(compat.HAVE_CUSTOM_OP, reason="a torch without custom ops (before 2.4)")
+@pytest.mark.skipif(compat.TRACE_STEP, reason="a torch whose Dynamo cannot trace the step (before 2.6)")
 def test_compiled_step_runs_eagerly_with_one_warning(monkeypatch):
     monkeypatch.setattr(fusedoptim._compile, "_warned_eager", False)  # once per process: as if first
     p = torch.randn(9, requires_grad=True)

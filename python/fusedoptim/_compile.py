@@ -35,6 +35,7 @@ __all__ = ["HAVE_CUSTOM_OP", "compile_aware", "compiled_step", "custom_op", "ker
            "threads_arg"]
 
 HAVE_CUSTOM_OP = compat.HAVE_CUSTOM_OP
+TRACE_STEP = compat.TRACE_STEP
 is_compiling = compat.is_compiling
 
 #: Tensor types whose storage is their own memory (not wrapper subclasses
@@ -65,15 +66,16 @@ def compile_aware(eager_step: Callable) -> Callable:
     """Wrap an optimizer's eager ``step`` so that Dynamo traces :func:`compiled_step` instead.
 
     Outside ``torch.compile`` the wrapper only asks whether Dynamo is
-    tracing and calls ``eager_step``. On a torch without custom ops (before
-    2.4) a compiled step runs ``eager_step`` outside the graph, with one
-    warning: the native calls are never traced.
+    tracing and calls ``eager_step``. On a torch whose Dynamo cannot trace
+    the step (``_torch_compat.TRACE_STEP``: no custom ops before 2.4, state
+    stores lost before 2.6) a compiled step runs ``eager_step`` outside the
+    graph, with one warning: the native calls are never traced.
     """
 
     @functools.wraps(eager_step)
     def step(self: Any, closure: Optional[Callable[[], Any]] = None) -> Any:
         if is_compiling():
-            if not HAVE_CUSTOM_OP:
+            if not TRACE_STEP:
                 return _eager_outside_graph(eager_step, self, closure)
             return compiled_step(self, closure, eager_step)
         return eager_step(self, closure)
@@ -88,19 +90,19 @@ def _run_eager_warn(eager_step: Callable, opt: Any, closure: Optional[Callable[[
     global _warned_eager
     if not _warned_eager:
         _warned_eager = True
+        need = ".".join(map(str, compat.TRACED_STEP_MIN))
         warnings.warn(
-            f"fusedoptim: torch {torch.__version__} has no torch.library.custom_op (torch 2.4+), so a compiled "
-            "optimizer.step() runs eagerly, outside the graph (same results, a graph break at the step).",
+            f"fusedoptim: a compiled optimizer.step() is traced from torch {need} on; with torch "
+            f"{torch.__version__} it runs eagerly, outside the graph (same results, a graph break at the step).",
             RuntimeWarning,
             stacklevel=4,
         )
     return eager_step(opt, closure)
 
 
-# torch < 2.4: made here, at import, because the torch.compiler.disable of
-# those versions cannot be called while Dynamo traces (it is on Dynamo's skip
-# list); that torch has imported Dynamo already (see _torch_compat).
-_eager_outside_graph = _run_eager_warn if HAVE_CUSTOM_OP else compat.compiler_disable(_run_eager_warn)
+# Made here, at import, because the torch.compiler.disable of torch 2.2
+# cannot be called while Dynamo traces (it is on Dynamo's skip list).
+_eager_outside_graph = _run_eager_warn if TRACE_STEP else compat.compiler_disable(_run_eager_warn)
 
 
 def _run_eager(eager_step: Callable, opt: Any, closure: Optional[Callable[[], Any]]) -> Any:
@@ -210,4 +212,6 @@ def threads_arg(opt: Any) -> int:
 
 def store_state(opt: Any, p: Tensor, key: str, t: Tensor) -> None:
     """Add one state tensor with one assignment; see Note [state under Dynamo]."""
-    opt.state[p] = dict(opt.state.get(p, {}), **{key: t})
+    new = dict(opt.state.get(p, {}))  # (torch 2.5's tracer has no dict(mapping, **kwargs))
+    new[key] = t
+    opt.state[p] = new

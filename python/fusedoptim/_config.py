@@ -181,8 +181,8 @@ def backend_info() -> BackendInfo:
     - ``version``: fusedoptim's version; ``torch_version``: torch's;
       ``torch_supported``: the torch versions this package supports
       (``">=2.2"``, as ``pyproject.toml`` says); ``torch_compile``: how a
-      compiled ``step()`` runs on this torch (custom ops from 2.4, else
-      eagerly outside the graph).
+      compiled ``step()`` runs on this torch (traced from 2.6, else
+      eagerly outside the graph; see ``_torch_compat.TRACE_STEP``).
     - ``compiled_isas``: the CPU variants in this build; ``supported_isas``:
       those this CPU and OS can run; ``isa``: the one in use;
       ``vector_width``: its float lanes.
@@ -218,8 +218,8 @@ def backend_info() -> BackendInfo:
     info["cuda"] = cuda.info()
     info["torch_version"] = torch.__version__
     info["torch_supported"] = compat.supported_range()
-    info["torch_compile"] = ("custom ops (the step is traced into the graph)" if compat.HAVE_CUSTOM_OP
-                             else "eager (torch.library.custom_op needs torch 2.4+)")
+    info["torch_compile"] = ("traced (the native step as custom ops in the graph)" if compat.TRACE_STEP else
+                             f"eager (a traced step needs torch {'.'.join(map(str, compat.TRACED_STEP_MIN))}+)")
     return info
 
 

@@ -101,14 +101,20 @@ class Spec:
         self._grad_init = {s.key for s in streams if s.init == "grad"}
 
     # -- the streams ----------------------------------------------------------
+    def own_keys(self, group: Dict[str, Any]) -> Tuple[str, ...]:
+        """The spec's own state streams of the group, in kernel order (the
+        functional layer's: no precision options)."""
+        return tuple(s.key for s in self.streams if s.when is None or s.when(group))
+
     def keys(self, group: Dict[str, Any], opts: Options) -> Tuple[str, ...]:
         """The group's state streams, in kernel order: the spec's, then the options' extra one."""
-        keys = tuple(s.key for s in self.streams if s.when is None or s.when(group))
+        keys = self.own_keys(group)
         return keys + (opts.extra_key,) if opts.extra_key else keys
 
-    def uses_step(self, opts: Options) -> bool:
-        """Whether params keep a float32 ``step`` the kernels count."""
-        return self.torch_step or opts.stochastic_rounding
+    def uses_step(self, opts: Optional[Options]) -> bool:
+        """Whether params keep a float32 ``step`` the kernels count (``opts``
+        None: no precision options)."""
+        return self.torch_step or (opts is not None and opts.stochastic_rounding)
 
     def step_dtype(self, group: Dict[str, Any]) -> torch.dtype:
         """The dtype of a new ``step``: torch's for its own counter (float32,
@@ -164,17 +170,18 @@ class Spec:
                     f"param's dtype and device (load_state_dict casts it so)"
                 )
 
-    def state_usable(self, p: Tensor, state: Dict[str, Any], keys: Tuple[str, ...], opts: Options,
+    def state_usable(self, p: Tensor, state: Dict[str, Any], keys: Tuple[str, ...], opts: Optional[Options],
                      cuda: bool = False) -> bool:
         """Whether existing state is in the layout the kernels take: streams
-        beside the param, contiguous, in the options' dtypes; step counters
-        scalars on the host, float32 (or float64 for torch's own), or for the
-        CUDA kernels and torch's own counters float32 on the param's device
-        (capturable / fused)."""
+        beside the param, contiguous, in the options' dtypes (``opts`` None,
+        the functional layer's: the param's dtype); step counters scalars on
+        the host, float32 (or, for an optimizer, float64 for torch's own), or
+        for the CUDA kernels and torch's own counters float32 on the param's
+        device (capturable / fused)."""
         if self.uses_step(opts):
             step = state.get("step")
             if step is not None or self.torch_step:
-                host = (torch.float32, torch.float64) if self.torch_step else (torch.float32,)
+                host = (torch.float32, torch.float64) if self.torch_step and opts is not None else (torch.float32,)
                 if not (isinstance(step, Tensor) and step.dtype in host and step.numel() == 1
                         and not step.requires_grad):
                     return False
@@ -184,7 +191,8 @@ class Spec:
         shard = local(p)
         for key in keys:
             t = state.get(key)
-            if t is not None and not (isinstance(t, Tensor) and t.dtype == opts.key_dtype(p, key)
+            dtype = p.dtype if opts is None else opts.key_dtype(p, key)
+            if t is not None and not (isinstance(t, Tensor) and t.dtype == dtype
                                       and t.device == p.device and local(t).is_contiguous()
                                       and local(t).shape == shard.shape):
                 return False
@@ -201,7 +209,9 @@ class Spec:
             self.check_grad(i, p, g)
             if state:
                 self.check_state(i, p, state, keys)
-            usable = native_ok and kernel_ok(p, g) and self.state_usable(p, state, keys, Options())
+            # No Options object here: torch.compile traces this, and torch 2.5's
+            # tracer cannot read a property of a NamedTuple subclass.
+            usable = native_ok and kernel_ok(p, g) and self.state_usable(p, state, keys, None)
             if not usable and state:
                 self.check_torch_state(i, p, state, keys)
             (native if usable else fallback).append(i)

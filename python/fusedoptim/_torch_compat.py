@@ -24,6 +24,8 @@ import torch
 __all__ = [
     "AMP_SCALING_ATTR",
     "HAVE_CUSTOM_OP",
+    "TRACED_STEP_MIN",
+    "TRACE_STEP",
     "MIN_TORCH",
     "TORCH_VERSION",
     "accepts",
@@ -61,6 +63,14 @@ def supported_range() -> str:
 # torch.library.custom_op: 2.4 and later. Without it the native step cannot be
 # an opaque op in a graph, so a compiled step() runs eagerly (compiler_disable).
 HAVE_CUSTOM_OP: bool = hasattr(torch.library, "custom_op")
+
+#: The oldest torch whose Dynamo traces fusedoptim's step correctly (custom
+#: ops, and optimizer state stored from traced code): torch 2.5.1 drops a
+#: momentum buffer that a traced SGD step stores (every step would then be a
+#: first step: wrong results), and its tracer lacks dict(mapping, **kwargs).
+TRACED_STEP_MIN: Tuple[int, int] = (2, 6)
+#: Whether a compiled ``step()`` is traced (else it runs eagerly outside the graph).
+TRACE_STEP: bool = HAVE_CUSTOM_OP and TORCH_VERSION[:2] >= TRACED_STEP_MIN
 
 
 if hasattr(torch.compiler, "is_compiling"):  # 2.3+

@@ -21,7 +21,6 @@ from torch.optim import adam as _torch_adam
 
 from . import _compile, _config
 from . import _torch_compat as compat
-from ._precision import Options
 from ._spec import Spec, Stream, checked, in_range, number
 from .backends import cpu, cuda
 from .optimizer import FusedOptimizer, ParamsT, precision_options
@@ -117,10 +116,13 @@ def adam(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor], exp_
     not fit its param, before anything is written.
     """
     spec = ADAMW if decoupled_weight_decay else ADAM
-    keys = spec.keys({"amsgrad": amsgrad}, Options())
+    keys = spec.own_keys({"amsgrad": amsgrad})
     native_ok = not differentiable and not any(isinstance(v, Tensor) for v in (beta1, beta2, eps, weight_decay))
-    states = [dict({"step": state_steps[i], "exp_avg": exp_avgs[i], "exp_avg_sq": exp_avg_sqs[i]},
-                   **({"max_exp_avg_sq": max_exp_avg_sqs[i]} if amsgrad else {})) for i in range(len(params))]
+    # Literals only: torch 2.5's tracer has no dict(mapping, **kwargs).
+    states = [{"step": state_steps[i], "exp_avg": exp_avgs[i], "exp_avg_sq": exp_avg_sqs[i],
+               "max_exp_avg_sq": max_exp_avg_sqs[i]} if amsgrad else
+              {"step": state_steps[i], "exp_avg": exp_avgs[i], "exp_avg_sq": exp_avg_sqs[i]}
+              for i in range(len(params))]
     native, fallback = spec.split(params, grads, states, keys, native_ok)
     if native:
         op = torch.ops.fusedoptim.adam_step_ if _compile.HAVE_CUSTOM_OP and _compile.is_compiling() else _native

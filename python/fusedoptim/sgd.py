@@ -21,7 +21,6 @@ from torch.optim import sgd as _torch_sgd
 
 from . import _compile, _config
 from . import _torch_compat as compat
-from ._precision import Options
 from ._spec import Spec, Stream, checked, in_range, number
 from .backends import cpu
 from .optimizer import FusedOptimizer, ParamsT, precision_options
@@ -109,7 +108,7 @@ def sgd(params: List[Tensor], d_p_list: List[Tensor], momentum_buffer_list: List
     torch.compile the native part is the custom op ``fusedoptim::sgd_step_``.
     """
     use_momentum = momentum != 0
-    keys = SGD_SPEC.keys({"momentum": momentum}, Options())
+    keys = SGD_SPEC.own_keys({"momentum": momentum})
     native_ok = not differentiable and not any(isinstance(v, Tensor) for v in (momentum, dampening, weight_decay))
     bufs = momentum_buffer_list if use_momentum else [None] * len(params)
     states = [{"momentum_buffer": buf} if buf is not None else {} for buf in bufs]
