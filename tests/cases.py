@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 import fusedoptim
+from torch_versions import ADAM_HAS_DECOUPLED, NO_DECOUPLED
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 LOWP_DTYPES = (torch.bfloat16, torch.float16)
@@ -45,6 +46,16 @@ class OptCase:
 
     def __repr__(self) -> str:  # pytest ids
         return self.id
+
+    @property
+    def unsupported(self) -> Optional[str]:
+        """Why the installed torch cannot run this case (torch.optim's class
+        lacks one of its keywords: Adam's ``decoupled_weight_decay`` before
+        2.6), else None. conftest.py skips every test parametrized with such
+        a case, with this reason."""
+        if self.kwargs.get("decoupled_weight_decay") and not ADAM_HAS_DECOUPLED:
+            return NO_DECOUPLED
+        return None
 
     @property
     def state_keys(self) -> Tuple[str, ...]:

@@ -10,8 +10,31 @@ import pytest
 import torch
 
 import fusedoptim
-from cases import MEASURED, supported_isas
+from cases import CASES_BY_ID, MEASURED, OptCase, supported_isas
 from tolerances import LOWP_MAX_RATIO
+
+
+def _cases_in(value):
+    if isinstance(value, OptCase):
+        yield value
+    elif isinstance(value, str) and value in CASES_BY_ID:  # a case given by its id
+        yield CASES_BY_ID[value]
+    elif isinstance(value, (tuple, list)):
+        for v in value:
+            yield from _cases_in(v)
+
+
+def pytest_collection_modifyitems(config, items):
+    """A test parametrized with a registry case (or its id) that the installed torch
+    cannot run (``OptCase.unsupported``: e.g. Adam's decoupled_weight_decay
+    before torch 2.6) is skipped with that reason."""
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        if callspec is None:
+            continue
+        reasons = {c.unsupported for v in callspec.params.values() for c in _cases_in(v)} - {None}
+        for reason in sorted(reasons):
+            item.add_marker(pytest.mark.skip(reason=reason))
 
 
 @pytest.fixture(autouse=True)

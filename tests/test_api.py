@@ -16,6 +16,7 @@ import fusedoptim
 from cases import (ALL_CASES, CASES_BY_ID, SMALL_GROUP_SHAPES, assert_close, assert_same_bits, errors, make_problem,
                    param_groups, record, state_tensors)
 from tolerances import FP32_TRAINING_LOOP, FP32_VS_TORCH
+from torch_versions import ADAM_HAS_DECOUPLED, GRAD_SCALER, NO_GRAD_SCALER, cpu_fused, without_none
 
 PAIRS = [(fusedoptim.Adam, torch.optim.Adam), (fusedoptim.AdamW, torch.optim.AdamW), (fusedoptim.SGD, torch.optim.SGD)]
 REPRESENTATIVE = [CASES_BY_ID[k] for k in ("Adam-wd0.1-amsgrad", "AdamW-wd0.1-max", "Adam-decoupled-wd0.1",
@@ -30,6 +31,12 @@ def _ids(c):
 # ---------------------------------------------------------------- signatures and classes
 PRECISION_OPTIONS = {"master_weights": False, "stochastic_rounding": False, "kahan_summation": False,
                      "state_dtype": None, "max_grad_norm": None}
+#: Keywords of newer torch that fusedoptim's signatures have on every torch,
+#: with newer torch's defaults; where torch's class lacks one, setting it is
+#: the TypeError torch raises (SGD's fused: torch 2.3+; Adam's
+#: decoupled_weight_decay: 2.6+).
+NEWER_KEYWORDS = {"Adam": {"fused": None, "decoupled_weight_decay": False}, "AdamW": {"fused": None},
+                  "SGD": {"fused": None}}
 
 
 @pytest.mark.parametrize("ours,theirs", PAIRS, ids=lambda c: c.__name__)
@@ -44,10 +51,11 @@ def test_signature_matches_torch(ours, theirs):
         assert a.default == b.default and type(a.default) is type(b.default), \
             f"{a.name}: default {a.default!r} vs torch {b.default!r}"
     extra = po[len(pt):]
-    assert [p.name for p in extra] == list(PRECISION_OPTIONS)
+    newer = {k: v for k, v in NEWER_KEYWORDS[theirs.__name__].items() if k not in st.parameters}
+    assert [p.name for p in extra] == list(newer) + list(PRECISION_OPTIONS)
     for p in extra:
         assert p.kind == inspect.Parameter.KEYWORD_ONLY
-        assert p.default is PRECISION_OPTIONS[p.name]
+        assert p.default is dict(newer, **PRECISION_OPTIONS)[p.name]
 
 
 @pytest.mark.parametrize("ours,theirs", PAIRS, ids=lambda c: c.__name__)
@@ -56,7 +64,8 @@ def test_is_a_torch_optimizer(ours, theirs):
     assert isinstance(opt, theirs) and isinstance(opt, torch.optim.Optimizer)
     assert issubclass(ours, theirs)
     if theirs is torch.optim.AdamW:
-        assert isinstance(opt, torch.optim.Adam)  # as torch's AdamW is an Adam
+        # as torch's AdamW is an Adam (torch 2.6+; before, its own class)
+        assert isinstance(opt, torch.optim.Adam) == issubclass(torch.optim.AdamW, torch.optim.Adam)
     assert opt.defaults == theirs([torch.zeros(2, requires_grad=True)]).defaults
     assert type(opt).__name__ == theirs.__name__
 
@@ -106,7 +115,9 @@ def test_groups_with_different_flags_in_one_optimizer():
         ps = [t.clone().requires_grad_() for t in init]
         groups = [{"params": [ps[0]], "amsgrad": True},
                   {"params": [ps[1]], "maximize": True, "weight_decay": 0.3, "lr": 0.05},
-                  {"params": [ps[2]], "decoupled_weight_decay": True, "weight_decay": 0.2, "betas": (0.5, 0.9)}]
+                  {"params": [ps[2]], "weight_decay": 0.2, "betas": (0.5, 0.9),
+                   # a flag of torch's Adam from 2.6 only
+                   **({"decoupled_weight_decay": True} if ADAM_HAS_DECOUPLED else {})}]
         opt = cls(groups, lr=0.01, **({} if which == "ours" else {"foreach": False}))
         g2 = torch.Generator().manual_seed(4)
         for _ in range(20):
@@ -309,8 +320,9 @@ def test_params_without_grad_are_skipped_like_torch(case):
     ps_o, opt_o = out["ours"]
     ps_t, opt_t = out["torch"]
     assert torch.equal(ps_o[1], torch.full((7,), 2.0)) and torch.equal(ps_o[3], torch.full((7,), 4.0))
+    # (torch 2.2's SGD without momentum stores momentum_buffer None: no state in fusedoptim)
     for k in range(4):
-        assert set(opt_o.state[ps_o[k]].keys()) == set(opt_t.state[ps_t[k]].keys()), f"param {k}"
+        assert set(opt_o.state[ps_o[k]].keys()) == set(without_none(opt_t.state[ps_t[k]]).keys()), f"param {k}"
     assert_close([p.detach() for p in ps_o], [p.detach() for p in ps_t], what="skipped params", **FP32_VS_TORCH)
     assert len(opt_o.state_dict()["state"]) == len(opt_t.state_dict()["state"])
 
@@ -362,18 +374,52 @@ class _Net(torch.nn.Module):
         return self.fc3(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
 
 
+class _ExactSqrtStep:
+    """torch's optimizer whose steps take a correctly rounded fp32 sqrt
+    (through float64, exact for a float32 result), as torch's fused=True CPU
+    kernels compute it: the stand-in for those kernels where torch has none
+    (before 2.4)."""
+
+    def __init__(self, opt):
+        self.opt = opt
+
+    def zero_grad(self):
+        self.opt.zero_grad()
+
+    def step(self):
+        sqrt = torch.Tensor.sqrt
+
+        def exact_sqrt(t):
+            return sqrt(t.double()).float() if t.dtype == torch.float32 else sqrt(t)
+
+        torch.Tensor.sqrt = exact_sqrt
+        try:
+            self.opt.step()
+        finally:
+            torch.Tensor.sqrt = sqrt
+
+
 @pytest.mark.parametrize("case", ALL_CASES[::2] + [CASES_BY_ID["SGD-mom0.9-damp0-nesterov-wd0.05"]], ids=_ids)
 def test_training_loop_matches_torch(case):
     # One torch thread: these matmuls are tiny, and OpenMP barriers make them
     # very slow when another process competes for the 2 cores.
     torch.set_num_threads(1)
     out = {}
-    for which in ("ours", "torch", "torch-fused"):
+    # The second reference (see below what it is for): torch's fused=True CPU
+    # step (torch 2.4+); without it (and for SGD, which has no sqrt, the
+    # for-loop itself), torch's for-loop with a correctly rounded sqrt.
+    fused = "torch-fused" if cpu_fused(case.kind) else "torch-exact-sqrt"
+    for which in ("ours", "torch", fused):
         torch.manual_seed(6)
         model = _Net()
         groups = [{"params": list(model.fc1.parameters()) + list(model.fc3.parameters())},
                   {"params": model.fc2.parameters(), "lr": case.kwargs["lr"] * 0.3}]
-        opt = case.make("torch", groups, fused=True, foreach=None) if which == "torch-fused" else case.make(which, groups)
+        if which == "torch-fused":
+            opt = case.make("torch", groups, fused=True, foreach=None)
+        elif which == "torch-exact-sqrt":
+            opt = _ExactSqrtStep(case.make("torch", groups))
+        else:
+            opt = case.make(which, groups)
         gen = torch.Generator().manual_seed(7)
         x = torch.randn(64, 13, generator=gen)
         teacher = torch.randn(13, 3, generator=gen)
@@ -390,26 +436,29 @@ def test_training_loop_matches_torch(case):
         out[which] = (losses, [p.detach().clone() for p in model.parameters()])
     lo, po = out["ours"]
     lt, pt = out["torch"]
-    _, pf = out["torch-fused"]
     if not case.kwargs.get("maximize"):
         assert lo[-1] < lo[0], "training must reduce the loss"
+    _, pf = out[fused]
     # torch's CPU sqrt is off by an ulp on some inputs (Note [torch's rounding
     # order]); where torch's own fused=True step then leaves the for-loop's
     # trajectory (here a ReLU input near 0 flips), fusedoptim may leave it as
-    # far, and follows the fused step instead.
+    # far, and follows the fused step instead. Where torch has no fused CPU
+    # step (before 2.4), the for-loop with a correctly rounded sqrt (what the
+    # fused step computes) stands in for it.
     fused_err = errors(pf, pt)["abs"]
     if fused_err <= FP32_TRAINING_LOOP["atol"]:
         stats = assert_close(po, pt, what=f"{case.id} nn.Module params after 50 steps", **FP32_TRAINING_LOOP)
         assert_close(lo, lt, what=f"{case.id} losses", **FP32_TRAINING_LOOP)
     else:
-        assert case.kind != "sgd", f"{case.id}: torch's fused SGD left the for-loop by {fused_err:.3e}"
-        stats = assert_close(po, pf, what=f"{case.id} params vs torch fused=True", **FP32_TRAINING_LOOP)
+        assert case.kind != "sgd", f"{case.id}: torch's {fused} SGD left the for-loop by {fused_err:.3e}"
+        stats = assert_close(po, pf, what=f"{case.id} params vs {fused}", **FP32_TRAINING_LOOP)
         ours_err = errors(po, pt)["abs"]
         assert ours_err <= fused_err + FP32_TRAINING_LOOP["atol"], \
-            f"{case.id}: {ours_err:.3e} from torch's for-loop, torch's fused=True {fused_err:.3e}"
+            f"{case.id}: {ours_err:.3e} from torch's for-loop, {fused} {fused_err:.3e}"
     record("fp32 params vs torch (module-train, 50 steps)", stats, case.id)
 
 
+@pytest.mark.skipif(GRAD_SCALER is None, reason=NO_GRAD_SCALER)
 def test_amp_grad_scaler_with_fused_true():
     """fused=True lets torch.amp.GradScaler hand the unscaling to the step
     (as with torch's fused optimizers); results match torch's unfused path."""
@@ -443,6 +492,8 @@ def test_amp_grad_scaler_with_fused_true():
 ADAM_EDITS = [{}, {"weight_decay": 0.1}, {"maximize": True}, {"betas": (0.8, 0.95)}, {"eps": 1e-3},
               {"weight_decay": 0.0}, {"decoupled_weight_decay": True, "weight_decay": 0.2}, {"lr": 0.03},
               {"maximize": False}, {"decoupled_weight_decay": False}]
+if not ADAM_HAS_DECOUPLED:  # not a flag of torch's Adam before 2.6: its groups have no such key
+    ADAM_EDITS = [{k: v for k, v in e.items() if k != "decoupled_weight_decay"} for e in ADAM_EDITS]
 SGD_EDITS = [{}, {"weight_decay": 0.1}, {"maximize": True}, {"momentum": 0.5}, {"dampening": 0.3},
              {"momentum": 0.0}, {"momentum": 0.9, "dampening": 0.0}, {"nesterov": True}, {"lr": 0.03},
              {"weight_decay": 0.0, "nesterov": False, "maximize": False}]

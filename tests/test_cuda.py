@@ -30,6 +30,7 @@ from cases import (ALL_CASES, CASES_BY_ID, DTYPE_IDS, DTYPES, SMALL_GROUP_SHAPES
                    state_tensors)
 from tolerances import (FP16_ADAM_EPS, FP32_STATE_VS_TORCH, FP32_TRAINING_LOOP, FP32_VS_TORCH, LOWP_FLOOR_ULPS,
                         LOWP_MAX_RATIO)
+from torch_versions import GRAD_SCALER, NO_SGD_FUSED, SGD_HAS_FUSED, without_none
 
 HAVE_GPU = torch.cuda.is_available()
 CUDA_OK = HAVE_GPU and _cuda.available()
@@ -42,6 +43,8 @@ else:
 
 #: Marks a test that needs a GPU and fusedoptim's CUDA backend.
 gpu = pytest.mark.skipif(not CUDA_OK, reason=_WHY)
+#: SGD(fused=True) exists where torch's SGD has ``fused`` (torch 2.3+).
+NEEDS_SGD_FUSED = pytest.mark.skipif(not SGD_HAS_FUSED, reason=NO_SGD_FUSED)
 
 NATIVE = "native-cuda"
 ADAM_MODES: Dict[str, Dict[str, Any]] = {"host-steps": {}, "capturable": {"capturable": True}, "fused": {"fused": True}}
@@ -224,8 +227,8 @@ def test_matches_torch_on_cuda(case, mode, dtype):
     problem = make_problem(SMALL_GROUP_SHAPES, dtype, seed=51)
     ours, o = run_on("cuda", case, problem, group_extra=gx, **extra)
     theirs, t = run_on("cuda", case, problem, which="torch", group_extra=gx)
-    for po, pt in zip(_flat(o), _flat(t)):
-        assert set(o.state[po]) == set(t.state[pt]) == set(case.state_keys)
+    for po, pt in zip(_flat(o), _flat(t)):  # (torch 2.2's SGD: momentum_buffer None without momentum)
+        assert set(o.state[po]) == set(without_none(t.state[pt])) == set(case.state_keys)
     if case.kind != "sgd":
         on_device = bool(extra)
         for p in _flat(o):
@@ -511,12 +514,18 @@ def _no_host_sync(fn, cycles: int) -> float:
     return elapsed
 
 
-GRAD_SCALER_CASES = [("Adam", dict(lr=0.01)), ("AdamW", dict(lr=0.01, weight_decay=0.1, amsgrad=True)),
-                     ("SGD", dict(lr=0.05, momentum=0.9, nesterov=True))]
+GRAD_SCALER_CASES = [pytest.param("Adam", dict(lr=0.01), id="Adam"),
+                     pytest.param("AdamW", dict(lr=0.01, weight_decay=0.1, amsgrad=True), id="AdamW"),
+                     pytest.param("SGD", dict(lr=0.05, momentum=0.9, nesterov=True), id="SGD", marks=NEEDS_SGD_FUSED)]
+
+
+def _cuda_grad_scaler(**kwargs):
+    """torch.amp.GradScaler("cuda") (torch 2.3+), else torch.cuda.amp.GradScaler (the same scaler)."""
+    return GRAD_SCALER("cuda", **kwargs) if GRAD_SCALER is not None else torch.cuda.amp.GradScaler(**kwargs)
 
 
 @gpu
-@pytest.mark.parametrize("name,kwargs", GRAD_SCALER_CASES, ids=[n for n, _ in GRAD_SCALER_CASES])
+@pytest.mark.parametrize("name,kwargs", GRAD_SCALER_CASES)
 def test_grad_scaler_skips_steps_without_host_syncs(name, kwargs):
     """torch.amp.GradScaler("cuda") with fused=True: an inf injected into a
     grad at step 3 skips that step on the device. No step reads found_inf on
@@ -530,7 +539,7 @@ def test_grad_scaler_skips_steps_without_host_syncs(name, kwargs):
         model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.Tanh(), torch.nn.Linear(64, 8)).cuda()
         cls = getattr(fusedoptim if which == "ours" else torch.optim, name)
         opt = cls(model.parameters(), fused=True, **kwargs)
-        scaler = torch.amp.GradScaler("cuda", init_scale=2.0 ** 12, growth_interval=3)
+        scaler = _cuda_grad_scaler(init_scale=2.0 ** 12, growth_interval=3)
         x = torch.randn(64, 32, device="cuda")
         scales, host_times = [], []
         for step in range(8):
@@ -571,7 +580,8 @@ def _strided(g: torch.Tensor) -> torch.Tensor:
 
 @gpu
 @pytest.mark.parametrize("layout", ["contiguous", "strided"])
-@pytest.mark.parametrize("case_id", ["AdamW-wd0.1-amsgrad", "SGD-mom0.9-damp0.1-wd0.05"])
+@pytest.mark.parametrize("case_id", ["AdamW-wd0.1-amsgrad",
+                                     pytest.param("SGD-mom0.9-damp0.1-wd0.05", marks=NEEDS_SGD_FUSED)])
 def test_amp_found_inf_changes_nothing_on_cuda(case_id, layout):
     """opt.grad_scale / opt.found_inf set by hand (as GradScaler does),
     found_inf = 1 after two real steps: params, grads (contiguous or read

@@ -19,7 +19,8 @@ params) and its ``fused=True`` runs torch's own CPU kernel, so the torch
 reference of those modes is torch's for-loop without the flag: the flags
 change where the step counter lives and who increments it, not the math.
 (The one place torch's fused=True CPU step is the reference is the state a
-skipped first step leaves.)
+skipped first step leaves; before torch 2.4, which has no such step, that
+state is spelled out.)
 
 AMP as GradScaler drives a ``fused=True`` optimizer: ``opt.grad_scale`` and
 ``opt.found_inf`` set before the step. What the tests pin down:
@@ -54,6 +55,8 @@ from cases import (ALL_CASES, CASES_BY_ID, DTYPE_IDS, DTYPES, SMALL_GROUP_SHAPES
                    scalar_cpu, snapshot, special_problem, state_tensors)
 from tolerances import (FP16_ADAM_EPS, FP32_STATE_VS_TORCH, FP32_TRAINING_LOOP, FP32_VS_TORCH, LOWP_FLOOR_ULPS,
                         LOWP_MAX_RATIO)
+from torch_versions import (CPU_FUSED_ADAM, GRAD_SCALER, NO_GRAD_SCALER, NO_SGD_FUSED, SGD_HAS_FUSED,
+                            without_none)
 
 EMULATED = "native-cuda-emulated"
 
@@ -71,6 +74,16 @@ K_CHUNK, K_PAD = 8192, 8
 
 def _family(case: OptCase) -> str:
     return "sgd" if case.kind == "sgd" else "adam"
+
+
+#: SGD(fused=True) exists where torch's SGD has ``fused`` (torch 2.3+).
+NEEDS_SGD_FUSED = pytest.mark.skipif(not SGD_HAS_FUSED, reason=NO_SGD_FUSED)
+
+
+def _params(pairs: Sequence[Tuple[str, str]]) -> List[Any]:
+    """(case id, mode) pairs as pytest params, SGD's "fused" mode marked NEEDS_SGD_FUSED."""
+    return [pytest.param(c, m, id=f"{c}-{m}", marks=[NEEDS_SGD_FUSED] if c.startswith("SGD") and m == "fused" else [])
+            for c, m in pairs]
 
 
 @pytest.fixture(autouse=True)
@@ -134,8 +147,9 @@ def check_against_torch_fp32(case: OptCase, problem, ours: List[torch.Tensor], o
     record(f"fp32 params vs torch (emulated CUDA, {label})", stats, case.id)
     po, pt = _flat(opt), _flat(t)
     for k, (a, b) in enumerate(zip(po, pt)):
-        assert set(opt.state[a]) == set(t.state[b]) == set(case.state_keys), \
-            f"param {k}: state keys {sorted(opt.state[a])} vs torch {sorted(t.state[b])}"
+        keys_t = without_none(t.state[b]).keys()  # torch 2.2's SGD: momentum_buffer None without momentum
+        assert set(opt.state[a]) == set(keys_t) == set(case.state_keys), \
+            f"param {k}: state keys {sorted(opt.state[a])} vs torch {sorted(keys_t)}"
     so, st = state_tensors(opt, po), state_tensors(t, pt)
     for key in st:
         for a, b in zip(so[key], st[key]):
@@ -403,7 +417,7 @@ def _misaligned_run(case: OptCase, dtype: torch.dtype, offs: Tuple[int, int, int
     for p in params:
         es = p.element_size()
         assert p.grad.data_ptr() % 16 == og * es % 16
-        for key, t in opt.state[p].items():
+        for key, t in without_none(opt.state[p]).items():  # (torch 2.2's SGD: momentum_buffer None)
             if key != "step":
                 assert t.data_ptr() % 16 == os_ * es % 16, key
     return [p.detach().clone() for p in params] + [p.grad.clone() for p in params], opt
@@ -574,7 +588,7 @@ def _hand_unscaled(case, dtype, scale, steps, seed=37):
 
 @pytest.mark.parametrize("non_power_of_two", [False, True], ids=["pow2-scale", "scale3"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: DTYPE_IDS[d])
-@pytest.mark.parametrize("case_id,mode", AMP_CASES, ids=[f"{c}-{m}" for c, m in AMP_CASES])
+@pytest.mark.parametrize("case_id,mode", _params(AMP_CASES))
 def test_amp_unscales_in_the_kernel(case_id, mode, dtype, non_power_of_two):
     """found_inf = 0: the kernels divide the grads by grad_scale, write them
     back (as torch's fused step does) and update with them. Params, state and
@@ -603,7 +617,7 @@ def test_amp_unscales_in_the_kernel(case_id, mode, dtype, non_power_of_two):
     assert_same_state_bits(opt, ref, f"{case_id} {DTYPE_IDS[dtype]}: AMP vs grads divided by hand")
 
 
-@pytest.mark.parametrize("case_id,mode", AMP_CASES, ids=[f"{c}-{m}" for c, m in AMP_CASES])
+@pytest.mark.parametrize("case_id,mode", _params(AMP_CASES))
 def test_amp_strided_grads_unscale_like_contiguous_ones(case_id, mode):
     """A grad with other strides is unscaled in place before the contiguous
     copy the kernel reads: same params, state and grads as contiguous grads."""
@@ -618,7 +632,7 @@ def test_amp_strided_grads_unscale_like_contiguous_ones(case_id, mode):
 
 
 @pytest.mark.parametrize("grad_layout", ["contiguous", "strided"])
-@pytest.mark.parametrize("case_id,mode", AMP_CASES, ids=[f"{c}-{m}" for c, m in AMP_CASES])
+@pytest.mark.parametrize("case_id,mode", _params(AMP_CASES))
 def test_amp_found_inf_changes_nothing(case_id, mode, grad_layout):
     """After two real steps, a step with found_inf = 1 writes nothing: params,
     grads (not even unscaled), every state tensor and the step counters keep
@@ -681,13 +695,24 @@ def test_amp_found_inf_on_the_first_adam_step(cls, mode):
     for k in range(len(flat)):
         assert torch.equal(before["params"][k], after["params"][k]), f"param {k} was written"
         assert torch.equal(before["grads"][k], after["grads"][k]), f"grad {k} was written"
-    theirs = case.theirs([dict(params=[p.detach().clone().requires_grad_() for p in flat])],
-                         **dict(case.kwargs, fused=True))
-    for p, q in zip(_flat(theirs), flat):
-        p.grad = q.grad.clone()
-    theirs.grad_scale, theirs.found_inf = torch.tensor(scale), torch.tensor(1.0)
-    theirs.step()
-    assert_same_state_bits(ours, theirs, f"{cls} {mode}: state after a skipped first step vs torch fused=True")
+    if CPU_FUSED_ADAM:
+        theirs = case.theirs([dict(params=[p.detach().clone().requires_grad_() for p in flat])],
+                             **dict(case.kwargs, fused=True))
+        for p, q in zip(_flat(theirs), flat):
+            p.grad = q.grad.clone()
+        theirs.grad_scale, theirs.found_inf = torch.tensor(scale), torch.tensor(1.0)
+        theirs.step()
+        assert_same_state_bits(ours, theirs, f"{cls} {mode}: state after a skipped first step vs torch fused=True")
+    else:
+        # torch before 2.4 has no fused CPU step to compare with: the state it
+        # leaves, spelled out (torch's layout, zero moments, 0-d float32 step 0).
+        for k, p in enumerate(flat):
+            st = ours.state[p]
+            assert set(st) == set(case.state_keys), (k, sorted(st))
+            for key, t in st.items():
+                want = (torch.float32, ()) if key == "step" else (p.dtype, p.shape)
+                assert (t.dtype, t.shape, t.device) == want + (p.device,), (k, key, t.dtype, t.shape, t.device)
+                assert torch.equal(bits(t), bits(torch.zeros_like(t))), f"param {k}: state[{key!r}] is not +0"
     assert all(ours.state[p]["step"].item() == 0.0 for p in flat)
 
     # A real step now is a first step.
@@ -707,7 +732,7 @@ def test_amp_found_inf_on_the_first_adam_step(cls, mode):
 
 
 @pytest.mark.parametrize("found_inf", [0.0, 1.0])
-@pytest.mark.parametrize("cls", ["AdamW", "SGD"])
+@pytest.mark.parametrize("cls", ["AdamW", pytest.param("SGD", marks=NEEDS_SGD_FUSED)])
 def test_amp_group_split_between_kernels_and_torch(cls, found_inf):
     """A group whose fp64 and non-contiguous params run torch's code while the
     rest runs the (emulated) CUDA kernels: found_inf is then read on the host
@@ -751,6 +776,7 @@ def test_amp_group_split_between_kernels_and_torch(cls, found_inf):
     assert_same_state_bits(oa, orf, f"{cls}: split group with AMP vs grads divided by hand")
 
 
+@NEEDS_SGD_FUSED
 @pytest.mark.parametrize("case_id", ["SGD-mom0.9-damp0.1-wd0.05", "SGD-mom0.9-damp0-nesterov-wd0-max"])
 def test_amp_found_inf_on_the_first_sgd_step_leaves_no_buffer(case_id):
     """torch's own fused SGD creates uninitialised momentum buffers on a
@@ -794,12 +820,14 @@ def test_amp_found_inf_on_the_first_sgd_step_leaves_no_buffer(case_id):
                  what=f"{case_id}: momentum buffers", **FP32_STATE_VS_TORCH["momentum_buffer"])
 
 
-GRAD_SCALER_CASES = [("Adam", dict(lr=0.01)), ("AdamW", dict(lr=0.01, weight_decay=0.1, amsgrad=True)),
-                     ("SGD", dict(lr=0.05, momentum=0.9, nesterov=True))]
+GRAD_SCALER_CASES = [pytest.param("Adam", dict(lr=0.01), id="Adam"),
+                     pytest.param("AdamW", dict(lr=0.01, weight_decay=0.1, amsgrad=True), id="AdamW"),
+                     pytest.param("SGD", dict(lr=0.05, momentum=0.9, nesterov=True), id="SGD", marks=NEEDS_SGD_FUSED)]
 
 
+@pytest.mark.skipif(GRAD_SCALER is None, reason=NO_GRAD_SCALER)
 @pytest.mark.parametrize("unscale_first", [False, True], ids=["step", "unscale_-clip-step"])
-@pytest.mark.parametrize("name,kwargs", GRAD_SCALER_CASES, ids=[n for n, _ in GRAD_SCALER_CASES])
+@pytest.mark.parametrize("name,kwargs", GRAD_SCALER_CASES)
 def test_grad_scaler_loop_with_fused_true(name, kwargs, unscale_first):
     """torch.amp.GradScaler("cpu") with fused=True hands grad_scale and
     found_inf to the emulated kernels (no host read of found_inf); an

@@ -12,6 +12,7 @@ import torch.multiprocessing as mp
 
 import fusedoptim
 from tolerances import FP32_VS_TORCH
+from torch_versions import FSDP2, NO_FSDP2
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
 
@@ -146,8 +147,8 @@ def _fsdp_worker(rank, world, port, impl, out):
         dist.destroy_process_group()
 
 
+@pytest.mark.skipif(not FSDP2, reason=NO_FSDP2)
 def test_fsdp2_dtensor_params_match_torch(tmp_path):
-    pytest.importorskip("torch.distributed.fsdp", reason="needs FSDP2")
     results = {}
     for impl in ("fusedoptim", "torch"):
         out = str(tmp_path / f"fsdp-{impl}.pt")

@@ -10,6 +10,7 @@ import fusedoptim
 from fusedoptim import _C
 from fusedoptim._spec import GradMismatchError
 from cases import assert_snapshot_equal, snapshot
+from torch_versions import ADAM_HAS_DECOUPLED, CPU_FUSED_ADAM, NAMED_PARAMS
 
 NAN, INF = float("nan"), float("inf")
 PAIRS = {"Adam": (fusedoptim.Adam, torch.optim.Adam), "AdamW": (fusedoptim.AdamW, torch.optim.AdamW),
@@ -57,7 +58,28 @@ def test_constructor_validation_matches_torch(name, kwargs):
     ours, theirs = PAIRS[name]
     got = _outcome(lambda: ours(_params(), **kwargs))
     expected = _outcome(lambda: theirs(_params(), **kwargs))
+    if name != "SGD" and kwargs == dict(fused=True) and not CPU_FUSED_ADAM:
+        # torch before 2.4 has no CPU fused Adam/AdamW and refuses fused=True
+        # for CPU params (RuntimeError); fusedoptim's CPU step is always fused
+        # and takes fused=True on every version (its docstring).
+        assert expected is RuntimeError and got is None, f"{name}({kwargs}): fusedoptim raised {got}, torch {expected}"
+        return
     assert got is expected, f"{name}({kwargs}): fusedoptim raised {got}, torch raised {expected}"
+
+
+@pytest.mark.skipif(ADAM_HAS_DECOUPLED, reason="torch's Adam takes decoupled_weight_decay (2.6+): the "
+                    "registry's Adam-decoupled cases run instead")
+def test_adam_decoupled_weight_decay_is_a_type_error_where_torch_has_none():
+    """Before torch 2.6 torch's Adam has no decoupled_weight_decay: passing it
+    True is a TypeError there, as torch's unknown keyword is (use AdamW);
+    the default is accepted, and the groups have no such key, as torch's."""
+    with pytest.raises(TypeError):
+        torch.optim.Adam(_params(), decoupled_weight_decay=True)
+    with pytest.raises(TypeError, match="decoupled_weight_decay"):
+        fusedoptim.Adam(_params(), decoupled_weight_decay=True)
+    ours, theirs = fusedoptim.Adam(_params(), decoupled_weight_decay=False), torch.optim.Adam(_params())
+    assert "decoupled_weight_decay" not in ours.defaults and "decoupled_weight_decay" not in ours.param_groups[0]
+    assert ours.defaults == theirs.defaults
 
 
 BAD_PARAMS = {
@@ -83,6 +105,14 @@ def test_bad_params_argument_matches_torch(name, bad):
 def test_constructor_matches_torch_for_a_named_parameters_list():
     model = torch.nn.Linear(3, 2)
     for name, (ours, theirs) in PAIRS.items():
+        if not NAMED_PARAMS:  # torch before 2.6 takes no (name, param) pairs: the same TypeError
+            errors = []
+            for cls in (ours, theirs):
+                with pytest.raises(TypeError) as info:
+                    cls(model.named_parameters())
+                errors.append(str(info.value))
+            assert errors[0] == errors[1], errors
+            continue
         o, t = ours(model.named_parameters()), theirs(model.named_parameters())
         assert o.param_groups[0].get("param_names") == t.param_groups[0].get("param_names") == ["weight", "bias"]
 

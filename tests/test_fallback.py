@@ -13,6 +13,8 @@ import torch
 import fusedoptim
 from cases import ALL_CASES, CASES_BY_ID, assert_close, assert_same_bits
 from tolerances import FP32_TRAINING_LOOP, FP32_VS_TORCH, TORCH_FUSED_STRIDE_BUG_MIN_ERROR
+from torch_versions import (ADAM_STEP_DTYPE_UNDER_FLOAT64_DEFAULT, NO_SGD_FUSED, SGD_HAS_FUSED, cpu_fused,
+                            without_none)
 
 REPRESENTATIVE = [CASES_BY_ID[k] for k in ("Adam-wd0.1-amsgrad-max", "AdamW-wd0.1", "Adam-decoupled-wd0.1-amsgrad",
                                            "SGD-mom0.9-damp0-nesterov-wd0.05-max", "SGD-mom0.9-damp0.1-wd0",
@@ -77,9 +79,11 @@ def test_fallback_matches_torch_for_loop_bitwise(case, kind):
         if a.is_complex():
             a, b = torch.view_as_real(a), torch.view_as_real(b)
         assert_same_bits([a.detach()], [b.detach()], f"{case.id} {kind} fallback vs torch for-loop")
-    # state has torch's layout (zeros_like(preserve_format)) and values
+    # state has torch's layout (zeros_like(preserve_format)) and values (torch
+    # 2.2's SGD without momentum stores momentum_buffer None: no state, see
+    # test_sgd_without_momentum_stores_no_state_on_any_path)
     for p, q in zip(ours, theirs):
-        st_o, st_t = opt.state[p], torch_opt.state[q]
+        st_o, st_t = without_none(opt.state[p]), without_none(torch_opt.state[q])
         assert st_o.keys() == st_t.keys()
         for k in st_o:
             assert st_o[k].stride() == st_t[k].stride() and st_o[k].dtype == st_t[k].dtype
@@ -252,8 +256,33 @@ def test_float64_default_dtype_keeps_torch_step_dtype():
             res[which] = (p.detach().clone(), opt.state[p]["step"])
     finally:
         torch.set_default_dtype(old)
-    assert res["ours"][1].dtype == res["torch"][1].dtype == torch.float64
+    # float64 on torch 2.13 (float32 on torch 2.2, whose Adam always keeps float32 counters)
+    assert res["ours"][1].dtype == res["torch"][1].dtype == ADAM_STEP_DTYPE_UNDER_FLOAT64_DEFAULT
     assert_same_bits([res["ours"][0]], [res["torch"][0]], "params with float64 default dtype")
+
+
+@pytest.mark.parametrize("kind", ["fp32", "fp64", "complex64", "transposed", "sparse"])
+def test_sgd_without_momentum_stores_no_state_on_any_path(kind):
+    """fusedoptim's SGD keeps no state without momentum, on every torch and
+    every path, native or torch's fallback (README, Compatibility: torch
+    before 2.3 stores ``momentum_buffer: None`` there, which carries nothing);
+    its state_dict then has no state either, and loads into torch's SGD."""
+    if kind == "sparse":
+        p = torch.zeros(6, 3, requires_grad=True)
+        grad = torch.sparse_coo_tensor(torch.tensor([[1, 4]]), torch.ones(2, 3), (6, 3), check_invariants=True)
+    else:
+        p = _make_params(kind)[0].requires_grad_() if kind != "fp32" else torch.zeros(7, requires_grad=True)
+        grad = torch.ones_like(p)
+    opt = fusedoptim.SGD([p], lr=0.1)
+    for _ in range(2):
+        p.grad = grad.clone()
+        opt.step()
+    assert opt.last_backends == ([_isa_backend()] if kind == "fp32" else ["torch"]), opt.last_backends
+    assert dict(opt.state.get(p, {})) == {}, f"{kind}: state {dict(opt.state[p])}"
+    sd = opt.state_dict()
+    assert sd["state"] == {}, sd["state"]
+    theirs = torch.optim.SGD([p.detach().clone().requires_grad_()], lr=0.1)
+    theirs.load_state_dict(sd)
 
 
 # ---------------------------------------------------------------- torch's fused=True and strides
@@ -271,10 +300,14 @@ def test_torch_fused_ignores_strides_but_fusedoptim_does_not(case):
         gen = torch.Generator().manual_seed(5)
         return [torch.randn(5, 7, generator=gen).t(), torch.randn(6, 4, generator=gen).t()]
 
+    if case.kind == "sgd" and not SGD_HAS_FUSED:
+        pytest.skip(NO_SGD_FUSED)
     loop, _ = _run(case, "torch", make, grad_fn=contiguous_grad)
     ours, opt = _run(case, "ours", make, grad_fn=contiguous_grad, fused=True)
     assert opt.last_backends == ["torch", "torch"]
     assert_same_bits([p.detach() for p in ours], [p.detach() for p in loop], "fusedoptim(fused=True) vs for-loop")
+    if not cpu_fused(case.kind):
+        return  # torch before 2.4 has no fused CPU kernel to compare with (fused=True needs CUDA there)
     fused, _ = _run(case, "torch", make, grad_fn=contiguous_grad, fused=True, foreach=None)
     err = max(float((a - b).detach().abs().max()) for a, b in zip(fused, loop))
     if torch.__version__.startswith("2.13."):

@@ -19,6 +19,7 @@ import torch
 import fusedoptim
 from cases import (ALL_CASES, DTYPE_IDS, DTYPES, INT_VIEW, assert_same_bits, param_groups,
                    special_problem, supported_isas)
+from torch_versions import COMPILE_TRACES_STEP
 
 ALL_ISAS = ("scalar", "avx2", "avx512")
 WIDTH = {"scalar": 1, "avx2": 8, "avx512": 16}
@@ -51,8 +52,11 @@ def test_backend_info_is_consistent():
     info = fusedoptim.backend_info()
     for key in ("version", "compiled_isas", "supported_isas", "isa", "vector_width", "cpu_features",
                 "isa_request", "isa_request_honored", "num_threads", "num_threads_from", "threading", "compiler",
-                "cuda", "torch_version"):
+                "cuda", "torch_version", "torch_supported", "torch_compile"):
         assert key in info, key
+    assert info["torch_version"] == torch.__version__ and info["torch_supported"].startswith(">=")
+    # how a compiled step() runs: traced into the graph where this torch allows it, else eagerly
+    assert info["torch_compile"].startswith("traced" if COMPILE_TRACES_STEP else "eager"), info["torch_compile"]
     assert info["version"] == fusedoptim.__version__
     assert "scalar" in info["compiled_isas"] and "scalar" in info["supported_isas"]
     assert set(info["supported_isas"]) <= set(info["compiled_isas"]) <= set(ALL_ISAS)
@@ -93,7 +97,11 @@ def test_backend_info_prints_one_fact_a_line(monkeypatch):
         else:
             key, value = line.split("  ", 1)
             rows[key] = value.strip()
-    assert rows["fusedoptim"] == f"{fusedoptim.__version__} (torch {torch.__version__})"
+    assert rows["fusedoptim"] == (f"{fusedoptim.__version__} (torch {torch.__version__}; "
+                                  f"supported: torch{info['torch_supported']})")
+    assert list(rows)[:2] == ["fusedoptim", "torch.compile"], list(rows)
+    assert rows["torch.compile"] == info["torch_compile"]
+    assert rows["torch.compile"].startswith("traced" if COMPILE_TRACES_STEP else "eager"), rows["torch.compile"]
     assert rows["CPU variant"].startswith(f"{info['isa']}, {info['vector_width']} float lanes")
     assert rows["variants here"] == ", ".join(info["supported_isas"])
     assert rows["threads"] == f"{fusedoptim.get_num_threads()} per step (torch.get_num_threads())"
@@ -121,12 +129,15 @@ def test_python_m_fusedoptim_prints_backend_info():
     text = subprocess.run([sys.executable, "-m", "fusedoptim"], capture_output=True, text=True, env=env,
                           check=True, timeout=120).stdout
     info = fusedoptim.backend_info()
-    assert text.startswith(f"fusedoptim      {fusedoptim.__version__} (torch {torch.__version__})\n"), text
+    assert text.startswith(f"fusedoptim      {fusedoptim.__version__} (torch {torch.__version__}; "
+                           f"supported: torch{info['torch_supported']})\n"
+                           f"torch.compile   {info['torch_compile']}\n"), text
     assert f"CPU variant     {info['isa']}," in text and "\nCUDA " in text, text
     raw = subprocess.run([sys.executable, "-m", "fusedoptim", "--json"], capture_output=True, text=True, env=env,
                          check=True, timeout=120).stdout
     parsed = json.loads(raw)
     assert parsed["isa"] == info["isa"] and parsed["cuda"]["compiled"] == info["cuda"]["compiled"]
+    assert parsed["torch_supported"] == info["torch_supported"] and parsed["torch_compile"] == info["torch_compile"]
 
 
 def test_set_cpu_isa_round_trip_and_reported_backend(restore_isa):

@@ -44,6 +44,7 @@ import torch
 
 from fusedoptim import _C
 from cases import bits, scalar_cpu
+from torch_versions import GRAD_SCALER, NO_GRAD_SCALER
 
 EMU = _C.cuda_emulation
 
@@ -730,6 +731,7 @@ def test_optimizer_emulated_equals_cpu(case):
             assert torch.equal(bits(a.reshape(1)), bits(b.reshape(1))), f"last_grad_norm of step {step}: {a} vs {b}"
 
 
+@pytest.mark.skipif(GRAD_SCALER is None, reason=NO_GRAD_SCALER)
 def test_optimizer_emulated_amp_clip():
     """AMP with max_grad_norm on the CUDA path: GradScaler hands the scale to
     the step (fused=True), the device norm divides the grads by it element by

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from . import _C
-from ._torch_compat import local_shard
+from ._torch_compat import STEP_FOLLOWS_DEFAULT_DTYPE, local_shard
 
 __all__ = [
     "DTYPE_CODES",
@@ -101,8 +101,9 @@ STEP_CODES: Dict[torch.dtype, int] = {torch.float32: _C.DTYPE_FLOAT32, torch.flo
 
 def step_dtype(fused: bool = False) -> torch.dtype:
     """The dtype torch.optim keeps ``step`` in: float32 with ``fused=True``,
-    else float32 unless the default dtype is float64."""
-    if fused:
+    else float32 unless the default dtype is float64 (from torch 2.3; before,
+    always float32)."""
+    if fused or not STEP_FOLLOWS_DEFAULT_DTYPE:
         return torch.float32
     return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
 

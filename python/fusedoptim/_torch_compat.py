@@ -26,7 +26,10 @@ __all__ = [
     "HAVE_CUSTOM_OP",
     "TRACED_STEP_MIN",
     "TRACE_STEP",
+    "ADAMW_IS_ADAM",
     "MIN_TORCH",
+    "SGD_STATE_ONLY_WITH_MOMENTUM",
+    "STEP_FOLLOWS_DEFAULT_DTYPE",
     "TORCH_VERSION",
     "accepts",
     "compiler_disable",
@@ -137,6 +140,36 @@ def init_group(opt: Any, group: Any, *lists: Any) -> Any:
     if k is not None and isinstance(opt, torch.optim.AdamW):
         lists = lists[:k] + (group["amsgrad"],) + lists[k:]
     return opt._init_group(group, *lists)
+
+
+def _adam_follows_default_dtype() -> bool:
+    # torch.optim.adam imports _get_scalar_dtype where its step counter follows
+    # a float64 default dtype (2.3+); before, the counter is always float32.
+    import importlib
+
+    return hasattr(importlib.import_module("torch.optim.adam"), "_get_scalar_dtype")
+
+
+#: Whether torch's Adam keeps ``step`` in float64 under a float64 default
+#: dtype (without ``fused``): 2.3+ (checked: 2.2.2 no; 2.5.1, 2.6.0, 2.13.0 yes).
+STEP_FOLLOWS_DEFAULT_DTYPE: bool = _adam_follows_default_dtype()
+
+def _sgd_state_only_with_momentum() -> bool:
+    p = torch.zeros(1, requires_grad=True)
+    p.grad = torch.zeros(1)
+    opt = torch.optim.SGD([p], lr=0.1)
+    opt.step()
+    return len(opt.state) == 0
+
+
+#: Whether torch's SGD keeps no state without momentum (2.3+; before, it
+#: stores ``momentum_buffer=None`` for every param with a grad). Found by one
+#: step of torch's SGD on a 1-element tensor.
+SGD_STATE_ONLY_WITH_MOMENTUM: bool = _sgd_state_only_with_momentum()
+
+#: Whether torch's AdamW is a subclass of its Adam (2.6+); before, AdamW is
+#: its own class, with its own sparse-grad message.
+ADAMW_IS_ADAM: bool = issubclass(torch.optim.AdamW, torch.optim.Adam)
 
 
 #: The attribute that tells torch.amp.GradScaler the step unscales the grads

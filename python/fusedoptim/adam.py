@@ -53,7 +53,8 @@ def adam_hyper(group: Dict[str, Any], decoupled: bool = False) -> AdamHyper:
         checked(group["betas"][1], "beta parameter at index 1", upper=1.0),
         checked(group["eps"], "epsilon value"),
         checked(group["weight_decay"], "weight_decay value"),
-        decoupled or bool(group.get("decoupled_weight_decay", False)),
+        # A group's own flag, where torch's Adam has one (2.6+; before, torch ignores the key).
+        decoupled or (_TORCH_DECOUPLED_ARG and bool(group.get("decoupled_weight_decay", False))),
         bool(group["amsgrad"]),
         bool(group["maximize"]),
     )
@@ -161,18 +162,20 @@ def _traced_step(opt: Any, group: Dict[str, Any]) -> None:
         adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, amsgrad=bool(group["amsgrad"]),
              beta1=group["betas"][0], beta2=group["betas"][1], lr=group["lr"], weight_decay=group["weight_decay"],
              eps=group["eps"], maximize=bool(group["maximize"]),
-             decoupled_weight_decay=opt._spec is ADAMW or bool(group.get("decoupled_weight_decay", False)),
+             decoupled_weight_decay=opt._spec is ADAMW or (_TORCH_DECOUPLED_ARG
+                                                           and bool(group.get("decoupled_weight_decay", False))),
              capturable=group["capturable"], differentiable=group["differentiable"], has_complex=has_complex,
              num_threads=_compile.threads_arg(opt))
 
 
 _STREAMS = (Stream("exp_avg"), Stream("exp_avg_sq"), Stream("max_exp_avg_sq", when=lambda g: bool(g["amsgrad"])))
 _SPARSE = "Adam does not support sparse gradients, please consider SparseAdam instead"
+_SPARSE_ADAMW = "AdamW does not support sparse gradients"  # torch's AdamW before 2.6, its own class
 #: Adam: L2 weight decay unless the group says ``decoupled_weight_decay``.
 ADAM = Spec("Adam", "adam", _STREAMS, adam_hyper, _traced_step, torch_step=True, sparse_error=_SPARSE)
 #: AdamW: always decoupled weight decay.
 ADAMW = Spec("AdamW", "adam", _STREAMS, functools.partial(adam_hyper, decoupled=True), _traced_step,
-             torch_step=True, sparse_error=_SPARSE)
+             torch_step=True, sparse_error=_SPARSE if compat.ADAMW_IS_ADAM else _SPARSE_ADAMW)
 
 
 class Adam(FusedOptimizer, torch.optim.Adam):

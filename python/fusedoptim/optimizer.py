@@ -420,6 +420,15 @@ class FusedOptimizer(TorchProtocol):
         finally:
             self.param_groups = saved
             self.__dict__.update(hidden)
+        if not compat.SGD_STATE_ONLY_WITH_MOMENTUM:
+            # torch's SGD before 2.3 stores momentum_buffer=None for every param
+            # even without momentum; fusedoptim keeps no state there on any path.
+            state = self.state  # type: ignore[attr-defined]
+            for group in groups:
+                for p in group["params"]:
+                    st = state.get(p)
+                    if st is not None and st.get("momentum_buffer", 0) is None and len(st) == 1:
+                        del state[p]
 
 
 def _grad_norm(work: List[_Work], max_norm: float, args: StepArgs) -> Tuple[Tensor, Any]:

@@ -287,7 +287,11 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> in
     except BenchError as exc:
         parser.error(str(exc))
     if args.suite == "sweep":
-        return _sweep(parser, args, argv, cfg)
+        try:
+            return _sweep(parser, args, argv, cfg)
+        except BenchError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
     precision = args.suite == "precision"
     grid = None
     if precision:

@@ -158,7 +158,11 @@ def make_optimizer(spec: OptimizerSpec, impl: str, params: List[Tensor]) -> Any:
         return getattr(fusedoptim, spec.family)(params, **kw)
     torch_cls = getattr(torch.optim, spec.family)
     if impl == "torch-fused":
-        return torch_cls(params, fused=True, **kw)
+        try:
+            return torch_cls(params, fused=True, **kw)
+        except (TypeError, RuntimeError) as e:  # SGD before torch 2.3, CPU params before 2.4
+            raise Unsupported(f"torch {torch.__version__} has no fused=True {spec.family} for these params ({e})") \
+                from None
     if impl == "torch-foreach":
         return torch_cls(params, foreach=True, **kw)
     if impl == "torch-forloop":

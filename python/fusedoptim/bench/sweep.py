@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from .cases import Case, build_tensors, parse_case
-from .harness import DTYPES, OPTIMIZERS, BenchError, CpuLoad, LoopWork, make_optimizer
+from .harness import DTYPES, OPTIMIZERS, BenchError, CpuLoad, LoopWork, Unsupported, make_optimizer
 
 __all__ = ["SweepConfig", "SweepRow", "SweepReport", "parse_sizes", "run_sweep", "format_sweep_table",
            "write_sweep_json", "write_sweep_csv", "write_sweep_plot", "write_sweep_markdown", "interleaved"]
@@ -189,7 +189,10 @@ def sweep_cases(cfg: SweepConfig) -> List[Case]:
 def _cell(cfg: SweepConfig, spec_name: str, dtype: str, threads: int, case: Case, params: List[Tensor]) -> SweepRow:
     spec = OPTIMIZERS[spec_name]
     torch.set_num_threads(threads)
-    opts = {side: make_optimizer(spec, side, params) for side in SIDES}
+    try:
+        opts = {side: make_optimizer(spec, side, params) for side in SIDES}
+    except Unsupported as e:
+        raise BenchError(f"the sweep compares with torch's fused=True CPU step: {e}") from None
     before = LoopWork(params) if cfg.mode == "loop" else None
     try:
         for opt in opts.values():  # the first steps create the state
