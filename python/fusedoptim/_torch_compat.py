@@ -186,26 +186,25 @@ def accepts(fn: Any, name: str) -> bool:
 
 
 # -- tensors --------------------------------------------------------------------
-def foreach_div_(tensors: List[torch.Tensor], divisor: torch.Tensor) -> None:
-    """Divide every tensor by the 0-d ``divisor`` in place: ``torch._foreach_div_``
-    (2.0+), else one division each."""
-    f = getattr(torch, "_foreach_div_", None)
+def _foreach(op: str, tensors: List[torch.Tensor], other: Any) -> None:
+    """``torch._foreach_<op>_(tensors, other)`` (2.0 to 2.15), else
+    ``t.<op>_(other)`` for each tensor."""
+    f = getattr(torch, f"_foreach_{op}_", None)
     if f is not None:
-        f(tensors, divisor)
+        f(tensors, other)
         return
     for t in tensors:  # pragma: no cover
-        t.div_(divisor)
+        getattr(t, f"{op}_")(other)
+
+
+def foreach_div_(tensors: List[torch.Tensor], divisor: torch.Tensor) -> None:
+    """Divide every tensor by the 0-d ``divisor`` in place."""
+    _foreach("div", tensors, divisor)
 
 
 def foreach_mul_(tensors: List[torch.Tensor], factor: float) -> None:
-    """Multiply every tensor by ``factor`` in place: ``torch._foreach_mul_``
-    (2.0+), else one multiplication each."""
-    f = getattr(torch, "_foreach_mul_", None)
-    if f is not None:
-        f(tensors, factor)
-        return
-    for t in tensors:  # pragma: no cover
-        t.mul_(factor)
+    """Multiply every tensor by ``factor`` in place."""
+    _foreach("mul", tensors, factor)
 
 
 def local_shard(t: Any) -> Any:
