@@ -53,6 +53,7 @@ cuda::LaunchCommon launch_common(int32_t dtype, uintptr_t grad_scale, uintptr_t 
 // The precision options of a launch (Note [precision options]); the grad
 // multiplier is read on the device from clip_coef (null: 1).
 void set_options(cuda::LaunchCommon& c, const Options& o, uintptr_t clip_coef) {
+  if (o.state_dtype == kQuant8) throw py::value_error("the CUDA kernels do not run 8-bit states");
   check_ptr(clip_coef, clip_coef ? 1 : 0, alignof(float), "clip_coef", 0);
   c.state_dtype = o.state_dtype;
   c.store = o.store;

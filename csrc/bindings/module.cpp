@@ -80,14 +80,16 @@ void adam_step(py::handle params, py::handle grads, py::handle exp_avgs, py::han
                py::handle max_exp_avg_sqs, py::handle steps, py::handle numels_obj, int32_t dtype,
                double lr, double beta1, double beta2, double eps, double weight_decay, bool decoupled,
                bool amsgrad, bool maximize, int num_threads, int32_t state_dtype, int store, py::handle extras,
-               py::handle ids, uint64_t seed, double grad_mul, int32_t step_dtype) {
+               py::handle ids, uint64_t seed, double grad_mul, int32_t step_dtype, py::handle exp_avg_scales,
+               py::handle exp_avg_sq_scales, int64_t block_size) {
   const Options o = options(dtype, state_dtype, store, seed);
   check_adam_hyper(lr, beta1, beta2, eps, weight_decay, grad_mul);
   AdamHyper hyper = adam_hyper(lr, beta1, beta2, eps, weight_decay, decoupled);
   hyper.grad_mul = float(grad_mul);
+  hyper.q8_block = int32_t(block_size);
   const int threads = resolve_threads(num_threads);
   AdamLists lists = adam_lists(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, numels_obj, o, amsgrad,
-                               extras, ids, step_dtype);
+                               extras, ids, step_dtype, exp_avg_scales, exp_avg_sq_scales, block_size);
   // Every check has passed: from here on we write.
   py::gil_scoped_release release;
   StepCounter(lr, beta1, beta2, o.store, o.seed).count_all(lists.tensors, lists.steps, lists.ids);
@@ -98,14 +100,16 @@ void adam_step(py::handle params, py::handle grads, py::handle exp_avgs, py::han
 void sgd_step(py::handle params, py::handle grads, py::handle momentum_buffers, py::handle first_step,
               py::handle numels_obj, int32_t dtype, double lr, double weight_decay, double momentum,
               double dampening, bool nesterov, bool maximize, int num_threads, int32_t state_dtype, int store,
-              py::handle extras, py::handle steps, py::handle ids, uint64_t seed, double grad_mul) {
+              py::handle extras, py::handle steps, py::handle ids, uint64_t seed, double grad_mul,
+              py::handle momentum_scales, int64_t block_size) {
   const Options o = options(dtype, state_dtype, store, seed);
   check_sgd_hyper(lr, weight_decay, momentum, dampening, nesterov, grad_mul);
   SGDHyper hyper = sgd_hyper(lr, weight_decay, momentum, dampening);
   hyper.grad_mul = float(grad_mul);
+  hyper.q8_block = int32_t(block_size);
   const int threads = resolve_threads(num_threads);
   SGDLists lists = sgd_lists(params, grads, momentum_buffers, first_step, numels_obj, o, momentum != 0.0, extras,
-                             steps, ids);
+                             steps, ids, momentum_scales, block_size);
   py::gil_scoped_release release;
   StepCounter(o.store, o.seed).count_all(lists.tensors, lists.steps, lists.ids);
   cpu::sgd_step(lists.tensors, hyper, cpu::Layout{o.dtype, o.state_dtype, o.store}, weight_decay != 0.0,
@@ -196,6 +200,7 @@ PYBIND11_MODULE(_C, m) {
   m.attr("DTYPE_BFLOAT16") = int(kBFloat16);
   m.attr("DTYPE_FLOAT16") = int(kFloat16);
   m.attr("DTYPE_FLOAT64") = int(kFloat64);  // step counters only
+  m.attr("DTYPE_QUANT8") = int(kQuant8);    // states only (Note [8-bit states])
 
   m.attr("STORE_PLAIN") = int(kStorePlain);
   m.attr("STORE_MASTER") = int(kStoreMaster);
@@ -209,19 +214,22 @@ PYBIND11_MODULE(_C, m) {
         py::arg("num_threads"), py::kw_only(), py::arg("state_dtype") = -1, py::arg("store") = int(kStorePlain),
         py::arg("extras") = py::none(), py::arg("tensor_ids") = py::none(), py::arg("seed") = 0,
         py::arg("grad_mul") = 1.0, py::arg("step_dtype") = int(kFloat32),
+        py::arg("exp_avg_scales") = py::none(), py::arg("exp_avg_sq_scales") = py::none(), py::arg("block_size") = 0,
         "Fused Adam/AdamW update of many tensors in one call. Pointers are data addresses; "
         "steps point at step counters (float32, or float64 with step_dtype=DTYPE_FLOAT64), "
         "incremented in place before use. The other keyword "
         "arguments select the precision options of Note [precision options]: the states' dtype "
         "code (-1: the params'), the store mode, its extra stream per tensor (fp32 master or "
         "Kahan compensation), the tensor ids and seed of stochastic rounding, and the factor "
-        "(clip coefficient) the grads are multiplied by.");
+        "(clip coefficient) the grads are multiplied by. With state_dtype=DTYPE_QUANT8 the moments "
+        "are uint8 codes with fp32 scales per block of block_size elements (Note [8-bit states]).");
   m.def("sgd_step", &sgd_step, py::arg("params"), py::arg("grads"), py::arg("momentum_buffers"),
         py::arg("first_step"), py::arg("numels"), py::arg("dtype"), py::arg("lr"),
         py::arg("weight_decay"), py::arg("momentum"), py::arg("dampening"), py::arg("nesterov"),
         py::arg("maximize"), py::arg("num_threads"), py::kw_only(), py::arg("state_dtype") = -1,
         py::arg("store") = int(kStorePlain), py::arg("extras") = py::none(), py::arg("steps") = py::none(),
         py::arg("tensor_ids") = py::none(), py::arg("seed") = 0, py::arg("grad_mul") = 1.0,
+        py::arg("momentum_scales") = py::none(), py::arg("block_size") = 0,
         "Fused SGD update of many tensors in one call. first_step[k] marks a momentum buffer "
         "that this call initialises with the gradient. Keyword arguments as for adam_step; "
         "stochastic rounding also takes float32 step counters (incremented in place).");

@@ -18,6 +18,7 @@
 #include "../common/layouts.h"
 #include "../common/macros.h"
 #include "../common/params.h"
+#include "../common/quant8.h"
 
 namespace fusedoptim {
 namespace bind {
@@ -84,7 +85,7 @@ inline Options options(int32_t dtype, int32_t state_dtype, int store, uint64_t s
   Options o;
   o.dtype = dtype;
   o.state_dtype = state_dtype < 0 ? dtype : state_dtype;
-  check_dtype(o.state_dtype);
+  if (o.state_dtype != kQuant8) check_dtype(o.state_dtype);
   o.store = store;
   if (!layout_supported(o.dtype, o.state_dtype, store)) {
     throw py::value_error(std::string("unsupported combination: ") + dtype_name(o.dtype) + " params, " +
@@ -124,6 +125,28 @@ inline std::vector<uint32_t> tensor_ids(py::handle ids, const Options& o, size_t
 }
 
 // The tensor lists of an Adam call, parsed and checked; nothing written yet.
+// The fp32 scales of 8-bit states (Note [8-bit states]): one list per
+// moment, one address per tensor, each of q8_blocks(numel, block) floats.
+inline std::vector<float*> q8_scales(py::handle obj, const char* what, const Options& o,
+                                     const std::vector<int64_t>& numels, int64_t block) {
+  const size_t n = numels.size();
+  if (o.state_dtype != kQuant8) {
+    if (!obj.is_none()) throw py::value_error(std::string(what) + " are only taken with 8-bit states");
+    return {};
+  }
+  if (!q8_block_ok(block)) {
+    throw py::value_error("8-bit states need block_size, a power of two from 64 to 4096, got " + std::to_string(block));
+  }
+  if (obj.is_none()) throw py::value_error(std::string("8-bit states need ") + what + " (one list entry per tensor)");
+  const auto a = addresses(obj, what, n);
+  std::vector<float*> out(n);
+  for (size_t k = 0; k < n; ++k) {
+    check_ptr(a[k], q8_blocks(numels[k], block), alignof(float), what, k);
+    out[k] = reinterpret_cast<float*>(a[k]);
+  }
+  return out;
+}
+
 struct AdamLists {
   std::vector<AdamTensor> tensors;  // coeffs and sr_key unset until StepCounter::count_all()
   std::vector<StepRef> steps;       // step counters (float32, or all float64), one per tensor
@@ -133,7 +156,8 @@ struct AdamLists {
 inline AdamLists adam_lists(py::handle params, py::handle grads, py::handle exp_avgs, py::handle exp_avg_sqs,
                             py::handle max_exp_avg_sqs, py::handle steps, py::handle numels_obj, const Options& o,
                             bool amsgrad, py::handle extras = py::none(), py::handle ids = py::none(),
-                            int32_t step_dtype = kFloat32) {
+                            int32_t step_dtype = kFloat32, py::handle m_scales = py::none(),
+                            py::handle v_scales = py::none(), int64_t block = 0) {
   if (step_dtype != kFloat32 && step_dtype != kFloat64) {
     throw py::value_error("step_dtype must be the code of float32 or float64, got " + std::to_string(step_dtype));
   }
@@ -151,6 +175,9 @@ inline AdamLists adam_lists(py::handle params, py::handle grads, py::handle exp_
   }
   const auto s = addresses(steps, "steps", n);
   const auto x = extra_streams(extras, o, numels);
+  if (o.state_dtype == kQuant8 && amsgrad) throw py::value_error("8-bit states do not take amsgrad=True");
+  const auto ms = q8_scales(m_scales, "exp_avg_scales", o, numels, block);
+  const auto vs = q8_scales(v_scales, "exp_avg_sq_scales", o, numels, block);
   AdamLists out;
   out.ids = tensor_ids(ids, o, n);
   const size_t align = dtype_size(o.dtype);
@@ -173,6 +200,8 @@ inline AdamLists adam_lists(py::handle params, py::handle grads, py::handle exp_
     t.exp_avg_sq = reinterpret_cast<void*>(v[k]);
     t.max_exp_avg_sq = amsgrad ? reinterpret_cast<void*>(vmax[k]) : nullptr;
     t.extra = x.empty() ? nullptr : reinterpret_cast<void*>(x[k]);
+    t.exp_avg_scale = ms.empty() ? nullptr : ms[k];
+    t.exp_avg_sq_scale = vs.empty() ? nullptr : vs[k];
     t.numel = numels[k];
     t.coeffs = AdamCoeffs{0.0f, 0.0f};
     out.steps[k] = StepRef{reinterpret_cast<void*>(s[k]), f64};
@@ -192,7 +221,7 @@ struct SGDLists {
 inline SGDLists sgd_lists(py::handle params, py::handle grads, py::handle momentum_buffers, py::handle first_step,
                           py::handle numels_obj, const Options& o, bool use_momentum,
                           py::handle extras = py::none(), py::handle steps = py::none(),
-                          py::handle ids = py::none()) {
+                          py::handle ids = py::none(), py::handle b_scales = py::none(), int64_t block = 0) {
   const std::vector<int64_t> numels = counts(numels_obj);
   const size_t n = numels.size();
   const auto p = addresses(params, "params", n);
@@ -210,6 +239,8 @@ inline SGDLists sgd_lists(py::handle params, py::handle grads, py::handle moment
     for (size_t k = 0; k < n; ++k) first[k] = char(PyObject_IsTrue(PyList_GET_ITEM(first_step.ptr(), Py_ssize_t(k))) == 1);
   }
   const auto x = extra_streams(extras, o, numels);
+  // Without momentum there is nothing to quantize: no scales either.
+  const auto bs = use_momentum ? q8_scales(b_scales, "momentum_scales", o, numels, block) : std::vector<float*>{};
   SGDLists out;
   out.ids = tensor_ids(ids, o, n);
   std::vector<uintptr_t> s;
@@ -232,6 +263,7 @@ inline SGDLists sgd_lists(py::handle params, py::handle grads, py::handle moment
     t.param = reinterpret_cast<void*>(p[k]);
     t.grad = reinterpret_cast<const void*>(g[k]);
     t.momentum_buffer = use_momentum ? reinterpret_cast<void*>(b[k]) : nullptr;
+    t.momentum_scale = bs.empty() ? nullptr : bs[k];
     t.extra = x.empty() ? nullptr : reinterpret_cast<void*>(x[k]);
     t.numel = numels[k];
     t.first_step = first[k] != 0;

@@ -277,6 +277,8 @@ void StepPlan::take_collected() {
 // Every bucket's options are checked before the first step counter moves.
 std::vector<Options> StepPlan::bucket_options(int32_t state_dtype, int store, uint64_t seed) const {
   std::vector<Options> opts;
+  // 8-bit states need their scales, which a plan does not keep: such groups take the general path.
+  if (state_dtype == kQuant8) throw py::value_error("a cached plan does not run 8-bit states");
   for (int32_t d : bucket_dtype_) opts.push_back(options(d, state_dtype, store, seed));
   return opts;
 }

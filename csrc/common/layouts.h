@@ -21,6 +21,10 @@ template <>
 struct DTypeOf<bf16_t> { static constexpr int32_t value = kBFloat16; };
 template <>
 struct DTypeOf<f16_t> { static constexpr int32_t value = kFloat16; };
+// 8-bit block-quantized states: uint8 codes plus fp32 scales (quant8.h).
+struct q8_t {};
+template <>
+struct DTypeOf<q8_t> { static constexpr int32_t value = kQuant8; };
 
 // One layout: params and grads of storage type S, optimizer states of T,
 // the fp32 result stored as kStore says (Note [precision options]).
@@ -49,6 +53,18 @@ using Layouts = LayoutList<
     LayoutTag<bf16_t, bf16_t, kStoreKahan>,       // kahan_summation=True
     LayoutTag<f16_t, f16_t, kStoreKahan>>;        // kahan_summation=True
 
+// The layouts with 8-bit states (state_bits=8), CPU kernels only: each
+// param layout above with its moments quantized (Note [8-bit states]).
+using Quant8Layouts = LayoutList<
+    LayoutTag<float, q8_t, kStorePlain>,
+    LayoutTag<bf16_t, q8_t, kStorePlain>,
+    LayoutTag<f16_t, q8_t, kStorePlain>,
+    LayoutTag<bf16_t, q8_t, kStoreMaster>,
+    LayoutTag<f16_t, q8_t, kStoreMaster>,
+    LayoutTag<bf16_t, q8_t, kStoreStochastic>,
+    LayoutTag<bf16_t, q8_t, kStoreKahan>,
+    LayoutTag<f16_t, q8_t, kStoreKahan>>;
+
 template <class R, class F, class... L>
 R layout_switch_in(LayoutList<L...>, int32_t dtype, int32_t state_dtype, int store, F& f) {
   R out{};
@@ -64,8 +80,16 @@ R layout_switch(int32_t dtype, int32_t state_dtype, int store, F&& f) {
   return layout_switch_in<R>(Layouts{}, dtype, state_dtype, store, f);
 }
 
+// As layout_switch, over Quant8Layouts.
+template <class R, class F>
+R quant8_layout_switch(int32_t dtype, int32_t state_dtype, int store, F&& f) {
+  return layout_switch_in<R>(Quant8Layouts{}, dtype, state_dtype, store, f);
+}
+
+// Whether the CPU kernels take this layout (the CUDA kernels: layout_switch's list).
 inline bool layout_supported(int32_t dtype, int32_t state_dtype, int store) {
-  return layout_switch<bool>(dtype, state_dtype, store, [](auto) { return true; });
+  return layout_switch<bool>(dtype, state_dtype, store, [](auto) { return true; }) ||
+         quant8_layout_switch<bool>(dtype, state_dtype, store, [](auto) { return true; });
 }
 
 }  // namespace fusedoptim

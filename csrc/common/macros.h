@@ -44,6 +44,9 @@ enum DType : int32_t {
   kBFloat16 = 1,
   kFloat16 = 2,
   kFloat64 = 3,
+  // States only: 8-bit block-quantized moments, uint8 codes plus fp32
+  // scales (Note [8-bit states] in quant8.h).
+  kQuant8 = 4,
 };
 
 inline const char* dtype_name(int32_t code) {
@@ -52,13 +55,16 @@ inline const char* dtype_name(int32_t code) {
     case kBFloat16: return "bfloat16";
     case kFloat16: return "float16";
     case kFloat64: return "float64";
+    case kQuant8: return "8-bit";
     default: return "unknown";
   }
 }
 
 inline bool dtype_known(int32_t code) { return code == kFloat32 || code == kBFloat16 || code == kFloat16; }
 
-inline size_t dtype_size(int32_t code) { return code == kFloat64 ? 8 : code == kFloat32 ? 4 : 2; }
+inline size_t dtype_size(int32_t code) {
+  return code == kFloat64 ? 8 : code == kFloat32 ? 4 : code == kQuant8 ? 1 : 2;
+}
 
 // How a step's fp32 result is stored (Note [precision options] in precision.h).
 enum StoreMode : int {

@@ -30,6 +30,7 @@ struct AdamHyper {
   float weight_decay;      // L2 coefficient (Adam); unused by AdamW
   float decay;             // AdamW: 1 - lr * weight_decay; 1 otherwise
   float grad_mul = 1.0f;   // grads are multiplied by it first: the clip coefficient, else 1
+  int32_t q8_block = 0;    // 8-bit states: elements per block (Note [8-bit states])
 };
 
 struct SGDHyper {
@@ -38,6 +39,7 @@ struct SGDHyper {
   float momentum;
   float one_minus_dampening;
   float grad_mul = 1.0f;   // as AdamHyper::grad_mul
+  int32_t q8_block = 0;    // as AdamHyper::q8_block
 };
 
 // One tensor of a fused call: the streams it owns plus its element count.
@@ -51,6 +53,10 @@ struct AdamTensor {
   // The store's extra stream (Note [precision options] in precision.h):
   // the fp32 master copy (kStoreMaster), the compensation (kStoreKahan).
   void* extra = nullptr;
+  // 8-bit states: the fp32 scales of exp_avg and exp_avg_sq, one per block
+  // (exp_avg and exp_avg_sq then point at uint8 codes).
+  float* exp_avg_scale = nullptr;
+  float* exp_avg_sq_scale = nullptr;
   int64_t numel;
   AdamCoeffs coeffs;
   uint32_t sr_key = 0;     // kStoreStochastic: sr_key(seed, step, tensor id)
@@ -61,6 +67,7 @@ struct SGDTensor {
   const void* grad;
   void* momentum_buffer;   // null when momentum == 0
   void* extra = nullptr;   // as AdamTensor::extra
+  float* momentum_scale = nullptr;  // 8-bit states: the buffer's scales, as AdamTensor's
   int64_t numel;
   bool first_step;         // buffer not yet initialised: buf = grad
   uint32_t sr_key = 0;     // as AdamTensor::sr_key

@@ -1,6 +1,7 @@
 #include "dispatch.h"
 
 #include "../common/precision.h"
+#include "../common/quant8.h"
 
 #include <algorithm>
 #include <atomic>
@@ -96,12 +97,14 @@ inline void prefetch_head(const void* p, size_t esize, int64_t numel) {
 }
 
 // Runs fn(tensor_index, begin, end) over all tensors, split across threads.
+// Every begin is a multiple of `align` elements of its tensor (a multiple of
+// kChunkAlign: the block size of 8-bit states, whose blocks one thread updates).
 template <class Fn>
-void run_flat(const std::vector<int64_t>& numels, int num_threads, Fn&& fn) {
+void run_flat(const std::vector<int64_t>& numels, int num_threads, Fn&& fn, int64_t align = kChunkAlign) {
   const size_t n = numels.size();
   std::vector<int64_t> start(n + 1, 0);  // padded prefix sums
   for (size_t k = 0; k < n; ++k) {
-    start[k + 1] = start[k] + (numels[k] + kChunkAlign - 1) / kChunkAlign * kChunkAlign;
+    start[k + 1] = start[k] + (numels[k] + align - 1) / align * align;
   }
   const int64_t total = start[n];
   if (total == 0) return;
@@ -115,7 +118,7 @@ void run_flat(const std::vector<int64_t>& numels, int num_threads, Fn&& fn) {
   }
   // About eight chunks a thread, so the split evens out when one is late.
   int64_t chunk = std::min(kMaxChunk, std::max(kMinChunk, total / (threads * 8)));
-  chunk = (chunk + kChunkAlign - 1) / kChunkAlign * kChunkAlign;
+  chunk = (chunk + align - 1) / align * align;
   const int64_t chunks = (total + chunk - 1) / chunk;
   parallel_chunks(int(threads), chunks, [&](int64_t c) {
     const int64_t lo = c * chunk;
@@ -191,14 +194,23 @@ void prefetch_tensor(const SGDTensor& n, const StreamSizes& z) {
 // Runs update(tensor, begin, end) over every tensor of a fused call,
 // prefetching the head of the next tensor.
 template <class Tensor, class Update>
-void run_tensors(const std::vector<Tensor>& tensors, const Layout& layout, int num_threads, Update&& update) {
+void run_tensors(const std::vector<Tensor>& tensors, const Layout& layout, int num_threads, int64_t q8_block,
+                 Update&& update) {
   std::vector<int64_t> numels(tensors.size());
   for (size_t k = 0; k < tensors.size(); ++k) numels[k] = tensors[k].numel;
   const StreamSizes sizes(layout);
-  run_flat(numels, num_threads, [&](size_t k, int64_t b, int64_t e) {
-    if (k + 1 < tensors.size()) prefetch_tensor(tensors[k + 1], sizes);
-    update(tensors[k], b, e);
-  });
+  int64_t align = kChunkAlign;
+  if (layout.state_dtype == kQuant8) {
+    if (!q8_block_ok(q8_block)) throw std::invalid_argument("8-bit states need a block size that is a power of two from 64 to 4096");
+    align = q8_block;
+  }
+  run_flat(
+      numels, num_threads,
+      [&](size_t k, int64_t b, int64_t e) {
+        if (k + 1 < tensors.size()) prefetch_tensor(tensors[k + 1], sizes);
+        update(tensors[k], b, e);
+      },
+      align);
 }
 
 }  // namespace
@@ -207,7 +219,7 @@ void adam_step(const std::vector<AdamTensor>& tensors, const AdamHyper& hyper, c
                int wd_mode, bool amsgrad, bool maximize, int num_threads) {
   const AdamSegmentFn fn = g_active.load()->adam(layout, wd_mode, amsgrad, maximize);
   if (fn == nullptr) throw std::invalid_argument("adam_step: unsupported layout or weight-decay mode");
-  run_tensors(tensors, layout, num_threads, [&](const AdamTensor& t, int64_t b, int64_t e) { fn(t, b, e, hyper); });
+  run_tensors(tensors, layout, num_threads, hyper.q8_block, [&](const AdamTensor& t, int64_t b, int64_t e) { fn(t, b, e, hyper); });
 }
 
 void sgd_step(const std::vector<SGDTensor>& tensors, const SGDHyper& hyper, const Layout& layout,
@@ -215,7 +227,7 @@ void sgd_step(const std::vector<SGDTensor>& tensors, const SGDHyper& hyper, cons
   const SGDSegmentFn steady = g_active.load()->sgd(layout, weight_decay, momentum_mode, maximize, false);
   const SGDSegmentFn first = g_active.load()->sgd(layout, weight_decay, momentum_mode, maximize, true);
   if (steady == nullptr || first == nullptr) throw std::invalid_argument("sgd_step: unsupported layout or momentum mode");
-  run_tensors(tensors, layout, num_threads,
+  run_tensors(tensors, layout, num_threads, hyper.q8_block,
               [&](const SGDTensor& t, int64_t b, int64_t e) { (t.first_step ? first : steady)(t, b, e, hyper); });
 }
 

@@ -8,10 +8,12 @@
 // lane, so they cannot disagree.
 #include "kernels.h"
 
+#include <algorithm>
 #include <type_traits>
 
 #include "../common/layouts.h"
 #include "../common/precision.h"
+#include "../common/quant8.h"
 #include "../common/store.h"
 #include "../common/update_math.h"
 #include "vec_scalar.h"
@@ -186,10 +188,111 @@ void sgd_segment(const SGDTensor& t, int64_t begin, int64_t end, const SGDHyper&
   for (; i < end; ++i) sgd_elems<VecScalar, S, T, kStore, kWD, kMom, kMax, kFirst>(t, i, cs);
 }
 
+// 8-bit states (Note [8-bit states] in common/quant8.h): a segment starts
+// at a block boundary (the driver aligns chunks to the block size), and each
+// block goes through three passes on the stack: dequantize its codes, update
+// (the same adam_update / sgd_update as fp32 states, params stored as their
+// store mode says), quantize the new moments. The block's values stay in L1.
+template <class V, class S, int kStore, int kWD, bool kMax>
+FO_ALWAYS_INLINE void adam_q8_elems(const AdamTensor& t, int64_t b0, int64_t k, float* m, float* v,
+                                    const AdamConsts<V>& c) {
+  const int64_t i = b0 + k;
+  const ParamAt<kStore, V, S> io{static_cast<S*>(t.param), t.extra, i, key_at<kStore>(t.sr_key, i)};
+  const V p0 = start_param<kStore, V>(io);
+  V pv = p0, mv = V::load(m + k), vv = V::load(v + k), unused(0.0f);
+  adam_update<kWD, false, kMax>(pv, V::load(static_cast<const S*>(t.grad) + i), mv, vv, unused, c);
+  mv.store(m + k);
+  sqrt(vv).store(v + k);  // exp_avg_sq is quantized as its root
+  store_param<S, kStore>(io, p0, pv);
+}
+
+template <class S, int kStore, int kWD, bool kMax>
+void adam_q8_segment(const AdamTensor& t, int64_t begin, int64_t end, const AdamHyper& h) {
+  using V = VecISA;
+  const AdamConsts<V> cv(h, t.coeffs);
+  const AdamConsts<VecScalar> cs(h, t.coeffs);
+  constexpr int W = V::kWidth;
+  const int64_t B = h.q8_block;
+  alignas(64) float m[kQ8MaxBlock];
+  alignas(64) float v[kQ8MaxBlock];
+  uint8_t* mc = static_cast<uint8_t*>(t.exp_avg);
+  uint8_t* vc = static_cast<uint8_t*>(t.exp_avg_sq);
+  for (int64_t b0 = begin; b0 < end; b0 += B) {
+    const int64_t n = std::min(B, end - b0);
+    const int64_t blk = b0 / B;
+    if constexpr (kPrefetchAhead > 0) {
+      const int64_t ahead = b0 + B;
+      for (int64_t o = 0; o < B; o += 64) {
+        __builtin_prefetch(mc + ahead + o, 1);
+        __builtin_prefetch(vc + ahead + o, 1);
+      }
+    }
+    q8_dequantize_block<true>(mc + b0, t.exp_avg_scale[blk], n, m);
+    q8_dequantize_block<false>(vc + b0, t.exp_avg_sq_scale[blk], n, v);
+    int64_t k = 0;
+    for (; k + W <= n; k += W) {
+      if constexpr (kPrefetchAhead > 0) {
+        __builtin_prefetch(static_cast<const S*>(t.grad) + b0 + k + kPrefetchAhead);
+        __builtin_prefetch(static_cast<const S*>(t.param) + b0 + k + kPrefetchAhead, 1);
+      }
+      adam_q8_elems<V, S, kStore, kWD, kMax>(t, b0, k, m, v, cv);
+    }
+    for (; k < n; ++k) adam_q8_elems<VecScalar, S, kStore, kWD, kMax>(t, b0, k, m, v, cs);
+    t.exp_avg_scale[blk] = q8_quantize_block<true>(m, n, mc + b0);
+    t.exp_avg_sq_scale[blk] = q8_quantize_block<false>(v, n, vc + b0);
+  }
+}
+
+template <class V, class S, int kStore, bool kWD, int kMom, bool kMax, bool kFirst>
+FO_ALWAYS_INLINE void sgd_q8_elems(const SGDTensor& t, int64_t b0, int64_t k, float* buf, const SGDConsts<V>& c) {
+  const int64_t i = b0 + k;
+  const ParamAt<kStore, V, S> io{static_cast<S*>(t.param), t.extra, i, key_at<kStore>(t.sr_key, i)};
+  const V p0 = start_param<kStore, V>(io);
+  V pv = p0;
+  V bv = kFirst ? V(0.0f) : V::load(buf + k);
+  sgd_update<kWD, kMom, kMax, kFirst>(pv, V::load(static_cast<const S*>(t.grad) + i), bv, c);
+  bv.store(buf + k);
+  store_param<S, kStore>(io, p0, pv);
+}
+
+template <class S, int kStore, bool kWD, int kMom, bool kMax, bool kFirst>
+void sgd_q8_segment(const SGDTensor& t, int64_t begin, int64_t end, const SGDHyper& h) {
+  using V = VecISA;
+  const SGDConsts<V> cv(h);
+  const SGDConsts<VecScalar> cs(h);
+  constexpr int W = V::kWidth;
+  const int64_t B = h.q8_block;
+  alignas(64) float buf[kQ8MaxBlock];
+  uint8_t* bc = static_cast<uint8_t*>(t.momentum_buffer);
+  for (int64_t b0 = begin; b0 < end; b0 += B) {
+    const int64_t n = std::min(B, end - b0);
+    const int64_t blk = b0 / B;
+    if constexpr (kPrefetchAhead > 0) {
+      for (int64_t o = 0; o < B; o += 64) __builtin_prefetch(bc + b0 + B + o, 1);
+    }
+    if (!kFirst) q8_dequantize_block<true>(bc + b0, t.momentum_scale[blk], n, buf);
+    int64_t k = 0;
+    for (; k + W <= n; k += W) {
+      if constexpr (kPrefetchAhead > 0) {
+        __builtin_prefetch(static_cast<const S*>(t.grad) + b0 + k + kPrefetchAhead);
+        __builtin_prefetch(static_cast<const S*>(t.param) + b0 + k + kPrefetchAhead, 1);
+      }
+      sgd_q8_elems<V, S, kStore, kWD, kMom, kMax, kFirst>(t, b0, k, buf, cv);
+    }
+    for (; k < n; ++k) sgd_q8_elems<VecScalar, S, kStore, kWD, kMom, kMax, kFirst>(t, b0, k, buf, cs);
+    t.momentum_scale[blk] = q8_quantize_block<true>(buf, n, bc + b0);
+  }
+}
+
 // Runtime flags -> template arguments, one level at a time.
 template <class S, class T, int kStore, int kWD, bool kAms>
 AdamSegmentFn pick_adam_max(bool maximize) {
-  return maximize ? &adam_segment<S, T, kStore, kWD, kAms, true> : &adam_segment<S, T, kStore, kWD, kAms, false>;
+  if constexpr (std::is_same_v<T, q8_t>) {
+    if (kAms) return nullptr;  // 8-bit states keep no max_exp_avg_sq
+    return maximize ? &adam_q8_segment<S, kStore, kWD, true> : &adam_q8_segment<S, kStore, kWD, false>;
+  } else {
+    return maximize ? &adam_segment<S, T, kStore, kWD, kAms, true> : &adam_segment<S, T, kStore, kWD, kAms, false>;
+  }
 }
 template <class S, class T, int kStore, int kWD>
 AdamSegmentFn pick_adam_ams(bool amsgrad, bool maximize) {
@@ -207,8 +310,19 @@ AdamSegmentFn pick_adam_wd(int wd_mode, bool amsgrad, bool maximize) {
 
 template <class S, class T, bool kWD, int kMom, bool kMax, int kStore>
 SGDSegmentFn pick_sgd_first(bool first) {
-  if (kMom == kNoMomentum) return &sgd_segment<S, T, kStore, kWD, kMom, kMax, false>;
-  return first ? &sgd_segment<S, T, kStore, kWD, kMom, kMax, true> : &sgd_segment<S, T, kStore, kWD, kMom, kMax, false>;
+  if constexpr (std::is_same_v<T, q8_t>) {
+    // Without momentum there is no state to quantize: the plain kernel.
+    if constexpr (kMom == kNoMomentum) {
+      using Plain = std::conditional_t<kStore == kStoreMaster, float, S>;  // the layout's fp32-state twin
+      return &sgd_segment<S, Plain, kStore, kWD, kMom, kMax, false>;
+    } else {
+      return first ? &sgd_q8_segment<S, kStore, kWD, kMom, kMax, true>
+                   : &sgd_q8_segment<S, kStore, kWD, kMom, kMax, false>;
+    }
+  } else {
+    if (kMom == kNoMomentum) return &sgd_segment<S, T, kStore, kWD, kMom, kMax, false>;
+    return first ? &sgd_segment<S, T, kStore, kWD, kMom, kMax, true> : &sgd_segment<S, T, kStore, kWD, kMom, kMax, false>;
+  }
 }
 template <class S, class T, int kStore, bool kWD, int kMom>
 SGDSegmentFn pick_sgd_max(bool maximize, bool first) {
@@ -232,17 +346,21 @@ SGDSegmentFn pick_sgd_wd(bool wd, int mom, bool maximize, bool first) {
 
 // One instantiation per layout of common/layouts.h.
 AdamSegmentFn pick_adam(const Layout& l, int wd_mode, bool amsgrad, bool maximize) {
-  return layout_switch<AdamSegmentFn>(l.dtype, l.state_dtype, l.store, [&](auto layout) {
+  auto pick = [&](auto layout) {
     using L = decltype(layout);
     return pick_adam_wd<typename L::Param, typename L::State, L::kStore>(wd_mode, amsgrad, maximize);
-  });
+  };
+  if (l.state_dtype == kQuant8) return quant8_layout_switch<AdamSegmentFn>(l.dtype, l.state_dtype, l.store, pick);
+  return layout_switch<AdamSegmentFn>(l.dtype, l.state_dtype, l.store, pick);
 }
 
 SGDSegmentFn pick_sgd(const Layout& l, bool wd, int mom, bool maximize, bool first) {
-  return layout_switch<SGDSegmentFn>(l.dtype, l.state_dtype, l.store, [&](auto layout) {
+  auto pick = [&](auto layout) {
     using L = decltype(layout);
     return pick_sgd_wd<typename L::Param, typename L::State, L::kStore>(wd, mom, maximize, first);
-  });
+  };
+  if (l.state_dtype == kQuant8) return quant8_layout_switch<SGDSegmentFn>(l.dtype, l.state_dtype, l.store, pick);
+  return layout_switch<SGDSegmentFn>(l.dtype, l.state_dtype, l.store, pick);
 }
 
 // One chunk of the grad-norm reduction (Note [precision options]): squares

@@ -1,0 +1,141 @@
+// 8-bit block-quantized optimizer states: the format, written once.
+//
+// Note [8-bit states]
+// With state_bits=8, each moment of a tensor with at least
+// min_quantized_numel elements is kept as one uint8 code per element plus
+// one fp32 scale per block of B elements (state_block_size, a power of two
+// from 64 to 4096; 256 by default). Block j holds elements [j*B, (j+1)*B)
+// of the tensor flattened in memory order; the last block may be shorter.
+// Adam with B = 256 keeps 2 + 8/256 = 2.03 bytes of state per element.
+//
+// Two code maps, both small floating-point grids normalised to [0, 1]:
+//
+//   signed    exp_avg, momentum_buffer: the value itself.
+//             code = s*128 + e*8 + f     (s, e, f: 1, 4 and 3 bits)
+//             |q| = e == 0 ? f * 2^-17 : 2^(e-15) * (1 + f/8)
+//             q = s ? -|q| : |q|
+//   unsigned  exp_avg_sq: its square root r = sqrt(v), so that the grid's
+//             range of 2^18 covers 2^36 of v, and a v far below its block's
+//             largest stays nonzero as long as its exp_avg does.
+//             code = e*16 + f            (e, f: 4 and 4 bits)
+//             q = e == 0 ? f * 2^-18 : 2^(e-15) * (1 + f/16)
+//
+// Codes with e = 15 and f > 0 (grid values above 1) are never written.
+//
+// Dequantizing (fp32 operations, each rounded to nearest even):
+//   signed    x = q(code) * scale
+//   unsigned  r = q(code) * scale;  v = r * r
+//
+// Quantizing a block of fp32 values x (the moments after the update; for
+// exp_avg_sq, r = sqrt(v) rounded to fp32):
+//   scale = max |x| over the block (NaN if any x is NaN; then the quiet
+//           NaN 0x7FC00000, whatever the payload)
+//   if scale is 0, infinite or NaN: every code of the block is 0 (such a
+//           block dequantizes to zeros, or to NaN throughout: a nonfinite
+//           moment poisons its block, not only its element)
+//   else    inv = 1 / scale;  n = |x| * inv    (fp32, so n <= 1 + 2^-23)
+//           the magnitude code is the grid value nearest to n, a tie going
+//           to the even code; the sign bit of a signed code is x's sign bit
+//           (so -0.0 is code 128)
+//
+// In the kernels the nearest grid value comes from the fp32 bits of n:
+// above the grid's smallest normal value (2^-14) the mantissa is rounded to
+// 3 or 4 bits, nearest even, carrying into the exponent; below it the code
+// is n * 2^17 (or 2^18) rounded to the nearest even integer. Both are exact
+// integer or fp32 operations, so every CPU variant gives the same codes.
+//
+// One step of a block: dequantize its states, run adam_update / sgd_update
+// (update_math.h) on them exactly as on fp32 states, store the param, then
+// quantize the new moments. The block's values stay on the stack (a few KB,
+// in L1) between the three passes; each block is updated by one thread.
+#pragma once
+
+#include <cstdint>
+
+#include "convert.h"
+#include "macros.h"
+
+namespace fusedoptim {
+
+constexpr int kQ8MinBlock = 64;
+constexpr int kQ8MaxBlock = 4096;
+inline bool q8_block_ok(int64_t b) { return b >= kQ8MinBlock && b <= kQ8MaxBlock && (b & (b - 1)) == 0; }
+inline int64_t q8_blocks(int64_t numel, int64_t block) { return (numel + block - 1) / block; }
+
+// The grid value of a signed code (before scaling).
+FO_HD float q8_signed_value(uint32_t c) {
+  const uint32_t mag = c & 0x7fu;
+  const float normal = bits_float((mag + (112u << 3)) << 20);
+  const float sub = float(int32_t(mag & 7u)) * 7.62939453125e-06f;  // 2^-17
+  const float q = (mag >> 3) == 0 ? sub : normal;
+  return bits_float(float_bits(q) | ((c & 0x80u) << 24));
+}
+
+// The grid value of an unsigned code (before scaling).
+FO_HD float q8_unsigned_value(uint32_t c) {
+  const float normal = bits_float((c + (112u << 4)) << 19);
+  const float sub = float(int32_t(c & 15u)) * 3.814697265625e-06f;  // 2^-18
+  return (c >> 4) == 0 ? sub : normal;
+}
+
+// y rounded to the nearest integer, ties to even, for 0 <= y <= 2^22.
+FO_HD uint32_t q8_rint(float y) { return uint32_t(int32_t((y + 8388608.0f) - 8388608.0f)); }
+
+// The magnitude code of n in [0, 1 + 2^-23]: nearest grid value, ties to even.
+FO_HD uint32_t q8_signed_mag(float n) {
+  const uint32_t b = float_bits(n);
+  const uint32_t normal = ((b + 0x7ffffu + ((b >> 20) & 1u)) >> 20) - (112u << 3);
+  const uint32_t sub = q8_rint(n * 131072.0f);  // 2^17
+  return n < 6.103515625e-05f ? sub : normal;   // 2^-14
+}
+
+FO_HD uint32_t q8_unsigned_code(float n) {
+  const uint32_t b = float_bits(n);
+  const uint32_t normal = ((b + 0x3ffffu + ((b >> 19) & 1u)) >> 19) - (112u << 4);
+  const uint32_t sub = q8_rint(n * 262144.0f);  // 2^18
+  return n < 6.103515625e-05f ? sub : normal;
+}
+
+// The scale of a block: max |x| as fp32 bits, found with integer maxima
+// (NaN above +inf above every finite value, in any order).
+FO_HD uint32_t q8_absmax_bits(const float* x, int64_t n) {
+  uint32_t m = 0;
+  for (int64_t k = 0; k < n; ++k) {
+    const uint32_t a = float_bits(x[k]) & 0x7fffffffu;
+    m = a > m ? a : m;
+  }
+  return m;
+}
+
+// Quantizes x[0, n) (one block) into codes and returns its scale.
+template <bool kSigned>
+FO_HD float q8_quantize_block(const float* x, int64_t n, uint8_t* codes) {
+  const uint32_t mb = q8_absmax_bits(x, n);
+  if (mb == 0 || mb >= 0x7f800000u) {
+    for (int64_t k = 0; k < n; ++k) codes[k] = 0;
+    return bits_float(mb > 0x7f800000u ? 0x7fc00000u : mb);
+  }
+  const float scale = bits_float(mb);
+  const float inv = 1.0f / scale;
+  for (int64_t k = 0; k < n; ++k) {
+    const uint32_t xb = float_bits(x[k]);
+    const float mag = bits_float(xb & 0x7fffffffu) * inv;
+    codes[k] = kSigned ? uint8_t(q8_signed_mag(mag) | ((xb >> 24) & 0x80u)) : uint8_t(q8_unsigned_code(mag));
+  }
+  return scale;
+}
+
+// Dequantizes one block: signed codes to values, unsigned codes to v = r * r.
+template <bool kSigned>
+FO_HD void q8_dequantize_block(const uint8_t* codes, float scale, int64_t n, float* x) {
+  for (int64_t k = 0; k < n; ++k) {
+    if (kSigned) {
+      x[k] = q8_signed_value(codes[k]) * scale;
+    } else {
+      const float r = q8_unsigned_value(codes[k]) * scale;
+      x[k] = r * r;
+    }
+  }
+}
+
+}  // namespace fusedoptim
