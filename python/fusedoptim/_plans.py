@@ -21,6 +21,7 @@ from torch import Tensor
 
 from . import _C
 from ._routing import Route
+from ._precision import SCALE_KEYS
 from ._spec import Spec
 from ._tensors import DTYPE_CODES, STEP_CODES, address, grad_addresses, local
 from .backends import StepArgs, Tables, cpu, cuda
@@ -109,7 +110,8 @@ def _fill(t: Tables, p: Tensor, i: int, state: Dict[str, Any], keys: Sequence[st
     t.numels.append(n)
     t.pptrs.append(address(p, f"param {i}", p.dtype, n, device))
     for k in keys:
-        t.streams[k].append(address(state.get(k), f"state[{k!r}] of param {i}", opts.key_dtype(p, k), n, device))
+        numel = n if k not in SCALE_KEYS else opts.key_shape(p, k)[0]
+        t.streams[k].append(address(state.get(k), f"state[{k!r}] of param {i}", opts.key_dtype(p, k), numel, device))
     if uses_step:
         step_device = device if t.device_steps else "cpu"
         step_dtype = torch.float64 if t.step_code == _C.DTYPE_FLOAT64 else torch.float32
@@ -167,23 +169,26 @@ def build_cpu(plan: GroupPlan, spec: Spec, opt: Any, group: Dict[str, Any], ps: 
     sharded = False
     plan.tables = []
     step_dtype = spec.step_dtype(group)
-    for (code, step_code), index in r.cpu.items():
+    for (code, step_code, quant), index in r.cpu.items():
         t = Tables(code, opts, step_code=step_code)
+        t.quant = quant
         t.index = list(index)
-        t.streams = {k: [] for k in keys}
+        tkeys = opts.param_keys(ps[index[0]], keys) if quant else keys
+        t.streams = {k: [] for k in tkeys}
         for j, i in enumerate(index):
             p = ps[i]
             # Touch optimizer.state only where torch would keep state.
             state = _state_of(state_all, p, journal) if keeps else {}
-            first = _init_state(spec, p, state, keys, opts, journal, step_dtype=step_dtype)
-            _fill(t, p, i, state, keys, uses_step, first, position.get(id(p), 0))
+            first = _init_state(spec, p, state, tkeys, opts, journal, step_dtype=step_dtype)
+            _fill(t, p, i, state, tkeys, uses_step, first, position.get(id(p), 0))
             sharded = sharded or local(p) is not p
             entries.append((t, j, i, state))
         plan.tables.append(t)
     plan.cpu_plan = None
     # Sharded params take the general path every step: the C plan checks
     # params by their own addresses, which a DTensor does not have.
-    if plan.tables and isinstance(group["params"], list) and not sharded:
+    # 8-bit states: the plan keeps no scales; such groups are checked in full.
+    if plan.tables and isinstance(group["params"], list) and not sharded and opts.state_bits is None:
         plan.cpu_plan = _native_plan(group["params"], state_all, keys, uses_step, entries)
 
 

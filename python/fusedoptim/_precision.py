@@ -13,7 +13,13 @@ option                   params               state
 ``kahan_summation``      bfloat16, float16    ``kahan_comp`` (param dtype)
 ``state_dtype``          float32 (bfloat16)   moments / momentum buffer in bfloat16
 ``max_grad_norm``        any                  none (``last_grad_norm`` on the optimizer)
+``state_bits=8``         any (CPU)            ``<moment>_codes`` (uint8), ``<moment>_scale``
 =======================  ===================  ========================================
+
+8-bit states (Note [8-bit states] in csrc/common/quant8.h) quantize the
+moments of tensors with at least ``min_quantized_numel`` elements; smaller
+ones keep full states under torch's keys. ``exp_avg_sq_codes`` hold the
+root of ``exp_avg_sq``.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import torch
 from torch import Tensor
 
 from . import _C
+from ._tensors import local
 
 #: The options and their defaults (off): keys of ``defaults`` and of every group.
 OPTION_DEFAULTS: Dict[str, Any] = {
@@ -34,6 +41,9 @@ OPTION_DEFAULTS: Dict[str, Any] = {
     "kahan_summation": False,
     "state_dtype": None,
     "max_grad_norm": None,
+    "state_bits": None,
+    "state_block_size": 256,
+    "min_quantized_numel": 4096,
 }
 
 #: State keys that exist only with an option.
@@ -43,6 +53,19 @@ EXTRA_KEYS = ("master_param", "kahan_comp")
 MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer")
 
 _LOW = (torch.bfloat16, torch.float16)
+
+#: The moments that 8-bit states quantize, and the two state keys of each.
+QUANT_KEYS: Dict[str, Tuple[str, str]] = {
+    "exp_avg": ("exp_avg_codes", "exp_avg_scale"),
+    "exp_avg_sq": ("exp_avg_sq_codes", "exp_avg_sq_scale"),
+    "momentum_buffer": ("momentum_buffer_codes", "momentum_buffer_scale"),
+}
+#: Which 8-bit moments are stored as their square root (the unsigned map).
+ROOT_KEYS = ("exp_avg_sq",)
+CODE_KEYS = tuple(c for c, _ in QUANT_KEYS.values())
+SCALE_KEYS = tuple(s for _, s in QUANT_KEYS.values())
+#: key -> the moment it holds a part of.
+MOMENT_OF = {k: m for m, pair in QUANT_KEYS.items() for k in pair}
 
 
 class Options(NamedTuple):
@@ -54,12 +77,34 @@ class Options(NamedTuple):
     state_dtype: Optional[torch.dtype] = None
     max_grad_norm: Optional[float] = None
     seed: int = 0
+    state_bits: Optional[int] = None
+    block: int = 256
+    min_quantized: int = 4096
 
     @property
     def per_param(self) -> bool:
         """Whether the kernels need another layout than torch's."""
         return (self.master_weights or self.stochastic_rounding or self.kahan_summation
-                or self.state_dtype is not None)
+                or self.state_dtype is not None or self.state_bits is not None)
+
+    def quantizes(self, p: Tensor) -> bool:
+        """Whether the moments of param ``p`` are 8-bit (its local shard's size decides)."""
+        return self.state_bits == 8 and local_numel(p) >= self.min_quantized
+
+    def param_keys(self, p: Tensor, keys: Tuple[str, ...]) -> Tuple[str, ...]:
+        """The state keys of param ``p`` for the group's keys: each moment
+        that 8-bit states quantize becomes its codes and scale."""
+        if not self.quantizes(p):
+            return keys
+        return tuple(k2 for k in keys for k2 in QUANT_KEYS.get(k, (k,)))
+
+    def key_shape(self, p: Tensor, key: str) -> Tuple[int, ...]:
+        """The shape of state ``key`` of ``p`` (its local shard): the param's,
+        or one scale per block."""
+        shape = tuple(local_shape(p))
+        if key in SCALE_KEYS:
+            return ((math.prod(shape) + self.block - 1) // self.block,)
+        return shape
 
     @property
     def active(self) -> bool:
@@ -101,11 +146,24 @@ class Options(NamedTuple):
         return p.dtype
 
     def key_dtype(self, p: Tensor, key: str) -> torch.dtype:
+        if key in CODE_KEYS:
+            return torch.uint8
+        if key in SCALE_KEYS:
+            return torch.float32
         if key == "master_param":
             return torch.float32
         if key == "kahan_comp":
             return p.dtype
         return self.moment_dtype(p)
+
+
+def local_shape(p: Tensor) -> torch.Size:
+    """The shape of the part of ``p`` this process updates (a DTensor's local shard)."""
+    return local(p).shape
+
+
+def local_numel(p: Tensor) -> int:
+    return local(p).numel()
 
 
 def draw_seed() -> int:
@@ -131,6 +189,22 @@ def check_options(opts: Dict[str, Any]) -> None:
     if sd == torch.bfloat16 and opts["master_weights"]:
         raise ValueError("state_dtype=torch.bfloat16 cannot be combined with master_weights=True "
                          "(master weights keep float32 states)")
+    bits, block, minq = opts["state_bits"], opts["state_block_size"], opts["min_quantized_numel"]
+    if bits is not None:
+        if isinstance(bits, bool) or bits != 8:
+            raise ValueError(f"state_bits must be None or 8, got {bits!r}")
+        if sd is not None:
+            raise ValueError("state_bits=8 cannot be combined with state_dtype: 8-bit states set the moments' "
+                             "storage themselves (tensors below min_quantized_numel keep the param's dtype)")
+    for name, v in (("state_block_size", block), ("min_quantized_numel", minq)):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+    if not (64 <= block <= 4096 and block & (block - 1) == 0):
+        raise ValueError(f"state_block_size must be a power of two from 64 to 4096, got {block}")
+    if minq < 0:
+        raise ValueError(f"min_quantized_numel must be non-negative, got {minq}")
+    if bits is None and (block != OPTION_DEFAULTS["state_block_size"] or minq != OPTION_DEFAULTS["min_quantized_numel"]):
+        raise ValueError("state_block_size and min_quantized_numel apply to 8-bit states only: pass state_bits=8")
     mgn = opts["max_grad_norm"]
     if mgn is not None:
         if isinstance(mgn, bool) or not isinstance(mgn, (int, float)):
@@ -168,6 +242,9 @@ def check_param(o: Options, p: Tensor, where: str) -> None:
 
 
 def check_group(o: Options, group: Dict[str, Any], gi: int) -> None:
+    if o.state_bits is not None and group.get("amsgrad"):
+        raise ValueError(f"state_bits=8 cannot be combined with amsgrad=True (param group {gi}): 8-bit states keep "
+                         "no max_exp_avg_sq")
     for j, p in enumerate(group["params"]):
         if isinstance(p, Tensor):
             check_param(o, p, f"param {j} of group {gi}")
@@ -178,7 +255,8 @@ def options_of(group: Dict[str, Any]) -> Options:
     get = group.get
     return Options(bool(get("master_weights", False)), bool(get("stochastic_rounding", False)),
                    bool(get("kahan_summation", False)), get("state_dtype"), get("max_grad_norm"),
-                   int(get("sr_seed", 0)))
+                   int(get("sr_seed", 0)), get("state_bits"), get("state_block_size", 256),
+                   get("min_quantized_numel", 4096))
 
 
 def setup(defaults: Dict[str, Any], groups: List[Dict[str, Any]], options: Dict[str, Any]) -> None:

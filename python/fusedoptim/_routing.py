@@ -30,8 +30,8 @@ class Route:
     def __init__(self, keys: Tuple[str, ...], opts: Options) -> None:
         self.keys = keys  # the group's state streams, in kernel order
         self.opts = opts
-        # (dtype code, step counter's dtype code) -> positions, one CPU kernel call each
-        self.cpu: Dict[Tuple[int, int], List[int]] = {}
+        # (dtype code, step counter's dtype code, 8-bit states) -> positions, one CPU kernel call each
+        self.cpu: Dict[Tuple[int, int, bool], List[int]] = {}
         self.cuda: List[int] = []  # positions the CUDA kernels update (real or emulated)
         self.torch: List[int] = []  # positions torch's own implementation updates
 
@@ -56,8 +56,9 @@ def route(spec: Spec, group: Dict[str, Any], ps: List[Tensor], gs: List[Tensor],
     for i, (p, g) in enumerate(zip(ps, gs)):
         spec.check_grad(i, p, g, gi)
         state = state_all.get(p)
+        keys = opts.param_keys(p, r.keys) if opts.state_bits is not None else r.keys
         if state:
-            spec.check_state(i, p, state, r.keys)
+            spec.check_state(i, p, state, keys, opts)
         lp, lg = local(p), local(g)
         kernel_ok = (
             native_ok
@@ -70,20 +71,23 @@ def route(spec: Spec, group: Dict[str, Any], ps: List[Tensor], gs: List[Tensor],
             and lp.is_contiguous()
         )
         if kernel_ok and cuda.takes(p):
+            if opts.state_bits is not None:
+                raise RuntimeError(f"{owner}: state_bits=8 runs on the CPU kernels only, but param {i} of group "
+                                   f"{gi} is on {p.device}. Nothing was updated.")
             usable = cuda_ok and (not state or spec.state_usable(p, state, r.keys, opts, cuda=True))
             (r.cuda if usable else r.torch).append(i)
             continue
         if p.device.type == "cuda":
             cuda.warn_unavailable(p)
-        if kernel_ok and p.device.type == "cpu" and (not state or spec.state_usable(p, state, r.keys, opts)):
+        if kernel_ok and p.device.type == "cpu" and (not state or spec.state_usable(p, state, keys, opts)):
             step = state.get("step") if state else None
             step_code = STEP_CODES[step.dtype if step is not None else new_step]
-            r.cpu.setdefault((DTYPE_CODES[p.dtype], step_code), []).append(i)
+            r.cpu.setdefault((DTYPE_CODES[p.dtype], step_code, keys != r.keys), []).append(i)
         else:
             r.torch.append(i)
     # Calls of one dtype side by side (a C plan's buckets are runs of one dtype),
     # dtypes in the order they first appear.
-    codes = list(dict.fromkeys(code for code, _ in r.cpu))
+    codes = list(dict.fromkeys(k[0] for k in r.cpu))
     r.cpu = {k: r.cpu[k] for c in codes for k in r.cpu if k[0] == c}
     native = [i for idx in r.cpu.values() for i in idx] + r.cuda
     if native and not disjoint([ps[i] for i in native]):

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from ._compile import kernel_ok
-from ._precision import Options
+from ._precision import MOMENT_OF, QUANT_KEYS, SCALE_KEYS, Options
 from ._tensors import local, step_dtype
 
 __all__ = ["GradMismatchError", "Spec", "Stream", "in_range", "number"]
@@ -142,17 +142,34 @@ class Spec:
         if g.device != p.device:
             raise GradMismatchError(f"grad of {where} is on {g.device} but the param is on {p.device}")
 
-    def check_state(self, i: int, p: Tensor, state: Dict[str, Any], keys: Tuple[str, ...]) -> None:
-        """Existing state must fit its param, else torch's code would fail midway."""
+    def check_state(self, i: int, p: Tensor, state: Dict[str, Any], keys: Tuple[str, ...],
+                    opts: Optional[Options] = None) -> None:
+        """Existing state must fit its param, else torch's code would fail midway.
+        With ``opts``, ``keys`` are the param's own (8-bit states: codes and
+        scales), and state of the other layout is an error too."""
         for key in keys:
             t = state.get(key)
             if t is None:
                 continue
             if not isinstance(t, Tensor):
                 raise TypeError(f"state[{key!r}] of param {i} must be a Tensor, got {type(t).__name__}")
-            if t.shape != p.shape:
+            if opts is not None and key in SCALE_KEYS:
+                expect = opts.key_shape(p, key)
+                if tuple(local(t).shape) != expect:
+                    raise ValueError(f"state[{key!r}] of param {i} has shape {tuple(t.shape)}, expected {expect}: "
+                                     f"one scale per block of {opts.block} elements")
+            elif t.shape != p.shape:
                 raise ValueError(
                     f"state[{key!r}] of param {i} has shape {tuple(t.shape)} but the param has {tuple(p.shape)}"
+                )
+        if opts is not None:
+            other = [k for k in state if (k in MOMENT_OF or k in QUANT_KEYS) and k not in keys]
+            if other:
+                held = "8-bit" if opts.quantizes(p) else "full-precision"
+                raise ValueError(
+                    f"state of param {i} holds {other[0]!r}, but its group keeps {held} moments "
+                    f"(state_bits={opts.state_bits}, min_quantized_numel={opts.min_quantized}): load_state_dict "
+                    "converts a checkpoint between the two layouts; state set by hand must match"
                 )
 
     def check_torch_state(self, i: int, p: Tensor, state: Dict[str, Any], keys: Tuple[str, ...]) -> None:
@@ -192,9 +209,10 @@ class Spec:
         for key in keys:
             t = state.get(key)
             dtype = p.dtype if opts is None else opts.key_dtype(p, key)
+            shape = opts.key_shape(p, key) if opts is not None and key in SCALE_KEYS else tuple(shard.shape)
             if t is not None and not (isinstance(t, Tensor) and t.dtype == dtype
                                       and t.device == p.device and local(t).is_contiguous()
-                                      and local(t).shape == shard.shape):
+                                      and tuple(local(t).shape) == shape):
                 return False
         return True
 
@@ -233,7 +251,12 @@ class Spec:
         for key in keys:
             if state.get(key) is not None:
                 continue
-            if key in self._grad_init:
+            if key in SCALE_KEYS:
+                state[key] = torch.zeros(opts.key_shape(p, key), dtype=torch.float32, device=p.device)
+            elif key in MOMENT_OF:  # 8-bit codes: zeros, or filled from the grad on the first step
+                state[key] = torch.zeros_like(p, dtype=torch.uint8, memory_format=torch.preserve_format)
+                first = first or MOMENT_OF[key] in self._grad_init
+            elif key in self._grad_init:
                 state[key] = torch.empty_like(p, dtype=opts.moment_dtype(p), memory_format=torch.preserve_format)
                 first = True
             elif key == "master_param":

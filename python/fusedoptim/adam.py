@@ -222,6 +222,18 @@ class Adam(FusedOptimizer, torch.optim.Adam):
             to this value in the same step, as ``clip_grad_norm_`` followed
             by the step would, without writing the grads;
             :attr:`last_grad_norm` gives the norm.
+        state_bits: ``8`` keeps the moments of every tensor with at least
+            ``min_quantized_numel`` elements as 8-bit codes, one fp32 scale
+            per block of ``state_block_size`` elements (2.03 instead of 8
+            bytes per param, Note [8-bit states]): ``exp_avg_codes``,
+            ``exp_avg_scale``, ``exp_avg_sq_codes`` (of the root of
+            ``exp_avg_sq``) and ``exp_avg_sq_scale``. CPU params only; not
+            with ``amsgrad`` or ``state_dtype``. :meth:`torch_state_dict`
+            exports dequantized fp32 moments.
+        state_block_size: elements per scale, a power of two from 64 to
+            4096 (default: 256).
+        min_quantized_numel: smaller tensors (biases, norms) keep full
+            states (default: 4096).
 
     The precision options are off by default (torch's results). They need
     params the fused kernels take (dense, contiguous, CPU or GPU) and raise
@@ -252,6 +264,7 @@ class Adam(FusedOptimizer, torch.optim.Adam):
         decoupled_weight_decay: bool = False,
         master_weights: bool = False, stochastic_rounding: bool = False, kahan_summation: bool = False,
         state_dtype: Optional[torch.dtype] = None, max_grad_norm: Optional[float] = None,
+        state_bits: Optional[int] = None, state_block_size: int = 256, min_quantized_numel: int = 4096,
     ) -> None:
         kwargs: Dict[str, Any] = dict(
             foreach=foreach, maximize=maximize, capturable=capturable, differentiable=differentiable, fused=None
@@ -264,7 +277,8 @@ class Adam(FusedOptimizer, torch.optim.Adam):
             )
         torch.optim.Adam.__init__(self, params, lr, betas, eps, weight_decay, amsgrad, **kwargs)
         self._fo_init(fused, foreach, differentiable, precision_options(
-            master_weights, stochastic_rounding, kahan_summation, state_dtype, max_grad_norm))
+            master_weights, stochastic_rounding, kahan_summation, state_dtype, max_grad_norm,
+            state_bits, state_block_size, min_quantized_numel))
 
 
 class AdamW(FusedOptimizer, torch.optim.AdamW):
@@ -297,6 +311,11 @@ class AdamW(FusedOptimizer, torch.optim.AdamW):
         master_weights, stochastic_rounding, kahan_summation, state_dtype,
             max_grad_norm: the precision options, off by default (torch's
             results); see :class:`fusedoptim.Adam` and the README.
+        state_bits, state_block_size, min_quantized_numel: ``state_bits=8``
+            keeps the moments of tensors with at least ``min_quantized_numel``
+            elements as uint8 codes with one fp32 scale per block of
+            ``state_block_size`` elements (2.03 bytes per param instead of 8);
+            see the README's section on 8-bit states.
 
     Threads default to :func:`torch.get_num_threads`; set
     :func:`fusedoptim.set_num_threads` or the ``num_threads`` attribute to
@@ -322,10 +341,12 @@ class AdamW(FusedOptimizer, torch.optim.AdamW):
         fused: Optional[bool] = None,
         master_weights: bool = False, stochastic_rounding: bool = False, kahan_summation: bool = False,
         state_dtype: Optional[torch.dtype] = None, max_grad_norm: Optional[float] = None,
+        state_bits: Optional[int] = None, state_block_size: int = 256, min_quantized_numel: int = 4096,
     ) -> None:
         torch.optim.AdamW.__init__(
             self, params, lr, betas, eps, weight_decay, amsgrad,
             maximize=maximize, foreach=foreach, capturable=capturable, differentiable=differentiable, fused=None,
         )
         self._fo_init(fused, foreach, differentiable, precision_options(
-            master_weights, stochastic_rounding, kahan_summation, state_dtype, max_grad_norm))
+            master_weights, stochastic_rounding, kahan_summation, state_dtype, max_grad_norm,
+            state_bits, state_block_size, min_quantized_numel))

@@ -38,10 +38,13 @@ ParamsT = Union[Iterable[Tensor], Iterable[Dict[str, Any]], Iterable[Tuple[str, 
 
 
 def precision_options(master_weights: bool, stochastic_rounding: bool, kahan_summation: bool,
-                      state_dtype: Optional[torch.dtype], max_grad_norm: Optional[float]) -> Dict[str, Any]:
+                      state_dtype: Optional[torch.dtype], max_grad_norm: Optional[float],
+                      state_bits: Optional[int] = None, state_block_size: int = 256,
+                      min_quantized_numel: int = 4096) -> Dict[str, Any]:
     """The precision options of a constructor, by name (see :mod:`fusedoptim._precision`)."""
     return dict(master_weights=master_weights, stochastic_rounding=stochastic_rounding,
-                kahan_summation=kahan_summation, state_dtype=state_dtype, max_grad_norm=max_grad_norm)
+                kahan_summation=kahan_summation, state_dtype=state_dtype, max_grad_norm=max_grad_norm,
+                state_bits=state_bits, state_block_size=state_block_size, min_quantized_numel=min_quantized_numel)
 
 
 def check_fused(fused: Any, foreach: Any, differentiable: bool) -> None:

@@ -213,6 +213,7 @@ class SGD(FusedOptimizer, torch.optim.SGD):
         fused: Optional[bool] = None,
         master_weights: bool = False, stochastic_rounding: bool = False, kahan_summation: bool = False,
         state_dtype: Optional[torch.dtype] = None, max_grad_norm: Optional[float] = None,
+        state_bits: Optional[int] = None, state_block_size: int = 256, min_quantized_numel: int = 4096,
     ) -> None:
         has_fused = compat.accepts(torch.optim.SGD, "fused")  # torch 2.3+
         if fused is not None and not has_fused:
@@ -224,4 +225,5 @@ class SGD(FusedOptimizer, torch.optim.SGD):
             **({"fused": None} if has_fused else {}),
         )
         self._fo_init(fused, foreach, differentiable, precision_options(
-            master_weights, stochastic_rounding, kahan_summation, state_dtype, max_grad_norm))
+            master_weights, stochastic_rounding, kahan_summation, state_dtype, max_grad_norm,
+            state_bits, state_block_size, min_quantized_numel))

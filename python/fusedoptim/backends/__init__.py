@@ -29,7 +29,7 @@ class Tables:
     """
 
     __slots__ = ("code", "step_code", "device", "device_steps", "index", "params", "numels", "pptrs", "streams",
-                 "steps", "first", "ids", "opts", "lo", "hi")
+                 "steps", "first", "ids", "opts", "lo", "hi", "quant")
 
     def __init__(self, code: int, opts: Any, device: Optional[torch.device] = None, device_steps: bool = False,
                  step_code: int = 0) -> None:
@@ -47,6 +47,7 @@ class Tables:
         self.first: List[bool] = []  # SGD: buffers this call initialises from the grad
         self.ids: List[int] = []  # stochastic rounding: the params' positions in the optimizer
         self.lo = self.hi = 0  # this call's slice of a cached plan's grad addresses
+        self.quant = False  # 8-bit states: streams are <moment>_codes and <moment>_scale
 
 
 class StepArgs:

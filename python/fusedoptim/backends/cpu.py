@@ -46,18 +46,28 @@ def run(kernel: str, t: Tables, gptrs: List[int], h: Any, args: StepArgs) -> Non
             if kernel == "sgd":
                 kw["steps"] = t.steps
     s = t.streams
+    m, v, b = "exp_avg", "exp_avg_sq", "momentum_buffer"
+    if t.quant:  # Note [8-bit states]: codes in place of the moments, plus their scales
+        m, v, b = "exp_avg_codes", "exp_avg_sq_codes", "momentum_buffer_codes"
+        kw["state_dtype"] = _C.DTYPE_QUANT8
+        kw["block_size"] = o.block
+        if kernel == "adam":
+            kw["exp_avg_scales"] = s["exp_avg_scale"]
+            kw["exp_avg_sq_scales"] = s["exp_avg_sq_scale"]
+        elif h.momentum != 0:
+            kw["momentum_scales"] = s["momentum_buffer_scale"]
     if kernel == "adam":
         if t.step_code != _C.DTYPE_FLOAT32:
             kw["step_dtype"] = t.step_code  # torch's float64 counters
         _C.adam_step(
-            t.pptrs, gptrs, s["exp_avg"], s["exp_avg_sq"], s.get("max_exp_avg_sq"), t.steps, t.numels, t.code,
+            t.pptrs, gptrs, s[m], s[v], s.get("max_exp_avg_sq"), t.steps, t.numels, t.code,
             float(h.lr), h.beta1, h.beta2, h.eps, h.weight_decay, h.decoupled, h.amsgrad, h.maximize, args.threads,
             **kw,
         )
     else:
         momentum = h.momentum != 0
         _C.sgd_step(
-            t.pptrs, gptrs, s["momentum_buffer"] if momentum else None, t.first if momentum else None, t.numels,
+            t.pptrs, gptrs, s[b] if momentum else None, t.first if momentum else None, t.numels,
             t.code, h.lr, h.weight_decay, h.momentum, h.dampening, h.nesterov, h.maximize, args.threads, **kw,
         )
 
