@@ -11,6 +11,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <cmath>
 #include <string>
 #include <utility>
@@ -20,6 +21,7 @@
 #include "../common/macros.h"
 #include "../common/params.h"
 #include "../common/precision.h"
+#include "../common/quant8.h"
 #include "../cpu/cpu_features.h"
 #include "../cpu/dispatch.h"
 #include "../cpu/thread_pool.h"
@@ -164,6 +166,50 @@ void triad(uintptr_t a, uintptr_t b, uintptr_t c, double s, int64_t numel, int n
              float(s), numel, threads);
 }
 
+// Note [8-bit states] for checkpoints: quantize a moment (root: exp_avg_sq,
+// quantized as its square root) into codes and scales, or dequantize them.
+void q8_quantize(uintptr_t x, int64_t numel, uintptr_t codes, uintptr_t scales, int64_t block, bool root) {
+  if (!q8_block_ok(block)) throw py::value_error("block must be a power of two from 64 to 4096");
+  if (numel < 0) throw py::value_error("numel must be non-negative");
+  check_ptr(x, numel, alignof(float), "x", 0);
+  check_ptr(codes, numel, 1, "codes", 0);
+  check_ptr(scales, q8_blocks(numel, block), alignof(float), "scales", 0);
+  const float* xs = reinterpret_cast<const float*>(x);
+  uint8_t* c = reinterpret_cast<uint8_t*>(codes);
+  float* s = reinterpret_cast<float*>(scales);
+  py::gil_scoped_release release;
+  std::vector<float> tmp(size_t(std::min<int64_t>(block, numel)));
+  for (int64_t b0 = 0; b0 < numel; b0 += block) {
+    const int64_t n = std::min(block, numel - b0);
+    if (root) {
+      for (int64_t k = 0; k < n; ++k) tmp[size_t(k)] = std::sqrt(xs[b0 + k]);
+      s[b0 / block] = q8_quantize_block<false>(tmp.data(), n, c + b0);
+    } else {
+      s[b0 / block] = q8_quantize_block<true>(xs + b0, n, c + b0);
+    }
+  }
+}
+
+void q8_dequantize(uintptr_t codes, uintptr_t scales, int64_t numel, uintptr_t out, int64_t block, bool root) {
+  if (!q8_block_ok(block)) throw py::value_error("block must be a power of two from 64 to 4096");
+  if (numel < 0) throw py::value_error("numel must be non-negative");
+  check_ptr(out, numel, alignof(float), "out", 0);
+  check_ptr(codes, numel, 1, "codes", 0);
+  check_ptr(scales, q8_blocks(numel, block), alignof(float), "scales", 0);
+  const uint8_t* c = reinterpret_cast<const uint8_t*>(codes);
+  const float* s = reinterpret_cast<const float*>(scales);
+  float* o = reinterpret_cast<float*>(out);
+  py::gil_scoped_release release;
+  for (int64_t b0 = 0; b0 < numel; b0 += block) {
+    const int64_t n = std::min(block, numel - b0);
+    if (root) {
+      q8_dequantize_block<false>(c + b0, s[b0 / block], n, o + b0);
+    } else {
+      q8_dequantize_block<true>(c + b0, s[b0 / block], n, o + b0);
+    }
+  }
+}
+
 py::dict backend_info() {
   const cpu::CpuFeatures& f = cpu::cpu_features();
   const std::pair<const char*, bool> flags[] = {
@@ -233,6 +279,13 @@ PYBIND11_MODULE(_C, m) {
         "Fused SGD update of many tensors in one call. first_step[k] marks a momentum buffer "
         "that this call initialises with the gradient. Keyword arguments as for adam_step; "
         "stochastic rounding also takes float32 step counters (incremented in place).");
+  m.def("q8_quantize", &q8_quantize, py::arg("x"), py::arg("numel"), py::arg("codes"), py::arg("scales"),
+        py::arg("block"), py::arg("root"),
+        "Quantize fp32 values into 8-bit codes and per-block scales (Note [8-bit states]); root=True "
+        "quantizes the square roots (exp_avg_sq).");
+  m.def("q8_dequantize", &q8_dequantize, py::arg("codes"), py::arg("scales"), py::arg("numel"), py::arg("out"),
+        py::arg("block"), py::arg("root"),
+        "Dequantize 8-bit codes into fp32 values (root=True: the squares, exp_avg_sq).");
   m.def("grad_norm_sq", &grad_norm_sq, py::arg("grads"), py::arg("numels"), py::arg("dtypes"),
         py::arg("num_threads"),
         "Sum of squares of all grad elements in double, in a fixed order (deterministic for any "

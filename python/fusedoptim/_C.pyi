@@ -13,6 +13,7 @@ DTYPE_BFLOAT16: int
 DTYPE_FLOAT16: int
 #: float64: the dtype code of a step counter only (torch's ``step`` under a float64 default dtype).
 DTYPE_FLOAT64: int
+DTYPE_QUANT8: int
 #: Store modes of the precision options (Note [precision options]).
 STORE_PLAIN: int
 STORE_MASTER: int
@@ -45,6 +46,9 @@ def adam_step(
     seed: int = 0,
     grad_mul: float = 1.0,
     step_dtype: int = ...,
+    exp_avg_scales: Optional[List[int]] = None,
+    exp_avg_sq_scales: Optional[List[int]] = None,
+    block_size: int = 0,
 ) -> None:
     """Fused Adam/AdamW step over many tensors.
 
@@ -83,12 +87,22 @@ def sgd_step(
     tensor_ids: Optional[List[int]] = None,
     seed: int = 0,
     grad_mul: float = 1.0,
+    momentum_scales: Optional[List[int]] = None,
+    block_size: int = 0,
 ) -> None:
     """Fused SGD step over many tensors; ``first_step[k]`` initialises buffer k with the gradient.
 
     Precision options as for :func:`adam_step`; stochastic rounding also
     takes float32 step counters (``steps``), incremented before use.
     """
+
+def q8_quantize(x: int, numel: int, codes: int, scales: int, block: int, root: bool) -> None:
+    """Quantize fp32 values into 8-bit codes and per-block scales (Note [8-bit states])."""
+    ...
+
+def q8_dequantize(codes: int, scales: int, numel: int, out: int, block: int, root: bool) -> None:
+    """Dequantize 8-bit codes into fp32 values (root=True: their squares)."""
+    ...
 
 def grad_norm_sq(grads: List[int], numels: List[int], dtypes: List[int], num_threads: int) -> float:
     """Sum of squares of every grad element, in double, in a fixed order:

@@ -77,6 +77,9 @@ def compile_aware(eager_step: Callable) -> Callable:
         if is_compiling():
             if not TRACE_STEP:
                 return _eager_outside_graph(eager_step, self, closure)
+            if any(g.get("state_bits") is not None for g in self.param_groups):
+                # 8-bit states have no traced op: the step runs outside the graph.
+                return _eager_untraced(eager_step, self, closure)
             return compiled_step(self, closure, eager_step)
         return eager_step(self, closure)
 
@@ -107,6 +110,9 @@ _eager_outside_graph = _run_eager_warn if TRACE_STEP else compat.compiler_disabl
 
 def _run_eager(eager_step: Callable, opt: Any, closure: Optional[Callable[[], Any]]) -> Any:
     return eager_step(opt, closure)
+
+
+_eager_untraced = compat.compiler_disable(_run_eager)
 
 
 def compiled_step(opt: Any, closure: Optional[Callable[[], Any]] = None, eager_step: Optional[Callable] = None) -> Any:

@@ -303,12 +303,23 @@ def torch_state_dict(sd: Dict[str, Any], params: List[Tensor], torch_step: bool)
     keys, moments in each param's dtype (a UserWarning names what was dropped)."""
     dropped = set()
     new_state = {}
+    block_of = {pid: g.get("state_block_size", 256) for g in sd["param_groups"] for pid in g["params"]}
     for pid, st in sd["state"].items():
         p = params[pid] if isinstance(pid, int) and pid < len(params) else None
         out = {}
         for key, v in st.items():
             if key in EXTRA_KEYS or (key == "step" and not torch_step):
                 dropped.add(key)
+                continue
+            if key in SCALE_KEYS:
+                continue
+            if key in CODE_KEYS:  # 8-bit states: torch's moment, dequantized
+                moment = MOMENT_OF[key]
+                v = dequantize(v, st[QUANT_KEYS[moment][1]], block_of.get(pid, 256), moment in ROOT_KEYS)
+                if p is not None:
+                    v = v.to(p.dtype)
+                out[moment] = v
+                dropped.add("8-bit precision (moments dequantized)")
                 continue
             if key in MOMENT_KEYS and isinstance(v, Tensor) and p is not None and v.dtype != p.dtype:
                 v = v.to(p.dtype)
@@ -325,23 +336,69 @@ def torch_state_dict(sd: Dict[str, Any], params: List[Tensor], torch_step: bool)
     return {"state": new_state, "param_groups": groups}
 
 
-def saved_state(state_dict: Dict[str, Any], groups: List[Dict[str, Any]]) -> List[Tuple[Tensor, str, Tensor]]:
-    """The option-dependent state tensors of a checkpoint, with their params:
-    torch's loader casts every floating state tensor to its param's dtype,
-    while the options keep other dtypes (fp32 master and moments, bf16 moments)."""
+def saved_state(state_dict: Dict[str, Any], groups: List[Dict[str, Any]]) -> List[Tuple[Tensor, str, Tensor, int]]:
+    """The option-dependent state tensors of a checkpoint, with their params
+    and the checkpoint's block size of 8-bit states: torch's loader casts
+    every state tensor to its param's dtype, while the options keep other
+    dtypes (fp32 master and moments, bf16 moments, uint8 codes, fp32 scales)."""
     saved = []
     for g_saved, g in zip(state_dict.get("param_groups", []), groups):
+        block = g_saved.get("state_block_size", 256)
         for sid, p in zip(g_saved.get("params", []), g["params"]):
             st = state_dict.get("state", {}).get(sid)
             if isinstance(st, dict):
                 for key, v in st.items():
-                    if isinstance(v, Tensor) and (key in MOMENT_KEYS or key in EXTRA_KEYS):
-                        saved.append((p, key, v))
+                    if isinstance(v, Tensor) and (key in MOMENT_KEYS or key in EXTRA_KEYS or key in MOMENT_OF):
+                        saved.append((p, key, v, block))
     return saved
 
 
+def quantize(x: Tensor, block: int, root: bool) -> Tuple[Tensor, Tensor]:
+    """A moment as 8-bit codes (uint8, its shape) and scales (float32, one per
+    block), by the kernels' quantizer (Note [8-bit states]); ``root``: an
+    ``exp_avg_sq``, quantized as its square root."""
+    xf = x.detach().to(device="cpu", dtype=torch.float32).contiguous()
+    codes = torch.empty(xf.shape, dtype=torch.uint8)
+    scales = torch.empty(((xf.numel() + block - 1) // block,), dtype=torch.float32)
+    _C.q8_quantize(xf.data_ptr(), xf.numel(), codes.data_ptr(), scales.data_ptr(), block, root)
+    return codes.to(x.device), scales.to(x.device)
+
+
+def dequantize(codes: Tensor, scales: Tensor, block: int, root: bool) -> Tensor:
+    """The float32 moment of 8-bit codes and scales (``root``: squared back)."""
+    c = codes.detach().to(device="cpu", dtype=torch.uint8).contiguous()
+    sc = scales.detach().to(device="cpu", dtype=torch.float32).contiguous()
+    if sc.numel() != (c.numel() + block - 1) // block:
+        raise ValueError(f"{sc.numel()} scales do not fit {c.numel()} codes in blocks of {block}")
+    out = torch.empty(c.shape, dtype=torch.float32)
+    _C.q8_dequantize(c.data_ptr(), sc.data_ptr(), c.numel(), out.data_ptr(), block, root)
+    return out.to(codes.device)
+
+
+def _convert_layout(o: Options, p: Tensor, st: Dict[str, Any], block_of: Dict[str, int]) -> bool:
+    """Bring the moments of ``p`` into the layout of the options in force:
+    full moments quantized where 8-bit states apply, 8-bit codes dequantized
+    where they do not, codes of another block size requantized. Returns
+    whether anything was converted."""
+    changed = False
+    quant = o.quantizes(p)
+    for moment, (ck, sk) in QUANT_KEYS.items():
+        root = moment in ROOT_KEYS
+        if ck in st and sk in st and (not quant or block_of.get(ck, o.block) != o.block):
+            full = dequantize(st.pop(ck), st.pop(sk), block_of.get(ck, 256), root)
+            if not quant:
+                st[moment] = full.to(o.key_dtype(p, moment))
+            else:
+                st[ck], st[sk] = quantize(full, o.block, root)
+            changed = True
+        elif quant and isinstance(st.get(moment), Tensor):
+            st[ck], st[sk] = quantize(st.pop(moment), o.block, root)
+            changed = True
+    return changed
+
+
 def restore_state(defaults: Dict[str, Any], groups: List[Dict[str, Any]], state: Any,
-                  saved: List[Tuple[Tensor, str, Tensor]]) -> None:
+                  saved: List[Tuple[Tensor, str, Tensor, int]]) -> None:
     """After torch's loader: options a checkpoint lacks (e.g. torch's) are this
     optimizer's; the saved tensors of :func:`saved_state` get the dtypes of
     the options in force; state of an option not in force is dropped (warned)."""
@@ -353,14 +410,23 @@ def restore_state(defaults: Dict[str, Any], groups: List[Dict[str, Any]], state:
             group["sr_seed"] = defaults.get("sr_seed", 0) or draw_seed()
     group_of = {id(p): g for g in groups for p in g["params"]}
     dropped = set()
-    for p, key, v in saved:
+    blocks: Dict[int, Dict[str, int]] = {}
+    for p, key, v, block in saved:
         o = options_of(group_of[id(p)])
         st = state[p]
         if key in EXTRA_KEYS and key != o.extra_key:
             st.pop(key, None)
             dropped.add(key)
         elif p.is_floating_point():
-            st[key] = v.to(dtype=o.key_dtype(p, key), device=p.device)
+            # Codes and scales as saved, moments in the dtype the options keep.
+            dtype = v.dtype if key in MOMENT_OF else o.key_dtype(p, key)
+            st[key] = v.to(dtype=dtype, device=p.device)
+            blocks.setdefault(id(p), {})[key] = block
+    for g in groups:
+        o = options_of(g)
+        for p in g["params"]:
+            if p in state and (o.state_bits is not None or id(p) in blocks):
+                _convert_layout(o, p, state[p], blocks.get(id(p), {}))
     if dropped:
         warnings.warn(
             f"load_state_dict: ignored state of precision options this optimizer does not use: "
