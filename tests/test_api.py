@@ -30,7 +30,8 @@ def _ids(c):
 
 # ---------------------------------------------------------------- signatures and classes
 PRECISION_OPTIONS = {"master_weights": False, "stochastic_rounding": False, "kahan_summation": False,
-                     "state_dtype": None, "max_grad_norm": None}
+                     "state_dtype": None, "max_grad_norm": None, "state_bits": None, "state_block_size": 256,
+                     "min_quantized_numel": 4096}
 #: Keywords of newer torch that fusedoptim's signatures have on every torch,
 #: with newer torch's defaults; where torch's class lacks one, setting it is
 #: the TypeError torch raises (SGD's fused: torch 2.3+; Adam's
@@ -55,7 +56,8 @@ def test_signature_matches_torch(ours, theirs):
     assert [p.name for p in extra] == list(newer) + list(PRECISION_OPTIONS)
     for p in extra:
         assert p.kind == inspect.Parameter.KEYWORD_ONLY
-        assert p.default is dict(newer, **PRECISION_OPTIONS)[p.name]
+        want = dict(newer, **PRECISION_OPTIONS)[p.name]
+        assert p.default == want and type(p.default) is type(want), (p.name, p.default, want)
 
 
 @pytest.mark.parametrize("ours,theirs", PAIRS, ids=lambda c: c.__name__)

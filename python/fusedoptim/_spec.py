@@ -163,7 +163,10 @@ class Spec:
                     f"state[{key!r}] of param {i} has shape {tuple(t.shape)} but the param has {tuple(p.shape)}"
                 )
         if opts is not None:
-            other = [k for k in state if (k in MOMENT_OF or k in QUANT_KEYS) and k not in keys]
+            if opts.quantizes(p):  # full moments where the kernels take codes
+                other = [k for k in state if k in QUANT_KEYS and QUANT_KEYS[k][0] in keys]
+            else:  # codes or scales where the kernels take full moments
+                other = [k for k in state if k in MOMENT_OF]
             if other:
                 held = "8-bit" if opts.quantizes(p) else "full-precision"
                 raise ValueError(
