@@ -63,81 +63,91 @@ inline bool q8_block_ok(int64_t b) { return b >= kQ8MinBlock && b <= kQ8MaxBlock
 inline int64_t q8_blocks(int64_t numel, int64_t block) { return (numel + block - 1) / block; }
 
 // a where take_a, else b, without a branch (so that the block loops vectorize).
-FO_HD uint32_t q8_select(bool take_a, uint32_t a, uint32_t b) {
+FO_HD_ALWAYS uint32_t q8_select(bool take_a, uint32_t a, uint32_t b) {
   const uint32_t mask = 0u - uint32_t(take_a);
   return (a & mask) | (b & ~mask);
 }
 
+// The grid value of a magnitude code with `mbits` mantissa bits, before
+// scaling. a reads the code as if e were a normal exponent: 2^(e-15) *
+// (1 + f/2^mbits). For e = 0 that is 2^-15 + f * 2^-(15+mbits), and the
+// grid value f * 2^-(14+mbits) is 2a - 2^-14, which is then below a; for
+// e >= 1, 2a - 2^-14 >= a. Both are exact, so q = min(a, 2a - 2^-14)
+// without a branch or a select, in every variant alike.
+template <int kMantBits>
+FO_HD_ALWAYS float q8_grid_value(uint32_t mag) {
+  const float a = bits_float((mag + (112u << kMantBits)) << (23 - kMantBits));
+  const float b = (a + a) - 6.103515625e-05f;  // 2^-14
+  return b < a ? b : a;
+}
+
 // The grid value of a signed code (before scaling).
-FO_HD float q8_signed_value(uint32_t c) {
-  const uint32_t mag = c & 0x7fu;
-  const float normal = bits_float((mag + (112u << 3)) << 20);
-  const float sub = float(int32_t(mag & 7u)) * 7.62939453125e-06f;  // 2^-17
-  const uint32_t q = q8_select((mag >> 3) == 0, float_bits(sub), float_bits(normal));
-  return bits_float(q | ((c & 0x80u) << 24));
+FO_HD_ALWAYS float q8_signed_value(uint32_t c) {
+  return bits_float(float_bits(q8_grid_value<3>(c & 0x7fu)) | ((c & 0x80u) << 24));
 }
 
 // The grid value of an unsigned code (before scaling).
-FO_HD float q8_unsigned_value(uint32_t c) {
-  const float normal = bits_float((c + (112u << 4)) << 19);
-  const float sub = float(int32_t(c & 15u)) * 3.814697265625e-06f;  // 2^-18
-  return bits_float(q8_select((c >> 4) == 0, float_bits(sub), float_bits(normal)));
-}
+FO_HD_ALWAYS float q8_unsigned_value(uint32_t c) { return q8_grid_value<4>(c); }
 
 // y rounded to the nearest integer, ties to even, for 0 <= y <= 2^22.
-FO_HD uint32_t q8_rint(float y) { return uint32_t(int32_t((y + 8388608.0f) - 8388608.0f)); }
+FO_HD_ALWAYS uint32_t q8_rint(float y) { return uint32_t(int32_t((y + 8388608.0f) - 8388608.0f)); }
 
 // The magnitude code of n in [0, 1 + 2^-23]: nearest grid value, ties to even.
-FO_HD uint32_t q8_signed_mag(float n) {
+FO_HD_ALWAYS uint32_t q8_signed_mag(float n) {
   const uint32_t b = float_bits(n);
   const uint32_t normal = ((b + 0x7ffffu + ((b >> 20) & 1u)) >> 20) - (112u << 3);
   const uint32_t sub = q8_rint(n * 131072.0f);  // 2^17
   return q8_select(n < 6.103515625e-05f, sub, normal);  // 2^-14
 }
 
-FO_HD uint32_t q8_unsigned_code(float n) {
+FO_HD_ALWAYS uint32_t q8_unsigned_code(float n) {
   const uint32_t b = float_bits(n);
   const uint32_t normal = ((b + 0x3ffffu + ((b >> 19) & 1u)) >> 19) - (112u << 4);
   const uint32_t sub = q8_rint(n * 262144.0f);  // 2^18
   return q8_select(n < 6.103515625e-05f, sub, normal);
 }
 
-// The scale of a block: max |x| as fp32 bits, found with integer maxima
-// (NaN above +inf above every finite value, in any order).
-FO_HD uint32_t q8_absmax_bits(const float* x, int64_t n) {
-  uint32_t m = 0;
-  for (int64_t k = 0; k < n; ++k) {
-    const uint32_t a = float_bits(x[k]) & 0x7fffffffu;
-    m = a > m ? a : m;
+// The code of x in a block whose scale has the reciprocal inv.
+template <bool kSigned>
+FO_HD_ALWAYS uint8_t q8_code(float x, float inv) {
+  const uint32_t xb = float_bits(x);
+  const float mag = bits_float(xb & 0x7fffffffu) * inv;
+  if constexpr (kSigned) {
+    return uint8_t(q8_signed_mag(mag) | ((xb >> 24) & 0x80u));
+  } else {
+    return uint8_t(q8_unsigned_code(mag));
   }
-  return m;
+}
+
+// |x| as fp32 bits: their integer maximum orders NaN above +inf above every
+// finite value, in any order of the elements.
+FO_HD_ALWAYS uint32_t q8_abs_bits(float x) { return float_bits(x) & 0x7fffffffu; }
+
+// The scale a block stores for the maximum `mb` of its q8_abs_bits, and
+// whether its codes are computed (false: all zero).
+FO_HD_ALWAYS float q8_scale(uint32_t mb, bool* encode) {
+  *encode = mb != 0 && mb < 0x7f800000u;
+  return bits_float(mb > 0x7f800000u ? 0x7fc00000u : mb);
 }
 
 // Quantizes x[0, n) (one block) into codes and returns its scale.
 template <bool kSigned>
-FO_HD float q8_quantize_block(const float* x, int64_t n, uint8_t* codes) {
-  const uint32_t mb = q8_absmax_bits(x, n);
-  if (mb == 0 || mb >= 0x7f800000u) {
-    for (int64_t k = 0; k < n; ++k) codes[k] = 0;
-    return bits_float(mb > 0x7f800000u ? 0x7fc00000u : mb);
-  }
-  const float scale = bits_float(mb);
-  const float inv = 1.0f / scale;
+FO_HD_ALWAYS float q8_quantize_block(const float* x, int64_t n, uint8_t* codes) {
+  uint32_t mb = 0;
   for (int64_t k = 0; k < n; ++k) {
-    const uint32_t xb = float_bits(x[k]);
-    const float mag = bits_float(xb & 0x7fffffffu) * inv;
-    if constexpr (kSigned) {
-      codes[k] = uint8_t(q8_signed_mag(mag) | ((xb >> 24) & 0x80u));
-    } else {
-      codes[k] = uint8_t(q8_unsigned_code(mag));
-    }
+    const uint32_t a = q8_abs_bits(x[k]);
+    mb = a > mb ? a : mb;
   }
+  bool encode;
+  const float scale = q8_scale(mb, &encode);
+  const float inv = encode ? 1.0f / scale : 0.0f;
+  for (int64_t k = 0; k < n; ++k) codes[k] = encode ? q8_code<kSigned>(x[k], inv) : uint8_t(0);
   return scale;
 }
 
 // Dequantizes one block: signed codes to values, unsigned codes to v = r * r.
 template <bool kSigned>
-FO_HD void q8_dequantize_block(const uint8_t* codes, float scale, int64_t n, float* x) {
+FO_HD_ALWAYS void q8_dequantize_block(const uint8_t* codes, float scale, int64_t n, float* x) {
   for (int64_t k = 0; k < n; ++k) {
     if constexpr (kSigned) {
       x[k] = q8_signed_value(codes[k]) * scale;

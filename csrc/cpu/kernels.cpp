@@ -33,6 +33,7 @@ namespace fusedoptim { using VecISA = VecAVX512; }
 #else
 #error "FUSEDOPTIM_ISA must be 0, 1 or 2"
 #endif
+#include "quant8_vec.h"
 
 namespace fusedoptim {
 // The vector type a kernel uses for params of S and states of T: VecISA,
@@ -190,31 +191,47 @@ void sgd_segment(const SGDTensor& t, int64_t begin, int64_t end, const SGDHyper&
 
 // 8-bit states (Note [8-bit states] in common/quant8.h): a segment starts
 // at a block boundary (the driver aligns chunks to the block size), and each
-// block goes through three passes on the stack: dequantize its codes, update
-// (the same adam_update / sgd_update as fp32 states, params stored as their
-// store mode says), quantize the new moments. The block's values stay in L1.
+// block takes two passes. The first reads the codes straight into lanes,
+// runs the same adam_update / sgd_update as fp32 states, stores the param
+// as its store mode says, keeps the new moments on the stack (a few KB, in
+// L1) and their running |x| maximum in a register; the second writes the
+// codes. The lanes are Q8Lanes' (quant8_vec.h): AVX2's in the AVX-512
+// variant too.
+#if FUSEDOPTIM_ISA == 0
+using Q8Vec = VecScalar;
+#else
+using Q8Vec = VecAVX2;
+#endif
+
 template <class V, class S, int kStore, int kWD, bool kMax>
-FO_ALWAYS_INLINE void adam_q8_elems(const AdamTensor& t, int64_t b0, int64_t k, float* m, float* v,
+FO_ALWAYS_INLINE void adam_q8_elems(const AdamTensor& t, int64_t i, float* m, float* r, float sm, float sv,
+                                    typename Q8Lanes<V>::Max& mmax, typename Q8Lanes<V>::Max& rmax,
                                     const AdamConsts<V>& c) {
-  const int64_t i = b0 + k;
+  using Q = Q8Lanes<V>;
   const ParamAt<kStore, V, S> io{static_cast<S*>(t.param), t.extra, i, key_at<kStore>(t.sr_key, i)};
   const V p0 = start_param<kStore, V>(io);
-  V pv = p0, mv = V::load(m + k), vv = V::load(v + k), unused(0.0f);
+  const V root = mul(Q::unsigned_values(static_cast<const uint8_t*>(t.exp_avg_sq) + i), V(sv));
+  V pv = p0, mv = mul(Q::signed_values(static_cast<const uint8_t*>(t.exp_avg) + i), V(sm));
+  V vv = mul(root, root), unused(0.0f);
   adam_update<kWD, false, kMax>(pv, V::load(static_cast<const S*>(t.grad) + i), mv, vv, unused, c);
-  mv.store(m + k);
-  sqrt(vv).store(v + k);  // exp_avg_sq is quantized as its root
+  const V new_root = sqrt(vv);  // exp_avg_sq is quantized as its root
+  mv.store(m);
+  new_root.store(r);
+  mmax = Q::max_abs(mmax, mv);
+  rmax = Q::max_abs(rmax, new_root);
   store_param<S, kStore>(io, p0, pv);
 }
 
 template <class S, int kStore, int kWD, bool kMax>
 void adam_q8_segment(const AdamTensor& t, int64_t begin, int64_t end, const AdamHyper& h) {
-  using V = VecISA;
+  using V = Q8Vec;
+  using Q = Q8Lanes<V>;
   const AdamConsts<V> cv(h, t.coeffs);
   const AdamConsts<VecScalar> cs(h, t.coeffs);
   constexpr int W = V::kWidth;
   const int64_t B = h.q8_block;
   alignas(64) float m[kQ8MaxBlock];
-  alignas(64) float v[kQ8MaxBlock];
+  alignas(64) float r[kQ8MaxBlock];
   uint8_t* mc = static_cast<uint8_t*>(t.exp_avg);
   uint8_t* vc = static_cast<uint8_t*>(t.exp_avg_sq);
   for (int64_t b0 = begin; b0 < end; b0 += B) {
@@ -227,37 +244,41 @@ void adam_q8_segment(const AdamTensor& t, int64_t begin, int64_t end, const Adam
         __builtin_prefetch(vc + ahead + o, 1);
       }
     }
-    q8_dequantize_block<true>(mc + b0, t.exp_avg_scale[blk], n, m);
-    q8_dequantize_block<false>(vc + b0, t.exp_avg_sq_scale[blk], n, v);
+    const float sm = t.exp_avg_scale[blk], sv = t.exp_avg_sq_scale[blk];
+    typename Q::Max mmax = Q::zero(), rmax = Q::zero();
     int64_t k = 0;
     for (; k + W <= n; k += W) {
       if constexpr (kPrefetchAhead > 0) {
         __builtin_prefetch(static_cast<const S*>(t.grad) + b0 + k + kPrefetchAhead);
         __builtin_prefetch(static_cast<const S*>(t.param) + b0 + k + kPrefetchAhead, 1);
       }
-      adam_q8_elems<V, S, kStore, kWD, kMax>(t, b0, k, m, v, cv);
+      adam_q8_elems<V, S, kStore, kWD, kMax>(t, b0 + k, m + k, r + k, sm, sv, mmax, rmax, cv);
     }
-    for (; k < n; ++k) adam_q8_elems<VecScalar, S, kStore, kWD, kMax>(t, b0, k, m, v, cs);
-    t.exp_avg_scale[blk] = q8_quantize_block<true>(m, n, mc + b0);
-    t.exp_avg_sq_scale[blk] = q8_quantize_block<false>(v, n, vc + b0);
+    uint32_t mmax1 = Q::reduce(mmax), rmax1 = Q::reduce(rmax);
+    for (; k < n; ++k) adam_q8_elems<VecScalar, S, kStore, kWD, kMax>(t, b0 + k, m + k, r + k, sm, sv, mmax1, rmax1, cs);
+    t.exp_avg_scale[blk] = q8_encode_block<true, V>(m, n, mmax1, mc + b0);
+    t.exp_avg_sq_scale[blk] = q8_encode_block<false, V>(r, n, rmax1, vc + b0);
   }
 }
 
 template <class V, class S, int kStore, bool kWD, int kMom, bool kMax, bool kFirst>
-FO_ALWAYS_INLINE void sgd_q8_elems(const SGDTensor& t, int64_t b0, int64_t k, float* buf, const SGDConsts<V>& c) {
-  const int64_t i = b0 + k;
+FO_ALWAYS_INLINE void sgd_q8_elems(const SGDTensor& t, int64_t i, float* buf, float sb,
+                                   typename Q8Lanes<V>::Max& bmax, const SGDConsts<V>& c) {
+  using Q = Q8Lanes<V>;
   const ParamAt<kStore, V, S> io{static_cast<S*>(t.param), t.extra, i, key_at<kStore>(t.sr_key, i)};
   const V p0 = start_param<kStore, V>(io);
   V pv = p0;
-  V bv = kFirst ? V(0.0f) : V::load(buf + k);
+  V bv = kFirst ? V(0.0f) : mul(Q::signed_values(static_cast<const uint8_t*>(t.momentum_buffer) + i), V(sb));
   sgd_update<kWD, kMom, kMax, kFirst>(pv, V::load(static_cast<const S*>(t.grad) + i), bv, c);
-  bv.store(buf + k);
+  bv.store(buf);
+  bmax = Q::max_abs(bmax, bv);
   store_param<S, kStore>(io, p0, pv);
 }
 
 template <class S, int kStore, bool kWD, int kMom, bool kMax, bool kFirst>
 void sgd_q8_segment(const SGDTensor& t, int64_t begin, int64_t end, const SGDHyper& h) {
-  using V = VecISA;
+  using V = Q8Vec;
+  using Q = Q8Lanes<V>;
   const SGDConsts<V> cv(h);
   const SGDConsts<VecScalar> cs(h);
   constexpr int W = V::kWidth;
@@ -270,17 +291,19 @@ void sgd_q8_segment(const SGDTensor& t, int64_t begin, int64_t end, const SGDHyp
     if constexpr (kPrefetchAhead > 0) {
       for (int64_t o = 0; o < B; o += 64) __builtin_prefetch(bc + b0 + B + o, 1);
     }
-    if (!kFirst) q8_dequantize_block<true>(bc + b0, t.momentum_scale[blk], n, buf);
+    const float sb = kFirst ? 0.0f : t.momentum_scale[blk];
+    typename Q::Max bmax = Q::zero();
     int64_t k = 0;
     for (; k + W <= n; k += W) {
       if constexpr (kPrefetchAhead > 0) {
         __builtin_prefetch(static_cast<const S*>(t.grad) + b0 + k + kPrefetchAhead);
         __builtin_prefetch(static_cast<const S*>(t.param) + b0 + k + kPrefetchAhead, 1);
       }
-      sgd_q8_elems<V, S, kStore, kWD, kMom, kMax, kFirst>(t, b0, k, buf, cv);
+      sgd_q8_elems<V, S, kStore, kWD, kMom, kMax, kFirst>(t, b0 + k, buf + k, sb, bmax, cv);
     }
-    for (; k < n; ++k) sgd_q8_elems<VecScalar, S, kStore, kWD, kMom, kMax, kFirst>(t, b0, k, buf, cs);
-    t.momentum_scale[blk] = q8_quantize_block<true>(buf, n, bc + b0);
+    uint32_t bmax1 = Q::reduce(bmax);
+    for (; k < n; ++k) sgd_q8_elems<VecScalar, S, kStore, kWD, kMom, kMax, kFirst>(t, b0 + k, buf + k, sb, bmax1, cs);
+    t.momentum_scale[blk] = q8_encode_block<true, V>(buf, n, bmax1, bc + b0);
   }
 }
 

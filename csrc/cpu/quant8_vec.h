@@ -1,0 +1,141 @@
+// Note [8-bit states] (common/quant8.h) on the lanes of a CPU variant.
+//
+// Q8Lanes<V> reads W codes into a V of grid values, keeps a running
+// maximum of |x| bits, and writes codes kEncodeWidth at a time; a kernel
+// finishes every loop with the one-lane form, which calls the scalar
+// functions of quant8.h. Each operation is an exact integer operation or a
+// correctly rounded fp32 one, the same in every variant, so the codes and
+// the values are the same bits whatever the width.
+//
+// Included by kernels.cpp only, whose variants are compiled with different
+// instruction sets: everything here is static or always inlined, so that no
+// variant's copy of a function stands in for another's at link time.
+#pragma once
+
+#include <cstdint>
+
+#include "../common/quant8.h"
+#include "vec_scalar.h"
+#if FUSEDOPTIM_ISA >= 1
+#include <immintrin.h>
+
+#include "vec_avx2.h"
+#endif
+
+namespace fusedoptim {
+namespace cpu {
+namespace {
+
+template <class V>
+struct Q8Lanes;
+
+template <>
+struct Q8Lanes<VecScalar> {
+  static constexpr int kEncodeWidth = 1;
+  using Max = uint32_t;
+  static Max zero() { return 0; }
+  static VecScalar signed_values(const uint8_t* c) { return VecScalar(q8_signed_value(*c)); }
+  static VecScalar unsigned_values(const uint8_t* c) { return VecScalar(q8_unsigned_value(*c)); }
+  static Max max_abs(Max m, VecScalar x) {
+    const uint32_t a = q8_abs_bits(x.x);
+    return a > m ? a : m;
+  }
+  static uint32_t reduce(Max m) { return m; }
+  template <bool kSigned>
+  static void encode(const float* x, float inv, uint8_t* codes) {
+    *codes = q8_code<kSigned>(*x, inv);
+  }
+};
+
+#if FUSEDOPTIM_ISA >= 1
+// Eight lanes with AVX2; the AVX-512 variant uses them too (its vectors of
+// codes would be the same operations, twice as wide).
+template <>
+struct Q8Lanes<VecAVX2> {
+  static constexpr int kEncodeWidth = 32;
+  using Max = __m256i;
+  static Max zero() { return _mm256_setzero_si256(); }
+
+  static __m256i load8(const uint8_t* c) {
+    return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(c)));
+  }
+  // q8_grid_value<kMantBits> of quant8.h on eight magnitude codes.
+  template <int kMantBits>
+  static __m256 grid_values(__m256i mag) {
+    const __m256 a = _mm256_castsi256_ps(
+        _mm256_slli_epi32(_mm256_add_epi32(mag, _mm256_set1_epi32(112 << kMantBits)), 23 - kMantBits));
+    const __m256 b = _mm256_sub_ps(_mm256_add_ps(a, a), _mm256_set1_ps(6.103515625e-05f));
+    return _mm256_min_ps(b, a);  // b < a ? b : a (no NaN here)
+  }
+  static VecAVX2 signed_values(const uint8_t* c) {
+    const __m256i w = load8(c);
+    const __m256 q = grid_values<3>(_mm256_and_si256(w, _mm256_set1_epi32(0x7f)));
+    const __m256i sign = _mm256_slli_epi32(_mm256_srli_epi32(w, 7), 31);
+    return VecAVX2(_mm256_or_ps(q, _mm256_castsi256_ps(sign)));
+  }
+  static VecAVX2 unsigned_values(const uint8_t* c) { return VecAVX2(grid_values<4>(load8(c))); }
+
+  static Max max_abs(Max m, VecAVX2 x) {
+    return _mm256_max_epu32(m, _mm256_and_si256(_mm256_castps_si256(x.x), _mm256_set1_epi32(0x7fffffff)));
+  }
+  static uint32_t reduce(Max m) {
+    __m128i r = _mm_max_epu32(_mm256_castsi256_si128(m), _mm256_extracti128_si256(m, 1));
+    r = _mm_max_epu32(r, _mm_shuffle_epi32(r, 0x4e));
+    r = _mm_max_epu32(r, _mm_shuffle_epi32(r, 0xb1));
+    return uint32_t(_mm_cvtsi128_si32(r));
+  }
+
+  // q8_code<kSigned> of quant8.h on eight lanes, one code per 32-bit lane.
+  // q8_rint's (y + 2^23) - 2^23 and CVTPS2DQ both round to nearest even.
+  template <bool kSigned>
+  static __m256i codes8(const float* x, __m256 inv) {
+    constexpr int kShift = kSigned ? 20 : 19;
+    const __m256i xb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
+    const __m256 n = _mm256_mul_ps(_mm256_castsi256_ps(_mm256_and_si256(xb, _mm256_set1_epi32(0x7fffffff))), inv);
+    const __m256i nb = _mm256_castps_si256(n);
+    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(nb, kShift), _mm256_set1_epi32(1));
+    const __m256i rounded = _mm256_add_epi32(_mm256_add_epi32(nb, _mm256_set1_epi32((1 << (kShift - 1)) - 1)), odd);
+    const __m256i normal = _mm256_sub_epi32(_mm256_srli_epi32(rounded, kShift),
+                                            _mm256_set1_epi32(112 << (kSigned ? 3 : 4)));
+    const __m256i sub = _mm256_cvtps_epi32(_mm256_mul_ps(n, _mm256_set1_ps(kSigned ? 131072.0f : 262144.0f)));
+    const __m256 small = _mm256_cmp_ps(n, _mm256_set1_ps(6.103515625e-05f), _CMP_LT_OQ);
+    __m256i code = _mm256_blendv_epi8(normal, sub, _mm256_castps_si256(small));
+    if constexpr (kSigned) code = _mm256_or_si256(code, _mm256_and_si256(_mm256_srli_epi32(xb, 24), _mm256_set1_epi32(0x80)));
+    return code;
+  }
+  // 32 codes: three packs put them in the order 0-3 8-11 16-19 24-27 4-7 ...,
+  // one permute of 32-bit groups restores it.
+  template <bool kSigned>
+  static void encode(const float* x, float inv, uint8_t* codes) {
+    const __m256 vinv = _mm256_set1_ps(inv);
+    const __m256i ab = _mm256_packus_epi32(codes8<kSigned>(x, vinv), codes8<kSigned>(x + 8, vinv));
+    const __m256i cd = _mm256_packus_epi32(codes8<kSigned>(x + 16, vinv), codes8<kSigned>(x + 24, vinv));
+    const __m256i bytes = _mm256_packus_epi16(ab, cd);
+    const __m256i ordered = _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(codes), ordered);
+  }
+};
+#endif
+
+// Writes the codes of one block x[0, n) whose |x| bits have the maximum mb
+// and returns its scale (q8_quantize_block of quant8.h, with the maximum
+// already found during the update).
+template <bool kSigned, class V>
+inline __attribute__((always_inline)) float q8_encode_block(const float* x, int64_t n, uint32_t mb, uint8_t* codes) {
+  bool encode;
+  const float scale = q8_scale(mb, &encode);
+  if (!encode) {
+    for (int64_t k = 0; k < n; ++k) codes[k] = 0;
+    return scale;
+  }
+  const float inv = 1.0f / scale;
+  constexpr int E = Q8Lanes<V>::kEncodeWidth;
+  int64_t k = 0;
+  for (; k + E <= n; k += E) Q8Lanes<V>::template encode<kSigned>(x + k, inv, codes + k);
+  for (; k < n; ++k) codes[k] = q8_code<kSigned>(x[k], inv);
+  return scale;
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace fusedoptim
