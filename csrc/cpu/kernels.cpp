@@ -222,11 +222,18 @@ FO_ALWAYS_INLINE void adam_q8_elems(const AdamTensor& t, int64_t i, float* m, fl
   store_param<S, kStore>(io, p0, pv);
 }
 
-template <class S, int kStore, int kWD, bool kMax>
-void adam_q8_segment(const AdamTensor& t, int64_t begin, int64_t end, const AdamHyper& h) {
+template <class S, int kStore, int kWD, bool kMax, bool kScaleGrad, bool kLerpFromGrad>
+void adam_q8_blocks(const AdamTensor& tensor, int64_t begin, int64_t end, const AdamHyper& h) {
+  // A local copy: no store through a param or code pointer can change it,
+  // so its pointers stay in registers across the loop.
+  const AdamTensor t = tensor;
   using V = Q8Vec;
   using Q = Q8Lanes<V>;
-  const AdamConsts<V> cv(h, t.coeffs);
+  // The two flags of the constants as constants of the loop, which they
+  // are: otherwise each vector pays a compare and a select through memory.
+  AdamConsts<V> cv(h, t.coeffs);
+  cv.scale_grad = kScaleGrad;
+  cv.lerp_from_grad = kLerpFromGrad;
   const AdamConsts<VecScalar> cs(h, t.coeffs);
   constexpr int W = V::kWidth;
   const int64_t B = h.q8_block;
@@ -261,6 +268,17 @@ void adam_q8_segment(const AdamTensor& t, int64_t begin, int64_t end, const Adam
   }
 }
 
+template <class S, int kStore, int kWD, bool kMax>
+void adam_q8_segment(const AdamTensor& t, int64_t begin, int64_t end, const AdamHyper& h) {
+  const bool scale = !(h.grad_mul == 1.0f);  // AdamConsts::scale_grad
+  if (scale) {
+    return h.lerp_from_grad ? adam_q8_blocks<S, kStore, kWD, kMax, true, true>(t, begin, end, h)
+                            : adam_q8_blocks<S, kStore, kWD, kMax, true, false>(t, begin, end, h);
+  }
+  return h.lerp_from_grad ? adam_q8_blocks<S, kStore, kWD, kMax, false, true>(t, begin, end, h)
+                          : adam_q8_blocks<S, kStore, kWD, kMax, false, false>(t, begin, end, h);
+}
+
 template <class V, class S, int kStore, bool kWD, int kMom, bool kMax, bool kFirst>
 FO_ALWAYS_INLINE void sgd_q8_elems(const SGDTensor& t, int64_t i, float* buf, float sb,
                                    typename Q8Lanes<V>::Max& bmax, const SGDConsts<V>& c) {
@@ -276,7 +294,8 @@ FO_ALWAYS_INLINE void sgd_q8_elems(const SGDTensor& t, int64_t i, float* buf, fl
 }
 
 template <class S, int kStore, bool kWD, int kMom, bool kMax, bool kFirst>
-void sgd_q8_segment(const SGDTensor& t, int64_t begin, int64_t end, const SGDHyper& h) {
+void sgd_q8_segment(const SGDTensor& tensor, int64_t begin, int64_t end, const SGDHyper& h) {
+  const SGDTensor t = tensor;  // in registers across the loop (adam_q8_segment)
   using V = Q8Vec;
   using Q = Q8Lanes<V>;
   const SGDConsts<V> cv(h);
