@@ -265,6 +265,51 @@ def test_thread_counts_give_identical_bits(kind):
         _same(one, _run(threads=t, kind=kind))
 
 
+
+@pytest.mark.parametrize("kind", ["adamw", "sgd"])
+def test_cached_plan_gives_the_bits_of_the_full_path(kind, monkeypatch):
+    """From the second step on, a group's checks and grad addresses come from
+    its cached C plan; forgetting the plan before every step (the full
+    check and routing each time) must give the same bits."""
+    from fusedoptim import _plans
+    calls = []
+    run_cached = _plans.run_cpu_cached
+    monkeypatch.setattr(_plans, "run_cpu_cached", lambda *a: calls.append(1) or run_cached(*a))
+    cached = _run(kind=kind, steps=5)
+    assert len(calls) == 4  # every step after the first
+    monkeypatch.setattr(_plans.GroupPlan, "cached", lambda self, spec, group, opts: None)
+    full = _run(kind=kind, steps=5)
+    _same(cached, full)
+
+
+def test_cached_plan_notices_replaced_codes_and_scales():
+    """A state tensor replaced between steps (a new object under the same
+    key) is read from its new place, not from the address cached."""
+    gen = torch.Generator().manual_seed(3)
+    ps = [torch.nn.Parameter(torch.randn(8192, generator=gen)), torch.nn.Parameter(torch.randn(100, generator=gen))]
+    opt = fusedoptim.AdamW(ps, lr=1e-2, state_bits=8)
+    for _ in range(3):
+        for p in ps:
+            p.grad = torch.randn(p.shape, generator=gen)
+        opt.step()
+    assert opt._fo_plans and all(plan.cpu_plan is not None for _, plan in opt._fo_plans.values())
+    twin = fusedoptim.AdamW([torch.nn.Parameter(p.detach().clone()) for p in ps], lr=1e-2, state_bits=8)
+    sd = copy.deepcopy(opt.state_dict())
+    st = opt.state[ps[0]]
+    st["exp_avg_codes"] = torch.zeros_like(st["exp_avg_codes"])
+    st["exp_avg_scale"] = torch.zeros_like(st["exp_avg_scale"])
+    sd["state"][0]["exp_avg_codes"].zero_()
+    sd["state"][0]["exp_avg_scale"].zero_()
+    twin.load_state_dict(sd)
+    grads = [torch.randn(p.shape, generator=gen) for p in ps]
+    for p, q, g in zip(ps, twin.param_groups[0]["params"], grads):
+        p.grad, q.grad = g.clone(), g.clone()
+    opt.step()
+    twin.step()
+    for p, q in zip(ps, twin.param_groups[0]["params"]):
+        assert torch.equal(p.view(torch.int32), q.view(torch.int32))
+    assert torch.equal(opt.state[ps[0]]["exp_avg_codes"], twin.state[twin.param_groups[0]["params"][0]]["exp_avg_codes"])
+
 @pytest.mark.parametrize("block", [64, 4096])
 def test_block_sizes_run_and_align_with_threads(block):
     _same(_run(threads=1, state_block_size=block), _run(threads=2, state_block_size=block))

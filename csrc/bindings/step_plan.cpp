@@ -259,7 +259,7 @@ int StepPlan::collect_impl(py::handle params, py::handle state_obj) {
       const size_t e = k * nk + j;
       PyObject* v = PyDict_GetItemWithError(d, key_objs_[j].ptr());
       if (v == nullptr && PyErr_Occurred()) throw py::error_already_set();
-      if (v != expected_[e].ptr()) return kStale;
+      if ((v == nullptr ? Py_None : v) != expected_[e].ptr()) return kStale;  // absent is None, as in add()
       if (expected_ptrs_[e] != 0 && (call_ptr(v) != expected_ptrs_[e] || get_int(v, names().nbytes) != expected_nbytes_[e])) {
         return kStale;
       }

@@ -26,7 +26,8 @@ from ._spec import Spec
 from ._tensors import DTYPE_CODES, STEP_CODES, address, grad_addresses, local
 from .backends import StepArgs, Tables, cpu, cuda
 
-__all__ = ["CudaBuild", "GroupPlan", "build_cpu", "build_cuda", "group_values", "run_cpu", "run_cuda", "undo"]
+__all__ = ["CudaBuild", "GroupPlan", "build_cpu", "build_cuda", "group_values", "run_cpu", "run_cpu_cached", "run_cuda",
+           "undo"]
 
 
 class GroupPlan:
@@ -125,7 +126,8 @@ def _native_plan(params: Any, state_all: Any, keys: Sequence[str], uses_step: bo
     """A C plan over ``entries`` (tables, index in tables, position, state)."""
     b = _C.StepPlanBuilder(params, state_all, list(keys), uses_step)
     for t, j, i, state in entries:
-        b.add(i, t.params[j], state, t.code, t.numels[j], t.pptrs[j], [t.streams[k][j] for k in keys],
+        b.add(i, t.params[j], state, t.code, t.numels[j], t.pptrs[j],
+              [t.streams[k][j] if k in t.streams else 0 for k in keys],
               t.steps[j] if uses_step else 0, t.first[j], t.ids[j], step_dtype=t.step_code)
     return b.build()
 
@@ -169,7 +171,7 @@ def build_cpu(plan: GroupPlan, spec: Spec, opt: Any, group: Dict[str, Any], ps: 
     sharded = False
     plan.tables = []
     step_dtype = spec.step_dtype(group)
-    for (code, step_code, quant), index in r.cpu.items():
+    for (code, step_code, quant), index in r.cpu.items():  # (tables of one dtype side by side: route)
         t = Tables(code, opts, step_code=step_code)
         t.quant = quant
         t.index = list(index)
@@ -187,9 +189,30 @@ def build_cpu(plan: GroupPlan, spec: Spec, opt: Any, group: Dict[str, Any], ps: 
     plan.cpu_plan = None
     # Sharded params take the general path every step: the C plan checks
     # params by their own addresses, which a DTensor does not have.
-    # 8-bit states: the plan keeps no scales; such groups are checked in full.
-    if plan.tables and isinstance(group["params"], list) and not sharded and opts.state_bits is None:
-        plan.cpu_plan = _native_plan(group["params"], state_all, keys, uses_step, entries)
+    if plan.tables and isinstance(group["params"], list) and not sharded:
+        if opts.state_bits is None:
+            plan.cpu_plan = _native_plan(group["params"], state_all, keys, uses_step, entries)
+        else:
+            # 8-bit states: the tables' keys differ (codes and scales where a
+            # tensor is quantized). The plan checks the union of them (a key
+            # a param does not use stays absent) and reads the grads; the
+            # tables run as they are (run_cpu_cached).
+            union = list(dict.fromkeys(k for t in plan.tables for k in t.streams))
+            lo = 0
+            for t in plan.tables:
+                t.lo, t.hi = lo, lo + len(t.index)
+                lo = t.hi
+            plan.cpu_plan = _native_plan(group["params"], state_all, union, uses_step, entries)
+
+
+def run_cpu_cached(plan: GroupPlan, spec: Spec, hyper: Any, args: StepArgs) -> None:
+    """A cached CPU group whose tables run from Python (8-bit states): the
+    grads' addresses from the C plan's ``collect()``."""
+    gptrs = plan.cpu_plan.take_grad_ptrs()  # type: ignore[union-attr]
+    for t in plan.tables:
+        cpu.run(spec.kernel, t, gptrs[t.lo:t.hi], hyper, args)
+        if any(t.first):
+            t.first = [False] * len(t.first)
 
 
 def run_cpu(plan: GroupPlan, spec: Spec, gs: List[Tensor], hyper: Any, args: StepArgs) -> None:

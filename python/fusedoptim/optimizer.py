@@ -379,7 +379,10 @@ class FusedOptimizer(TorchProtocol):
                 names.append("none")
                 continue
             if w.cached == "cpu":
-                cpu.run_plan(spec.kernel, plan.cpu_plan, w.hyper, plan.opts, args)
+                if plan.opts.state_bits is not None:
+                    _plans.run_cpu_cached(plan, spec, w.hyper, args)
+                else:
+                    cpu.run_plan(spec.kernel, plan.cpu_plan, w.hyper, plan.opts, args)
                 names.append(cpu.name())
                 continue
             if w.cached == "cuda":
@@ -391,7 +394,7 @@ class FusedOptimizer(TorchProtocol):
             # A plan routed and built this step: cache it.
             plans[id(w.group)] = (w.group, plan)
             if r.cpu:
-                if plan.cpu_plan is not None and not r.torch and not r.cuda \
+                if plan.cpu_plan is not None and not r.torch and not r.cuda and plan.opts.state_bits is None \
                         and plan.cpu_plan.collect(w.group["params"], self.state) == 0:  # type: ignore[attr-defined]
                     cpu.run_plan(spec.kernel, plan.cpu_plan, w.hyper, plan.opts, args)
                 else:
