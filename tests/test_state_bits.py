@@ -465,16 +465,48 @@ def test_error_leaves_params_and_state_untouched():
         opt.step()
 
 
-def test_cuda_params_are_refused_with_nothing_written(monkeypatch):
+@pytest.mark.parametrize("kind,dtype,opts", VARIANTS + [("adamw", torch.float32, {"max_grad_norm": 0.5}),
+                                                     ("sgd", torch.float32, {"state_block_size": 64}),
+                                                     ("adamw", torch.float32, {"state_block_size": 4096})],
+                         ids=lambda v: str(v))
+def test_emulated_cuda_kernels_give_the_cpu_bits(kind, dtype, opts):
+    """The CUDA kernels (Note [8-bit states on CUDA]) run through the host
+    emulation: params, codes and scales equal the CPU scalar variant's bits
+    after several steps (the first step of SGD's buffer included)."""
     from fusedoptim.backends import cuda
-    p = torch.nn.Parameter(torch.randn(5000))
-    monkeypatch.setattr(cuda, "takes", lambda t: True)
-    opt = fusedoptim.AdamW([p], state_bits=8)
-    p.grad = torch.randn(5000)
-    before = p.detach().clone()
-    with pytest.raises(RuntimeError, match="CPU kernels only"):
+    cpu = _run("scalar", kind=kind, dtype=dtype, **opts)
+    cuda.last_stats.clear()
+    with cuda.emulate():
+        emulated = _run(kind=kind, dtype=dtype, **opts)
+    assert len(cuda.last_stats) >= 4  # the steps launched (emulated) kernels
+    _same(cpu, emulated)
+
+
+def test_emulated_cuda_launch_packs_blocks_per_tensor():
+    """One kernel block per quantization block, tensor after tensor, across
+    launches of the small parameter block (40 tensors each)."""
+    from fusedoptim.backends import cuda
+    gen = torch.Generator().manual_seed(1)
+    ps = [torch.nn.Parameter(torch.randn(4096 + 37 * k, generator=gen)) for k in range(45)]
+    for p in ps:
+        p.grad = torch.randn(p.shape, generator=gen)
+    ref = fusedoptim.AdamW([torch.nn.Parameter(p.detach().clone()) for p in ps], lr=1e-2, state_bits=8)
+    for q, p in zip(ref.param_groups[0]["params"], ps):
+        q.grad = p.grad.clone()
+    fusedoptim.set_cpu_isa("scalar")  # (the test's fixture restores the variant)
+    ref.step()
+    opt = fusedoptim.AdamW(ps, lr=1e-2, state_bits=8)
+    cuda.last_stats.clear()
+    with cuda.emulate(param_space="small"):
         opt.step()
-    assert torch.equal(p, before) and not opt.state
+    stats = cuda.last_stats[-1]
+    assert stats["launches"] == 2 and stats["capacity"] == 40
+    assert stats["blocks"] == sum(-(-p.numel() // 256) for p in ps)
+    for p, q in zip(ps, ref.param_groups[0]["params"]):
+        assert torch.equal(p.view(torch.int32), q.view(torch.int32))
+        assert torch.equal(opt.state[p]["exp_avg_codes"], ref.state[q]["exp_avg_codes"])
+        assert torch.equal(opt.state[p]["exp_avg_sq_scale"].view(torch.int32),
+                           ref.state[q]["exp_avg_sq_scale"].view(torch.int32))
 
 
 # ----------------------------------------------------------------- quality

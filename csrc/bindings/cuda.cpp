@@ -53,7 +53,6 @@ cuda::LaunchCommon launch_common(int32_t dtype, uintptr_t grad_scale, uintptr_t 
 // The precision options of a launch (Note [precision options]); the grad
 // multiplier is read on the device from clip_coef (null: 1).
 void set_options(cuda::LaunchCommon& c, const Options& o, uintptr_t clip_coef) {
-  if (o.state_dtype == kQuant8) throw py::value_error("the CUDA kernels do not run 8-bit states");
   check_ptr(clip_coef, clip_coef ? 1 : 0, alignof(float), "clip_coef", 0);
   c.state_dtype = o.state_dtype;
   c.store = o.store;
@@ -80,7 +79,8 @@ py::dict cuda_adam_step(CudaAdamFn fn, py::handle params, py::handle grads, py::
                         bool decoupled, bool amsgrad, bool maximize, bool device_steps, uintptr_t lr_ptr,
                         uintptr_t grad_scale, uintptr_t found_inf, int device, uintptr_t stream,
                         const std::string& space, int32_t state_dtype, int store, py::handle extras, py::handle ids,
-                        uint64_t seed, uintptr_t clip_coef, int32_t step_dtype) {
+                        uint64_t seed, uintptr_t clip_coef, int32_t step_dtype, py::handle exp_avg_scales,
+                        py::handle exp_avg_sq_scales, int64_t block_size) {
   cuda::AdamRequest r;
   r.common = launch_common(dtype, grad_scale, found_inf, device, stream, space);
   const Options o = options(dtype, state_dtype, store, seed);
@@ -88,6 +88,7 @@ py::dict cuda_adam_step(CudaAdamFn fn, py::handle params, py::handle grads, py::
   if (lr_ptr != 0 && !device_steps) throw py::value_error("lr_ptr needs device_steps=True");
   check_ptr(lr_ptr, lr_ptr ? 1 : 0, alignof(float), "lr_ptr", 0);
   r.hyper = adam_hyper(lr, beta1, beta2, eps, weight_decay, decoupled);
+  r.hyper.q8_block = int32_t(block_size);
   r.wd_mode = adam_wd_mode(weight_decay, decoupled);
   r.amsgrad = amsgrad;
   r.maximize = maximize;
@@ -100,7 +101,7 @@ py::dict cuda_adam_step(CudaAdamFn fn, py::handle params, py::handle grads, py::
   r.seed = o.seed;
   if (device_steps && step_dtype != kFloat32) throw py::value_error("device step counters must be float32");
   AdamLists lists = adam_lists(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, numels_obj, o, amsgrad,
-                               extras, ids, step_dtype);
+                               extras, ids, step_dtype, exp_avg_scales, exp_avg_sq_scales, block_size);
   // Every check has passed: from here on we write. Host step counters are
   // counted here, as the CPU path does (with the stochastic-rounding keys);
   // device ones by a kernel, which also derives the keys from them.
@@ -125,17 +126,19 @@ py::dict cuda_sgd_step(CudaSGDFn fn, py::handle params, py::handle grads, py::ha
                        double momentum, double dampening, bool nesterov, bool maximize, uintptr_t grad_scale,
                        uintptr_t found_inf, int device, uintptr_t stream, const std::string& space,
                        int32_t state_dtype, int store, py::handle extras, py::handle steps, py::handle ids,
-                       uint64_t seed, uintptr_t clip_coef) {
+                       uint64_t seed, uintptr_t clip_coef, py::handle momentum_scales, int64_t block_size) {
   cuda::SGDRequest r;
   r.common = launch_common(dtype, grad_scale, found_inf, device, stream, space);
   const Options o = options(dtype, state_dtype, store, seed);
   set_options(r.common, o, clip_coef);
   r.hyper = sgd_hyper(lr, weight_decay, momentum, dampening);
+  r.hyper.q8_block = int32_t(block_size);
   r.weight_decay = weight_decay != 0.0;
   r.momentum_mode = sgd_momentum_mode(momentum, nesterov);
   r.maximize = maximize;
   SGDLists lists =
-      sgd_lists(params, grads, momentum_buffers, first_step, numels_obj, o, momentum != 0.0, extras, steps, ids);
+      sgd_lists(params, grads, momentum_buffers, first_step, numels_obj, o, momentum != 0.0, extras, steps, ids,
+                momentum_scales, block_size);
   // Every check has passed: the host step counters (stochastic rounding) first.
   StepCounter(o.store, o.seed).count_all(lists.tensors, lists.steps, lists.ids);
   r.tensors = std::move(lists.tensors);
@@ -213,11 +216,12 @@ void def_cuda_backend(py::module_& m, CudaAdamFn adam, CudaSGDFn sgd, CudaNormFn
              double beta2, double eps, double weight_decay, bool decoupled, bool amsgrad, bool maximize,
              bool device_steps, uintptr_t lr_ptr, uintptr_t grad_scale, uintptr_t found_inf, int device,
              uintptr_t stream, const std::string& param_space, int32_t state_dtype, int store, py::handle extras,
-             py::handle tensor_ids, uint64_t seed, uintptr_t clip_coef, int32_t step_dtype) {
+             py::handle tensor_ids, uint64_t seed, uintptr_t clip_coef, int32_t step_dtype,
+             py::handle exp_avg_scales, py::handle exp_avg_sq_scales, int64_t block_size) {
         return cuda_adam_step(adam, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, numels, dtype, lr,
                               beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize, device_steps, lr_ptr,
                               grad_scale, found_inf, device, stream, param_space, state_dtype, store, extras,
-                              tensor_ids, seed, clip_coef, step_dtype);
+                              tensor_ids, seed, clip_coef, step_dtype, exp_avg_scales, exp_avg_sq_scales, block_size);
       },
       py::arg("params"), py::arg("grads"), py::arg("exp_avgs"), py::arg("exp_avg_sqs"), py::arg("max_exp_avg_sqs"),
       py::arg("steps"), py::arg("numels"), py::arg("dtype"), py::arg("lr"), py::arg("beta1"), py::arg("beta2"),
@@ -226,10 +230,11 @@ void def_cuda_backend(py::module_& m, CudaAdamFn adam, CudaSGDFn sgd, CudaNormFn
       py::arg("device") = 0, py::arg("stream") = 0, py::arg("param_space") = "auto", py::kw_only(),
       py::arg("state_dtype") = -1, py::arg("store") = 0, py::arg("extras") = py::none(),
       py::arg("tensor_ids") = py::none(), py::arg("seed") = 0, py::arg("clip_coef") = 0,
-      py::arg("step_dtype") = int(kFloat32),
+      py::arg("step_dtype") = int(kFloat32), py::arg("exp_avg_scales") = py::none(),
+      py::arg("exp_avg_sq_scales") = py::none(), py::arg("block_size") = 0,
       "Multi-tensor Adam/AdamW launch(es) on `stream` of `device`. Returns launch statistics.\n"
       "step_dtype: DTYPE_FLOAT64 for float64 host step counters (device counters are float32).\n"
-      "Precision options as _C.adam_step; clip_coef: address of a float32 on the device that multiplies\n"
+      "Precision options and 8-bit states as _C.adam_step; clip_coef: address of a float32 on the device that multiplies\n"
       "the grads (0: none); with device_steps and stochastic rounding the keys come from the device steps.");
   m.def(
       "sgd_step",
@@ -237,10 +242,12 @@ void def_cuda_backend(py::module_& m, CudaAdamFn adam, CudaSGDFn sgd, CudaNormFn
             py::handle numels, int32_t dtype, double lr, double weight_decay, double momentum, double dampening,
             bool nesterov, bool maximize, uintptr_t grad_scale, uintptr_t found_inf, int device, uintptr_t stream,
             const std::string& param_space, int32_t state_dtype, int store, py::handle extras, py::handle steps,
-            py::handle tensor_ids, uint64_t seed, uintptr_t clip_coef) {
+            py::handle tensor_ids, uint64_t seed, uintptr_t clip_coef, py::handle momentum_scales,
+            int64_t block_size) {
         return cuda_sgd_step(sgd, params, grads, momentum_buffers, first_step, numels, dtype, lr, weight_decay,
                              momentum, dampening, nesterov, maximize, grad_scale, found_inf, device, stream,
-                             param_space, state_dtype, store, extras, steps, tensor_ids, seed, clip_coef);
+                             param_space, state_dtype, store, extras, steps, tensor_ids, seed, clip_coef,
+                             momentum_scales, block_size);
       },
       py::arg("params"), py::arg("grads"), py::arg("momentum_buffers"), py::arg("first_step"), py::arg("numels"),
       py::arg("dtype"), py::arg("lr"), py::arg("weight_decay"), py::arg("momentum"), py::arg("dampening"),
@@ -248,9 +255,9 @@ void def_cuda_backend(py::module_& m, CudaAdamFn adam, CudaSGDFn sgd, CudaNormFn
       py::arg("device") = 0, py::arg("stream") = 0, py::arg("param_space") = "auto", py::kw_only(),
       py::arg("state_dtype") = -1, py::arg("store") = 0, py::arg("extras") = py::none(),
       py::arg("steps") = py::none(), py::arg("tensor_ids") = py::none(), py::arg("seed") = 0,
-      py::arg("clip_coef") = 0,
+      py::arg("clip_coef") = 0, py::arg("momentum_scales") = py::none(), py::arg("block_size") = 0,
       "Multi-tensor SGD launch(es) on `stream` of `device`. Returns launch statistics.\n"
-      "Precision options as _C.sgd_step (steps: host float32 counters, stochastic rounding only, incremented\n"
+      "Precision options and 8-bit states as _C.sgd_step (steps: host float32 counters, stochastic rounding only, incremented\n"
       "here); clip_coef as in adam_step.");
   m.def(
       "grad_norm",

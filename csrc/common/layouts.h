@@ -53,7 +53,7 @@ using Layouts = LayoutList<
     LayoutTag<bf16_t, bf16_t, kStoreKahan>,       // kahan_summation=True
     LayoutTag<f16_t, f16_t, kStoreKahan>>;        // kahan_summation=True
 
-// The layouts with 8-bit states (state_bits=8), CPU kernels only: each
+// The layouts with 8-bit states (state_bits=8), CPU and CUDA kernels: each
 // param layout above with its moments quantized (Note [8-bit states]).
 using Quant8Layouts = LayoutList<
     LayoutTag<float, q8_t, kStorePlain>,

@@ -17,6 +17,7 @@
 
 #include "../common/layouts.h"
 #include "../common/params.h"
+#include "../common/quant8.h"
 #include "api.h"
 #include "mta_kernels.h"
 #include "param_blocks.h"
@@ -77,6 +78,40 @@ SGDKernel<N> pick_sgd(const LaunchCommon& co, bool wd, int mom) {
   });
 }
 
+// 8-bit states (Note [8-bit states on CUDA]): one kernel per param layout
+// and weight-decay (Adam) or momentum (SGD, with a buffer) mode.
+template <int N>
+using AdamQ8Kernel = void (*)(FO_KARG(AdamQ8Args<N>));
+template <int N>
+using SGDQ8Kernel = void (*)(FO_KARG(SGDQ8Args<N>));
+
+template <int N>
+AdamQ8Kernel<N> pick_adam_q8(const LaunchCommon& co, int wd) {
+  return quant8_layout_switch<AdamQ8Kernel<N>>(co.dtype, co.state_dtype, co.store,
+                                               [&](auto layout) -> AdamQ8Kernel<N> {
+    using L = decltype(layout);
+    using S = typename L::Param;
+    switch (wd) {
+      case kNoDecay: return &adam_q8_kernel<S, L::kStore, kNoDecay, N>;
+      case kL2: return &adam_q8_kernel<S, L::kStore, kL2, N>;
+      case kDecoupled: return &adam_q8_kernel<S, L::kStore, kDecoupled, N>;
+      default: return nullptr;
+    }
+  });
+}
+
+template <int N>
+SGDQ8Kernel<N> pick_sgd_q8(const LaunchCommon& co, bool wd, int mom) {
+  return quant8_layout_switch<SGDQ8Kernel<N>>(co.dtype, co.state_dtype, co.store,
+                                              [&](auto layout) -> SGDQ8Kernel<N> {
+    using L = decltype(layout);
+    using S = typename L::Param;
+    if (mom == kMomentum) return wd ? &sgd_q8_kernel<S, L::kStore, true, kMomentum, N> : &sgd_q8_kernel<S, L::kStore, false, kMomentum, N>;
+    if (mom == kNesterov) return wd ? &sgd_q8_kernel<S, L::kStore, true, kNesterov, N> : &sgd_q8_kernel<S, L::kStore, false, kNesterov, N>;
+    return nullptr;
+  });
+}
+
 inline int64_t padded(int64_t numel) { return (numel + kPad - 1) / kPad * kPad; }
 inline int64_t blocks_for(int64_t flat) { return (flat + kChunk - 1) / kChunk; }
 
@@ -96,7 +131,9 @@ inline Uniform uniform_of(const LaunchCommon& c, bool maximize, bool device_step
 template <class Args>
 class Packer {
  public:
-  Packer() : a_(new Args()) {
+  // q8: tensors are counted in quantization blocks of q8_block elements,
+  // one kernel block each (Note [8-bit states on CUDA]).
+  explicit Packer(int64_t q8_block = 0) : a_(new Args()), q8_block_(q8_block) {
     stats_.capacity = Args::kCapacity;
     stats_.param_bytes = int(sizeof(Args));
   }
@@ -106,7 +143,7 @@ class Packer {
   // The slot of the next tensor, of `numel` elements.
   int add(int64_t numel) {
     a_->start[count_] = flat_;
-    flat_ += padded(numel);
+    flat_ += q8_block_ > 0 ? q8_blocks(numel, q8_block_) : padded(numel);
     return count_++;
   }
   bool full() const { return count_ == Args::kCapacity; }
@@ -118,7 +155,7 @@ class Packer {
   void flush(Launch&& launch) {
     if (count_ == 0) return;
     a_->h.count = count_;
-    const int64_t blocks = blocks_for(flat_);
+    const int64_t blocks = q8_block_ > 0 ? flat_ : blocks_for(flat_);
     launch(blocks);
     if (blocks > 0) {
       stats_.launches += 1;
@@ -131,6 +168,7 @@ class Packer {
 
  private:
   std::unique_ptr<Args> a_;
+  int64_t q8_block_;
   LaunchStats stats_;
   int count_ = 0;
   int64_t flat_ = 0;
@@ -173,7 +211,7 @@ LaunchStats run_adam(const AdamRequest& r, Launcher& launcher) {
   a.h.lr_ptr = r.lr_ptr;
   a.h.seed = r.seed;
   auto launch = [&](int64_t blocks) {
-    if (r.device_steps) launcher.launch(&adam_count_kernel<N>, 1, a);
+    if (r.device_steps) launcher.launch(&adam_count_kernel<Args>, 1, a);
     if (blocks > 0) launcher.launch(kernel, blocks, a);
   };
   for (size_t k = 0; k < r.tensors.size(); ++k) {
@@ -190,6 +228,84 @@ LaunchStats run_adam(const AdamRequest& r, Launcher& launcher) {
     } else {
       s.coeffs = t.coeffs;
     }
+    if (pk.full()) pk.flush(launch);
+  }
+  pk.flush(launch);
+  return pk.stats();
+}
+
+// As run_adam, with 8-bit states: a cooperative launch (the kernel
+// synchronises its block), one kernel block per quantization block.
+template <class Args, class Launcher>
+LaunchStats run_adam_q8(const AdamRequest& r, Launcher& launcher) {
+  constexpr int N = Args::kCapacity;
+  const LaunchCommon& co = r.common;
+  if (r.amsgrad) throw std::invalid_argument("adam_step: 8-bit states do not take amsgrad");
+  if (!q8_block_ok(r.hyper.q8_block)) throw std::invalid_argument("adam_step: 8-bit states need a valid block size");
+  const AdamQ8Kernel<N> kernel = pick_adam_q8<N>(co, r.wd_mode);
+  if (kernel == nullptr) throw std::invalid_argument("adam_step: unsupported 8-bit layout or weight-decay mode");
+  const bool sr = co.store == kStoreStochastic;
+  if (sr && r.device_steps && r.tensor_ids.size() != r.tensors.size()) {
+    throw std::invalid_argument("adam_step: stochastic rounding with device steps needs one tensor id per tensor");
+  }
+  Packer<Args> pk(r.hyper.q8_block);
+  Args& a = pk.args();
+  a.h.hyper = r.hyper;
+  a.h.u = uniform_of(co, r.maximize, r.device_steps);
+  a.h.lr = r.lr;
+  a.h.beta1 = r.beta1;
+  a.h.beta2 = r.beta2;
+  a.h.weight_decay = r.weight_decay;
+  a.h.lr_ptr = r.lr_ptr;
+  a.h.seed = r.seed;
+  auto launch = [&](int64_t blocks) {
+    if (r.device_steps) launcher.launch(&adam_count_kernel<Args>, 1, a);
+    if (blocks > 0) launcher.launch_cooperative(kernel, blocks, a);
+  };
+  for (size_t k = 0; k < r.tensors.size(); ++k) {
+    const AdamTensor& t = r.tensors[k];
+    if (t.numel == 0 && !r.device_steps) continue;
+    AdamQ8Slot& s = a.slot[pk.add(t.numel)];
+    fill_slot(s, t, sr, r.device_steps ? (sr ? r.tensor_ids[k] : 0u) : t.sr_key);
+    s.exp_avg = t.exp_avg;
+    s.exp_avg_sq = t.exp_avg_sq;
+    s.exp_avg_scale = t.exp_avg_scale;
+    s.exp_avg_sq_scale = t.exp_avg_sq_scale;
+    if (r.device_steps) {
+      s.step = r.steps[k];
+    } else {
+      s.coeffs = t.coeffs;
+    }
+    if (pk.full()) pk.flush(launch);
+  }
+  pk.flush(launch);
+  return pk.stats();
+}
+
+template <class Args, class Launcher>
+LaunchStats run_sgd_q8(const SGDRequest& r, Launcher& launcher) {
+  constexpr int N = Args::kCapacity;
+  const LaunchCommon& co = r.common;
+  if (!q8_block_ok(r.hyper.q8_block)) throw std::invalid_argument("sgd_step: 8-bit states need a valid block size");
+  const SGDQ8Kernel<N> kernel = pick_sgd_q8<N>(co, r.weight_decay, r.momentum_mode);
+  if (kernel == nullptr) throw std::invalid_argument("sgd_step: unsupported 8-bit layout or momentum mode");
+  const bool sr = co.store == kStoreStochastic;
+  Packer<Args> pk(r.hyper.q8_block);
+  Args& a = pk.args();
+  a.h.hyper = r.hyper;
+  a.h.u = uniform_of(co, r.maximize, false);
+  auto launch = [&](int64_t blocks) {
+    launcher.launch_cooperative(kernel, blocks, a);
+    std::fill(std::begin(a.first), std::end(a.first), 0u);
+  };
+  for (const SGDTensor& t : r.tensors) {
+    if (t.numel == 0) continue;
+    const int slot = pk.add(t.numel);
+    SGDQ8Slot& s = a.slot[slot];
+    fill_slot(s, t, sr, t.sr_key);
+    s.momentum_buffer = t.momentum_buffer;
+    s.momentum_scale = t.momentum_scale;
+    if (t.first_step) a.first[slot >> 5] |= 1u << (slot & 31);
     if (pk.full()) pk.flush(launch);
   }
   pk.flush(launch);
@@ -291,10 +407,33 @@ struct BlocksOf<NormRequest> {
   using Small = NormArgsSmall;
 };
 
+// The 8-bit parameter block beside each plain one.
+template <class Args>
+struct Q8Of;
+template <>
+struct Q8Of<AdamArgsLarge> { using type = AdamQ8ArgsLarge; };
+template <>
+struct Q8Of<AdamArgsSmall> { using type = AdamQ8ArgsSmall; };
+template <>
+struct Q8Of<SGDArgsLarge> { using type = SGDQ8ArgsLarge; };
+template <>
+struct Q8Of<SGDArgsSmall> { using type = SGDQ8ArgsSmall; };
+
 template <class Args, class Launcher>
-LaunchStats run(const AdamRequest& r, Launcher& launcher) { return run_adam<Args>(r, launcher); }
+LaunchStats run(const AdamRequest& r, Launcher& launcher) {
+  if (r.common.state_dtype == kQuant8) return run_adam_q8<typename Q8Of<Args>::type>(r, launcher);
+  return run_adam<Args>(r, launcher);
+}
 template <class Args, class Launcher>
-LaunchStats run(const SGDRequest& r, Launcher& launcher) { return run_sgd<Args>(r, launcher); }
+LaunchStats run(const SGDRequest& r, Launcher& launcher) {
+  if (r.common.state_dtype != kQuant8) return run_sgd<Args>(r, launcher);
+  if (r.momentum_mode != kNoMomentum) return run_sgd_q8<typename Q8Of<Args>::type>(r, launcher);
+  // Without momentum there is no state: the plain kernel of the layout's
+  // fp32-state twin (as the CPU kernels do).
+  SGDRequest plain = r;
+  plain.common.state_dtype = r.common.store == kStoreMaster ? kFloat32 : r.common.dtype;
+  return run_sgd<Args>(plain, launcher);
+}
 template <class Args, class Launcher>
 LaunchStats run(const NormRequest& r, Launcher& launcher) { return run_norm<Args>(r, launcher); }
 

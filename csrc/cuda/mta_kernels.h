@@ -40,6 +40,7 @@
 #include "../common/macros.h"
 #include "../common/params.h"
 #include "../common/precision.h"
+#include "../common/quant8.h"
 #include "../common/store.h"
 #include "../common/update_math.h"
 #include "device_math.h"
@@ -423,8 +424,8 @@ __global__ void __launch_bounds__(kBlockThreads, (sizeof(S) == 4 && sizeof(T) ==
 }
 
 // Device step counters: +1 in fp32 (torch's `step_t += 1`), skipped with found_inf.
-template <int N>
-__global__ void __launch_bounds__(kBlockThreads) adam_count_kernel(FO_KARG(AdamArgs<N>) a) {
+template <class Args>
+__global__ void __launch_bounds__(kBlockThreads) adam_count_kernel(FO_KARG(Args) a) {
   if (a.h.u.found_inf != nullptr && *a.h.u.found_inf != 0.0f) return;
   for (int t = int(threadIdx.x); t < a.h.count; t += kBlockThreads) {
     *a.slot[t].step = __fadd_rn(*a.slot[t].step, 1.0f);
@@ -476,6 +477,164 @@ __global__ void __launch_bounds__(kBlockThreads, 1) sgd_kernel(FO_KARG(SGDArgs<N
       segment(s, b, e, SGDOp<S, T, kStore, kWD, kMom, false>{c}, k);
     }
   });
+}
+
+// Note [8-bit states on CUDA]
+// With 8-bit states (Note [8-bit states] in common/quant8.h) a block of the
+// update kernel owns one quantization block of B elements of one tensor
+// (blocks are numbered tensor after tensor; start[t] is tensor t's first).
+// Its threads take elements l, l + 256, ...: they dequantize the codes,
+// run the per-element update of the fp32-state kernels (adam_elem /
+// sgd_elem: adam_update / sgd_update of update_math.h), store the param,
+// and keep the new moments in shared memory; block_max2 finds the block's
+// maxima of |x| bits (a maximum is the same in any order); then each thread
+// writes the codes of its elements and thread 0 the scales. Every value is
+// the CPU kernels', bit for bit.
+
+// The maxima of a and b over the block's threads, returned to every thread.
+FO_DEVICE void block_max2(uint32_t& a, uint32_t& b) {
+  __shared__ uint32_t part[2][kBlockThreads];
+  __shared__ uint32_t group[2][kBlockThreads / 16];
+  part[0][threadIdx.x] = a;
+  part[1][threadIdx.x] = b;
+  __syncthreads();
+  if (threadIdx.x < kBlockThreads / 16) {
+    uint32_t x = 0, y = 0;
+    for (int j = 0; j < 16; ++j) {
+      const uint32_t u = part[0][threadIdx.x * 16 + j], w = part[1][threadIdx.x * 16 + j];
+      x = u > x ? u : x;
+      y = w > y ? w : y;
+    }
+    group[0][threadIdx.x] = x;
+    group[1][threadIdx.x] = y;
+  }
+  __syncthreads();
+  uint32_t x = 0, y = 0;
+  for (int j = 0; j < kBlockThreads / 16; ++j) {
+    x = group[0][j] > x ? group[0][j] : x;
+    y = group[1][j] > y ? group[1][j] : y;
+  }
+  a = x;
+  b = y;
+  __syncthreads();  // part and group are free again
+}
+
+// Writes the codes of this thread's elements of x[0, n) (shared memory)
+// for a block whose |x| bits have the maximum mb; returns the scale.
+template <bool kSigned>
+FO_DEVICE float q8_encode_shared(const float* x, int64_t n, uint32_t mb, uint8_t* codes) {
+  bool encode;
+  const float scale = q8_scale(mb, &encode);
+  const float inv = encode ? __fdiv_rn(1.0f, scale) : 0.0f;
+  for (int64_t l = threadIdx.x; l < n; l += kBlockThreads) codes[l] = encode ? q8_code<kSigned>(x[l], inv) : uint8_t(0);
+  return scale;
+}
+
+// The quantization block of a launch's block: its tensor, index and elements.
+template <class Args>
+struct Q8Block {
+  int t;
+  int64_t j, b0, n;
+  FO_DEVICE explicit Q8Block(const Args& a) {
+    const int64_t blk = int64_t(blockIdx.x);
+    t = find_tensor(a.start, a.h.count, blk);
+    const int64_t size = a.h.hyper.q8_block;
+    j = blk - a.start[t];
+    b0 = j * size;
+    const int64_t left = a.slot[t].numel - b0;
+    n = left < size ? left : size;
+  }
+};
+
+template <class S, int kStore, int kWD, int N>
+__global__ void __launch_bounds__(kBlockThreads) adam_q8_kernel(FO_KARG(AdamQ8Args<N>) a) {
+  using L = LayoutOf<S, float, kStore>;
+  using E = typename L::Extra;
+  __shared__ float m_new[kQ8MaxBlock];
+  __shared__ float r_new[kQ8MaxBlock];
+  if (a.h.u.found_inf != nullptr && *a.h.u.found_inf != 0.0f) return;
+  const Q8Block<AdamQ8Args<N>> q(a);
+  const AdamQ8Slot& s = a.slot[q.t];
+  const AdamCoeffs co = a.h.u.device_steps
+      ? device_coeffs(a.h.lr_ptr != nullptr ? double(*a.h.lr_ptr) : a.h.lr, a.h.beta1, a.h.beta2, s.step)
+      : s.coeffs;
+  AdamConsts<VecF> c(a.h.hyper, co);
+  if (kWD == kDecoupled && a.h.lr_ptr != nullptr) c.decay = VecF(adamw_decay(double(*a.h.lr_ptr), a.h.weight_decay));
+  Ctx k(a.h.u);
+  if (kStore == kStoreStochastic) k.key = a.h.u.device_steps ? sr_key(a.h.seed, uint32_t(*s.step), s.sr) : s.sr;
+  S* p = static_cast<S*>(s.param) + q.b0;
+  S* g = static_cast<S*>(s.grad) + q.b0;
+  E* ex = L::kExtra ? static_cast<E*>(s.extra) + q.b0 : nullptr;
+  uint8_t* mc = static_cast<uint8_t*>(s.exp_avg) + q.b0;
+  uint8_t* vc = static_cast<uint8_t*>(s.exp_avg_sq) + q.b0;
+  const VecF sm(s.exp_avg_scale[q.j]), sv(s.exp_avg_sq_scale[q.j]);
+  uint32_t mmax = 0, rmax = 0;
+  for (int64_t l = threadIdx.x; l < q.n; l += kBlockThreads) {
+    float pf = L::kReadParam ? to_float(p[l]) : 0.0f;
+    float ef = L::kExtra ? to_float(ex[l]) : 0.0f;
+    float gf = to_float(g[l]);
+    float m = mul(VecF(q8_signed_value(mc[l])), sm).x;
+    const VecF root = mul(VecF(q8_unsigned_value(vc[l])), sv);
+    float v = mul(root, root).x;
+    float unused = 0.0f;
+    adam_elem<S, kStore, kWD, false>(pf, ef, gf, m, v, unused, q.b0 + l, k, c);
+    if (k.unscale) g[l] = from_float<S>(gf);
+    p[l] = from_float<S>(pf);
+    if (L::kExtra) ex[l] = from_float<E>(ef);
+    const float r = sqrt(VecF(v)).x;  // exp_avg_sq is quantized as its root
+    m_new[l] = m;
+    r_new[l] = r;
+    const uint32_t am = q8_abs_bits(m), ar = q8_abs_bits(r);
+    mmax = am > mmax ? am : mmax;
+    rmax = ar > rmax ? ar : rmax;
+  }
+  block_max2(mmax, rmax);
+  const float ms = q8_encode_shared<true>(m_new, q.n, mmax, mc);
+  const float vs = q8_encode_shared<false>(r_new, q.n, rmax, vc);
+  if (threadIdx.x == 0) {
+    s.exp_avg_scale[q.j] = ms;
+    s.exp_avg_sq_scale[q.j] = vs;
+  }
+}
+
+template <class S, int kStore, bool kWD, int kMom, int N>
+__global__ void __launch_bounds__(kBlockThreads) sgd_q8_kernel(FO_KARG(SGDQ8Args<N>) a) {
+  using L = LayoutOf<S, float, kStore>;
+  using E = typename L::Extra;
+  __shared__ float b_new[kQ8MaxBlock];
+  if (a.h.u.found_inf != nullptr && *a.h.u.found_inf != 0.0f) return;
+  const Q8Block<SGDQ8Args<N>> q(a);
+  const SGDQ8Slot& s = a.slot[q.t];
+  const SGDConsts<VecF> c(a.h.hyper);
+  Ctx k(a.h.u);
+  if (kStore == kStoreStochastic) k.key = s.sr;
+  const bool first = (a.first[q.t >> 5] >> (q.t & 31)) & 1u;
+  S* p = static_cast<S*>(s.param) + q.b0;
+  S* g = static_cast<S*>(s.grad) + q.b0;
+  E* ex = L::kExtra ? static_cast<E*>(s.extra) + q.b0 : nullptr;
+  uint8_t* bc = static_cast<uint8_t*>(s.momentum_buffer) + q.b0;
+  const VecF sb(first ? 0.0f : s.momentum_scale[q.j]);
+  uint32_t bmax = 0, unused = 0;
+  for (int64_t l = threadIdx.x; l < q.n; l += kBlockThreads) {
+    float pf = L::kReadParam ? to_float(p[l]) : 0.0f;
+    float ef = L::kExtra ? to_float(ex[l]) : 0.0f;
+    float gf = to_float(g[l]);
+    float b = first ? 0.0f : mul(VecF(q8_signed_value(bc[l])), sb).x;
+    if (first) {
+      sgd_elem<S, kStore, kWD, kMom, true>(pf, ef, gf, b, q.b0 + l, k, c);
+    } else {
+      sgd_elem<S, kStore, kWD, kMom, false>(pf, ef, gf, b, q.b0 + l, k, c);
+    }
+    if (k.unscale) g[l] = from_float<S>(gf);
+    p[l] = from_float<S>(pf);
+    if (L::kExtra) ex[l] = from_float<E>(ef);
+    b_new[l] = b;
+    const uint32_t ab = q8_abs_bits(b);
+    bmax = ab > bmax ? ab : bmax;
+  }
+  block_max2(bmax, unused);
+  const float bs = q8_encode_shared<true>(b_new, q.n, bmax, bc);
+  if (threadIdx.x == 0) s.momentum_scale[q.j] = bs;
 }
 
 // Sum of one double per thread of the block, in a fixed order (16 groups of

@@ -106,6 +106,57 @@ struct SGDArgs {
   uint32_t first[(N + 31) / 32];  // bit t: tensor t's buffer is not initialised yet (buf = grad)
 };
 
+// 8-bit states (Note [8-bit states] in common/quant8.h): a block of the
+// update kernel owns one quantization block of one tensor, so start[t]
+// counts quantization blocks, not elements (Note [8-bit states on CUDA] in
+// mta_kernels.h). The slots add the scales to the plain layouts' fields.
+struct AdamQ8Slot {
+  void* param;
+  void* grad;
+  void* exp_avg;     // uint8 codes
+  void* exp_avg_sq;  // uint8 codes of sqrt(exp_avg_sq)
+  float* exp_avg_scale;
+  float* exp_avg_sq_scale;
+  union {
+    void* extra;
+    uint32_t sr;
+  };
+  union {
+    float* step;
+    AdamCoeffs coeffs;
+  };
+  int64_t numel;
+};
+
+template <int N>
+struct AdamQ8Args {
+  static constexpr int kCapacity = N;
+  AdamHeader h;
+  int64_t start[N];  // the first block of each tensor
+  AdamQ8Slot slot[N];
+};
+
+struct SGDQ8Slot {
+  void* param;
+  void* grad;
+  void* momentum_buffer;  // uint8 codes
+  float* momentum_scale;
+  union {
+    void* extra;
+    uint32_t sr;
+  };
+  int64_t numel;
+};
+
+template <int N>
+struct SGDQ8Args {
+  static constexpr int kCapacity = N;
+  SGDHeader h;
+  int64_t start[N];
+  SGDQ8Slot slot[N];
+  uint32_t first[(N + 31) / 32];
+};
+
 // The grad-norm reduction: one launch per dtype and up to N tensors.
 struct NormSlot {
   const void* grad;
@@ -139,7 +190,15 @@ using SGDArgsLarge = SGDArgs<672>;
 using SGDArgsSmall = SGDArgs<80>;
 using NormArgsLarge = NormArgs<1360>;
 using NormArgsSmall = NormArgs<168>;
+using AdamQ8ArgsLarge = AdamQ8Args<360>;
+using AdamQ8ArgsSmall = AdamQ8Args<40>;
+using SGDQ8ArgsLarge = SGDQ8Args<560>;
+using SGDQ8ArgsSmall = SGDQ8Args<64>;
 static_assert(sizeof(AdamSlot) == 64, "AdamSlot layout");
+static_assert(sizeof(AdamQ8ArgsLarge) <= kLargeParamBytes, "Adam 8-bit large parameter block");
+static_assert(sizeof(AdamQ8ArgsSmall) <= kSmallParamBytes, "Adam 8-bit small parameter block");
+static_assert(sizeof(SGDQ8ArgsLarge) <= kLargeParamBytes, "SGD 8-bit large parameter block");
+static_assert(sizeof(SGDQ8ArgsSmall) <= kSmallParamBytes, "SGD 8-bit small parameter block");
 static_assert(sizeof(SGDSlot) == 40, "SGDSlot layout");
 static_assert(sizeof(AdamArgsLarge) <= kLargeParamBytes, "Adam large parameter block");
 static_assert(sizeof(AdamArgsSmall) <= kSmallParamBytes, "Adam small parameter block");

@@ -248,8 +248,11 @@ def build_cuda(plan: GroupPlan, spec: Spec, opt: Any, group: Dict[str, Any], ps:
     r = plan.route
     keys, opts = r.keys, r.opts
     state_all = opt.state
+    def keys_of(p: Tensor) -> Sequence[str]:
+        return opts.param_keys(p, keys) if opts.state_bits is not None else keys
+
     if args.found_inf is not None and (
-        any(spec.grad_init_missing(state_all.get(ps[i], {}), keys) for i in r.cuda)
+        any(spec.grad_init_missing(state_all.get(ps[i], {}), keys_of(ps[i])) for i in r.cuda)
         or (opts.stochastic_rounding and not spec.torch_step)
     ):
         # A first step fills buffers from the grad, and host counters count
@@ -269,20 +272,23 @@ def build_cuda(plan: GroupPlan, spec: Spec, opt: Any, group: Dict[str, Any], ps:
     for i in r.cuda:
         p = ps[i]
         state = _state_of(state_all, p, journal) if keeps else {}
-        first = _init_state(spec, p, state, keys, opts, journal, step_on_device=step_on_device,
+        pkeys = keys_of(p)  # 8-bit states: codes and scales where p is quantized
+        first = _init_state(spec, p, state, pkeys, opts, journal, step_on_device=step_on_device,
                             step_dtype=step_dtype)
         step = state.get("step") if spec.torch_step else None
         # Counters a kernel increments on the device are float32; others are counted on the host.
         device_steps = step is not None and step.dtype == torch.float32 and (
             step.device.type != "cpu" or (step_on_device and cuda.on_device(step)))
         step_code = STEP_CODES[step.dtype] if step is not None else _C.DTYPE_FLOAT32
-        key = (DTYPE_CODES[p.dtype], str(p.device), device_steps, step_code)
+        quant = tuple(pkeys) != tuple(keys)
+        key = (DTYPE_CODES[p.dtype], str(p.device), device_steps, step_code, quant)
         t = batches.get(key)
         if t is None:
             t = batches[key] = Tables(key[0], opts, p.device, device_steps, step_code)
-            t.streams = {k: [] for k in keys}
+            t.quant = quant
+            t.streams = {k: [] for k in pkeys}
         t.index.append(i)
-        _fill(t, p, i, state, keys, uses_step, first, position.get(id(p), 0))
+        _fill(t, p, i, state, pkeys, uses_step, first, position.get(id(p), 0))
         states[i] = state
     # Batches of one dtype side by side (a C plan's buckets are runs of one dtype).
     return CudaBuild([batches[k] for k in sorted(batches, key=lambda k: k[0])], states, args)
@@ -312,10 +318,11 @@ def _cache_cuda(plan: GroupPlan, group: Dict[str, Any], ps: List[Tensor], tables
     SGD buffers that a skipped first step did not create)."""
     if not tables or not isinstance(group["params"], list):
         return
-    tracked = tuple(keys) + (("step",) if uses_step else ())
+    step = ("step",) if uses_step else ()
     entries = []
     lo = 0
     for t in tables:
+        tracked = tuple(t.streams) + step  # a table's own keys (8-bit states: codes and scales where quantized)
         for j, i in enumerate(t.index):
             state = states[i]
             if local(ps[i]) is not ps[i] or any(state.get(k) is None for k in tracked):
@@ -323,7 +330,8 @@ def _cache_cuda(plan: GroupPlan, group: Dict[str, Any], ps: List[Tensor], tables
             entries.append((t, j, i, state))
         t.lo, t.hi = lo, lo + len(t.index)
         lo = t.hi
-    plan.cuda_plan = _native_plan(group["params"], state_all, keys, uses_step, entries)
+    union = list(dict.fromkeys(k for t in tables for k in t.streams))  # (== keys without 8-bit states)
+    plan.cuda_plan = _native_plan(group["params"], state_all, union, uses_step, entries)
     plan.cuda_tables = tables
 
 

@@ -71,10 +71,7 @@ def route(spec: Spec, group: Dict[str, Any], ps: List[Tensor], gs: List[Tensor],
             and lp.is_contiguous()
         )
         if kernel_ok and cuda.takes(p):
-            if opts.state_bits is not None:
-                raise RuntimeError(f"{owner}: state_bits=8 runs on the CPU kernels only, but param {i} of group "
-                                   f"{gi} is on {p.device}. Nothing was updated.")
-            usable = cuda_ok and (not state or spec.state_usable(p, state, r.keys, opts, cuda=True))
+            usable = cuda_ok and (not state or spec.state_usable(p, state, keys, opts, cuda=True))
             (r.cuda if usable else r.torch).append(i)
             continue
         if p.device.type == "cuda":

@@ -192,7 +192,17 @@ def _options(t: Tables, clip: Any) -> Dict[str, Any]:
     if o.stochastic_rounding:
         kw["tensor_ids"] = t.ids
         kw["seed"] = o.seed
+    if t.quant:  # Note [8-bit states]: codes in place of the moments, plus their scales
+        kw["state_dtype"] = _C.DTYPE_QUANT8
+        kw["block_size"] = o.block
     return kw
+
+
+def _moments(t: Tables) -> Tuple[str, str, str]:
+    """The state keys a launch passes as exp_avg, exp_avg_sq and momentum_buffer."""
+    if t.quant:
+        return "exp_avg_codes", "exp_avg_sq_codes", "momentum_buffer_codes"
+    return "exp_avg", "exp_avg_sq", "momentum_buffer"
 
 
 def _adam(t: Tables, gptrs: List[int], h: Any, args: StepArgs, found_inf: Optional[Tensor], keep: List[Tensor]) -> Any:
@@ -208,8 +218,12 @@ def _adam(t: Tables, gptrs: List[int], h: Any, args: StepArgs, found_inf: Option
     kw = _options(t, args.clip)
     if t.step_code != _C.DTYPE_FLOAT32:
         kw["step_dtype"] = t.step_code  # torch's float64 host counters
+    m, v, _ = _moments(t)
+    if t.quant:
+        kw["exp_avg_scales"] = s["exp_avg_scale"]
+        kw["exp_avg_sq_scales"] = s["exp_avg_sq_scale"]
     return _module().adam_step(
-        t.pptrs, gptrs, s["exp_avg"], s["exp_avg_sq"], s["max_exp_avg_sq"] if h.amsgrad else None, t.steps,
+        t.pptrs, gptrs, s[m], s[v], s["max_exp_avg_sq"] if h.amsgrad else None, t.steps,
         t.numels, t.code, float(lr), h.beta1, h.beta2, h.eps, h.weight_decay, h.decoupled, h.amsgrad, h.maximize,
         device_steps=t.device_steps, lr_ptr=lr_ptr, grad_scale=_on(args.grad_scale, t.device, keep),
         found_inf=_on(found_inf, t.device, keep), device=index, stream=stream, param_space=_param_space, **kw,
@@ -222,8 +236,11 @@ def _sgd(t: Tables, gptrs: List[int], h: Any, args: StepArgs, found_inf: Optiona
     if t.opts is not None and t.opts.stochastic_rounding:
         kw["steps"] = t.steps
     momentum = h.momentum != 0
+    b = _moments(t)[2]
+    if t.quant and momentum:
+        kw["momentum_scales"] = t.streams["momentum_buffer_scale"]
     return _module().sgd_step(
-        t.pptrs, gptrs, t.streams["momentum_buffer"] if momentum else None, t.first if momentum else None,
+        t.pptrs, gptrs, t.streams[b] if momentum else None, t.first if momentum else None,
         t.numels, t.code, float(h.lr), h.weight_decay, h.momentum, h.dampening, h.nesterov, h.maximize,
         grad_scale=_on(args.grad_scale, t.device, keep), found_inf=_on(found_inf, t.device, keep),
         device=index, stream=stream, param_space=_param_space, **kw,
