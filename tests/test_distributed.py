@@ -23,7 +23,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank, world, port, impl, out, zero=False):
+#: 8-bit states on the tiny models here: every tensor quantized, blocks of 64.
+BITS8 = dict(state_bits=8, min_quantized_numel=1, state_block_size=64)
+
+
+def _worker(rank, world, port, impl, out, zero=False, bits=None):
     faulthandler.enable(file=sys.stderr, all_threads=True)  # a Python stack if gloo aborts
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
@@ -34,12 +38,13 @@ def _worker(rank, world, port, impl, out, zero=False):
         model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 1))
         ddp = torch.nn.parallel.DistributedDataParallel(model)
         lib = fusedoptim if impl == "fusedoptim" else torch.optim
+        kw = BITS8 if bits else {}
         if zero:
             from torch.distributed.optim import ZeroRedundancyOptimizer
 
-            opt = ZeroRedundancyOptimizer(ddp.parameters(), optimizer_class=lib.AdamW, lr=1e-2, weight_decay=0.1)
+            opt = ZeroRedundancyOptimizer(ddp.parameters(), optimizer_class=lib.AdamW, lr=1e-2, weight_decay=0.1, **kw)
         else:
-            opt = lib.AdamW(ddp.parameters(), lr=1e-2, weight_decay=0.1)
+            opt = lib.AdamW(ddp.parameters(), lr=1e-2, weight_decay=0.1, **kw)
         gen = torch.Generator().manual_seed(100 + rank)  # each rank its own data
         for _ in range(10):
             x = torch.randn(16, 8, generator=gen)
@@ -53,6 +58,8 @@ def _worker(rank, world, port, impl, out, zero=False):
             if rank == 0:
                 sd = opt.state_dict()
                 assert len(sd["state"]) == len(list(model.parameters()))
+                if bits:  # plain uint8 codes and fp32 scales, consolidated from both ranks
+                    assert all(s["exp_avg_codes"].dtype == torch.uint8 for s in sd["state"].values())
                 torch.save(sd, out + ".opt")
             dist.barrier()
             opt.load_state_dict(torch.load(out + ".opt", weights_only=False))
@@ -88,9 +95,9 @@ def _spawn(fn, args_without_port, nprocs=2):
                 raise
 
 
-def _run(impl, tmp_path, zero=False):
-    out = str(tmp_path / f"{impl}-{zero}.pt")
-    _spawn(_worker, (impl, out, zero))
+def _run(impl, tmp_path, zero=False, bits=None):
+    out = str(tmp_path / f"{impl}-{zero}-{bits}.pt")
+    _spawn(_worker, (impl, out, zero, bits))
     return torch.load(out)
 
 
@@ -108,7 +115,54 @@ def test_zero_redundancy_with_fusedoptim_trains_saves_and_reloads(tmp_path):
         torch.testing.assert_close(a, b, **FP32_VS_TORCH)
 
 
-def _fsdp_worker(rank, world, port, impl, out):
+def _reference_8bit(steps, shards=None):
+    """The 8-bit run of the workers in one process: each step the grads of
+    both ranks' batches, averaged as DDP averages them ((g0 + g1) / 2 is
+    exact to the bit: halving is exact and a sum of two is commutative).
+    With ``shards``, each param is updated as its FSDP2 shards (dim-0 chunks,
+    one tensor each): 8-bit blocks run over each rank's local shard."""
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 1))
+    params = list(model.parameters())
+    if shards:
+        pieces = [[torch.nn.Parameter(c.detach().clone()) for c in p.detach().chunk(shards, 0)] for p in params]
+        opt = fusedoptim.AdamW([{"params": [c for c in cs if c.numel()]} for cs in pieces if any(c.numel() for c in cs)],
+                               lr=1e-2, weight_decay=0.1, **BITS8)
+    else:
+        opt = fusedoptim.AdamW(params, lr=1e-2, weight_decay=0.1, **BITS8)
+    gens = [torch.Generator().manual_seed(100 + r) for r in range(2)]
+    for _ in range(steps):
+        per_rank = [torch.autograd.grad(model(torch.randn(16, 8, generator=g)).pow(2).mean(), params) for g in gens]
+        avg = [(a + b) / 2 for a, b in zip(*per_rank)]
+        if shards:
+            for p, cs, g in zip(params, pieces, avg):
+                for c, gc in zip(cs, g.chunk(shards, 0)):
+                    c.grad = gc.clone()
+            opt.step()
+            with torch.no_grad():
+                for p, cs in zip(params, pieces):
+                    p.copy_(torch.cat([c.detach() for c in cs], 0))
+        else:
+            for p, g in zip(params, avg):
+                p.grad = g
+            opt.step()
+    return [p.detach().clone() for p in params]
+
+
+@pytest.mark.parametrize("zero", [False, True], ids=["ddp", "zero"])
+def test_8bit_states_under_ddp_and_zero(tmp_path, zero):
+    """state_bits=8 with DDP and ZeroRedundancyOptimizer (whose consolidated
+    checkpoint carries the codes and scales, saved and loaded back, then one
+    more step): the replicas stay identical (checked in the workers) and
+    equal, bit for bit, the same 8-bit training in one process."""
+    ours = _run("fusedoptim", tmp_path, zero=zero, bits=8)
+    ref = _reference_8bit(11 if zero else 10)
+    for a, b in zip(ours, ref):
+        assert torch.equal(a, b)
+
+
+def _fsdp_worker(rank, world, port, impl, out, bits=None):
     faulthandler.enable(file=sys.stderr, all_threads=True)
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
@@ -129,7 +183,7 @@ def _fsdp_worker(rank, world, port, impl, out):
         fully_shard(model, mesh=mesh)
         lib = fusedoptim if impl == "fusedoptim" else torch.optim
         params = list(model.parameters())
-        opt = lib.AdamW([{"params": [p]} for p in params], lr=1e-2, weight_decay=0.1)
+        opt = lib.AdamW([{"params": [p]} for p in params], lr=1e-2, weight_decay=0.1, **(BITS8 if bits else {}))
         gen = torch.Generator().manual_seed(100 + rank)
         for _ in range(5):
             loss = model(torch.randn(16, 8, generator=gen)).pow(2).mean()
@@ -145,6 +199,20 @@ def _fsdp_worker(rank, world, port, impl, out):
         dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not FSDP2, reason=NO_FSDP2)
+def test_fsdp2_dtensor_params_with_8bit_states(tmp_path):
+    """FSDP2 with state_bits=8: the kernels take the DTensor params, each rank
+    quantizing its local shard (blocks over the shard), and the result
+    equals, bit for bit, the shards updated as separate tensors in one
+    process."""
+    out = str(tmp_path / "fsdp8.pt")
+    _spawn(_fsdp_worker, ("fusedoptim", out, 8))
+    ours = torch.load(out)
+    assert ours["backends"] == ["native-cpu/" + fusedoptim.get_cpu_isa()] * 4
+    for a, b in zip(ours["params"], _reference_8bit(5, shards=2)):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.skipif(not FSDP2, reason=NO_FSDP2)
