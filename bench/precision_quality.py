@@ -13,7 +13,10 @@ the same batches.
 The runs: fp32; bf16 params with the plain optimizer ("pure bf16": params,
 grads and optimizer states bf16); bf16 with ``stochastic_rounding``,
 ``kahan_summation`` or ``master_weights``; fp32 with
-``state_dtype=torch.bfloat16``; fp32 with ``max_grad_norm``. The model's
+``state_dtype=torch.bfloat16``; fp32 with ``max_grad_norm``; 8-bit states
+(``state_bits=8``: by default on the one tensor of at least 4096 elements,
+and on every tensor with ``min_quantized_numel=1``), fp32 params and bf16
+params with stochastic rounding. The model's
 arithmetic is fp32 (``--compute bf16`` makes it bf16 too): the params are
 upcast for the forward pass and the grads come back in the params' dtype, so
 the runs differ only in what the optimizer stores, which is what the options
@@ -74,6 +77,10 @@ def run_specs(max_grad_norm: float) -> List[RunSpec]:
         RunSpec("bf16 + master_weights", bf16, {"master_weights": True}),
         RunSpec("fp32 + state_dtype=bf16", fp32, {"state_dtype": torch.bfloat16}),
         RunSpec(f"fp32 + max_grad_norm={max_grad_norm:g}", fp32, {"max_grad_norm": max_grad_norm}),
+        RunSpec("fp32 + state_bits=8", fp32, {"state_bits": 8}),
+        RunSpec("fp32 + state_bits=8 (every tensor)", fp32, {"state_bits": 8, "min_quantized_numel": 1}),
+        RunSpec("bf16 + stochastic_rounding + state_bits=8 (every tensor)", bf16,
+                {"stochastic_rounding": True, "state_bits": 8, "min_quantized_numel": 1}),
     ]
 
 
@@ -205,7 +212,7 @@ def observations(results: List[Result], args: argparse.Namespace) -> List[str]:
         f"went from {plain.losses[0]:.3e} to {plain.final:.3e} (fp32: to {fp32.final:.3e}).",
     ]
     for r in bf16_runs:
-        if r is plain:
+        if r is plain or r.spec.options.get("state_bits"):
             continue
         share = (plain.final - r.final) / (plain.final - fp32.final) if plain.final != fp32.final else float("nan")
         out.append(f"* {r.spec.name}: {r.final / fp32.final:.2f}x fp32's loss, {100 * share:.0f}% of plain bf16's "
@@ -219,6 +226,8 @@ def observations(results: List[Result], args: argparse.Namespace) -> List[str]:
                    + " (within 10%), while master weights (fp32 states) match fp32: what remains of their gap "
                    "to fp32 comes from the bf16 moments, not from the param storage.")
     for r in results[1:]:
+        if r.spec.options.get("state_bits"):
+            continue  # their own lines below
         if r.spec.dtype == torch.float32:
             extra = (f"; clipping was active on {r.clipped_pct:.0f}% of the steps (clipping changes the update "
                      "itself, so its loss is no precision comparison: the row shows the option at work in a "
@@ -226,6 +235,14 @@ def observations(results: List[Result], args: argparse.Namespace) -> List[str]:
             out.append(f"* {r.spec.name}: {r.final / fp32.final:.2f}x fp32's loss with "
                        f"{fmt_bytes(r.state_bytes / r.numel)} B/param of state (fp32: "
                        f"{fmt_bytes(fp32.state_bytes / fp32.numel)}){extra}.")
+    for r in results:
+        if r.spec.options.get("state_bits"):
+            base = by["bf16 + stochastic_rounding"] if r.spec.dtype == torch.bfloat16 else fp32
+            out.append(f"* {r.spec.name}: {r.final / base.final:.2f}x the loss of {base.spec.name} with "
+                       f"{fmt_bytes(r.state_bytes / r.numel)} B/param of state ({base.spec.name}: "
+                       f"{fmt_bytes(base.state_bytes / base.numel)})"
+                       + ("; the tensors under min_quantized_numel (4096) keep full states." if
+                          "min_quantized_numel" not in r.spec.options else "."))
     return out
 
 
@@ -282,7 +299,7 @@ def write_plot(path: str, results: List[Result], args: argparse.Namespace) -> No
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5))
-    styles = ["-", "-", "--", "-.", ":", "--", ":"]
+    styles = ["-", "-", "--", "-.", ":", "--", ":", "-", "--", "-."]
     for r, ls in zip(results, styles):
         ax.plot(r.steps, r.losses, ls, label=f"{r.spec.name} ({r.final:.2e})", linewidth=1.6)
     ax.set_yscale("log")

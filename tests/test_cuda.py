@@ -781,3 +781,35 @@ def test_max_grad_norm_gpu_matches_cpu_without_host_sync(case):
     torch.testing.assert_close(og.last_grad_norm.cpu(), oc.last_grad_norm, rtol=1e-6, atol=0)
     for a, b in zip(pc, pg):
         torch.testing.assert_close(b.detach().cpu().float(), a.detach().float(), **FP32_VS_TORCH)
+
+
+def _eight_bit_run(device, kind, dtype, opts):
+    gen = torch.Generator().manual_seed(7)
+    torch.manual_seed(0)  # stochastic rounding's seed
+    ps = [torch.nn.Parameter(torch.randn(n, generator=gen).to(dtype).to(device)) for n in (70001, 4096, 300)]
+    cls = fusedoptim.SGD if kind == "sgd" else fusedoptim.AdamW
+    kw = dict(lr=1e-2, momentum=0.9, nesterov=True) if kind == "sgd" else dict(lr=1e-2, weight_decay=0.1)
+    opt = cls(ps, state_bits=8, **kw, **opts)
+    for _ in range(4):
+        for p in ps:
+            p.grad = (torch.randn(p.shape, generator=gen) * torch.logspace(-8, 1, p.numel())).to(dtype).to(device)
+        opt.step()
+    return ps, opt
+
+
+@gpu
+@pytest.mark.parametrize("kind,dtype,opts", [("adamw", torch.float32, {}), ("sgd", torch.float32, {}),
+                                             ("adamw", torch.bfloat16, {"stochastic_rounding": True}),
+                                             ("adamw", torch.bfloat16, {"master_weights": True})],
+                         ids=lambda v: str(v))
+def test_8bit_states_gpu_bits_equal_cpu_scalar(kind, dtype, opts):
+    """state_bits=8 on the GPU (Note [8-bit states on CUDA]): params, codes
+    and scales are the CPU scalar variant's bits."""
+    fusedoptim.set_cpu_isa("scalar")  # (restored by the test fixture)
+    pc, oc = _eight_bit_run("cpu", kind, dtype, opts)
+    pg, og = _eight_bit_run("cuda", kind, dtype, opts)
+    assert og.last_backends == [NATIVE]
+    for a, b in zip(pc, pg):
+        assert_same_bits([b.detach().cpu()], [a.detach()], "param")
+        for key, t in oc.state[a].items():
+            assert_same_bits([og.state[b][key].cpu()], [t], f"state[{key!r}]")

@@ -196,7 +196,7 @@ class SGD(FusedOptimizer, torch.optim.SGD):
         state_bits: ``8`` keeps the momentum buffer of every tensor with at
             least ``min_quantized_numel`` elements as 8-bit codes with one
             fp32 scale per block (``momentum_buffer_codes``,
-            ``momentum_buffer_scale``; Note [8-bit states]). CPU params only.
+            ``momentum_buffer_scale``; Note [8-bit states]). CPU and CUDA params.
         state_block_size: elements per scale, a power of two from 64 to
             4096 (default: 256).
         min_quantized_numel: smaller tensors keep a full buffer (default: 4096).
