@@ -56,7 +56,7 @@ def test_precision_suite_smoke(tmp_path):
     per_param = {
         ("none", "bf16"): 14, ("master_weights", "bf16"): 28, ("stochastic_rounding", "bf16"): 14,
         ("kahan_summation", "bf16"): 18, ("none", "fp32"): 28, ("state_dtype=bf16", "fp32"): 20,
-        ("max_grad_norm", "fp32"): 32,
+        ("max_grad_norm", "fp32"): 32, ("state_bits=8", "fp32"): 16, ("state_bits=8", "bf16"): 10,
     }
     seen = {(r["option"], r["dtype"], r["implementation"]) for r in rows}
     for option, dtype in per_param:
@@ -81,11 +81,13 @@ def test_precision_byte_model():
     sgd = {k: step_bytes(OPTIMIZERS["sgd"], o) for k, o in OPTIONS.items()}
     assert sgd == {"none/bf16": 10, "master_weights/bf16": 20, "stochastic_rounding/bf16": 10,
                    "kahan_summation/bf16": 14, "none/fp32": 20, "state_dtype=bf16/fp32": 16,
-                   "max_grad_norm/fp32": 24}
+                   "max_grad_norm/fp32": 24, "state_bits=8/fp32": 14, "state_bits=8/bf16": 8}
     assert probe_shape(28, "bf16") == ("fp32", 3, True)  # master weights: 7 fp32 streams' worth
     assert probe_shape(18, "bf16") == ("bf16", 4, True)  # Kahan
     assert probe_shape(20, "fp32") == ("fp32", 2, True)  # bf16 states
     assert probe_shape(32, "fp32", 28) == ("fp32", 3, False)  # max_grad_norm: the step's probe, converted
+    assert probe_shape(10, "bf16") == ("bf16", 2, True)  # 8-bit states, bf16 params
+    assert probe_shape(16, "fp32") == ("fp32", 1, False)  # 8-bit states, fp32 params: converted from 12 B
 
 
 def test_bench_times_in_a_loop_and_back_to_back(tmp_path):

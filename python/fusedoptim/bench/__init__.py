@@ -167,7 +167,7 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     sel = p.add_argument_group("what to run")
     sel.add_argument("--suite", choices=("default", "precision", "sweep"), default="default",
                      help="default: the optimizers against torch.optim; precision: each precision option "
-                     "(master_weights, stochastic_rounding, kahan_summation, state_dtype=bf16, max_grad_norm) "
+                     "(master_weights, stochastic_rounding, kahan_summation, state_dtype=bf16, max_grad_norm, state_bits=8) "
                      "against its byte limit, on 1x16M and (state_dtype) 1x128M unless --cases; --impls is ignored; "
                      "sweep: fusedoptim against torch fused=True on one tensor of 2^10 to 2^27 elements and the "
                      "many-tensor cases (--cases), adam, adamw and sgd, timed interleaved, the ratio plotted against "
