@@ -222,18 +222,14 @@ FO_ALWAYS_INLINE void adam_q8_elems(const AdamTensor& t, int64_t i, float* m, fl
   store_param<S, kStore>(io, p0, pv);
 }
 
-template <class S, int kStore, int kWD, bool kMax, bool kScaleGrad, bool kLerpFromGrad>
-void adam_q8_blocks(const AdamTensor& tensor, int64_t begin, int64_t end, const AdamHyper& h) {
+template <class S, int kStore, int kWD, bool kMax>
+void adam_q8_segment(const AdamTensor& tensor, int64_t begin, int64_t end, const AdamHyper& h) {
   // A local copy: no store through a param or code pointer can change it,
   // so its pointers stay in registers across the loop.
   const AdamTensor t = tensor;
   using V = Q8Vec;
   using Q = Q8Lanes<V>;
-  // The two flags of the constants as constants of the loop, which they
-  // are: otherwise each vector pays a compare and a select through memory.
-  AdamConsts<V> cv(h, t.coeffs);
-  cv.scale_grad = kScaleGrad;
-  cv.lerp_from_grad = kLerpFromGrad;
+  const AdamConsts<V> cv(h, t.coeffs);
   const AdamConsts<VecScalar> cs(h, t.coeffs);
   constexpr int W = V::kWidth;
   const int64_t B = h.q8_block;
@@ -266,17 +262,6 @@ void adam_q8_blocks(const AdamTensor& tensor, int64_t begin, int64_t end, const 
     t.exp_avg_scale[blk] = q8_encode_block<true, V>(m, n, mmax1, mc + b0);
     t.exp_avg_sq_scale[blk] = q8_encode_block<false, V>(r, n, rmax1, vc + b0);
   }
-}
-
-template <class S, int kStore, int kWD, bool kMax>
-void adam_q8_segment(const AdamTensor& t, int64_t begin, int64_t end, const AdamHyper& h) {
-  const bool scale = !(h.grad_mul == 1.0f);  // AdamConsts::scale_grad
-  if (scale) {
-    return h.lerp_from_grad ? adam_q8_blocks<S, kStore, kWD, kMax, true, true>(t, begin, end, h)
-                            : adam_q8_blocks<S, kStore, kWD, kMax, true, false>(t, begin, end, h);
-  }
-  return h.lerp_from_grad ? adam_q8_blocks<S, kStore, kWD, kMax, false, true>(t, begin, end, h)
-                          : adam_q8_blocks<S, kStore, kWD, kMax, false, false>(t, begin, end, h);
 }
 
 template <class V, class S, int kStore, bool kWD, int kMom, bool kMax, bool kFirst>

@@ -188,19 +188,39 @@ void fill_slot(Slot& s, const Tensor& t, bool sr, uint32_t sr_word) {
   s.numel = t.numel;
 }
 
+// Whether Args is an 8-bit states parameter block (Note [8-bit states on CUDA]).
+template <class Args>
+struct IsQ8 : std::false_type {};
+template <int N>
+struct IsQ8<AdamQ8Args<N>> : std::true_type {};
+template <int N>
+struct IsQ8<SGDQ8Args<N>> : std::true_type {};
+
 // Packs r's tensors into as few launches as the parameter block allows.
-// Launcher provides launch(kernel, blocks, args) and throws on errors.
+// Launcher provides launch(kernel, blocks, args) and throws on errors. With
+// 8-bit states (an IsQ8 Args) the kernel synchronises its block, so it is
+// a cooperative launch, one kernel block per quantization block.
 template <class Args, class Launcher>
 LaunchStats run_adam(const AdamRequest& r, Launcher& launcher) {
   constexpr int N = Args::kCapacity;
+  constexpr bool kQ8 = IsQ8<Args>::value;
   const LaunchCommon& co = r.common;
-  const AdamKernel<N> kernel = pick_adam<N>(co, r.wd_mode, r.amsgrad);
+  if (kQ8 && r.amsgrad) throw std::invalid_argument("adam_step: 8-bit states do not take amsgrad");
+  if (kQ8 && !q8_block_ok(r.hyper.q8_block)) {
+    throw std::invalid_argument("adam_step: 8-bit states need a valid block size");
+  }
+  void (*kernel)(FO_KARG(Args));
+  if constexpr (kQ8) {
+    kernel = pick_adam_q8<N>(co, r.wd_mode);
+  } else {
+    kernel = pick_adam<N>(co, r.wd_mode, r.amsgrad);
+  }
   if (kernel == nullptr) throw std::invalid_argument("adam_step: unsupported layout or weight-decay mode");
   const bool sr = co.store == kStoreStochastic;
   if (sr && r.device_steps && r.tensor_ids.size() != r.tensors.size()) {
     throw std::invalid_argument("adam_step: stochastic rounding with device steps needs one tensor id per tensor");
   }
-  Packer<Args> pk;
+  Packer<Args> pk(kQ8 ? r.hyper.q8_block : 0);
   Args& a = pk.args();
   a.h.hyper = r.hyper;
   a.h.u = uniform_of(co, r.maximize, r.device_steps);
@@ -212,100 +232,33 @@ LaunchStats run_adam(const AdamRequest& r, Launcher& launcher) {
   a.h.seed = r.seed;
   auto launch = [&](int64_t blocks) {
     if (r.device_steps) launcher.launch(&adam_count_kernel<Args>, 1, a);
-    if (blocks > 0) launcher.launch(kernel, blocks, a);
+    if (blocks > 0) {
+      if constexpr (kQ8) {
+        launcher.launch_cooperative(kernel, blocks, a);
+      } else {
+        launcher.launch(kernel, blocks, a);
+      }
+    }
   };
   for (size_t k = 0; k < r.tensors.size(); ++k) {
     const AdamTensor& t = r.tensors[k];
     // An empty tensor still counts a step when the device holds the counter.
     if (t.numel == 0 && !r.device_steps) continue;
-    AdamSlot& s = a.slot[pk.add(t.numel)];
+    auto& s = a.slot[pk.add(t.numel)];
     fill_slot(s, t, sr, r.device_steps ? (sr ? r.tensor_ids[k] : 0u) : t.sr_key);
     s.exp_avg = t.exp_avg;
     s.exp_avg_sq = t.exp_avg_sq;
-    s.max_exp_avg_sq = t.max_exp_avg_sq;
+    if constexpr (kQ8) {
+      s.exp_avg_scale = t.exp_avg_scale;
+      s.exp_avg_sq_scale = t.exp_avg_sq_scale;
+    } else {
+      s.max_exp_avg_sq = t.max_exp_avg_sq;
+    }
     if (r.device_steps) {
       s.step = r.steps[k];
     } else {
       s.coeffs = t.coeffs;
     }
-    if (pk.full()) pk.flush(launch);
-  }
-  pk.flush(launch);
-  return pk.stats();
-}
-
-// As run_adam, with 8-bit states: a cooperative launch (the kernel
-// synchronises its block), one kernel block per quantization block.
-template <class Args, class Launcher>
-LaunchStats run_adam_q8(const AdamRequest& r, Launcher& launcher) {
-  constexpr int N = Args::kCapacity;
-  const LaunchCommon& co = r.common;
-  if (r.amsgrad) throw std::invalid_argument("adam_step: 8-bit states do not take amsgrad");
-  if (!q8_block_ok(r.hyper.q8_block)) throw std::invalid_argument("adam_step: 8-bit states need a valid block size");
-  const AdamQ8Kernel<N> kernel = pick_adam_q8<N>(co, r.wd_mode);
-  if (kernel == nullptr) throw std::invalid_argument("adam_step: unsupported 8-bit layout or weight-decay mode");
-  const bool sr = co.store == kStoreStochastic;
-  if (sr && r.device_steps && r.tensor_ids.size() != r.tensors.size()) {
-    throw std::invalid_argument("adam_step: stochastic rounding with device steps needs one tensor id per tensor");
-  }
-  Packer<Args> pk(r.hyper.q8_block);
-  Args& a = pk.args();
-  a.h.hyper = r.hyper;
-  a.h.u = uniform_of(co, r.maximize, r.device_steps);
-  a.h.lr = r.lr;
-  a.h.beta1 = r.beta1;
-  a.h.beta2 = r.beta2;
-  a.h.weight_decay = r.weight_decay;
-  a.h.lr_ptr = r.lr_ptr;
-  a.h.seed = r.seed;
-  auto launch = [&](int64_t blocks) {
-    if (r.device_steps) launcher.launch(&adam_count_kernel<Args>, 1, a);
-    if (blocks > 0) launcher.launch_cooperative(kernel, blocks, a);
-  };
-  for (size_t k = 0; k < r.tensors.size(); ++k) {
-    const AdamTensor& t = r.tensors[k];
-    if (t.numel == 0 && !r.device_steps) continue;
-    AdamQ8Slot& s = a.slot[pk.add(t.numel)];
-    fill_slot(s, t, sr, r.device_steps ? (sr ? r.tensor_ids[k] : 0u) : t.sr_key);
-    s.exp_avg = t.exp_avg;
-    s.exp_avg_sq = t.exp_avg_sq;
-    s.exp_avg_scale = t.exp_avg_scale;
-    s.exp_avg_sq_scale = t.exp_avg_sq_scale;
-    if (r.device_steps) {
-      s.step = r.steps[k];
-    } else {
-      s.coeffs = t.coeffs;
-    }
-    if (pk.full()) pk.flush(launch);
-  }
-  pk.flush(launch);
-  return pk.stats();
-}
-
-template <class Args, class Launcher>
-LaunchStats run_sgd_q8(const SGDRequest& r, Launcher& launcher) {
-  constexpr int N = Args::kCapacity;
-  const LaunchCommon& co = r.common;
-  if (!q8_block_ok(r.hyper.q8_block)) throw std::invalid_argument("sgd_step: 8-bit states need a valid block size");
-  const SGDQ8Kernel<N> kernel = pick_sgd_q8<N>(co, r.weight_decay, r.momentum_mode);
-  if (kernel == nullptr) throw std::invalid_argument("sgd_step: unsupported 8-bit layout or momentum mode");
-  const bool sr = co.store == kStoreStochastic;
-  Packer<Args> pk(r.hyper.q8_block);
-  Args& a = pk.args();
-  a.h.hyper = r.hyper;
-  a.h.u = uniform_of(co, r.maximize, false);
-  auto launch = [&](int64_t blocks) {
-    launcher.launch_cooperative(kernel, blocks, a);
-    std::fill(std::begin(a.first), std::end(a.first), 0u);
-  };
-  for (const SGDTensor& t : r.tensors) {
-    if (t.numel == 0) continue;
-    const int slot = pk.add(t.numel);
-    SGDQ8Slot& s = a.slot[slot];
-    fill_slot(s, t, sr, t.sr_key);
-    s.momentum_buffer = t.momentum_buffer;
-    s.momentum_scale = t.momentum_scale;
-    if (t.first_step) a.first[slot >> 5] |= 1u << (slot & 31);
     if (pk.full()) pk.flush(launch);
   }
   pk.flush(launch);
@@ -314,24 +267,39 @@ LaunchStats run_sgd_q8(const SGDRequest& r, Launcher& launcher) {
 
 template <class Args, class Launcher>
 LaunchStats run_sgd(const SGDRequest& r, Launcher& launcher) {
+  constexpr int N = Args::kCapacity;
+  constexpr bool kQ8 = IsQ8<Args>::value;
   const LaunchCommon& co = r.common;
-  const SGDKernel<Args::kCapacity> kernel = pick_sgd<Args::kCapacity>(co, r.weight_decay, r.momentum_mode);
+  if (kQ8 && !q8_block_ok(r.hyper.q8_block)) {
+    throw std::invalid_argument("sgd_step: 8-bit states need a valid block size");
+  }
+  void (*kernel)(FO_KARG(Args));
+  if constexpr (kQ8) {
+    kernel = pick_sgd_q8<N>(co, r.weight_decay, r.momentum_mode);
+  } else {
+    kernel = pick_sgd<N>(co, r.weight_decay, r.momentum_mode);
+  }
   if (kernel == nullptr) throw std::invalid_argument("sgd_step: unsupported layout or momentum mode");
   const bool sr = co.store == kStoreStochastic;
-  Packer<Args> pk;
+  Packer<Args> pk(kQ8 ? r.hyper.q8_block : 0);
   Args& a = pk.args();
   a.h.hyper = r.hyper;
   a.h.u = uniform_of(co, r.maximize, false);
   auto launch = [&](int64_t blocks) {
-    launcher.launch(kernel, blocks, a);
+    if constexpr (kQ8) {
+      launcher.launch_cooperative(kernel, blocks, a);
+    } else {
+      launcher.launch(kernel, blocks, a);
+    }
     std::fill(std::begin(a.first), std::end(a.first), 0u);
   };
   for (const SGDTensor& t : r.tensors) {
     if (t.numel == 0) continue;
     const int slot = pk.add(t.numel);
-    SGDSlot& s = a.slot[slot];
+    auto& s = a.slot[slot];
     fill_slot(s, t, sr, t.sr_key);
     s.momentum_buffer = t.momentum_buffer;
+    if constexpr (kQ8) s.momentum_scale = t.momentum_scale;
     if (t.first_step) a.first[slot >> 5] |= 1u << (slot & 31);
     if (pk.full()) pk.flush(launch);
   }
@@ -421,13 +389,13 @@ struct Q8Of<SGDArgsSmall> { using type = SGDQ8ArgsSmall; };
 
 template <class Args, class Launcher>
 LaunchStats run(const AdamRequest& r, Launcher& launcher) {
-  if (r.common.state_dtype == kQuant8) return run_adam_q8<typename Q8Of<Args>::type>(r, launcher);
+  if (r.common.state_dtype == kQuant8) return run_adam<typename Q8Of<Args>::type>(r, launcher);
   return run_adam<Args>(r, launcher);
 }
 template <class Args, class Launcher>
 LaunchStats run(const SGDRequest& r, Launcher& launcher) {
   if (r.common.state_dtype != kQuant8) return run_sgd<Args>(r, launcher);
-  if (r.momentum_mode != kNoMomentum) return run_sgd_q8<typename Q8Of<Args>::type>(r, launcher);
+  if (r.momentum_mode != kNoMomentum) return run_sgd<typename Q8Of<Args>::type>(r, launcher);
   // Without momentum there is no state: the plain kernel of the layout's
   // fp32-state twin (as the CPU kernels do).
   SGDRequest plain = r;

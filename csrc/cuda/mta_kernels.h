@@ -399,6 +399,28 @@ struct AdamOp {
   }
 };
 
+// The constants of the Adam update of tensor slot s: from the host
+// coefficients, or from the device step counter, and with a device lr
+// (capturable) the step size and AdamW's decay from it.
+template <int kWD, class Slot>
+FO_DEVICE AdamConsts<VecF> adam_consts(const AdamHeader& h, const Slot& s) {
+  const AdamCoeffs co = h.u.device_steps
+      ? device_coeffs(h.lr_ptr != nullptr ? double(*h.lr_ptr) : h.lr, h.beta1, h.beta2, s.step)
+      : s.coeffs;
+  AdamConsts<VecF> c(h.hyper, co);
+  if (kWD == kDecoupled && h.lr_ptr != nullptr) c.decay = VecF(adamw_decay(double(*h.lr_ptr), h.weight_decay));
+  return c;
+}
+
+// The launch values of tensor slot s, with its stochastic-rounding key.
+// (Built after the constants, for the same reason: cached loads.)
+template <int kStore, class Slot>
+FO_DEVICE Ctx adam_ctx(const AdamHeader& h, const Slot& s) {
+  Ctx k(h.u);
+  if (kStore == kStoreStochastic) k.key = h.u.device_steps ? sr_key(h.seed, uint32_t(*s.step), s.sr) : s.sr;
+  return k;
+}
+
 // The fp32 layout says minBlocksPerSM = 1 (as sgd_kernel): without it
 // ptxas's occupancy heuristic spilled 8 bytes in fp32 kernels for
 // sm_86/sm_89. The other layouts leave it unset (0): with 1 they took up to
@@ -408,17 +430,10 @@ __global__ void __launch_bounds__(kBlockThreads, (sizeof(S) == 4 && sizeof(T) ==
   if (a.h.u.found_inf != nullptr && *a.h.u.found_inf != 0.0f) return;
   for_each_in_chunk(a, [&](int t, int64_t b, int64_t e) {
     const AdamSlot& s = a.slot[t];
-    // With a device lr (capturable), the step size and AdamW's decay come
-    // from it. (Read here rather than once per block: fewer values live
-    // across the double-precision division keeps every kernel spill-free.)
-    const AdamCoeffs co = a.h.u.device_steps
-        ? device_coeffs(a.h.lr_ptr != nullptr ? double(*a.h.lr_ptr) : a.h.lr, a.h.beta1, a.h.beta2, s.step)
-        : s.coeffs;
-    AdamConsts<VecF> c(a.h.hyper, co);
-    if (kWD == kDecoupled && a.h.lr_ptr != nullptr) c.decay = VecF(adamw_decay(double(*a.h.lr_ptr), a.h.weight_decay));
-    // Built after the coefficients for the same reason (cached loads).
-    Ctx k(a.h.u);
-    if (kStore == kStoreStochastic) k.key = a.h.u.device_steps ? sr_key(a.h.seed, uint32_t(*s.step), s.sr) : s.sr;
+    // (Per tensor rather than once per block: fewer values live across the
+    // double-precision division keeps every kernel spill-free.)
+    const AdamConsts<VecF> c = adam_consts<kWD>(a.h, s);
+    const Ctx k = adam_ctx<kStore>(a.h, s);
     segment(s, b, e, AdamOp<S, T, kStore, kWD, kAms>{c}, k);
   });
 }
@@ -555,13 +570,8 @@ __global__ void __launch_bounds__(kBlockThreads) adam_q8_kernel(FO_KARG(AdamQ8Ar
   if (a.h.u.found_inf != nullptr && *a.h.u.found_inf != 0.0f) return;
   const Q8Block<AdamQ8Args<N>> q(a);
   const AdamQ8Slot& s = a.slot[q.t];
-  const AdamCoeffs co = a.h.u.device_steps
-      ? device_coeffs(a.h.lr_ptr != nullptr ? double(*a.h.lr_ptr) : a.h.lr, a.h.beta1, a.h.beta2, s.step)
-      : s.coeffs;
-  AdamConsts<VecF> c(a.h.hyper, co);
-  if (kWD == kDecoupled && a.h.lr_ptr != nullptr) c.decay = VecF(adamw_decay(double(*a.h.lr_ptr), a.h.weight_decay));
-  Ctx k(a.h.u);
-  if (kStore == kStoreStochastic) k.key = a.h.u.device_steps ? sr_key(a.h.seed, uint32_t(*s.step), s.sr) : s.sr;
+  const AdamConsts<VecF> c = adam_consts<kWD>(a.h, s);
+  const Ctx k = adam_ctx<kStore>(a.h, s);
   S* p = static_cast<S*>(s.param) + q.b0;
   S* g = static_cast<S*>(s.grad) + q.b0;
   E* ex = L::kExtra ? static_cast<E*>(s.extra) + q.b0 : nullptr;
