@@ -168,3 +168,44 @@ def test_sweep_suite_smoke(tmp_path):
         assert r["ratio_q1"] <= r["ratio"] <= r["ratio_q3"], r
     assert "2^10" in done.stdout and "2^14" in done.stdout and "ratio = torch fused" in done.stdout
     assert f"wrote {out}" in done.stderr
+
+
+@pytest.mark.skipif(not CPU_FUSED_SGD, reason=NO_CPU_FUSED_SGD)
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_torch_fused_wrong_says_whether_torch_fused_sgd_updates_the_params(dtype):
+    import torch
+
+    from fusedoptim.bench.harness import DTYPES, OPTIMIZERS, torch_fused_wrong
+
+    # Straight from torch: 64 params of 1.0 (8 whole vectors of any SIMD width), one fused step.
+    p = torch.ones(64, dtype=DTYPES[dtype], requires_grad=True)
+    p.grad = torch.full_like(p, 0.5)
+    torch.optim.SGD([p], lr=0.1, momentum=0.9, fused=True).step()
+    skips = bool((p.detach() == 1.0).all())
+    why = torch_fused_wrong(OPTIMIZERS["sgd"], dtype)
+    assert bool(why) == skips, why
+    if skips:
+        assert "unchanged" in why and dtype in why
+    assert torch_fused_wrong(OPTIMIZERS["adamw"], dtype) == ""
+
+
+def test_tables_mark_a_ratio_against_a_torch_step_that_does_less():
+    from fusedoptim.bench.harness import format_table
+    from fusedoptim.bench.sweep import SweepReport, SweepRow, format_sweep_table
+
+    report = _report()
+    fair = format_table(report)
+    assert "1.00x!" not in fair and "! = torch's fused step" not in fair
+    report.rows[1].torch_fused_wrong = "leaves 9 of 10 params unchanged"
+    marked = format_table(report)
+    assert "1.00x!" in marked and "! = torch's fused step does less" in marked and "9 of 10" in marked
+
+    def cell(numel, ratio, wrong):
+        return SweepRow(optimizer="sgd", dtype="bf16", threads=1, case=f"1x{numel}", tensors=1, numel=numel,
+                        mode="loop", contended=False, fusedoptim_ms=1.0, torch_fused_ms=ratio, ratio=ratio,
+                        ratio_q1=ratio, ratio_q3=ratio, blocks=9, steps_per_block=4, torch_fused_wrong=wrong)
+
+    sweep = SweepReport(machine={}, config={}, rows=[cell(1024, 0.8, "skips params"), cell(2048, 1.2, "")])
+    table = format_sweep_table(sweep)
+    assert "0.80!" in table and "1.20" in table and "skips params" in table
+    assert "lowest trusted ratio: 1.20" in table  # a marked cell is no verdict

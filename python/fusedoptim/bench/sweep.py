@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from .cases import Case, build_tensors, parse_case
-from .harness import DTYPES, OPTIMIZERS, BenchError, CpuLoad, LoopWork, Unsupported, make_optimizer
+from .harness import DTYPES, OPTIMIZERS, BenchError, CpuLoad, LoopWork, Unsupported, make_optimizer, torch_fused_wrong
 
 __all__ = ["SweepConfig", "SweepRow", "SweepReport", "parse_sizes", "run_sweep", "format_sweep_table",
            "write_sweep_json", "write_sweep_csv", "write_sweep_plot", "write_sweep_markdown", "interleaved"]
@@ -87,6 +87,7 @@ class SweepRow:
     ratio_q3: float
     blocks: int
     steps_per_block: int
+    torch_fused_wrong: str = ""  # why torch's fused step is no fair target here (harness.torch_fused_wrong)
 
     @property
     def trusted(self) -> bool:
@@ -211,7 +212,8 @@ def _cell(cfg: SweepConfig, spec_name: str, dtype: str, threads: int, case: Case
                     numel=case.numel, mode=cfg.mode, contended=cfg.contended,
                     fusedoptim_ms=statistics.median(t["fusedoptim"]) * 1e3,
                     torch_fused_ms=statistics.median(t["torch-fused"]) * 1e3, ratio=statistics.median(ratios),
-                    ratio_q1=q1, ratio_q3=q3, blocks=cfg.blocks, steps_per_block=per_block)
+                    ratio_q1=q1, ratio_q3=q3, blocks=cfg.blocks, steps_per_block=per_block,
+                    torch_fused_wrong=torch_fused_wrong(spec, dtype))
 
 
 def run_sweep(cfg: SweepConfig, report: SweepReport, progress: Optional[TextIO] = sys.stderr) -> SweepReport:
@@ -290,6 +292,7 @@ def format_sweep_table(report: SweepReport) -> str:
     lines.append("-" * len(lines[0]))
     worst: Optional[SweepRow] = None
     untrusted = 0
+    wrong: Dict[str, None] = {}  # why torch's fused step is no fair target, in order
     for s in sizes:
         out = []
         for key in cols:
@@ -299,6 +302,9 @@ def format_sweep_table(report: SweepReport) -> str:
             elif not r.trusted:
                 untrusted += 1
                 out.append("?".rjust(width))
+            elif r.torch_fused_wrong:
+                wrong.setdefault(r.torch_fused_wrong, None)
+                out.append(f"{r.ratio:.2f}!".rjust(width))
             else:
                 out.append(f"{r.ratio:.2f}".rjust(width))
                 if worst is None or r.ratio < worst.ratio:
@@ -312,9 +318,11 @@ def format_sweep_table(report: SweepReport) -> str:
     if untrusted:
         lines.append(f"? = {untrusted} cell(s) untrusted: their per-block ratios spread by more than "
                      f"{TRUST_SPREAD:.0%} of the median (a disturbed machine); rerun them with --sizes")
+    for why in wrong:
+        lines.append(f"! = torch's fused step does less than fusedoptim's, so the ratio is no verdict: {why}")
     if worst is not None:
         lines.append(f"lowest trusted ratio: {worst.ratio:.2f} ({worst.optimizer} {worst.dtype} {worst.case} "
-                     f"{worst.threads} thread(s))")
+                     f"{worst.threads} thread(s))" + (", cells marked ! aside" if wrong else ""))
     if report.rows and rows[0].contended:
         scaling = contended_scaling(report)
         if scaling:
@@ -381,8 +389,11 @@ def write_sweep_plot(report: SweepReport, path: str) -> None:
                          if r.threads == t and r.optimizer == o and r.dtype == d and r.tensors == 1)
             if not pts:
                 continue
+            wrong = any(r.torch_fused_wrong for r in report.rows if r.optimizer == o and r.dtype == d)
             line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, lw=1.2,
-                            ls="-" if d == "fp32" else "--", label=f"{o} {d}")
+                            ls="-" if d == "fp32" else "--",
+                            label=f"{o} {d}" + (" (torch fused skips work: no verdict)" if wrong else ""),
+                            alpha=0.45 if wrong else 1.0)
             bad = [p for p in pts if not p[2]]
             if bad:
                 ax.plot([p[0] for p in bad], [p[1] for p in bad], "x", color=line.get_color(), ms=8)
