@@ -209,3 +209,40 @@ def test_tables_mark_a_ratio_against_a_torch_step_that_does_less():
     table = format_sweep_table(sweep)
     assert "0.80!" in table and "1.20" in table and "skips params" in table
     assert "lowest trusted ratio: 1.20" in table  # a marked cell is no verdict
+
+
+@pytest.mark.parametrize("dtype_name", ["fp32", "bf16"])
+@pytest.mark.parametrize("streams", [1, 3, 4])
+def test_stream_probe_with_streaming_stores_adds_as_the_plain_probe(dtype_name, streams):
+    import torch
+
+    from fusedoptim import _C
+    from fusedoptim.bench.harness import DTYPES
+
+    dtype = DTYPES[dtype_name]
+    code = {"fp32": _C.DTYPE_FLOAT32, "bf16": _C.DTYPE_BFLOAT16}[dtype_name]
+    g = torch.Generator().manual_seed(1)
+    # Odd sizes and element offsets: heads and tails that are not 32-byte aligned, and one
+    # stream out of step with the others (plain stores all the way).
+    for n, offsets in ((100_003, [0] * streams), (70_001, [1] * streams), (5_000, [0] * (streams - 1) + [3])):
+        base = [torch.randn(n + 8, generator=g).to(dtype) for _ in range(streams)]
+        read = torch.randn(n + 8, generator=g).to(dtype)
+        for threads in (1, 2):
+            out = {}
+            for nt in (False, True):
+                xs = [b.clone()[o:o + n] for b, o in zip(base, offsets)]
+                _C.stream_probe([x.data_ptr() for x in xs], read.data_ptr(), n, code, threads, nontemporal=nt)
+                out[nt] = xs
+            for plain, streamed, b, o in zip(out[False], out[True], base, offsets):
+                assert torch.equal(plain.view(torch.int16 if dtype_name == "bf16" else torch.int32),
+                                   streamed.view(torch.int16 if dtype_name == "bf16" else torch.int32))
+                assert not torch.equal(plain, b[o:o + n])  # the probe did write
+
+
+def test_the_limit_is_the_faster_probe():
+    from fusedoptim.bench.harness import ProbeSamples
+
+    s = ProbeSamples({"plain": [2.0, 2.0, 3.0], "non-temporal": [1.0, 9.0, 1.5]})
+    s += ProbeSamples({"plain": [2.0], "non-temporal": [1.2]})
+    kind, samples = s.best()
+    assert kind == "non-temporal" and samples == [1.0, 9.0, 1.5, 1.2]

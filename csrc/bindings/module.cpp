@@ -137,7 +137,7 @@ double grad_norm_sq(py::handle grads, py::handle numels_obj, std::vector<int32_t
   return cpu::grad_norm_sq(ts, threads);
 }
 
-void stream_probe(py::handle rw_obj, uintptr_t read, int64_t numel, int32_t dtype, int num_threads) {
+void stream_probe(py::handle rw_obj, uintptr_t read, int64_t numel, int32_t dtype, int num_threads, bool nontemporal) {
   check_dtype(dtype);
   if (numel < 0) throw py::value_error("numel must be non-negative");
   if (!PyList_Check(rw_obj.ptr())) throw py::type_error("rw must be a list of ints");
@@ -152,7 +152,7 @@ void stream_probe(py::handle rw_obj, uintptr_t read, int64_t numel, int32_t dtyp
   }
   const int threads = resolve_threads(num_threads);
   py::gil_scoped_release release;
-  cpu::probe_streams(ptrs, reinterpret_cast<const void*>(read), numel, dtype, threads);
+  cpu::probe_streams(ptrs, reinterpret_cast<const void*>(read), numel, dtype, threads, nontemporal);
 }
 
 void triad(uintptr_t a, uintptr_t b, uintptr_t c, double s, int64_t numel, int num_threads) {
@@ -297,9 +297,10 @@ PYBIND11_MODULE(_C, m) {
         }, py::arg("sumsq"), py::arg("max_norm"),
         "(total_norm, coefficient) of clip_grad_norm_ from a sum of squares, in fp32 as torch computes them.");
   m.def("stream_probe", &stream_probe, py::arg("rw"), py::arg("read"), py::arg("numel"), py::arg("dtype"),
-        py::arg("num_threads"),
+        py::arg("num_threads"), py::arg("nontemporal") = false,
         "Bandwidth probe: x += read for each read-write stream x (1 to 4), on the optimizer's "
-        "thread split; moves exactly the bytes of a step with the same streams.");
+        "thread split; moves exactly the bytes of a step with the same streams. nontemporal: write "
+        "x with streaming stores (the scalar variant has plain stores only).");
   m.def("triad", &triad, py::arg("a"), py::arg("b"), py::arg("c"), py::arg("scalar"), py::arg("numel"),
         py::arg("num_threads"), "STREAM triad a = b + scalar * c over fp32 arrays.");
   py::class_<StepPlan>(m, "StepPlan", "Cached pointer tables of one param group; see Note [cached step plans].")

@@ -265,8 +265,9 @@ double grad_norm_sq(const std::vector<NormTensor>& grads, int num_threads) {
   return total;
 }
 
-void probe_streams(const std::vector<void*>& rw, const void* r, int64_t numel, int32_t dtype, int num_threads) {
-  const ProbeSegmentFn fn = g_active.load()->probe(dtype, int(rw.size()));
+void probe_streams(const std::vector<void*>& rw, const void* r, int64_t numel, int32_t dtype, int num_threads,
+                   bool nontemporal) {
+  const ProbeSegmentFn fn = g_active.load()->probe(dtype, int(rw.size()), nontemporal);
   if (fn == nullptr) throw std::invalid_argument("stream_probe: 1 to 4 read-write streams of a supported dtype");
   run_flat({numel}, num_threads, [&](size_t, int64_t b, int64_t e) { fn(rw.data(), r, b, e); });
 }

@@ -41,7 +41,8 @@ struct NormTensor {
 double grad_norm_sq(const std::vector<NormTensor>& grads, int num_threads);
 
 // Bandwidth references for benchmarks, on the same thread split as the steps.
-void probe_streams(const std::vector<void*>& rw, const void* r, int64_t numel, int32_t dtype, int num_threads);
+void probe_streams(const std::vector<void*>& rw, const void* r, int64_t numel, int32_t dtype, int num_threads,
+                   bool nontemporal = false);
 void triad(float* a, const float* b, const float* c, float s, int64_t numel, int num_threads);
 
 }  // namespace cpu

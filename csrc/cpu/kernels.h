@@ -24,6 +24,9 @@ using SGDSegmentFn = void (*)(const SGDTensor&, int64_t begin, int64_t end, cons
 // Bandwidth probe: for every element, x += r for each of the `nrw`
 // read-write streams x, which touches exactly the bytes of an optimizer
 // step with the same number of streams (Adam: 3 read-write + the grad).
+// The non-temporal probe writes the read-write streams with streaming
+// stores, which skip the cache's write-back of each line (the faster of the
+// two is the limit; the scalar variant has only the plain one).
 using ProbeSegmentFn = void (*)(void* const* rw, const void* r, int64_t begin, int64_t end);
 // One chunk of the grad-norm reduction: the sum of squares of elements
 // [begin, end) of a grad, in double, in the fixed order of precision.h.
@@ -36,7 +39,7 @@ struct KernelTable {
   int vector_width; // fp32 lanes
   AdamSegmentFn (*adam)(const Layout& layout, int wd_mode, bool amsgrad, bool maximize);
   SGDSegmentFn (*sgd)(const Layout& layout, bool weight_decay, int momentum_mode, bool maximize, bool first_step);
-  ProbeSegmentFn (*probe)(int32_t dtype, int nrw);
+  ProbeSegmentFn (*probe)(int32_t dtype, int nrw, bool nontemporal);
   TriadSegmentFn triad;
   NormChunkFn (*norm)(int32_t dtype);
 };

@@ -127,11 +127,14 @@ def threads_backend() -> str:
 def get_cpu_isa() -> str:
     """The CPU variant in use."""
 
-def stream_probe(rw: List[int], read: int, numel: int, dtype: int, num_threads: int) -> None:
+def stream_probe(rw: List[int], read: int, numel: int, dtype: int, num_threads: int,
+                 nontemporal: bool = False) -> None:
     """Bandwidth probe: ``x += read`` for each of 1 to 4 read-write streams.
 
     Touches exactly the bytes of an optimizer step with the same streams
     (Adam: 3 read-write and the grad), with the same ISA and thread split.
+    ``nontemporal`` writes the streams with streaming stores (plain stores in
+    the scalar variant).
     """
 
 def triad(a: int, b: int, c: int, scalar: float, numel: int, num_threads: int) -> None:

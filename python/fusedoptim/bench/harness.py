@@ -458,11 +458,13 @@ class _Probe:
         self.rw_ptrs = [t.data_ptr() for t in rw]
         self.warm: set = set()
 
-    def call(self, streams: int, threads: int) -> None:
-        _C.stream_probe(self.rw_ptrs[:streams], self.read.data_ptr(), self.numel, self.code, threads)
+    def call(self, streams: int, threads: int, nontemporal: bool = False) -> None:
+        _C.stream_probe(self.rw_ptrs[:streams], self.read.data_ptr(), self.numel, self.code, threads,
+                        nontemporal=nontemporal)
 
-    def block(self, cfg: Config, streams: int, threads: int) -> List[float]:
-        """One block of timed probe calls: a third of ``min_time``, at least 2 calls.
+    def block(self, cfg: Config, streams: int, threads: int) -> "ProbeSamples":
+        """One block of timed calls of each probe (streaming stores, then plain
+        stores): each a third of ``min_time``, at least 2 calls.
 
         The first block at a (streams, threads) pair warms up with one call.
         """
@@ -471,9 +473,36 @@ class _Probe:
         warmup = 0 if key in self.warm else 1
         self.warm.add(key)
         repeats = None if cfg.repeats is None else max(1, math.ceil(cfg.repeats / 2))
-        t = time_calls(lambda: self.call(streams, threads), warmup, repeats, 2, cfg.min_time / 3, cfg.max_repeats,
-                       cfg.max_time)
-        return t.samples
+        out = ProbeSamples()
+        for kind, nt in PROBE_KINDS.items():
+            # Streaming stores leave the streams out of the cache: the plain probe, which
+            # runs after them, warms up with one untimed call as it did when it ran alone.
+            t = time_calls(lambda: self.call(streams, threads, nt), warmup if nt else 1, repeats, 2,
+                           cfg.min_time / 3, cfg.max_repeats, cfg.max_time)
+            out.samples[kind] = t.samples
+        return out
+
+
+#: The probes whose best is the limit: the step's streams written with plain
+#: stores, or with streaming (non-temporal) stores, which skip the cache's
+#: write-back on some machines and are far slower on others.
+PROBE_KINDS: Dict[str, bool] = {"non-temporal": True, "plain": False}
+
+
+@dataclass
+class ProbeSamples:
+    """Seconds per probe call, per probe kind, over the blocks of one limit."""
+
+    samples: Dict[str, List[float]] = field(default_factory=dict)
+
+    def __iadd__(self, other: "ProbeSamples") -> "ProbeSamples":
+        for kind, xs in other.samples.items():
+            self.samples.setdefault(kind, []).extend(xs)
+        return self
+
+    def best(self) -> Tuple[str, List[float]]:
+        """The kind with the lowest median time (the highest bandwidth), and its samples."""
+        return min(self.samples.items(), key=lambda kv: statistics.median(kv[1]))
 
 
 def measure_triad(cfg: Config, threads: int) -> Timing:
@@ -516,6 +545,7 @@ class Row:
     speedup_back_to_back: Optional[float] = None  # torch fused / fusedoptim, both timed back to back
     comparable: Optional[bool] = None  # both medians of the speedup were steady (see trusted())
     torch_fused_wrong: str = ""  # why torch's fused step is no fair target here (torch_fused_wrong())
+    probe: str = ""  # limit rows: the probe kind that was fastest (PROBE_KINDS)
 
 
 @dataclass
@@ -697,8 +727,10 @@ def _run_case(cfg: Config, case: Case, dtype_name: str, impls: List[str], report
                         if all(len(t.samples) >= TRUST_MIN_SAMPLES for t in b2b.values()):
                             rows["fusedoptim"].speedup_back_to_back = b2b["torch-fused"].median / b2b["fusedoptim"].median
                     probe_samples += probe.block(cfg, spec.rw_streams, threads)
-                    limit = _row(opt_name, "limit", case, dtype_name, threads, Timing(probe_samples), nbytes,
+                    kind, best = probe_samples.best()
+                    limit = _row(opt_name, "limit", case, dtype_name, threads, Timing(best), nbytes,
                                  note=limit_note)
+                    limit.probe = kind
                     fused = rows.get("torch-fused")
                     wrong = torch_fused_wrong(spec, dtype_name) if fused is not None else ""
                     for r in list(rows.values()) + [limit]:
@@ -932,6 +964,14 @@ def _fmt_pct(p: Optional[float]) -> str:
     return "-" if p is None else f"{p:.0f}%"
 
 
+def _probe_wins(rows: Sequence[Row]) -> str:
+    """Which probe kind gave how many of the limits, e.g. " (plain: 8 of 8 limits)"."""
+    kinds = [r.probe for r in rows if r.implementation == "limit" and r.probe]
+    if not kinds:
+        return ""
+    return " (" + ", ".join(f"{k}: {kinds.count(k)} of {len(kinds)} limits" for k in dict.fromkeys(kinds)) + ")"
+
+
 def format_table(report: Report) -> str:
     """The one table: per (optimizer, case, dtype, threads) the limit and every implementation side by side."""
     rows = report.rows
@@ -1051,7 +1091,7 @@ def format_table(report: Report) -> str:
         "ms = median ms/step; GB/s = bytes a step moves / median time "
         "(Adam 7 x dtype size per param, SGD momentum 5 x, plain SGD 3 x).",
         "limit = fusedoptim._C.stream_probe (x += grad over the same read-write streams, same ISA and thread "
-        "split); %lim = GB/s / limit GB/s.",
+        "split), the faster of its plain and non-temporal stores" + _probe_wins(rows) + "; %lim = GB/s / limit GB/s.",
     ]
     if loop:
         notes.append("Steps timed in a loop: torch's work (grads rewritten, one parallel op) runs untimed before "

@@ -71,6 +71,7 @@ from .harness import (
     Config,
     CpuLoad,
     OptimizerSpec,
+    ProbeSamples,
     Report,
     Row,
     Timing,
@@ -376,7 +377,7 @@ def _run_option(cfg: Config, spec: OptimizerSpec, option: PrecisionOption, case:
     if not single:
         how += ", on one tensor of the same total size"
     label = f"{spec.name} {option.name} {case.name} {option.dtype}"
-    samples: Dict[int, List[float]] = {t: [] for t in cfg.threads}
+    samples: Dict[int, ProbeSamples] = {t: ProbeSamples() for t in cfg.threads}
     rows: List[Row] = []
     saved_grads: Optional[List[Tensor]] = None
     for impl in ("fusedoptim",) + option.references:
@@ -409,8 +410,10 @@ def _run_option(cfg: Config, spec: OptimizerSpec, option: PrecisionOption, case:
     limits = []
     for threads in cfg.threads:
         samples[threads] += probe.block(cfg, rw, threads)
-        t = Timing([s * nbytes / probe_bytes for s in samples[threads]])
+        kind, best = samples[threads].best()
+        t = Timing([s * nbytes / probe_bytes for s in best])
         limit = _prow(spec.name, option, "limit", case, threads, t, nbytes * case.numel, how)
+        limit.probe = kind
         limit.pct_of_limit = 100.0
         limits.append(limit)
         for r in rows:
@@ -532,7 +535,8 @@ def format_precision_table(report: Report) -> str:
         f"fusedoptim {m['fusedoptim_version']} ({m['isa']}), torch {m['torch_version']}, {m['date']}",
         "B/param = bytes the step must move per param (read + written, each stream once); GB/s = those bytes / "
         "median time; %lim = limit time / time (rows moving the option's bytes).",
-        "limit = fusedoptim._C.stream_probe (x += read over read-write streams of one dtype + one read stream, same "
+        "limit = fusedoptim._C.stream_probe (x += read over read-write streams of one dtype + one read stream, the "
+        "faster of its plain and non-temporal stores, same "
         "threads) on the same number of elements; probe shapes used: " + "; ".join(probes) + ".",
         "vs fused = torch fused time of the plain step on the same params and threads / this row's time "
         "(state_dtype=bf16: vs torch fused with fp32 states).",
