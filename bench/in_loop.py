@@ -1,30 +1,49 @@
 #!/usr/bin/env python
 """The optimizer step inside a training loop, against torch's fused step.
 
-    python bench/in_loop.py [adamw|sgd] [THREADS] [--iters N] [--dtype fp32|bf16]
+    python bench/in_loop.py [adamw|sgd] [THREADS] [--iters N] [--rounds R] [--dtype fp32|bf16]
 
 A 3 x Linear(2048, 2048) MLP (12.6M params, batch 64): each iteration is
 zero_grad, forward, backward and step, so every step follows torch's own
 parallel work as in training. fusedoptim and torch fused=True alternate
-(A B A B) in one process; prints the median step and iteration times.
+(A B A B) in one process, each on its own copy of the same model.
+
+Where a model's tensors land in memory changes the speed of its forward and
+backward by up to a quarter on some machines, whichever optimizer steps it
+(the two copies' params stay bit-identical under AdamW). So the run is in
+rounds: each round makes two fresh copies of one model and gives the first
+to fusedoptim in even rounds and to torch in odd ones. Prints the median
+step, forward + backward and iteration times over all rounds, and each
+round's iteration medians (after WARMUP untimed iterations per round).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import time
+from typing import Dict, List
 
 import torch
 
 import fusedoptim
+
+NAMES = ("fusedoptim", "torch fused")
+# Untimed iterations per round: the first few zero_grad/backward pairs of a
+# new model free and map its grads afresh (glibc's malloc raises its mmap
+# threshold only as large blocks come back), which slows backward by a
+# quarter for a handful of iterations, on one side or the other.
+WARMUP = 10
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("kind", nargs="?", default="adamw", choices=("adamw", "sgd"))
     ap.add_argument("threads", nargs="?", type=int, default=torch.get_num_threads())
-    ap.add_argument("--iters", type=int, default=40, help="timed iterations per optimizer (default: 40)")
+    ap.add_argument("--iters", type=int, default=20, help="timed iterations per optimizer and round (default: 20)")
+    ap.add_argument("--rounds", type=int, default=4,
+                    help="rounds with fresh model copies, the pairing swapped each round (default: 4)")
     ap.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
                     help="the model's params and activations (default: fp32)")
     args = ap.parse_args()
@@ -45,28 +64,46 @@ def main() -> None:
 
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     x = torch.randn(64, 2048, dtype=dtype)
-    names = ("fusedoptim", "torch fused")
-    models = {n: mlp().to(dtype) for n in names}
-    opts = {n: optimizer(n, models[n]) for n in names}
-    step_s = {n: [] for n in names}
-    iter_s = {n: [] for n in names}
-    for k in range(args.iters + 5):
-        for n in names if k % 2 == 0 else names[::-1]:
-            t0 = time.perf_counter()
-            opts[n].zero_grad()
-            models[n](x).square().mean().backward()
-            t1 = time.perf_counter()
-            opts[n].step()
-            t2 = time.perf_counter()
-            if k >= 5:  # warm-up
-                step_s[n].append(t2 - t1)
-                iter_s[n].append(t2 - t0)
-    med = {n: (statistics.median(step_s[n]) * 1e3, statistics.median(iter_s[n]) * 1e3) for n in names}
-    print(f"{args.kind} {args.dtype}, {args.threads} thread(s), fusedoptim {fusedoptim.__version__} ({fusedoptim.get_cpu_isa()}), "
-          f"torch {torch.__version__}, medians of {args.iters} interleaved iterations")
-    for n in names:
-        print(f"  {n:12s} step {med[n][0]:7.2f} ms   iteration {med[n][1]:7.2f} ms")
-    print(f"  torch fused step / fusedoptim step: {med['torch fused'][0] / med['fusedoptim'][0]:.2f}")
+    base = mlp().to(dtype)
+    step_s: Dict[str, List[float]] = {n: [] for n in NAMES}
+    fwd_s: Dict[str, List[float]] = {n: [] for n in NAMES}
+    iter_s: Dict[str, List[float]] = {n: [] for n in NAMES}
+    per_round: List[Dict[str, float]] = []
+    for r in range(args.rounds):
+        copies = [copy.deepcopy(base) for _ in NAMES]
+        order = NAMES if r % 2 == 0 else NAMES[::-1]
+        models = {n: m for n, m in zip(order, copies)}
+        opts = {n: optimizer(n, models[n]) for n in NAMES}
+        its: Dict[str, List[float]] = {n: [] for n in NAMES}
+        for k in range(args.iters + WARMUP):
+            for n in NAMES if k % 2 == 0 else NAMES[::-1]:
+                t0 = time.perf_counter()
+                opts[n].zero_grad()
+                models[n](x).square().mean().backward()
+                t1 = time.perf_counter()
+                opts[n].step()
+                t2 = time.perf_counter()
+                if k >= WARMUP:
+                    fwd_s[n].append(t1 - t0)
+                    step_s[n].append(t2 - t1)
+                    iter_s[n].append(t2 - t0)
+                    its[n].append(t2 - t0)
+        per_round.append({n: statistics.median(its[n]) * 1e3 for n in NAMES})
+        del opts, models, copies
+
+    def med(xs: List[float]) -> float:
+        return statistics.median(xs) * 1e3
+
+    print(f"{args.kind} {args.dtype}, {args.threads} thread(s), fusedoptim {fusedoptim.__version__} "
+          f"({fusedoptim.get_cpu_isa()}), torch {torch.__version__}, medians of {args.rounds} rounds x "
+          f"{args.iters} interleaved iterations")
+    for n in NAMES:
+        print(f"  {n:12s} step {med(step_s[n]):7.2f} ms   forward+backward {med(fwd_s[n]):7.2f} ms   "
+              f"iteration {med(iter_s[n]):7.2f} ms")
+    print(f"  torch fused / fusedoptim: step {med(step_s['torch fused']) / med(step_s['fusedoptim']):.2f}, "
+          f"iteration {med(iter_s['torch fused']) / med(iter_s['fusedoptim']):.2f}")
+    print("  iteration medians per round (fusedoptim / torch fused, ms): "
+          + ", ".join(f"{p['fusedoptim']:.1f} / {p['torch fused']:.1f}" for p in per_round))
 
 
 if __name__ == "__main__":

@@ -50,11 +50,16 @@ struct VecFor<bf16_t, bf16_t, kStore> { using type = VecAVX2x2; };
 #define FO_UNROLL_CPU _Pragma("GCC unroll 2")
 // Note [streaming loops]
 // ~~~~~~~~~~~~~~~~~~~~~~
-// Streaming loops ask for each stream's lines kPrefetchAhead elements ahead:
-// one core alone does not keep enough misses in flight on the hardware
-// prefetcher's lead (measured on AVX2 Zen: SGD bf16 on 16M-64M elements,
-// 1 thread, went from 0.75-0.86x to 1.05-1.08x torch fused's step).
-// Prefetching past a tensor's end is harmless (a hint, never a fault). The
+// Streaming loops ask for each stream's lines some elements ahead: one core
+// alone does not keep enough misses in flight on the hardware prefetcher's
+// lead. How far ahead pays depends on the param's width (measured on AVX2
+// Zen, 1 thread): 512 elements took SGD bf16 on 16M-64M elements from
+// 0.75-0.86x to 1.05-1.08x torch fused's step, where 128 fell back to
+// 0.65x at 16M; for fp32 params 512 elements (2 KB) cost SGD 10% inside a
+// real training loop (0.90x torch fused on a 12.6M-param MLP, whose grads
+// backward has just written), where 128 gives 1.04x and keeps the sweep's
+// large fp32 cells level. Prefetching past a tensor's end is harmless (a
+// hint, never a fault). The
 // loop body covers a whole cache line of the param stream, so each line is
 // asked for once: in cache-sized tensors, where a step is bound by
 // instructions rather than memory, every instruction counts. For the same
@@ -63,8 +68,14 @@ struct VecFor<bf16_t, bf16_t, kStore> { using type = VecAVX2x2; };
 // passed by reference would be reloaded at every vector) and decides once,
 // outside the loop, whether the grads are scaled. The elements and their
 // operations are the same, in the same order: so are the bits.
-constexpr int kPrefetchAhead = 512;
+constexpr int kPrefetchAhead = 512;  // 8-bit states
 constexpr int kLineBytes = 64;
+
+// Elements ahead for a step on params of S.
+template <class S>
+constexpr int prefetch_distance() {
+  return sizeof(S) >= 4 ? 128 : 512;
+}
 
 // The per-vector helpers take vectors of up to 64 bytes by value: inlined,
 // they live in registers; called, they would go through the stack.
@@ -84,12 +95,12 @@ constexpr int vectors_per_line() {
   return n < 1 ? 1 : (n > 4 ? 4 : n);
 }
 
-// Asks for every line of the kPrefetchAhead-th element on of a stream
-// whose next n elements start at p (rw: 1 for a stream the loop writes).
-template <int n, class X>
+// Asks for every line of the stream whose next n elements start at p,
+// `ahead` elements further on (rw: 1 for a stream the loop writes).
+template <int n, int ahead, class X>
 FO_ALWAYS_INLINE void prefetch_ahead(const X* p, int rw) {
-  if constexpr (kPrefetchAhead > 0) {
-    const char* a = reinterpret_cast<const char*>(p + kPrefetchAhead);
+  if constexpr (ahead > 0) {
+    const char* a = reinterpret_cast<const char*>(p + ahead);
     for (int o = 0; o < int(n * sizeof(X)); o += kLineBytes) {
       if (rw) {
         __builtin_prefetch(a + o, 1);
@@ -187,10 +198,10 @@ void adam_segment(const AdamTensor& tensor, int64_t begin, int64_t end, const Ad
     cv.scale_grad = decltype(scale_grad)::value;
     constexpr int L = vectors_per_line<V, S>();
     for (; i + L * W <= end; i += L * W) {
-      prefetch_ahead<L * W>(static_cast<const S*>(t.grad) + i, 0);
-      prefetch_ahead<L * W>(static_cast<const S*>(t.param) + i, 1);
-      prefetch_ahead<L * W>(static_cast<const T*>(t.exp_avg) + i, 1);
-      prefetch_ahead<L * W>(static_cast<const T*>(t.exp_avg_sq) + i, 1);
+      prefetch_ahead<L * W, prefetch_distance<S>()>(static_cast<const S*>(t.grad) + i, 0);
+      prefetch_ahead<L * W, prefetch_distance<S>()>(static_cast<const S*>(t.param) + i, 1);
+      prefetch_ahead<L * W, prefetch_distance<S>()>(static_cast<const T*>(t.exp_avg) + i, 1);
+      prefetch_ahead<L * W, prefetch_distance<S>()>(static_cast<const T*>(t.exp_avg_sq) + i, 1);
       for (int j = 0; j < L; ++j) adam_elems<V, S, T, kStore, kWD, kAms, kMax>(t, i + j * W, cv);
     }
     for (; i + W <= end; i += W) adam_elems<V, S, T, kStore, kWD, kAms, kMax>(t, i, cv);
@@ -229,9 +240,9 @@ void sgd_segment(const SGDTensor& tensor, int64_t begin, int64_t end, const SGDH
     cv.scale_grad = decltype(scale_grad)::value;
     constexpr int L = vectors_per_line<V, S>();
     for (; i + L * W <= end; i += L * W) {
-      prefetch_ahead<L * W>(static_cast<const S*>(t.grad) + i, 0);
-      prefetch_ahead<L * W>(static_cast<const S*>(t.param) + i, 1);
-      if (kMom != kNoMomentum) prefetch_ahead<L * W>(static_cast<const T*>(t.momentum_buffer) + i, 1);
+      prefetch_ahead<L * W, prefetch_distance<S>()>(static_cast<const S*>(t.grad) + i, 0);
+      prefetch_ahead<L * W, prefetch_distance<S>()>(static_cast<const S*>(t.param) + i, 1);
+      if (kMom != kNoMomentum) prefetch_ahead<L * W, prefetch_distance<S>()>(static_cast<const T*>(t.momentum_buffer) + i, 1);
       for (int j = 0; j < L; ++j) sgd_elems<V, S, T, kStore, kWD, kMom, kMax, kFirst>(t, i + j * W, cv);
     }
     for (; i + W <= end; i += W) sgd_elems<V, S, T, kStore, kWD, kMom, kMax, kFirst>(t, i, cv);
