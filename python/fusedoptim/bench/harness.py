@@ -191,8 +191,9 @@ def torch_fused_wrong(spec: OptimizerSpec, dtype_name: str) -> str:
     target, or "" when it is one.
 
     Two steps of torch's fused and for-loop steps on the same 1000 params: where
-    the fused step's params stay farther than a tenth of the update from the
-    for-loop's, it does less than the step it is timed against. (torch 2.12-2.13's
+    more than a tenth of the params the for-loop moves end farther than a
+    tenth of their update from the for-loop's, the fused step does less than
+    the step it is timed against. (torch 2.12-2.13's
     fused SGD leaves bf16 and fp16 params of whole vectors unchanged on the CPU,
     pytorch/pytorch#191763: it writes 4 of the 5 streams of a correct step.)
     Checked once per (optimizer, dtype) and run.
@@ -202,7 +203,9 @@ def torch_fused_wrong(spec: OptimizerSpec, dtype_name: str) -> str:
         return _FUSED_CHECKED[key]
     dtype = DTYPES[dtype_name]
     g = torch.Generator().manual_seed(0)
-    p0 = (torch.rand(1000, generator=g) + 0.5).to(dtype)
+    # Params near 0.01: two updates span many ulps even in bf16, so a step
+    # that rounds otherwise stays within a tenth of the update.
+    p0 = ((torch.rand(1000, generator=g) + 0.5) * 0.01).to(dtype)
     grad = (torch.rand(1000, generator=g) - 0.5).to(dtype)
     out = {}
     for impl in ("torch-fused", "torch-forloop"):
@@ -220,7 +223,9 @@ def torch_fused_wrong(spec: OptimizerSpec, dtype_name: str) -> str:
     moved = (out["torch-forloop"] - start).abs()
     off = (out["torch-fused"] - out["torch-forloop"]).abs() > 0.1 * moved
     why = ""
-    if bool(off.any()):
+    # A few params off (a step computed at another precision, rounding to the
+    # other side in bf16) is a fair step; a tenth of them is not.
+    if int(off.sum()) > 0.1 * int((moved > 0).sum()):
         what = f"torch {torch.__version__} fused=True {spec.family} on CPU {dtype_name} params"
         still = int((off & (out["torch-fused"] == start)).sum())
         if still:
