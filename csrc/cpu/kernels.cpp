@@ -59,10 +59,10 @@ struct VecFor<bf16_t, bf16_t, kStore> { using type = VecAVX2x2; };
 // real training loop (0.90x torch fused on a 12.6M-param MLP, whose grads
 // backward has just written), where 128 gives 1.04x and keeps the sweep's
 // large fp32 cells level. Prefetching past a tensor's end is harmless (a
-// hint, never a fault). The
-// loop body covers a whole cache line of the param stream, so each line is
-// asked for once: in cache-sized tensors, where a step is bound by
-// instructions rather than memory, every instruction counts. For the same
+// hint, never a fault). The loop body covers a whole cache line of the
+// param stream, so each line is asked for once: in cache-sized tensors,
+// where a step is bound by instructions rather than memory, every
+// instruction counts. For the same
 // reason a segment works on a local copy of its tensor (the vector stores
 // may alias anything whose address is known, so the fields of a tensor
 // passed by reference would be reloaded at every vector) and decides once,
