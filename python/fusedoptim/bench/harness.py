@@ -193,10 +193,10 @@ def torch_fused_wrong(spec: OptimizerSpec, dtype_name: str) -> str:
     Two steps of torch's fused and for-loop steps on the same 1000 params: where
     more than a tenth of the params the for-loop moves end farther than a
     tenth of their update from the for-loop's, the fused step does less than
-    the step it is timed against. (torch 2.12-2.13's
-    fused SGD leaves bf16 and fp16 params of whole vectors unchanged on the CPU,
-    pytorch/pytorch#191763: it writes 4 of the 5 streams of a correct step.)
-    Checked once per (optimizer, dtype) and run.
+    the step it is timed against. (torch 2.12-2.13's fused SGD leaves bf16 and
+    fp16 params of whole vectors unchanged on the CPU, pytorch/pytorch#191763:
+    it writes 4 of the 5 streams of a correct step.) Checked once per
+    (optimizer, dtype) and run.
     """
     key = (spec.name, dtype_name)
     if key in _FUSED_CHECKED:
