@@ -65,8 +65,8 @@ struct VecFor<bf16_t, bf16_t, kStore> { using type = VecAVX2x2; };
 // instruction counts. For the same
 // reason a segment works on a local copy of its tensor (the vector stores
 // may alias anything whose address is known, so the fields of a tensor
-// passed by reference would be reloaded at every vector) and decides once,
-// outside the loop, whether the grads are scaled. The elements and their
+// passed by reference would be reloaded at every vector) and, with plain
+// stores, decides once, outside the loop, whether the grads are scaled. The elements and their
 // operations are the same, in the same order: so are the bits.
 constexpr int kPrefetchAhead = 512;  // 8-bit states
 constexpr int kLineBytes = 64;
@@ -134,6 +134,23 @@ inline uint32_t key_at(uint32_t key, int64_t i) {
   return kStore == kStoreStochastic ? sr_key_hi(key, uint32_t(uint64_t(i) >> 32)) : 0u;
 }
 
+// Runs loop(scale_grad) with scale_grad a compile-time constant for plain
+// stores, the common case, where the decision taken out of the loop is
+// worth a second copy of it; the other store modes, whose loops are bound
+// by longer chains, take it as a run-time bool (one copy: compile time).
+template <int kStore, class Loop>
+FO_ALWAYS_INLINE void unswitch_grad_scaling(float grad_mul, const Loop& loop) {
+  if constexpr (kStore == kStorePlain) {
+    if (grad_mul == 1.0f) {
+      loop(std::false_type());
+    } else {
+      loop(std::true_type());
+    }
+  } else {
+    loop(!(grad_mul == 1.0f));
+  }
+}
+
 // Element(s) i of an Adam tensor: the update from p0, the states stored.
 // Returns the updated param for the caller to store.
 template <class V, class S, class T, int kWD, bool kAms, bool kMax>
@@ -195,7 +212,7 @@ void adam_segment(const AdamTensor& tensor, int64_t begin, int64_t end, const Ad
   }
   const auto loop = [&](auto scale_grad) {
     AdamConsts<V> cv(h, t.coeffs);
-    cv.scale_grad = decltype(scale_grad)::value;
+    cv.scale_grad = scale_grad;
     constexpr int L = vectors_per_line<V, S>();
     for (; i + L * W <= end; i += L * W) {
       prefetch_ahead<L * W, prefetch_distance<S>()>(static_cast<const S*>(t.grad) + i, 0);
@@ -206,11 +223,7 @@ void adam_segment(const AdamTensor& tensor, int64_t begin, int64_t end, const Ad
     }
     for (; i + W <= end; i += W) adam_elems<V, S, T, kStore, kWD, kAms, kMax>(t, i, cv);
   };
-  if (h.grad_mul == 1.0f) {
-    loop(std::false_type());
-  } else {
-    loop(std::true_type());
-  }
+  unswitch_grad_scaling<kStore>(h.grad_mul, loop);
   for (; i < end; ++i) adam_elems<VecScalar, S, T, kStore, kWD, kAms, kMax>(t, i, cs);
 }
 
@@ -237,7 +250,7 @@ void sgd_segment(const SGDTensor& tensor, int64_t begin, int64_t end, const SGDH
   int64_t i = begin;
   const auto loop = [&](auto scale_grad) {
     SGDConsts<V> cv(h);
-    cv.scale_grad = decltype(scale_grad)::value;
+    cv.scale_grad = scale_grad;
     constexpr int L = vectors_per_line<V, S>();
     for (; i + L * W <= end; i += L * W) {
       prefetch_ahead<L * W, prefetch_distance<S>()>(static_cast<const S*>(t.grad) + i, 0);
@@ -247,11 +260,7 @@ void sgd_segment(const SGDTensor& tensor, int64_t begin, int64_t end, const SGDH
     }
     for (; i + W <= end; i += W) sgd_elems<V, S, T, kStore, kWD, kMom, kMax, kFirst>(t, i, cv);
   };
-  if (h.grad_mul == 1.0f) {
-    loop(std::false_type());
-  } else {
-    loop(std::true_type());
-  }
+  unswitch_grad_scaling<kStore>(h.grad_mul, loop);
   for (; i < end; ++i) sgd_elems<VecScalar, S, T, kStore, kWD, kMom, kMax, kFirst>(t, i, cs);
 }
 
