@@ -42,7 +42,9 @@
 // above the grid's smallest normal value (2^-14) the mantissa is rounded to
 // 3 or 4 bits, nearest even, carrying into the exponent; below it the code
 // is n * 2^17 (or 2^18) rounded to the nearest even integer. Both are exact
-// integer or fp32 operations, so every CPU variant gives the same codes.
+// integer or fp32 operations, so every CPU variant gives the same codes
+// (the AVX2 lanes reach the same codes by one rounded fp32 addition; see
+// Q8Lanes::codes8 in cpu/quant8_vec.h).
 //
 // One step of a block: dequantize its states, run adam_update / sgd_update
 // (update_math.h) on them exactly as on fp32 states, store the param, then

@@ -85,21 +85,30 @@ struct Q8Lanes<VecAVX2> {
     return uint32_t(_mm_cvtsi128_si32(r));
   }
 
-  // q8_code<kSigned> of quant8.h on eight lanes, one code per 32-bit lane.
-  // q8_rint's (y + 2^23) - 2^23 and CVTPS2DQ both round to nearest even.
+  // q8_code<kSigned> of quant8.h on eight lanes, one code per 32-bit lane,
+  // by one fp32 addition instead of quant8.h's two roundings and select.
+  // With K mantissa bits and e = max(exponent field of n, that of 2^-14),
+  // M = 2^(e + 23 - K) has an ulp of exactly the grid's spacing around n
+  // (2^-14 and below: the subnormal spacing), and n < 2^(e+1) <= M, so
+  // n + M, rounded to nearest even, is M plus n's nearest grid step count:
+  // its mantissa field is 2^K + f (2^(K+1) where n rounds up to the next
+  // binade) above 2^-14, f below. The code is that field plus e's
+  // contribution, (e >> (23 - K)) - (113 << K). The same codes as quant8.h
+  // for every n in [0, 1 + 2^-23] (checked exhaustively: 1,065,353,218
+  // values, both maps); like q8_rint, the addition rounds as MXCSR says,
+  // to nearest even unless a program changed it.
   template <bool kSigned>
   static __m256i codes8(const float* x, __m256 inv) {
-    constexpr int kShift = kSigned ? 20 : 19;
+    constexpr int kMant = kSigned ? 3 : 4;
     const __m256i xb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
     const __m256 n = _mm256_mul_ps(_mm256_castsi256_ps(_mm256_and_si256(xb, _mm256_set1_epi32(0x7fffffff))), inv);
-    const __m256i nb = _mm256_castps_si256(n);
-    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(nb, kShift), _mm256_set1_epi32(1));
-    const __m256i rounded = _mm256_add_epi32(_mm256_add_epi32(nb, _mm256_set1_epi32((1 << (kShift - 1)) - 1)), odd);
-    const __m256i normal = _mm256_sub_epi32(_mm256_srli_epi32(rounded, kShift),
-                                            _mm256_set1_epi32(112 << (kSigned ? 3 : 4)));
-    const __m256i sub = _mm256_cvtps_epi32(_mm256_mul_ps(n, _mm256_set1_ps(kSigned ? 131072.0f : 262144.0f)));
-    const __m256 small = _mm256_cmp_ps(n, _mm256_set1_ps(6.103515625e-05f), _CMP_LT_OQ);
-    __m256i code = _mm256_blendv_epi8(normal, sub, _mm256_castps_si256(small));
+    const __m256i e = _mm256_max_epi32(_mm256_and_si256(_mm256_castps_si256(n), _mm256_set1_epi32(0x7f800000)),
+                                       _mm256_set1_epi32(113 << 23));  // 2^-14
+    const __m256i m = _mm256_add_epi32(e, _mm256_set1_epi32((23 - kMant) << 23));
+    const __m256i steps = _mm256_and_si256(_mm256_castps_si256(_mm256_add_ps(n, _mm256_castsi256_ps(m))),
+                                           _mm256_set1_epi32(0x7fffff));
+    __m256i code = _mm256_add_epi32(steps, _mm256_sub_epi32(_mm256_srli_epi32(e, 23 - kMant),
+                                                            _mm256_set1_epi32(113 << kMant)));
     if constexpr (kSigned) code = _mm256_or_si256(code, _mm256_and_si256(_mm256_srli_epi32(xb, 24), _mm256_set1_epi32(0x80)));
     return code;
   }
