@@ -408,7 +408,7 @@ void sgd_q8_segment(const SGDTensor& tensor, int64_t begin, int64_t end, const S
     for (; k + kQ8Step <= n; k += kQ8Step) {
       prefetch_ahead<kQ8Step, kPrefetchAhead>(static_cast<const S*>(t.grad) + b0 + k, 0);
       prefetch_ahead<kQ8Step, kPrefetchAhead>(static_cast<const S*>(t.param) + b0 + k, 1);
-#pragma GCC unroll 1  // one copy of the body (compile time; unrolled measured the same here)
+#pragma GCC unroll 1  // one copy of the body: compile time
       for (int j = 0; j < kQ8Step; j += W) {
         sgd_q8_elems<V, S, kStore, kWD, kMom, kMax, kFirst>(t, b0 + k + j, buf + k + j, sb, bmax, cv);
       }
