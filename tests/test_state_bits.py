@@ -130,6 +130,44 @@ def test_unsigned_codes_equal_the_reference():
     np.testing.assert_array_equal(st["exp_avg_sq_codes"].numpy(), want_c)
 
 
+@pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
+def test_grid_midpoints_and_their_neighbours_round_as_the_reference(signed):
+    """Every midpoint between two grid values of a map (a tie: the even code),
+    the fp32 values just below and above it, and values either side of 2^-14,
+    where the grid's spacing changes, in blocks whose scale is 1. Adam with
+    betas (0, 0) stores m = g and v = g * g, so sqrt(v) is |g| for these g."""
+    g = GRID[signed][: 121 if signed else 241]
+    mid = (g[:-1] + np.diff(g) / 2).astype(np.float32)
+    vals = np.concatenate([mid, np.nextafter(mid, np.float32(0)), np.nextafter(mid, np.float32(2)),
+                           np.float32(2.0 ** -14) * np.array([0.999, 0.9999999, 1.0000001, 1.001], np.float32)])
+    vals = vals[vals <= 1].astype(np.float32)
+    block = 64
+    rows = -(-vals.size // (block - 1))
+    x = np.zeros(rows * block, np.float32)
+    for k in range(rows):  # each block: the scale (1.0) first, then 63 values
+        part = vals[k * (block - 1):(k + 1) * (block - 1)]
+        x[k * block] = 1.0
+        x[k * block + 1:k * block + 1 + part.size] = part
+    if signed:
+        x[1::2] = -x[1::2]
+    p = torch.zeros(x.size, requires_grad=True)
+    p.grad = torch.from_numpy(x)
+    opt = fusedoptim.Adam([p], lr=0.0, betas=(0.0, 0.0), state_bits=8, state_block_size=block,
+                          min_quantized_numel=0)
+    opt.step()
+    st = opt.state[p]
+    if signed:
+        got, want = st["exp_avg_codes"].numpy().ravel(), ref_quantize(x, block, signed=True)[0]
+    else:
+        r = np.sqrt(x * x).astype(np.float32)
+        assert np.array_equal(r, np.abs(x))
+        got, want = st["exp_avg_sq_codes"].numpy().ravel(), ref_quantize(r, block, signed=False)[0]
+    mism = np.flatnonzero(got != want)
+    assert mism.size == 0, f"{mism.size} codes differ, first at {mism[:5]}: {got[mism[:5]]} vs {want[mism[:5]]}"
+    ties = np.isin(np.abs(x), mid)
+    assert ties.sum() >= mid.size and (got[ties] % 2 == 0).all()
+
+
 def test_nonfinite_block_is_nan_throughout_and_others_untouched():
     x = np.linspace(-1, 1, 768).astype(np.float32)
     x[300] = np.nan

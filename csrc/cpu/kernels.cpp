@@ -66,8 +66,9 @@ struct VecFor<bf16_t, bf16_t, kStore> { using type = VecAVX2x2; };
 // reason a segment works on a local copy of its tensor (the vector stores
 // may alias anything whose address is known, so the fields of a tensor
 // passed by reference would be reloaded at every vector) and, with plain
-// stores, decides once, outside the loop, whether the grads are scaled. The elements and their
-// operations are the same, in the same order: so are the bits.
+// stores, decides once, outside the loop, whether the grads are scaled. The
+// elements and their operations are the same, in the same order: so are the
+// bits.
 constexpr int kPrefetchAhead = 512;  // 8-bit states
 constexpr int kLineBytes = 64;
 
