@@ -34,17 +34,46 @@
 //           block dequantizes to zeros, or to NaN throughout: a nonfinite
 //           moment poisons its block, not only its element)
 //   else    inv = 1 / scale;  n = |x| * inv    (fp32, so n <= 1 + 2^-23)
-//           the magnitude code is the grid value nearest to n, a tie going
-//           to the even code; the sign bit of a signed code is x's sign bit
-//           (so -0.0 is code 128)
+//           signed: the magnitude code is the grid value nearest to n, a
+//           tie going to the even code; the sign bit is x's sign bit (so
+//           -0.0 is code 128)
+//           unsigned: n is rounded at random to one of the two grid values
+//           around it (below)
 //
 // In the kernels the nearest grid value comes from the fp32 bits of n:
 // above the grid's smallest normal value (2^-14) the mantissa is rounded to
-// 3 or 4 bits, nearest even, carrying into the exponent; below it the code
-// is n * 2^17 (or 2^18) rounded to the nearest even integer. Both are exact
-// integer or fp32 operations, so every CPU variant gives the same codes
-// (the AVX2 lanes reach the same codes by one rounded fp32 addition; see
+// 3 bits, nearest even, carrying into the exponent; below it the code is
+// n * 2^17 rounded to the nearest even integer. Both are exact integer or
+// fp32 operations, so every CPU variant gives the same codes (the AVX2
+// lanes reach the same codes by one rounded fp32 addition; see
 // Q8Lanes::codes8 in cpu/quant8_vec.h).
+//
+// Why the second moment rounds at random: exp_avg_sq moves by (1 - beta2)
+// of its distance to g^2 per step, 0.1% with torch's beta2, while the
+// unsigned grid's spacing is 3-6% of r. Rounded to nearest, an element
+// whose v should grow or shrink relative to its block's largest stays on
+// its code (only the exact block maximum moves), and the bias correction
+// then divides a stale v by a growing 1 - beta2^t: on the MLP of
+// bench/precision_quality.py the stored v fell to a median 0.19x of the
+// fp32 run's after 3000 steps and Adam's updates grew 35%. Rounded up with
+// probability equal to n's distance from the lower grid value (in units of
+// the spacing), each step's small change survives in expectation, and the
+// run tracks fp32 states. The first moment (beta1 = 0.9: 10% a step) and
+// the momentum buffer round to nearest.
+//
+// The random bits are a hash of the value itself and its place in the
+// block, so they need no seed, step or tensor id and are the same in every
+// variant and device; they change whenever n does, which is what matters
+// for a moment that changes a little every step:
+//   u = mix32(bits(n) ^ (k * 0x9E3779B9)) >> 16     (k: index in the block)
+//   t = bits(n)                             if n >= 2^-14
+//       bits(n + 2^-14) (fp32 addition)     below (the e = 1 binade has the
+//                                           subnormal grid's spacing)
+//   code = ((t + u * 8) >> 19) - 112 * 16   (- 113 * 16 below 2^-14)
+// that is, the 19 bits of t below the grid's spacing plus 16 random bits
+// shifted to their top decide the carry: a value on the grid keeps its
+// code, one between goes up with probability within 2^-16 of its distance
+// from the lower value. n <= 1 + 2^-23 never carries past code 240 (1.0).
 //
 // One step of a block: dequantize its states, run adam_update / sgd_update
 // (update_math.h) on them exactly as on fp32 states, store the param, then
@@ -56,6 +85,7 @@
 
 #include "convert.h"
 #include "macros.h"
+#include "precision.h"
 
 namespace fusedoptim {
 
@@ -94,7 +124,7 @@ FO_HD_ALWAYS float q8_unsigned_value(uint32_t c) { return q8_grid_value<4>(c); }
 // y rounded to the nearest integer, ties to even, for 0 <= y <= 2^22.
 FO_HD_ALWAYS uint32_t q8_rint(float y) { return uint32_t(int32_t((y + 8388608.0f) - 8388608.0f)); }
 
-// The magnitude code of n in [0, 1 + 2^-23]: nearest grid value, ties to even.
+// The signed magnitude code of n in [0, 1 + 2^-23]: nearest grid value, ties to even.
 FO_HD_ALWAYS uint32_t q8_signed_mag(float n) {
   const uint32_t b = float_bits(n);
   const uint32_t normal = ((b + 0x7ffffu + ((b >> 20) & 1u)) >> 20) - (112u << 3);
@@ -102,22 +132,26 @@ FO_HD_ALWAYS uint32_t q8_signed_mag(float n) {
   return q8_select(n < 6.103515625e-05f, sub, normal);  // 2^-14
 }
 
-FO_HD_ALWAYS uint32_t q8_unsigned_code(float n) {
-  const uint32_t b = float_bits(n);
-  const uint32_t normal = ((b + 0x3ffffu + ((b >> 19) & 1u)) >> 19) - (112u << 4);
-  const uint32_t sub = q8_rint(n * 262144.0f);  // 2^18
-  return q8_select(n < 6.103515625e-05f, sub, normal);
+// The 16 random bits of the unsigned code of n at index k of its block.
+FO_HD_ALWAYS uint32_t q8_dither(float n, uint32_t k) { return mix32(float_bits(n) ^ (k * 0x9e3779b9u)) >> 16; }
+
+// The unsigned code of n in [0, 1 + 2^-23] at index k of its block: one of
+// the two grid values around n, at random (Note [8-bit states]).
+FO_HD_ALWAYS uint32_t q8_unsigned_code(float n, uint32_t k) {
+  const bool sub = n < 6.103515625e-05f;  // 2^-14
+  const uint32_t t = float_bits(sub ? n + 6.103515625e-05f : n);
+  return ((t + (q8_dither(n, k) << 3)) >> 19) - (sub ? (113u << 4) : (112u << 4));
 }
 
-// The code of x in a block whose scale has the reciprocal inv.
+// The code of x at index k of a block whose scale has the reciprocal inv.
 template <bool kSigned>
-FO_HD_ALWAYS uint8_t q8_code(float x, float inv) {
+FO_HD_ALWAYS uint8_t q8_code(float x, float inv, uint32_t k) {
   const uint32_t xb = float_bits(x);
   const float mag = bits_float(xb & 0x7fffffffu) * inv;
   if constexpr (kSigned) {
     return uint8_t(q8_signed_mag(mag) | ((xb >> 24) & 0x80u));
   } else {
-    return uint8_t(q8_unsigned_code(mag));
+    return uint8_t(q8_unsigned_code(mag, k));
   }
 }
 
@@ -143,7 +177,7 @@ FO_HD_ALWAYS float q8_quantize_block(const float* x, int64_t n, uint8_t* codes) 
   bool encode;
   const float scale = q8_scale(mb, &encode);
   const float inv = encode ? 1.0f / scale : 0.0f;
-  for (int64_t k = 0; k < n; ++k) codes[k] = encode ? q8_code<kSigned>(x[k], inv) : uint8_t(0);
+  for (int64_t k = 0; k < n; ++k) codes[k] = encode ? q8_code<kSigned>(x[k], inv, uint32_t(k)) : uint8_t(0);
   return scale;
 }
 

@@ -42,8 +42,8 @@ struct Q8Lanes<VecScalar> {
   }
   static uint32_t reduce(Max m) { return m; }
   template <bool kSigned>
-  static void encode(const float* x, float inv, uint8_t* codes) {
-    *codes = q8_code<kSigned>(*x, inv);
+  static void encode(const float* x, float inv, uint8_t* codes, uint32_t k) {
+    *codes = q8_code<kSigned>(*x, inv, k);
   }
 };
 
@@ -85,21 +85,20 @@ struct Q8Lanes<VecAVX2> {
     return uint32_t(_mm_cvtsi128_si32(r));
   }
 
-  // q8_code<kSigned> of quant8.h on eight lanes, one code per 32-bit lane,
-  // by one fp32 addition instead of quant8.h's two roundings and select.
-  // With K mantissa bits and e = max(exponent field of n, that of 2^-14),
-  // M = 2^(e + 23 - K) has an ulp of exactly the grid's spacing around n
-  // (2^-14 and below: the subnormal spacing), and n < 2^(e+1) <= M, so
-  // n + M, rounded to nearest even, is M plus n's nearest grid step count:
-  // its mantissa field is 2^K + f (2^(K+1) where n rounds up to the next
-  // binade) above 2^-14, f below. The code is that field plus e's
-  // contribution, (e >> (23 - K)) - (113 << K). The same codes as quant8.h
-  // for every n in [0, 1 + 2^-23] (checked exhaustively: 1,065,353,218
-  // values, both maps); like q8_rint, the addition rounds as MXCSR says,
-  // to nearest even unless a program changed it.
-  template <bool kSigned>
-  static __m256i codes8(const float* x, __m256 inv) {
-    constexpr int kMant = kSigned ? 3 : 4;
+  // q8_code<true> of quant8.h (the signed map) on eight lanes, one code per
+  // 32-bit lane, by one fp32 addition instead of quant8.h's two roundings
+  // and select. With K = 3 mantissa bits and e = max(exponent field of n,
+  // that of 2^-14), M = 2^(e + 23 - K) has an ulp of exactly the grid's
+  // spacing around n (2^-14 and below: the subnormal spacing), and
+  // n < 2^(e+1) <= M, so n + M, rounded to nearest even, is M plus n's
+  // nearest grid step count: its mantissa field is 2^K + f (2^(K+1) where n
+  // rounds up to the next binade) above 2^-14, f below. The code is that
+  // field plus e's contribution, (e >> (23 - K)) - (113 << K). The same
+  // codes as quant8.h for every n in [0, 1 + 2^-23] (checked exhaustively:
+  // 1,065,353,218 values, with K = 3 and 4); like q8_rint, the addition
+  // rounds as MXCSR says, to nearest even unless a program changed it.
+  static __m256i signed8(const float* x, __m256 inv) {
+    constexpr int kMant = 3;
     const __m256i xb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
     const __m256 n = _mm256_mul_ps(_mm256_castsi256_ps(_mm256_and_si256(xb, _mm256_set1_epi32(0x7fffffff))), inv);
     const __m256i e = _mm256_max_epi32(_mm256_and_si256(_mm256_castps_si256(n), _mm256_set1_epi32(0x7f800000)),
@@ -107,18 +106,46 @@ struct Q8Lanes<VecAVX2> {
     const __m256i m = _mm256_add_epi32(e, _mm256_set1_epi32((23 - kMant) << 23));
     const __m256i steps = _mm256_and_si256(_mm256_castps_si256(_mm256_add_ps(n, _mm256_castsi256_ps(m))),
                                            _mm256_set1_epi32(0x7fffff));
-    __m256i code = _mm256_add_epi32(steps, _mm256_sub_epi32(_mm256_srli_epi32(e, 23 - kMant),
-                                                            _mm256_set1_epi32(113 << kMant)));
-    if constexpr (kSigned) code = _mm256_or_si256(code, _mm256_and_si256(_mm256_srli_epi32(xb, 24), _mm256_set1_epi32(0x80)));
-    return code;
+    const __m256i code = _mm256_add_epi32(steps, _mm256_sub_epi32(_mm256_srli_epi32(e, 23 - kMant),
+                                                                  _mm256_set1_epi32(113 << kMant)));
+    return _mm256_or_si256(code, _mm256_and_si256(_mm256_srli_epi32(xb, 24), _mm256_set1_epi32(0x80)));
+  }
+  // q8_code<false> of quant8.h on eight lanes at block indices k0 .. k0 + 7.
+  // x holds square roots, never below +0, so |x| is x. The top 16 bits of
+  // mix32 are those before its last xor-shift, which is left out.
+  static __m256i unsigned8(const float* x, __m256 inv, uint32_t k0) {
+    const __m256 n = _mm256_mul_ps(_mm256_loadu_ps(x), inv);
+    const __m256i nb = _mm256_castps_si256(n);
+    const __m256i lanes = _mm256_setr_epi32(FO_GOLDEN(0), FO_GOLDEN(1), FO_GOLDEN(2), FO_GOLDEN(3), FO_GOLDEN(4),
+                                            FO_GOLDEN(5), FO_GOLDEN(6), FO_GOLDEN(7));
+    __m256i h = _mm256_xor_si256(nb, _mm256_add_epi32(_mm256_set1_epi32(int(k0 * 0x9e3779b9u)), lanes));
+    h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));
+    h = _mm256_mullo_epi32(h, _mm256_set1_epi32(int(0x7feb352du)));
+    h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 15));
+    h = _mm256_mullo_epi32(h, _mm256_set1_epi32(int(0x846ca68bu)));
+    const __m256i u8 = _mm256_and_si256(_mm256_srli_epi32(h, 13), _mm256_set1_epi32(0x7fff8));  // (h >> 16) << 3
+    const __m256 min_normal = _mm256_set1_ps(6.103515625e-05f);                            // 2^-14
+    const __m256i sub = _mm256_castps_si256(_mm256_cmp_ps(n, min_normal, _CMP_LT_OQ));
+    const __m256i t = _mm256_castps_si256(_mm256_add_ps(n, _mm256_and_ps(_mm256_castsi256_ps(sub), min_normal)));
+    const __m256i code = _mm256_srli_epi32(_mm256_add_epi32(t, u8), 19);
+    return _mm256_sub_epi32(code, _mm256_add_epi32(_mm256_set1_epi32(112 << 4),
+                                                   _mm256_and_si256(sub, _mm256_set1_epi32(16))));
+  }
+  template <bool kSigned>
+  static __m256i codes8(const float* x, __m256 inv, uint32_t k0) {
+    if constexpr (kSigned) {
+      return signed8(x, inv);
+    } else {
+      return unsigned8(x, inv, k0);
+    }
   }
   // 32 codes: three packs put them in the order 0-3 8-11 16-19 24-27 4-7 ...,
   // one permute of 32-bit groups restores it.
   template <bool kSigned>
-  static void encode(const float* x, float inv, uint8_t* codes) {
+  static void encode(const float* x, float inv, uint8_t* codes, uint32_t k) {
     const __m256 vinv = _mm256_set1_ps(inv);
-    const __m256i ab = _mm256_packus_epi32(codes8<kSigned>(x, vinv), codes8<kSigned>(x + 8, vinv));
-    const __m256i cd = _mm256_packus_epi32(codes8<kSigned>(x + 16, vinv), codes8<kSigned>(x + 24, vinv));
+    const __m256i ab = _mm256_packus_epi32(codes8<kSigned>(x, vinv, k), codes8<kSigned>(x + 8, vinv, k + 8));
+    const __m256i cd = _mm256_packus_epi32(codes8<kSigned>(x + 16, vinv, k + 16), codes8<kSigned>(x + 24, vinv, k + 24));
     const __m256i bytes = _mm256_packus_epi16(ab, cd);
     const __m256i ordered = _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(codes), ordered);
@@ -140,8 +167,8 @@ inline __attribute__((always_inline)) float q8_encode_block(const float* x, int6
   const float inv = 1.0f / scale;
   constexpr int E = Q8Lanes<V>::kEncodeWidth;
   int64_t k = 0;
-  for (; k + E <= n; k += E) Q8Lanes<V>::template encode<kSigned>(x + k, inv, codes + k);
-  for (; k < n; ++k) codes[k] = q8_code<kSigned>(x[k], inv);
+  for (; k + E <= n; k += E) Q8Lanes<V>::template encode<kSigned>(x + k, inv, codes + k, uint32_t(k));
+  for (; k < n; ++k) codes[k] = q8_code<kSigned>(x[k], inv, uint32_t(k));
   return scale;
 }
 

@@ -541,7 +541,7 @@ FO_DEVICE float q8_encode_shared(const float* x, int64_t n, uint32_t mb, uint8_t
   bool encode;
   const float scale = q8_scale(mb, &encode);
   const float inv = encode ? __fdiv_rn(1.0f, scale) : 0.0f;
-  for (int64_t l = threadIdx.x; l < n; l += kBlockThreads) codes[l] = encode ? q8_code<kSigned>(x[l], inv) : uint8_t(0);
+  for (int64_t l = threadIdx.x; l < n; l += kBlockThreads) codes[l] = encode ? q8_code<kSigned>(x[l], inv, uint32_t(l)) : uint8_t(0);
   return scale;
 }
 
