@@ -53,8 +53,10 @@ def mix32(x: np.ndarray) -> np.ndarray:
 
 def dither(n: np.ndarray, k: np.ndarray) -> np.ndarray:
     """The 16 random bits of the unsigned code of fp32 values n at block indices k."""
-    key = (k.astype(np.uint64) * np.uint64(0x9E3779B9)) & np.uint64(0xFFFFFFFF)
-    return mix32(n.view(np.uint32) ^ key.astype(np.uint32)) >> np.uint32(16)
+    m = np.uint64(0xFFFFFFFF)
+    key = ((k.astype(np.uint64) * np.uint64(0x85EBCA6B)) & m).astype(np.uint32)
+    h = ((n.view(np.uint32) ^ key).astype(np.uint64) * np.uint64(0x9E3779B9)) & m
+    return (h >> np.uint64(16)).astype(np.uint32)
 
 
 def unsigned_codes(n: np.ndarray) -> np.ndarray:

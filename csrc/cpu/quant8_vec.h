@@ -111,18 +111,15 @@ struct Q8Lanes<VecAVX2> {
     return _mm256_or_si256(code, _mm256_and_si256(_mm256_srli_epi32(xb, 24), _mm256_set1_epi32(0x80)));
   }
   // q8_code<false> of quant8.h on eight lanes at block indices k0 .. k0 + 7.
-  // x holds square roots, never below +0, so |x| is x. The top 16 bits of
-  // mix32 are those before its last xor-shift, which is left out.
+  // x holds square roots, never below +0, so |x| is x.
   static __m256i unsigned8(const float* x, __m256 inv, uint32_t k0) {
     const __m256 n = _mm256_mul_ps(_mm256_loadu_ps(x), inv);
     const __m256i nb = _mm256_castps_si256(n);
-    const __m256i lanes = _mm256_setr_epi32(FO_GOLDEN(0), FO_GOLDEN(1), FO_GOLDEN(2), FO_GOLDEN(3), FO_GOLDEN(4),
-                                            FO_GOLDEN(5), FO_GOLDEN(6), FO_GOLDEN(7));
-    __m256i h = _mm256_xor_si256(nb, _mm256_add_epi32(_mm256_set1_epi32(int(k0 * 0x9e3779b9u)), lanes));
-    h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));
-    h = _mm256_mullo_epi32(h, _mm256_set1_epi32(int(0x7feb352du)));
-    h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 15));
-    h = _mm256_mullo_epi32(h, _mm256_set1_epi32(int(0x846ca68bu)));
+    const __m256i lanes = _mm256_setr_epi32(0, int(0x85ebca6bu), int(2 * 0x85ebca6bu), int(3 * 0x85ebca6bu),
+                                            int(4 * 0x85ebca6bu), int(5 * 0x85ebca6bu), int(6 * 0x85ebca6bu),
+                                            int(7 * 0x85ebca6bu));
+    const __m256i key = _mm256_add_epi32(_mm256_set1_epi32(int(k0 * 0x85ebca6bu)), lanes);
+    const __m256i h = _mm256_mullo_epi32(_mm256_xor_si256(nb, key), _mm256_set1_epi32(int(0x9e3779b9u)));
     const __m256i u8 = _mm256_and_si256(_mm256_srli_epi32(h, 13), _mm256_set1_epi32(0x7fff8));  // (h >> 16) << 3
     const __m256 min_normal = _mm256_set1_ps(6.103515625e-05f);                            // 2^-14
     const __m256i sub = _mm256_castps_si256(_mm256_cmp_ps(n, min_normal, _CMP_LT_OQ));
