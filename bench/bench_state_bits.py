@@ -10,7 +10,11 @@ bandwidth of a probe that moves the fp32 step's bytes (``_C.stream_probe``,
 3 read-write streams and the grad, 28 B/param) on the same thread split:
 fp32 states move 28 B/param, 8-bit states 16 (param 8, grad 4, codes 4).
 
-    python bench/bench_state_bits.py [--numel 16777216] [--threads 1,2] [--reps 15]
+Where bitsandbytes is installed, its ``AdamW8bit`` (the same 16 B/param:
+blockwise 8-bit states with one fp32 absmax per 256 elements; on the CPU
+its unfused reference path) is timed in the same rounds.
+
+    python bench/bench_state_bits.py [--numel 16777216] [--threads 1,2] [--reps 15] [--no-bnb]
 """
 
 from __future__ import annotations
@@ -27,6 +31,17 @@ import fusedoptim
 from fusedoptim import _C
 
 
+BNB = "bitsandbytes 8-bit"
+
+
+def have_bnb() -> bool:
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception:  # not installed, or no backend for this machine
+        return False
+    return True
+
+
 def make(kind: str, n: int) -> Callable[[], None]:
     torch.manual_seed(0)
     p = torch.nn.Parameter(torch.randn(n))
@@ -35,6 +50,10 @@ def make(kind: str, n: int) -> Callable[[], None]:
         opt = torch.optim.AdamW([p], lr=1e-4, fused=True)
     elif kind == "fusedoptim fp32":
         opt = fusedoptim.AdamW([p], lr=1e-4)
+    elif kind == BNB:
+        import bitsandbytes as bnb
+
+        opt = bnb.optim.AdamW8bit([p], lr=1e-4)
     else:
         opt = fusedoptim.AdamW([p], lr=1e-4, state_bits=8)
     opt.step()  # states created
@@ -59,10 +78,13 @@ def main() -> None:
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--no-bnb", action="store_true", help="leave bitsandbytes out even where it is installed")
     args = ap.parse_args()
     n = args.numel
     kinds = ["torch fused fp32", "fusedoptim fp32", "fusedoptim 8-bit"]
-    bytes_per = {"torch fused fp32": 28, "fusedoptim fp32": 28, "fusedoptim 8-bit": 16}
+    bytes_per = {"torch fused fp32": 28, "fusedoptim fp32": 28, "fusedoptim 8-bit": 16, BNB: 16}
+    if not args.no_bnb and have_bnb():
+        kinds.append(BNB)
     work_a, work_b = torch.randn(512, 512), torch.randn(512, 512)
     out: List[Dict[str, object]] = []
     for threads in [int(t) for t in args.threads.split(",")]:
@@ -94,7 +116,13 @@ def main() -> None:
         del steps
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"numel": n, "isa": fusedoptim.backend_info()["isa"], "rows": out}, f, indent=1)
+            peers = {}
+            if BNB in kinds:
+                import bitsandbytes
+
+                peers["bitsandbytes"] = bitsandbytes.__version__
+            json.dump({"numel": n, "isa": fusedoptim.backend_info()["isa"], "torch": torch.__version__,
+                       "peers": peers, "rows": out}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,10 @@ element) below half a bf16 ulp of the weights (half an ulp is 2.4e-4 at 0.1,
 "unchanged" column counts the param elements that the last step left
 exactly as they were.
 
+Where bitsandbytes imports, its ``AdamW8bit`` runs too (default
+``min_8bit_size`` and 0), the peer of 8-bit states; ``--no-bnb`` leaves it
+out.
+
 A second table sweeps the lr (``--sweep-lrs``, two seeds each) for fp32
 states, bf16 states and 8-bit states on every tensor: a precision option is
 faithful when it ends where fp32 ends at every lr, not merely at one.
@@ -42,6 +46,7 @@ Runs in about 2 minutes on one core.
 from __future__ import annotations
 
 import argparse
+import itertools
 import datetime as _dt
 import os
 import platform
@@ -68,11 +73,23 @@ class RunSpec:
     name: str
     dtype: torch.dtype
     options: Dict[str, Any] = field(default_factory=dict)
+    peer: Optional[str] = None  # "bitsandbytes": its AdamW8bit with these options instead of fusedoptim's
 
 
-def run_specs(max_grad_norm: float) -> List[RunSpec]:
+def have_bnb() -> bool:
+    """Whether bitsandbytes imports here (its 8-bit AdamW is the peer of 8-bit states)."""
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception:  # not installed, or no backend for this machine
+        return False
+    return True
+
+
+def run_specs(max_grad_norm: float, bnb: bool = False) -> List[RunSpec]:
     """The runs, fp32 first (the reference of the gap column)."""
     bf16, fp32 = torch.bfloat16, torch.float32
+    peers = [RunSpec("bitsandbytes AdamW8bit", fp32, {}, "bitsandbytes"),
+             RunSpec("bitsandbytes AdamW8bit (every tensor)", fp32, {"min_8bit_size": 0}, "bitsandbytes")] if bnb else []
     return [
         RunSpec("fp32", fp32),
         RunSpec("bf16 (plain)", bf16),
@@ -85,7 +102,7 @@ def run_specs(max_grad_norm: float) -> List[RunSpec]:
         RunSpec("fp32 + state_bits=8 (every tensor)", fp32, {"state_bits": 8, "min_quantized_numel": 1}),
         RunSpec("bf16 + stochastic_rounding + state_bits=8 (every tensor)", bf16,
                 {"stochastic_rounding": True, "state_bits": 8, "min_quantized_numel": 1}),
-    ]
+    ] + peers
 
 
 class Teacher:
@@ -132,8 +149,13 @@ def train(spec: RunSpec, args: argparse.Namespace, teacher: Teacher, ev_x: Tenso
     params = list(model.parameters())
     # The SR seed is drawn from torch's default generator at construction: fix it per run.
     torch.manual_seed(args.seed + 1)
-    opt = fusedoptim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, **spec.options)
-    opt.num_threads = args.threads
+    if spec.peer == "bitsandbytes":
+        import bitsandbytes as bnb
+
+        opt = bnb.optim.AdamW8bit(params, lr=args.lr, weight_decay=args.weight_decay, **spec.options)
+    else:
+        opt = fusedoptim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, **spec.options)
+        opt.num_threads = args.threads
     compute = torch.bfloat16 if args.compute == "bf16" else torch.float32
     data = torch.Generator().manual_seed(args.seed + 2)
     names = [n for n, _ in model.named_parameters()]
@@ -160,7 +182,7 @@ def train(spec: RunSpec, args: argparse.Namespace, teacher: Teacher, ev_x: Tenso
         if s == args.steps:
             before = [p.detach().clone() for p in params]
         opt.step()
-        if max_norm is not None and opt.last_grad_norm is not None and float(opt.last_grad_norm) > max_norm:
+        if max_norm is not None and getattr(opt, "last_grad_norm", None) is not None and float(opt.last_grad_norm) > max_norm:
             clipped += 1
         if s % every == 0 or s == args.steps:
             steps.append(s)
@@ -188,7 +210,15 @@ class SweepRow:
     finals: Dict[str, List[float]]  # run name -> per seed, the mean eval loss over the last 10% of the steps
 
 
-def lr_sweep(args: argparse.Namespace, lrs: Sequence[float], seeds: Sequence[int]) -> List[SweepRow]:
+def sweep_runs(bnb: bool) -> List[RunSpec]:
+    runs = [RunSpec(name, torch.float32, opts) for name, opts in SWEEP_RUNS]
+    if bnb:
+        runs.append(RunSpec("bitsandbytes 8-bit", torch.float32, {"min_8bit_size": 0}, "bitsandbytes"))
+    return runs
+
+
+def lr_sweep(args: argparse.Namespace, lrs: Sequence[float], seeds: Sequence[int],
+             bnb: bool = False) -> List[SweepRow]:
     """fp32, bf16 and 8-bit states at each lr and seed (fp32 params, the same batches per seed).
 
     A run's figure is its mean eval loss over the last 10% of the steps (10
@@ -196,16 +226,17 @@ def lr_sweep(args: argparse.Namespace, lrs: Sequence[float], seeds: Sequence[int
     from one to the next."""
     rows = []
     for lr in lrs:
-        finals: Dict[str, List[float]] = {name: [] for name, _ in SWEEP_RUNS}
+        runs = sweep_runs(bnb)
+        finals: Dict[str, List[float]] = {r.name: [] for r in runs}
         for seed in seeds:
             a = argparse.Namespace(**{**vars(args), "lr": lr, "seed": seed, "points": 100})
             teacher = Teacher(seed + 100)
             ev_x = torch.randn(EVAL, IN, generator=torch.Generator().manual_seed(seed + 3))
             ev_y = teacher(ev_x)
-            for name, opts in SWEEP_RUNS:
-                r = train(RunSpec(name, torch.float32, opts), a, teacher, ev_x, ev_y)
+            for spec in runs:
+                r = train(spec, a, teacher, ev_x, ev_y)
                 tail = [x for st, x in zip(r.steps, r.losses) if st > 0.9 * args.steps]
-                finals[name].append(sum(tail) / len(tail))
+                finals[spec.name].append(sum(tail) / len(tail))
         rows.append(SweepRow(lr, finals))
         print(f"lr {lr:g}: " + "  ".join(f"{n} {' / '.join(f'{v:.3e}' for v in vs)}" for n, vs in finals.items()),
               file=sys.stderr, flush=True)
@@ -217,7 +248,7 @@ def _ratios(r: SweepRow, name: str) -> List[float]:
 
 
 def sweep_table(rows: List[SweepRow]) -> List[str]:
-    names = [n for n, _ in SWEEP_RUNS]
+    names = list(rows[0].finals)
     out = ["| lr | " + " | ".join(f"{n}: eval loss per seed" for n in names)
            + " | " + " | ".join(f"{n} / fp32 per seed" for n in names[1:]) + " |",
            "| ---: |" + " ---: |" * (2 * len(names) - 1)]
@@ -230,7 +261,7 @@ def sweep_table(rows: List[SweepRow]) -> List[str]:
 
 def sweep_observations(rows: List[SweepRow]) -> List[str]:
     out = []
-    for name, _ in SWEEP_RUNS[1:]:
+    for name in list(rows[0].finals)[1:]:
         ratios = [x for r in rows for x in _ratios(r, name)]
         worst = max(ratios, key=lambda x: abs(x - 1))
         out.append(f"* {name}: eval loss {min(ratios):.3f}x to {max(ratios):.3f}x fp32's over the {len(rows)} lrs "
@@ -290,7 +321,7 @@ def observations(results: List[Result], args: argparse.Namespace) -> List[str]:
                    + " (within 10%), while master weights (fp32 states) match fp32: what remains of their gap "
                    "to fp32 comes from the bf16 moments, not from the param storage.")
     for r in results[1:]:
-        if r.spec.options.get("state_bits"):
+        if r.spec.options.get("state_bits") or r.spec.peer:
             continue  # their own lines below
         if r.spec.dtype == torch.float32:
             extra = (f"; clipping was active on {r.clipped_pct:.0f}% of the steps (clipping changes the update "
@@ -300,6 +331,11 @@ def observations(results: List[Result], args: argparse.Namespace) -> List[str]:
                        f"{fmt_bytes(r.state_bytes / r.numel)} B/param of state (fp32: "
                        f"{fmt_bytes(fp32.state_bytes / fp32.numel)}){extra}.")
     for r in results:
+        if r.spec.peer:
+            out.append(f"* {r.spec.name} (bitsandbytes {_bnb_version()}): {r.final / fp32.final:.2f}x fp32's "
+                       f"loss with {fmt_bytes(r.state_bytes / r.numel)} B/param of state (its per-tensor code "
+                       "maps, 2 KB per param tensor, included).")
+            continue
         if r.spec.options.get("state_bits"):
             base = by["bf16 + stochastic_rounding"] if r.spec.dtype == torch.bfloat16 else fp32
             out.append(f"* {r.spec.name}: {r.final / base.final:.2f}x the loss of {base.spec.name} with "
@@ -308,6 +344,12 @@ def observations(results: List[Result], args: argparse.Namespace) -> List[str]:
                        + ("; the tensors under min_quantized_numel (4096) keep full states." if
                           "min_quantized_numel" not in r.spec.options else "."))
     return out
+
+
+def _bnb_version() -> str:
+    import bitsandbytes
+
+    return str(bitsandbytes.__version__)
 
 
 def machine() -> Dict[str, Any]:
@@ -355,8 +397,8 @@ def write_markdown(path: str, results: List[Result], args: argparse.Namespace, c
         lines += ["## The lr sweep", "",
                   f"The same task and {args.steps} steps, fp32 params, at each lr with seeds "
                   f"{args.seed} and {args.seed + 1} (the seed draws the teacher, the initial values, the batches "
-                  "and the eval inputs); 8-bit states on every tensor. Eval loss: the mean of the 10 evaluations "
-                  "in the last 10% of the steps.", ""]
+                  "and the eval inputs); 8-bit states on every tensor (bitsandbytes: `min_8bit_size=0`). Eval "
+                  "loss: the mean of the 10 evaluations in the last 10% of the steps.", ""]
         lines += sweep_table(list(sweep)) + [""] + sweep_observations(list(sweep)) + [""]
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
@@ -371,7 +413,7 @@ def write_plot(path: str, results: List[Result], args: argparse.Namespace) -> No
 
     fig, ax = plt.subplots(figsize=(8, 5))
     styles = ["-", "-", "--", "-.", ":", "--", ":", "-", "--", "-."]
-    for r, ls in zip(results, styles):
+    for r, ls in zip(results, itertools.cycle(styles)):
         ax.plot(r.steps, r.losses, ls, label=f"{r.spec.name} ({r.final:.2e})", linewidth=1.6)
     ax.set_yscale("log")
     ax.set_xlabel("step")
@@ -404,6 +446,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--sweep-lrs", default="3e-4,1e-3,3e-3,1e-2",
                    help="comma-separated lrs of the sweep of fp32, bf16 and 8-bit states, two seeds each "
                    "(default 3e-4,1e-3,3e-3,1e-2; empty: no sweep)")
+    p.add_argument("--no-bnb", action="store_true",
+                   help="leave out bitsandbytes' AdamW8bit (run as the peer of 8-bit states where it imports)")
     p.add_argument("--out", default=os.path.join(RESULTS, "precision_quality.md"), help="markdown results file")
     p.add_argument("--plot", nargs="?", const=os.path.join(RESULTS, "precision_quality.png"), default=None,
                    metavar="PNG", help="draw the loss curves (default path bench/results/precision_quality.png)")
@@ -428,13 +472,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ev_y = teacher(ev_x)
     t0 = time.perf_counter()
     results: List[Result] = []
-    for spec in run_specs(args.max_grad_norm):
+    bnb = not args.no_bnb and have_bnb()
+    for spec in run_specs(args.max_grad_norm, bnb):
         r = train(spec, args, teacher, ev_x, ev_y)
         results.append(r)
         print(f"{spec.name:<32} final eval loss {r.final:.3e}  ({r.final / results[0].final:.2f}x fp32)  "
               f"state {fmt_bytes(r.state_bytes / r.numel)} B/param  unchanged {r.unchanged_pct:.1f}%  "
               f"({r.seconds:.1f} s)", file=sys.stderr, flush=True)
-    sweep = lr_sweep(args, args.sweep_lrs, (args.seed, args.seed + 1)) if args.sweep_lrs else []
+    sweep = lr_sweep(args, args.sweep_lrs, (args.seed, args.seed + 1), bnb) if args.sweep_lrs else []
     wall = time.perf_counter() - t0
     command = " ".join(["python bench/precision_quality.py"] + argv)
     if args.plot:
