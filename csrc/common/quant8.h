@@ -66,8 +66,8 @@
 // variant and device; they change whenever n does, which is what matters
 // for a moment that changes a little every step. One multiplication by
 // 2^32 / golden ratio (Fibonacci hashing: its top bits move by an
-// irrational fraction of their range per unit of the input) adds about 5%
-// to an 8-bit Adam step on one core, a third of what precision.h's full
+// irrational fraction of their range per unit of the input) adds 5-10%
+// to an 8-bit Adam step on one core, about half of what precision.h's full
 // mix32 added, with the same training results:
 //   u = ((bits(n) ^ (k * 0x85EBCA6B)) * 0x9E3779B9 mod 2^32) >> 16
 //                                                   (k: index in the block)
