@@ -227,7 +227,8 @@ class Adam(FusedOptimizer, torch.optim.Adam):
             per block of ``state_block_size`` elements (2.03 instead of 8
             bytes per param, Note [8-bit states]): ``exp_avg_codes``,
             ``exp_avg_scale``, ``exp_avg_sq_codes`` (of the root of
-            ``exp_avg_sq``) and ``exp_avg_sq_scale``. CPU and CUDA params; not
+            ``exp_avg_sq``, rounded at random so that its small changes per
+            step survive in expectation) and ``exp_avg_sq_scale``. CPU and CUDA params; not
             with ``amsgrad`` or ``state_dtype``. :meth:`torch_state_dict`
             exports dequantized fp32 moments.
         state_block_size: elements per scale, a power of two from 64 to
