@@ -39,7 +39,7 @@ faithful when it ends where fp32 ends at every lr, not merely at one.
 Writes a markdown table (final eval loss, its ratio to fp32, optimizer state
 and param bytes per param measured from the tensors) to
 ``bench/results/precision_quality.md``; ``--plot`` draws the loss curves
-(log scale) to ``bench/results/precision_quality.png`` (needs matplotlib).
+(log scale) and the sweep's ratios to fp32 against the lr to ``bench/results/precision_quality.png`` (needs matplotlib).
 Runs in about 2 minutes on one core.
 """
 
@@ -405,23 +405,44 @@ def write_markdown(path: str, results: List[Result], args: argparse.Namespace, c
         f.write("\n".join(lines))
 
 
-def write_plot(path: str, results: List[Result], args: argparse.Namespace) -> None:
+def write_plot(path: str, results: List[Result], args: argparse.Namespace, sweep: Sequence[SweepRow] = ()) -> None:
+    """The loss curves; with a sweep, a second panel: each state type's eval loss over fp32's against the lr."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5))
-    styles = ["-", "-", "--", "-.", ":", "--", ":", "-", "--", "-."]
-    for r, ls in zip(results, itertools.cycle(styles)):
-        ax.plot(r.steps, r.losses, ls, label=f"{r.spec.name} ({r.final:.2e})", linewidth=1.6)
+    panels = 2 if sweep else 1
+    fig, axes = plt.subplots(1, panels, figsize=(8 + 5 * (panels - 1), 5.5), squeeze=False,
+                             gridspec_kw={"width_ratios": [8, 5][:panels]})
+    ax = axes[0][0]
+    colors = list(plt.get_cmap("tab10").colors) + ["black", "darkgoldenrod"]
+    styles = ["-", "-", "--", "-.", ":", "--", ":", "-", "--", "-.", "-", "--"]
+    for k, (r, ls) in enumerate(zip(results, itertools.cycle(styles))):
+        ax.plot(r.steps, r.losses, ls, color=colors[k % len(colors)], label=f"{r.spec.name} ({r.final:.2e})",
+                linewidth=1.6)
     ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("eval MSE (log scale)")
     ax.set_title(f"fusedoptim.AdamW lr={args.lr:g}, teacher-student MLP: fp32, pure bf16 and the precision options",
-                 fontsize=10)
+                 fontsize=9)
     ax.grid(True, which="both", color="0.9")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
+    if sweep:
+        bx = axes[0][1]
+        lrs = [r.lr for r in sweep]
+        for k, name in enumerate(list(sweep[0].finals)[1:]):
+            per_seed = [_ratios(r, name) for r in sweep]
+            for s_i in range(len(per_seed[0])):
+                bx.plot(lrs, [p[s_i] for p in per_seed], "o-" if s_i == 0 else "s--", color=plt.get_cmap("tab10")(k),
+                        label=f"{name}, seed {args.seed + s_i}", linewidth=1.2, markersize=4)
+        bx.axhline(1.0, color="0.3", linewidth=1)
+        bx.set_xscale("log")
+        bx.set_xlabel("lr")
+        bx.set_ylabel("eval loss / fp32's (last 10% of steps)")
+        bx.set_title("lr sweep, fp32 params: a faithful copy stays on 1", fontsize=9)
+        bx.grid(True, which="both", color="0.9")
+        bx.legend(fontsize=7)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -483,7 +504,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     wall = time.perf_counter() - t0
     command = " ".join(["python bench/precision_quality.py"] + argv)
     if args.plot:
-        write_plot(args.plot, results, args)
+        write_plot(args.plot, results, args, sweep)
     write_markdown(args.out, results, args, command, args.plot, wall, sweep)
     print("\n".join(table(results)))
     if sweep:
