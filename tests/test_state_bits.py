@@ -39,18 +39,6 @@ def grid(signed: bool) -> np.ndarray:
 GRID = {True: grid(True), False: grid(False)}
 
 
-def mix32(x: np.ndarray) -> np.ndarray:
-    """The 32-bit hash of precision.h, on uint32 arrays."""
-    x = x.astype(np.uint64)
-    m = np.uint64(0xFFFFFFFF)
-    x ^= x >> np.uint64(16)
-    x = (x * np.uint64(0x7FEB352D)) & m
-    x ^= x >> np.uint64(15)
-    x = (x * np.uint64(0x846CA68B)) & m
-    x ^= x >> np.uint64(16)
-    return x.astype(np.uint32)
-
-
 def dither(n: np.ndarray, k: np.ndarray) -> np.ndarray:
     """The 16 random bits of the unsigned code of fp32 values n at block indices k."""
     m = np.uint64(0xFFFFFFFF)

@@ -228,9 +228,9 @@ class Adam(FusedOptimizer, torch.optim.Adam):
             bytes per param, Note [8-bit states]): ``exp_avg_codes``,
             ``exp_avg_scale``, ``exp_avg_sq_codes`` (of the root of
             ``exp_avg_sq``, rounded at random so that its small changes per
-            step survive in expectation) and ``exp_avg_sq_scale``. CPU and CUDA params; not
-            with ``amsgrad`` or ``state_dtype``. :meth:`torch_state_dict`
-            exports dequantized fp32 moments.
+            step survive in expectation) and ``exp_avg_sq_scale``. CPU and
+            CUDA params; not with ``amsgrad`` or ``state_dtype``.
+            :meth:`torch_state_dict` exports dequantized fp32 moments.
         state_block_size: elements per scale, a power of two from 64 to
             4096 (default: 256).
         min_quantized_numel: smaller tensors (biases, norms) keep full
