@@ -126,15 +126,16 @@ def test_backend_info_prints_one_fact_a_line(monkeypatch):
 
 def test_python_m_fusedoptim_prints_backend_info():
     env = {k: v for k, v in os.environ.items() if k != "FUSEDOPTIM_CPU_ISA"}
-    text = subprocess.run([sys.executable, "-m", "fusedoptim"], capture_output=True, text=True, env=env,
-                          check=True, timeout=120).stdout
+    # Both started at once: each spends seconds importing torch.
+    procs = [subprocess.Popen([sys.executable, "-m", "fusedoptim", *args], stdout=subprocess.PIPE, text=True, env=env)
+             for args in ([], ["--json"])]
+    text, raw = (p.communicate(timeout=180)[0] for p in procs)
+    assert [p.returncode for p in procs] == [0, 0]
     info = fusedoptim.backend_info()
     assert text.startswith(f"fusedoptim      {fusedoptim.__version__} (torch {torch.__version__}; "
                            f"supported: torch{info['torch_supported']})\n"
                            f"torch.compile   {info['torch_compile']}\n"), text
     assert f"CPU variant     {info['isa']}," in text and "\nCUDA " in text, text
-    raw = subprocess.run([sys.executable, "-m", "fusedoptim", "--json"], capture_output=True, text=True, env=env,
-                         check=True, timeout=120).stdout
     parsed = json.loads(raw)
     assert parsed["isa"] == info["isa"] and parsed["cuda"]["compiled"] == info["cuda"]["compiled"]
     assert parsed["torch_supported"] == info["torch_supported"] and parsed["torch_compile"] == info["torch_compile"]
@@ -299,16 +300,37 @@ _PROBE = textwrap.dedent("""
 """)
 
 
-def _probe(tmp_path, value):
-    env = dict(os.environ)
-    env.pop("FUSEDOPTIM_CPU_ISA", None)
-    if value is not None:
-        env["FUSEDOPTIM_CPU_ISA"] = value
-    # Run outside the checkout so that only the installed package can be imported.
-    res = subprocess.run([sys.executable, "-c", _PROBE], cwd=str(tmp_path), env=env, capture_output=True,
-                         text=True, timeout=120)
-    assert res.returncode == 0, res.stderr
-    return json.loads(res.stdout.strip().splitlines()[-1])
+def _unsupported_isa():
+    candidates = [isa for isa in ALL_ISAS if isa not in supported_isas()]
+    return candidates[0] if candidates else None
+
+
+@pytest.fixture(scope="module")
+def probes(tmp_path_factory):
+    """The probe's output for each FUSEDOPTIM_CPU_ISA value the tests need
+    (None: unset), every subprocess started at once: each spends seconds
+    importing torch, and they overlap."""
+    values = [None, "scalar", "SCALAR", "avx9000"] + ([_unsupported_isa()] if _unsupported_isa() else [])
+    cwd = str(tmp_path_factory.mktemp("probe"))  # outside the checkout: only the installed package imports
+    running = {}
+    for value in values:
+        env = dict(os.environ)
+        env.pop("FUSEDOPTIM_CPU_ISA", None)
+        if value is not None:
+            env["FUSEDOPTIM_CPU_ISA"] = value
+        running[value] = subprocess.Popen([sys.executable, "-c", _PROBE], cwd=cwd, env=env, text=True,
+                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out = {}
+    for value, proc in running.items():
+        stdout, stderr = proc.communicate(timeout=180)
+        out[value] = (proc.returncode, stdout, stderr)
+    return out
+
+
+def _probe(probes, value):
+    returncode, stdout, stderr = probes[value]
+    assert returncode == 0, stderr
+    return json.loads(stdout.strip().splitlines()[-1])
 
 
 def _in_process_bits(isa):
@@ -321,8 +343,8 @@ def _in_process_bits(isa):
     return p.detach().view(torch.int32).tolist()
 
 
-def test_env_var_selects_scalar(tmp_path, restore_isa):
-    out = _probe(tmp_path, "scalar")
+def test_env_var_selects_scalar(probes, restore_isa):
+    out = _probe(probes, "scalar")
     assert out["isa"] == "scalar"
     assert out["request"] == "scalar" and out["honored"] is True
     assert out["backends"] == ["native-cpu/scalar"]
@@ -330,8 +352,8 @@ def test_env_var_selects_scalar(tmp_path, restore_isa):
     assert out["bits"] == _in_process_bits("scalar")
 
 
-def test_env_var_unset_uses_best_variant(tmp_path):
-    out = _probe(tmp_path, None)
+def test_env_var_unset_uses_best_variant(probes):
+    out = _probe(probes, None)
     best = [isa for isa in ("avx512", "avx2", "scalar") if isa in out["supported"]][0]
     assert out["isa"] == best and out["request"] is None and out["honored"] is True
     assert out["warnings"] == []
@@ -340,15 +362,14 @@ def test_env_var_unset_uses_best_variant(tmp_path):
 
 
 @pytest.mark.parametrize("request_kind", ["unsupported", "unknown"])
-def test_env_var_bad_request_warns_and_keeps_supported_isa(tmp_path, request_kind):
+def test_env_var_bad_request_warns_and_keeps_supported_isa(probes, request_kind):
     if request_kind == "unsupported":
-        candidates = [isa for isa in ALL_ISAS if isa not in supported_isas()]
-        if not candidates:
+        value = _unsupported_isa()
+        if value is None:
             pytest.skip("this CPU supports every variant: nothing unsupported to request")
-        value = candidates[0]
     else:
         value = "avx9000"
-    out = _probe(tmp_path, value)
+    out = _probe(probes, value)
     best = [isa for isa in ("avx512", "avx2", "scalar") if isa in out["supported"]][0]
     assert out["isa"] == best, out
     assert out["request"] == value and out["honored"] is False
@@ -362,8 +383,8 @@ def test_env_var_bad_request_warns_and_keeps_supported_isa(tmp_path, request_kin
         assert "cannot be used here" in msgs[0][1], msgs[0][1]
 
 
-def test_env_var_and_set_cpu_isa_take_any_case(tmp_path, restore_isa):
-    out = _probe(tmp_path, "SCALAR")
+def test_env_var_and_set_cpu_isa_take_any_case(probes, restore_isa):
+    out = _probe(probes, "SCALAR")
     assert out["isa"] == "scalar" and out["request"] == "SCALAR" and out["honored"] is True
     assert not [w for w in out["warnings"] if "FUSEDOPTIM_CPU_ISA" in w[1]], out["warnings"]
     for name in ("Scalar", "SCALAR"):
