@@ -13,15 +13,43 @@ from torch_versions import CPU_FUSED_ADAM, CPU_FUSED_SGD, NO_CPU_FUSED_ADAM, NO_
 TORCH_FUSED = {"adam": CPU_FUSED_ADAM, "adamw": CPU_FUSED_ADAM, "sgd": CPU_FUSED_SGD}
 
 
-def test_bench_smoke_writes_rows(tmp_path):
-    out = tmp_path / "rows.json"
-    cmd = [
-        sys.executable, "-m", "fusedoptim.bench", "--quiet",
-        "--optimizers", "adam,sgd", "--impls", "fusedoptim,fused", "--cases", "64x1024,1x64K",
-        "--dtypes", "fp32", "--threads", "1", "--warmup", "1", "--repeats", "3", "--triad-size", "65536",
-        "--json", str(out),
-    ]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+#: The command-line runs the smoke tests check, by name: ``fusedoptim.bench``'s
+#: arguments, less ``--json``.
+_RUNS = {
+    "default": ["--quiet", "--optimizers", "adam,sgd", "--impls", "fusedoptim,fused", "--cases", "64x1024,1x64K",
+                "--dtypes", "fp32", "--threads", "1", "--warmup", "1", "--repeats", "3", "--triad-size", "65536"],
+    "precision": ["--suite", "precision", "--quiet", "--cases", "1x64K", "--threads", "1", "--warmup", "1",
+                  "--repeats", "3", "--triad-size", "65536"],
+    "loop": ["--quiet", "--optimizers", "sgd", "--impls", "fusedoptim,fused", "--cases", "1x64K", "--dtypes", "fp32",
+             "--threads", "1", "--repeats", "10", "--triad-size", "65536"],
+    "sweep": ["--suite", "sweep", "--quick", "--quiet", "--sizes", "10,14", "--optimizers", "sgd,adamw",
+              "--dtypes", "bf16", "--threads", "1"],
+}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Each of ``_RUNS`` as ``python -m fusedoptim.bench ... --json out``, all
+    started at once (each spends seconds importing torch; the smoke tests
+    check what they write, not their times): name -> (completed process,
+    the JSON file)."""
+    tmp = tmp_path_factory.mktemp("bench")
+    started = {}
+    for name, args in _RUNS.items():
+        if name == "sweep" and not (CPU_FUSED_SGD and CPU_FUSED_ADAM):
+            continue  # the sweep times torch's fused step, which this torch lacks (its test skips)
+        out = tmp / f"{name}.json"
+        cmd = [sys.executable, "-m", "fusedoptim.bench", *args, "--json", str(out)]
+        started[name] = (cmd, out, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    done = {}
+    for name, (cmd, out, proc) in started.items():
+        stdout, stderr = proc.communicate(timeout=300)
+        done[name] = (subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr), out)
+    return done
+
+
+def test_bench_smoke_writes_rows(runs):
+    done, out = runs["default"]
     assert done.returncode == 0, done.stderr
     assert "fusedoptim" in done.stdout  # the table
     assert f"wrote {out}" in done.stderr
@@ -41,14 +69,9 @@ def test_bench_smoke_writes_rows(tmp_path):
     assert cases == {(o, c) for o in ("adam", "sgd") for c in ("64x1024", "1x64K")}
 
 
-def test_precision_suite_smoke(tmp_path):
+def test_precision_suite_smoke(runs):
     """--suite precision on a tiny case: every option's row, its limit and the bytes each must move."""
-    out = tmp_path / "precision.json"
-    cmd = [
-        sys.executable, "-m", "fusedoptim.bench", "--suite", "precision", "--quiet", "--cases", "1x64K",
-        "--threads", "1", "--warmup", "1", "--repeats", "3", "--triad-size", "65536", "--json", str(out),
-    ]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    done, out = runs["precision"]
     assert done.returncode == 0, done.stderr
     assert "stochastic_rounding" in done.stdout  # the table
     rows = json.loads(out.read_text())["rows"]
@@ -90,12 +113,8 @@ def test_precision_byte_model():
     assert probe_shape(16, "fp32") == ("fp32", 1, False)  # 8-bit states, fp32 params: converted from 12 B
 
 
-def test_bench_times_in_a_loop_and_back_to_back(tmp_path):
-    out = tmp_path / "rows.json"
-    cmd = [sys.executable, "-m", "fusedoptim.bench", "--quiet", "--optimizers", "sgd", "--impls", "fusedoptim,fused",
-           "--cases", "1x64K", "--dtypes", "fp32", "--threads", "1", "--repeats", "10", "--triad-size", "65536",
-           "--json", str(out)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+def test_bench_times_in_a_loop_and_back_to_back(runs):
+    done, out = runs["loop"]
     assert done.returncode == 0, done.stderr
     rows = [r for r in json.loads(out.read_text())["rows"] if r["implementation"] != "limit"]
     assert {r["mode"] for r in rows} == {"loop"}
@@ -155,11 +174,8 @@ def test_table_gives_no_ratio_for_an_unsteady_row_and_no_percentage_over_the_lim
 
 @pytest.mark.skipif(not (CPU_FUSED_SGD and CPU_FUSED_ADAM), reason=f"the sweep times torch's fused=True step: "
                     f"{NO_CPU_FUSED_SGD if not CPU_FUSED_SGD else NO_CPU_FUSED_ADAM}")
-def test_sweep_suite_smoke(tmp_path):
-    out = tmp_path / "sweep.json"
-    cmd = [sys.executable, "-m", "fusedoptim.bench", "--suite", "sweep", "--quick", "--quiet", "--sizes", "10,14",
-           "--optimizers", "sgd,adamw", "--dtypes", "bf16", "--threads", "1", "--json", str(out)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+def test_sweep_suite_smoke(runs):
+    done, out = runs["sweep"]
     assert done.returncode == 0, done.stderr
     rows = json.loads(out.read_text())["rows"]
     assert {(r["optimizer"], r["numel"]) for r in rows} == {(o, n) for o in ("sgd", "adamw") for n in (1024, 16384)}
