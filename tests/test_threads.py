@@ -273,14 +273,25 @@ def _check_denormals_after_flushed_step():
     assert int((y == 0).sum()) == 0, "a torch worker was left flushing denormals"
 
 
+_THREADS_PROBE = ("import warnings, json\nwith warnings.catch_warnings(record=True) as w:\n"
+                  "    warnings.simplefilter('always')\n    import fusedoptim\n"
+                  "print(json.dumps([fusedoptim.backend_info()['threading'], [str(x.message) for x in w]]))")
+
+
+@pytest.fixture(scope="module")
+def threads_probes():
+    """The probe's stdout for each FUSEDOPTIM_THREADS value, the subprocesses
+    started at once (each spends seconds importing torch)."""
+    procs = {value: subprocess.Popen([sys.executable, "-c", _THREADS_PROBE], stdout=subprocess.PIPE, text=True,
+                                     env=dict(os.environ, FUSEDOPTIM_THREADS=value)) for value in ("pool", "bogus")}
+    out = {value: p.communicate(timeout=180)[0] for value, p in procs.items()}
+    assert all(p.returncode == 0 for p in procs.values()), out
+    return out
+
+
 @pytest.mark.parametrize("value, expect", [("pool", "pool"), ("bogus", None)])
-def test_threads_environment_variable(value, expect):
-    code = ("import warnings, json\nwith warnings.catch_warnings(record=True) as w:\n"
-            "    warnings.simplefilter('always')\n    import fusedoptim\n"
-            "print(json.dumps([fusedoptim.backend_info()['threading'], [str(x.message) for x in w]]))")
-    env = dict(os.environ, FUSEDOPTIM_THREADS=value)
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    threading_, warned = json.loads(out.stdout.strip().splitlines()[-1])
+def test_threads_environment_variable(threads_probes, value, expect):
+    threading_, warned = json.loads(threads_probes[value].strip().splitlines()[-1])
     if expect is not None:
         assert threading_ == expect
         assert not [w for w in warned if "FUSEDOPTIM_THREADS" in w]
