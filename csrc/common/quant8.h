@@ -81,8 +81,9 @@
 // from the lower value. n <= 1 + 2^-23 never carries past code 240 (1.0).
 //
 // One step of a block: dequantize its states, run adam_update / sgd_update
-// (update_math.h) on them exactly as on fp32 states, store the param, then
-// quantize the new moments. The block's values stay on the stack (a few KB,
+// (update_math.h) on them as on fp32 states (Adam with its bias correction
+// folded into eps and the step size: Note [folded bias correction]), store
+// the param, then quantize the new moments. The block's values stay on the stack (a few KB,
 // in L1) between the three passes; each block is updated by one thread.
 #pragma once
 

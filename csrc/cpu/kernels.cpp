@@ -268,8 +268,9 @@ void sgd_segment(const SGDTensor& tensor, int64_t begin, int64_t end, const SGDH
 // 8-bit states (Note [8-bit states] in common/quant8.h): a segment starts
 // at a block boundary (the driver aligns chunks to the block size), and each
 // block of Adam takes three passes over a few KB of stack (in L1): the codes
-// read straight into lanes and dequantized; the same adam_update as fp32
-// states, the param stored as its store mode says, the new moments kept on
+// read straight into lanes and dequantized; adam_update with its bias
+// correction folded (Note [folded bias correction] in update_math.h), the
+// param stored as its store mode says, the new moments kept on
 // the stack and their running |x| maximum in a register; the codes written.
 // SGD dequantizes inside its update pass. The lanes are Q8Lanes'
 // (quant8_vec.h): AVX2's in the AVX-512 variant too. The update pass covers
@@ -317,7 +318,7 @@ FO_ALWAYS_INLINE void adam_q8_elems(const AdamTensor& t, int64_t b0, int64_t k, 
   const ParamAt<kStore, V, S> io{static_cast<S*>(t.param), t.extra, i, key_at<kStore>(t.sr_key, i)};
   const V p0 = start_param<kStore, V>(io);
   V pv = p0, mv = V::load(m + k), vv = V::load(r + k), unused(0.0f);
-  adam_update<kWD, false, kMax>(pv, V::load(static_cast<const S*>(t.grad) + i), mv, vv, unused, c);
+  adam_update<kWD, false, kMax, true>(pv, V::load(static_cast<const S*>(t.grad) + i), mv, vv, unused, c);
   const V new_root = sqrt(vv);  // exp_avg_sq is quantized as its root
   mv.store(m + k);
   new_root.store(r + k);

@@ -64,7 +64,8 @@ struct Q8Lanes<VecAVX2> {
   static __m256 grid_values(__m256i mag) {
     const __m256 a = _mm256_castsi256_ps(
         _mm256_slli_epi32(_mm256_add_epi32(mag, _mm256_set1_epi32(112 << kMantBits)), 23 - kMantBits));
-    const __m256 b = _mm256_sub_ps(_mm256_add_ps(a, a), _mm256_set1_ps(6.103515625e-05f));
+    // 2a - 2^-14 in one rounding, as (a + a) - 2^-14 (a + a is exact)
+    const __m256 b = _mm256_fmsub_ps(a, _mm256_set1_ps(2.0f), _mm256_set1_ps(6.103515625e-05f));
     return _mm256_min_ps(b, a);  // b < a ? b : a (no NaN here)
   }
   static VecAVX2 signed_values(const uint8_t* c) {

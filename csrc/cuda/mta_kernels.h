@@ -187,14 +187,14 @@ struct ElemAt {
 
 // One Adam element (index i of its tensor), all values as fp32: p is the
 // stored param (unused with kStoreMaster), e the extra stream's value.
-template <class S, int kStore, int kWD, bool kAms>
+template <class S, int kStore, int kWD, bool kAms, bool kFoldBC2 = false>
 FO_DEVICE void adam_elem(float& p, float& e, float& g, float& m, float& v, float& x, int64_t i, const Ctx& k,
                          const AdamConsts<VecF>& c) {
   const VecF gv = grad_in<S>(g, k);
   const ElemAt io{p, e, i, k.key};
   const VecF p0 = start_param<kStore, VecF>(io);
   VecF pv = p0, mv(m), vv(v), xv(x);
-  adam_update<kWD, kAms, false>(pv, gv, mv, vv, xv, c);
+  adam_update<kWD, kAms, false, kFoldBC2>(pv, gv, mv, vv, xv, c);
   m = mv.x;
   v = vv.x;
   x = xv.x;
@@ -587,7 +587,7 @@ __global__ void __launch_bounds__(kBlockThreads) adam_q8_kernel(FO_KARG(AdamQ8Ar
     const VecF root = mul(VecF(q8_unsigned_value(vc[l])), sv);
     float v = mul(root, root).x;
     float unused = 0.0f;
-    adam_elem<S, kStore, kWD, false>(pf, ef, gf, m, v, unused, q.b0 + l, k, c);
+    adam_elem<S, kStore, kWD, false, true>(pf, ef, gf, m, v, unused, q.b0 + l, k, c);  // Note [folded bias correction]
     if (k.unscale) g[l] = from_float<S>(gf);
     p[l] = from_float<S>(pf);
     if (L::kExtra) ex[l] = from_float<E>(ef);
