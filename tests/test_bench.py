@@ -1,11 +1,11 @@
 """The benchmark command runs from the installed package and writes tidy rows."""
 
 import json
-import subprocess
 import sys
 
 import pytest
 
+from subprocesses import run_at_once
 from torch_versions import CPU_FUSED_ADAM, CPU_FUSED_SGD, NO_CPU_FUSED_ADAM, NO_CPU_FUSED_SGD
 
 #: Whether torch has the fused=True CPU step the benchmark compares with
@@ -34,18 +34,11 @@ def runs(tmp_path_factory):
     check what they write, not their times): name -> (completed process,
     the JSON file)."""
     tmp = tmp_path_factory.mktemp("bench")
-    started = {}
-    for name, args in _RUNS.items():
-        if name == "sweep" and not (CPU_FUSED_SGD and CPU_FUSED_ADAM):
-            continue  # the sweep times torch's fused step, which this torch lacks (its test skips)
-        out = tmp / f"{name}.json"
-        cmd = [sys.executable, "-m", "fusedoptim.bench", *args, "--json", str(out)]
-        started[name] = (cmd, out, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    done = {}
-    for name, (cmd, out, proc) in started.items():
-        stdout, stderr = proc.communicate(timeout=300)
-        done[name] = (subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr), out)
-    return done
+    names = [n for n in _RUNS if n != "sweep" or (CPU_FUSED_SGD and CPU_FUSED_ADAM)]  # (the sweep times
+    # torch's fused step, which a torch before 2.4 lacks; its test skips there)
+    done = run_at_once({n: ([sys.executable, "-m", "fusedoptim.bench", *_RUNS[n], "--json", str(tmp / f"{n}.json")],
+                            {}) for n in names})
+    return {n: (done[n], tmp / f"{n}.json") for n in names}
 
 
 def test_bench_smoke_writes_rows(runs):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import textwrap
 from typing import Dict
@@ -20,6 +19,7 @@ import fusedoptim
 from cases import (ALL_CASES, DTYPE_IDS, DTYPES, INT_VIEW, assert_same_bits, param_groups,
                    special_problem, supported_isas)
 from torch_versions import COMPILE_TRACES_STEP
+from subprocesses import run_at_once
 
 ALL_ISAS = ("scalar", "avx2", "avx512")
 WIDTH = {"scalar": 1, "avx2": 8, "avx512": 16}
@@ -127,10 +127,10 @@ def test_backend_info_prints_one_fact_a_line(monkeypatch):
 def test_python_m_fusedoptim_prints_backend_info():
     env = {k: v for k, v in os.environ.items() if k != "FUSEDOPTIM_CPU_ISA"}
     # Both started at once: each spends seconds importing torch.
-    procs = [subprocess.Popen([sys.executable, "-m", "fusedoptim", *args], stdout=subprocess.PIPE, text=True, env=env)
-             for args in ([], ["--json"])]
-    text, raw = (p.communicate(timeout=180)[0] for p in procs)
-    assert [p.returncode for p in procs] == [0, 0]
+    done = run_at_once({args: ([sys.executable, "-m", "fusedoptim", *args], {"env": env}) for args in ((), ("--json",))},
+                       timeout=180)
+    assert [d.returncode for d in done.values()] == [0, 0], [d.stderr for d in done.values()]
+    text, raw = done[()].stdout, done[("--json",)].stdout
     info = fusedoptim.backend_info()
     assert text.startswith(f"fusedoptim      {fusedoptim.__version__} (torch {torch.__version__}; "
                            f"supported: torch{info['torch_supported']})\n"
@@ -312,25 +312,16 @@ def probes(tmp_path_factory):
     importing torch, and they overlap."""
     values = [None, "scalar", "SCALAR", "avx9000"] + ([_unsupported_isa()] if _unsupported_isa() else [])
     cwd = str(tmp_path_factory.mktemp("probe"))  # outside the checkout: only the installed package imports
-    running = {}
-    for value in values:
-        env = dict(os.environ)
-        env.pop("FUSEDOPTIM_CPU_ISA", None)
-        if value is not None:
-            env["FUSEDOPTIM_CPU_ISA"] = value
-        running[value] = subprocess.Popen([sys.executable, "-c", _PROBE], cwd=cwd, env=env, text=True,
-                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    out = {}
-    for value, proc in running.items():
-        stdout, stderr = proc.communicate(timeout=180)
-        out[value] = (proc.returncode, stdout, stderr)
-    return out
+    base = {k: v for k, v in os.environ.items() if k != "FUSEDOPTIM_CPU_ISA"}
+    return run_at_once({value: ([sys.executable, "-c", _PROBE],
+                                {"cwd": cwd, "env": base if value is None else dict(base, FUSEDOPTIM_CPU_ISA=value)})
+                        for value in values}, timeout=180)
 
 
 def _probe(probes, value):
-    returncode, stdout, stderr = probes[value]
-    assert returncode == 0, stderr
-    return json.loads(stdout.strip().splitlines()[-1])
+    done = probes[value]
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def _in_process_bits(isa):

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import threading
 
@@ -15,6 +14,7 @@ import torch
 
 import fusedoptim
 from cases import CASES_BY_ID, DTYPE_IDS, assert_close, assert_same_bits, make_problem, param_groups
+from subprocesses import run_at_once
 from tolerances import FP32_VS_TORCH
 
 CASES = [CASES_BY_ID["Adam-wd0.1-amsgrad"], CASES_BY_ID["AdamW-wd0.1-max"], CASES_BY_ID["SGD-mom0.9-damp0-nesterov-wd0.05"]]
@@ -282,11 +282,10 @@ _THREADS_PROBE = ("import warnings, json\nwith warnings.catch_warnings(record=Tr
 def threads_probes():
     """The probe's stdout for each FUSEDOPTIM_THREADS value, the subprocesses
     started at once (each spends seconds importing torch)."""
-    procs = {value: subprocess.Popen([sys.executable, "-c", _THREADS_PROBE], stdout=subprocess.PIPE, text=True,
-                                     env=dict(os.environ, FUSEDOPTIM_THREADS=value)) for value in ("pool", "bogus")}
-    out = {value: p.communicate(timeout=180)[0] for value, p in procs.items()}
-    assert all(p.returncode == 0 for p in procs.values()), out
-    return out
+    done = run_at_once({value: ([sys.executable, "-c", _THREADS_PROBE], {"env": dict(os.environ, FUSEDOPTIM_THREADS=value)})
+                        for value in ("pool", "bogus")}, timeout=180)
+    assert all(d.returncode == 0 for d in done.values()), {v: d.stderr for v, d in done.items()}
+    return {value: d.stdout for value, d in done.items()}
 
 
 @pytest.mark.parametrize("value, expect", [("pool", "pool"), ("bogus", None)])

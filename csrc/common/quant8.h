@@ -83,8 +83,9 @@
 // One step of a block: dequantize its states, run adam_update / sgd_update
 // (update_math.h) on them as on fp32 states (Adam with its bias correction
 // folded into eps and the step size: Note [folded bias correction]), store
-// the param, then quantize the new moments. The block's values stay on the stack (a few KB,
-// in L1) between the three passes; each block is updated by one thread.
+// the param, then quantize the new moments. The block's values stay on the
+// stack (a few KB, in L1) between the three passes; each block is updated by
+// one thread.
 #pragma once
 
 #include <cstdint>
