@@ -273,7 +273,7 @@ void sgd_segment(const SGDTensor& tensor, int64_t begin, int64_t end, const SGDH
 // param stored as its store mode says, the new moments kept on
 // the stack and their running |x| maximum in a register; the codes written.
 // SGD dequantizes inside its update pass. The lanes are Q8Lanes'
-// (quant8_vec.h): AVX2's in the AVX-512 variant too. The update pass covers
+// (quant8_vec.h) of the variant's vector type. The update pass covers
 // kQ8Step elements a turn, with one prefetch per cache line of the param
 // and grad streams.
 //
@@ -289,12 +289,8 @@ void sgd_segment(const SGDTensor& tensor, int64_t begin, int64_t end, const SGDH
 // The grads are scaled by grad_mul whether or not it is 1: x * 1 is x, bit
 // for bit (NaNs keep their payload, quieted as the update's next operation
 // would quiet them), so the update has no branch, as in the CUDA kernels.
-#if FUSEDOPTIM_ISA == 0
-using Q8Vec = VecScalar;
-#else
-using Q8Vec = VecAVX2;
-#endif
-constexpr int kQ8Step = 4 * Q8Vec::kWidth;  // 32 elements with AVX2
+using Q8Vec = VecISA;
+constexpr int kQ8Step = 4 * Q8Vec::kWidth;  // 32 elements with AVX2, 64 with AVX-512
 
 // Dequantizes element(s) k of a block: exp_avg into m[k], exp_avg_sq into
 // r[k] (v = r * r; the update then leaves sqrt(v) there).

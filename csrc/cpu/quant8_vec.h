@@ -21,6 +21,9 @@
 
 #include "vec_avx2.h"
 #endif
+#if FUSEDOPTIM_ISA >= 2
+#include "vec_avx512.h"
+#endif
 
 namespace fusedoptim {
 namespace cpu {
@@ -48,8 +51,7 @@ struct Q8Lanes<VecScalar> {
 };
 
 #if FUSEDOPTIM_ISA >= 1
-// Eight lanes with AVX2; the AVX-512 variant uses them too (its vectors of
-// codes would be the same operations, twice as wide).
+// Eight lanes with AVX2.
 template <>
 struct Q8Lanes<VecAVX2> {
   static constexpr int kEncodeWidth = 32;
@@ -147,6 +149,83 @@ struct Q8Lanes<VecAVX2> {
     const __m256i bytes = _mm256_packus_epi16(ab, cd);
     const __m256i ordered = _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(codes), ordered);
+  }
+};
+#endif
+
+#if FUSEDOPTIM_ISA >= 2
+// Sixteen lanes with AVX-512: Q8Lanes<VecAVX2>'s operations, twice as wide,
+// with the subnormal-grid select in a mask register.
+template <>
+struct Q8Lanes<VecAVX512> {
+  static constexpr int kEncodeWidth = 16;
+  using Max = __m512i;
+  static Max zero() { return _mm512_setzero_si512(); }
+
+  static __m512i load16(const uint8_t* c) {
+    return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c)));
+  }
+  template <int kMantBits>
+  static __m512 grid_values(__m512i mag) {
+    const __m512 a = _mm512_castsi512_ps(
+        _mm512_slli_epi32(_mm512_add_epi32(mag, _mm512_set1_epi32(112 << kMantBits)), 23 - kMantBits));
+    const __m512 b = _mm512_fmsub_ps(a, _mm512_set1_ps(2.0f), _mm512_set1_ps(6.103515625e-05f));
+    return _mm512_min_ps(b, a);
+  }
+  static VecAVX512 signed_values(const uint8_t* c) {
+    const __m512i w = load16(c);
+    const __m512 q = grid_values<3>(_mm512_and_si512(w, _mm512_set1_epi32(0x7f)));
+    const __m512i sign = _mm512_slli_epi32(_mm512_srli_epi32(w, 7), 31);
+    return VecAVX512(_mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(q), sign)));
+  }
+  static VecAVX512 unsigned_values(const uint8_t* c) { return VecAVX512(grid_values<4>(load16(c))); }
+
+  static Max max_abs(Max m, VecAVX512 x) {
+    return _mm512_max_epu32(m, _mm512_and_si512(_mm512_castps_si512(x.x), _mm512_set1_epi32(0x7fffffff)));
+  }
+  static uint32_t reduce(Max m) { return _mm512_reduce_max_epu32(m); }
+
+  // Q8Lanes<VecAVX2>::signed8 on sixteen lanes.
+  static __m512i signed16(const float* x, __m512 inv) {
+    constexpr int kMant = 3;
+    const __m512i xb = _mm512_loadu_si512(x);
+    const __m512 n = _mm512_mul_ps(_mm512_castsi512_ps(_mm512_and_si512(xb, _mm512_set1_epi32(0x7fffffff))), inv);
+    const __m512i e = _mm512_max_epi32(_mm512_and_si512(_mm512_castps_si512(n), _mm512_set1_epi32(0x7f800000)),
+                                       _mm512_set1_epi32(113 << 23));  // 2^-14
+    const __m512i m = _mm512_add_epi32(e, _mm512_set1_epi32((23 - kMant) << 23));
+    const __m512i steps = _mm512_and_si512(_mm512_castps_si512(_mm512_add_ps(n, _mm512_castsi512_ps(m))),
+                                           _mm512_set1_epi32(0x7fffff));
+    const __m512i code = _mm512_add_epi32(steps, _mm512_sub_epi32(_mm512_srli_epi32(e, 23 - kMant),
+                                                                  _mm512_set1_epi32(113 << kMant)));
+    return _mm512_or_si512(code, _mm512_and_si512(_mm512_srli_epi32(xb, 24), _mm512_set1_epi32(0x80)));
+  }
+  // Q8Lanes<VecAVX2>::unsigned8 on sixteen lanes at block indices k0 .. k0 + 15.
+  static __m512i unsigned16(const float* x, __m512 inv, uint32_t k0) {
+    const __m512 n = _mm512_mul_ps(_mm512_loadu_ps(x), inv);
+    const __m512i lanes = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                             _mm512_set1_epi32(int(0x85ebca6bu)));
+    const __m512i key = _mm512_add_epi32(_mm512_set1_epi32(int(k0 * 0x85ebca6bu)), lanes);
+    const __m512i h = _mm512_mullo_epi32(_mm512_xor_si512(_mm512_castps_si512(n), key), _mm512_set1_epi32(int(0x9e3779b9u)));
+    const __m512i u8 = _mm512_and_si512(_mm512_srli_epi32(h, 13), _mm512_set1_epi32(0x7fff8));  // (h >> 16) << 3
+    const __m512 min_normal = _mm512_set1_ps(6.103515625e-05f);                            // 2^-14
+    const __mmask16 sub = _mm512_cmp_ps_mask(n, min_normal, _CMP_LT_OQ);
+    const __m512i t = _mm512_castps_si512(_mm512_mask_add_ps(n, sub, n, min_normal));
+    const __m512i code = _mm512_sub_epi32(_mm512_srli_epi32(_mm512_add_epi32(t, u8), 19), _mm512_set1_epi32(112 << 4));
+    return _mm512_mask_sub_epi32(code, sub, code, _mm512_set1_epi32(16));
+  }
+  template <bool kSigned>
+  static __m512i codes16(const float* x, __m512 inv, uint32_t k0) {
+    if constexpr (kSigned) {
+      return signed16(x, inv);
+    } else {
+      return unsigned16(x, inv, k0);
+    }
+  }
+  // 16 codes, narrowed by one VPMOVDB (AVX-512F; the 64-byte packs of
+  // Q8Lanes<VecAVX2> would need AVX-512BW, which the variant does not ask for).
+  template <bool kSigned>
+  static void encode(const float* x, float inv, uint8_t* codes, uint32_t k) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(codes), _mm512_cvtepi32_epi8(codes16<kSigned>(x, _mm512_set1_ps(inv), k)));
   }
 };
 #endif
