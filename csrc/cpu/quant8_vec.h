@@ -58,25 +58,21 @@ struct Q8Lanes<VecAVX2> {
   using Max = __m256i;
   static Max zero() { return _mm256_setzero_si256(); }
 
-  static __m256i load8(const uint8_t* c) {
-    return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(c)));
-  }
-  // q8_grid_value<kMantBits> of quant8.h on eight magnitude codes.
-  template <int kMantBits>
-  static __m256 grid_values(__m256i mag) {
-    const __m256 a = _mm256_castsi256_ps(
-        _mm256_slli_epi32(_mm256_add_epi32(mag, _mm256_set1_epi32(112 << kMantBits)), 23 - kMantBits));
-    // 2a - 2^-14 in one rounding, as (a + a) - 2^-14 (a + a is exact)
-    const __m256 b = _mm256_fmsub_ps(a, _mm256_set1_ps(2.0f), _mm256_set1_ps(6.103515625e-05f));
-    return _mm256_min_ps(b, a);  // b < a ? b : a (no NaN here)
-  }
+  // The grid values are fp16 values, so F16C converts them exactly: a
+  // magnitude code of e and f (1 + 3 or 4 + 4 bits) has the fp16 bits
+  // e << 10 | f << (10 - mantissa bits), whose value is 2^(e-15) * (1 + f/2^b)
+  // for e >= 1 and the fp16 subnormal f * 2^-(14+b) for e = 0, the grid's
+  // (quant8.h). A signed code's byte, sign-extended to 16 bits and shifted
+  // left by 7, has its sign in bits 14 and 15 and its magnitude in 7 .. 13:
+  // clearing bit 14 leaves the fp16 bits, -0.0 for code 128.
   static VecAVX2 signed_values(const uint8_t* c) {
-    const __m256i w = load8(c);
-    const __m256 q = grid_values<3>(_mm256_and_si256(w, _mm256_set1_epi32(0x7f)));
-    const __m256i sign = _mm256_slli_epi32(_mm256_srli_epi32(w, 7), 31);
-    return VecAVX2(_mm256_or_ps(q, _mm256_castsi256_ps(sign)));
+    const __m128i w = _mm_cvtepi8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(c)));
+    return VecAVX2(_mm256_cvtph_ps(_mm_and_si128(_mm_slli_epi16(w, 7), _mm_set1_epi16(int16_t(0xbf80)))));
   }
-  static VecAVX2 unsigned_values(const uint8_t* c) { return VecAVX2(grid_values<4>(load8(c))); }
+  static VecAVX2 unsigned_values(const uint8_t* c) {
+    const __m128i w = _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(c)));
+    return VecAVX2(_mm256_cvtph_ps(_mm_slli_epi16(w, 6)));
+  }
 
   static Max max_abs(Max m, VecAVX2 x) {
     return _mm256_max_epu32(m, _mm256_and_si256(_mm256_castps_si256(x.x), _mm256_set1_epi32(0x7fffffff)));
@@ -162,23 +158,15 @@ struct Q8Lanes<VecAVX512> {
   using Max = __m512i;
   static Max zero() { return _mm512_setzero_si512(); }
 
-  static __m512i load16(const uint8_t* c) {
-    return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c)));
-  }
-  template <int kMantBits>
-  static __m512 grid_values(__m512i mag) {
-    const __m512 a = _mm512_castsi512_ps(
-        _mm512_slli_epi32(_mm512_add_epi32(mag, _mm512_set1_epi32(112 << kMantBits)), 23 - kMantBits));
-    const __m512 b = _mm512_fmsub_ps(a, _mm512_set1_ps(2.0f), _mm512_set1_ps(6.103515625e-05f));
-    return _mm512_min_ps(b, a);
-  }
+  // The grid values through F16C, exactly (see Q8Lanes<VecAVX2>).
   static VecAVX512 signed_values(const uint8_t* c) {
-    const __m512i w = load16(c);
-    const __m512 q = grid_values<3>(_mm512_and_si512(w, _mm512_set1_epi32(0x7f)));
-    const __m512i sign = _mm512_slli_epi32(_mm512_srli_epi32(w, 7), 31);
-    return VecAVX512(_mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(q), sign)));
+    const __m256i w = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c)));
+    return VecAVX512(_mm512_cvtph_ps(_mm256_and_si256(_mm256_slli_epi16(w, 7), _mm256_set1_epi16(int16_t(0xbf80)))));
   }
-  static VecAVX512 unsigned_values(const uint8_t* c) { return VecAVX512(grid_values<4>(load16(c))); }
+  static VecAVX512 unsigned_values(const uint8_t* c) {
+    const __m256i w = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c)));
+    return VecAVX512(_mm512_cvtph_ps(_mm256_slli_epi16(w, 6)));
+  }
 
   static Max max_abs(Max m, VecAVX512 x) {
     return _mm512_max_epu32(m, _mm512_and_si512(_mm512_castps_si512(x.x), _mm512_set1_epi32(0x7fffffff)));
