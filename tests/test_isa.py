@@ -68,7 +68,7 @@ def test_backend_info_is_consistent():
     if "avx2" in info["supported_isas"]:
         assert feats["avx2"] and feats["fma"] and feats["f16c"]
     if "avx512" in info["supported_isas"]:
-        assert feats["avx512f"] and feats["avx512bw"]
+        assert feats["avx512f"] and feats["avx512bw"] and feats["avx512vl"]
     if "avx512" in info["compiled_isas"] and not feats.get("avx512f"):
         assert "avx512" not in info["supported_isas"]
     if os.environ.get("FUSEDOPTIM_CPU_ISA") is None:

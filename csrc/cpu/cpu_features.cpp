@@ -79,7 +79,8 @@ bool can_run_avx2() {
 
 bool can_run_avx512() {
   const CpuFeatures& f = cpu_features();
-  return can_run_avx2() && f.avx512f && f.os_avx512;
+  // F, BW and VL: every AVX-512 CPU but the Xeon Phi, which runs the AVX2 variant.
+  return can_run_avx2() && f.avx512f && f.avx512bw && f.avx512vl && f.os_avx512;
 }
 
 }  // namespace cpu

@@ -154,7 +154,7 @@ struct Q8Lanes<VecAVX2> {
 // with the subnormal-grid select in a mask register.
 template <>
 struct Q8Lanes<VecAVX512> {
-  static constexpr int kEncodeWidth = 16;
+  static constexpr int kEncodeWidth = 64;
   using Max = __m512i;
   static Max zero() { return _mm512_setzero_si512(); }
 
@@ -209,11 +209,18 @@ struct Q8Lanes<VecAVX512> {
       return unsigned16(x, inv, k0);
     }
   }
-  // 16 codes, narrowed by one VPMOVDB (AVX-512F; the 64-byte packs of
-  // Q8Lanes<VecAVX2> would need AVX-512BW, which the variant does not ask for).
+  // 64 codes: the packs work within 128-bit lanes, leaving 32-bit group
+  // 4L + s (L: lane, s: which of the four vectors) with elements 16s + 4L ..
+  // 16s + 4L + 3; one permute of 32-bit groups restores the order.
   template <bool kSigned>
   static void encode(const float* x, float inv, uint8_t* codes, uint32_t k) {
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(codes), _mm512_cvtepi32_epi8(codes16<kSigned>(x, _mm512_set1_ps(inv), k)));
+    const __m512 vinv = _mm512_set1_ps(inv);
+    const __m512i ab = _mm512_packus_epi32(codes16<kSigned>(x, vinv, k), codes16<kSigned>(x + 16, vinv, k + 16));
+    const __m512i cd =
+        _mm512_packus_epi32(codes16<kSigned>(x + 32, vinv, k + 32), codes16<kSigned>(x + 48, vinv, k + 48));
+    const __m512i bytes = _mm512_packus_epi16(ab, cd);
+    const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    _mm512_storeu_si512(codes, _mm512_permutexvar_epi32(order, bytes));
   }
 };
 #endif

@@ -1,4 +1,5 @@
-// Sixteen fp32 lanes with AVX-512 F/BW/VL and F16C.
+// Sixteen fp32 lanes with AVX-512 F/BW/VL and F16C (the variant runs where
+// the CPU has all of them: cpu_features.cpp).
 //
 // bf16 rounding stays in the integer unit even where AVX512_BF16 exists:
 // VCVTNEPS2BF16 treats subnormal inputs as zero and flushes subnormal
