@@ -66,7 +66,7 @@ def restore_isa():
     assert fusedoptim.get_cpu_isa() == original
 
 
-@pytest.fixture(params=["avx2", "avx512"])
+@pytest.fixture(params=["avx2", "avx512", "avx512bf16"])
 def vector_isa(request, restore_isa):
     """Each vector variant, skipped with the reason when this CPU cannot run it."""
     name = request.param

@@ -214,7 +214,7 @@ py::dict backend_info() {
   const cpu::CpuFeatures& f = cpu::cpu_features();
   const std::pair<const char*, bool> flags[] = {
       {"x86", f.x86},         {"avx", f.avx},           {"avx2", f.avx2},           {"fma", f.fma},
-      {"f16c", f.f16c},       {"avx512f", f.avx512f},   {"avx512bw", f.avx512bw},   {"avx512vl", f.avx512vl},
+      {"f16c", f.f16c},       {"avx512f", f.avx512f},   {"avx512bw", f.avx512bw},   {"avx512vl", f.avx512vl}, {"avx512dq", f.avx512dq},
       {"avx512_bf16", f.avx512_bf16}, {"os_avx", f.os_avx}, {"os_avx512", f.os_avx512}};
   py::dict features;
   for (const auto& [name, value] : flags) features[name] = value;
@@ -332,7 +332,7 @@ PYBIND11_MODULE(_C, m) {
       .def("build", &StepPlanBuilder::build, "The plan; the builder cannot be used afterwards.");
   m.def("backend_info", &backend_info, "What was compiled, the CPU features found and the ISA in use.");
   m.def("set_cpu_isa", [](const std::string& name) { cpu::set_isa(name); }, py::arg("name"),
-        "Force a CPU variant: 'scalar', 'avx2' or 'avx512'.");
+        "Force a CPU variant: 'scalar', 'avx2', 'avx512' or 'avx512bf16'.");
   m.def("get_cpu_isa", [] { return std::string(cpu::active_kernels().isa); });
   m.def("set_threads_backend", [](const std::string& name) { cpu::set_threads_backend(name); }, py::arg("name"),
         "Runs the CPU kernels on torch's OpenMP team ('openmp'), on fusedoptim's own threads ('pool'), or on the "

@@ -56,6 +56,7 @@ CpuFeatures detect() {
     cpuid(7, 0, r);
     f.avx2 = (r[1] >> 5) & 1;
     f.avx512f = (r[1] >> 16) & 1;
+    f.avx512dq = (r[1] >> 17) & 1;
     f.avx512bw = (r[1] >> 30) & 1;
     f.avx512vl = (r[1] >> 31) & 1;
     cpuid(7, 1, r);
@@ -81,6 +82,11 @@ bool can_run_avx512() {
   const CpuFeatures& f = cpu_features();
   // F, BW and VL: every AVX-512 CPU but the Xeon Phi, which runs the AVX2 variant.
   return can_run_avx2() && f.avx512f && f.avx512bw && f.avx512vl && f.os_avx512;
+}
+
+bool can_run_avx512bf16() {
+  const CpuFeatures& f = cpu_features();
+  return can_run_avx512() && f.avx512dq && f.avx512_bf16;
 }
 
 }  // namespace cpu

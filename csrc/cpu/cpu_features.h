@@ -7,7 +7,7 @@ namespace cpu {
 struct CpuFeatures {
   bool x86 = false;
   bool avx = false, avx2 = false, fma = false, f16c = false;
-  bool avx512f = false, avx512bw = false, avx512vl = false, avx512_bf16 = false;
+  bool avx512f = false, avx512bw = false, avx512vl = false, avx512dq = false, avx512_bf16 = false;
   bool os_avx = false;     // XCR0 enables YMM state
   bool os_avx512 = false;  // XCR0 enables opmask and ZMM state
 };
@@ -18,6 +18,7 @@ const CpuFeatures& cpu_features();
 // OS saves the registers it needs (ggml and NumPy ask XGETBV too).
 bool can_run_avx2();
 bool can_run_avx512();
+bool can_run_avx512bf16();
 
 }  // namespace cpu
 }  // namespace fusedoptim

@@ -21,6 +21,9 @@ const KernelTable* kernels_avx2() { return nullptr; }
 #if !FUSEDOPTIM_HAVE_AVX512
 const KernelTable* kernels_avx512() { return nullptr; }
 #endif
+#if !FUSEDOPTIM_HAVE_AVX512BF16
+const KernelTable* kernels_avx512bf16() { return nullptr; }
+#endif
 
 namespace {
 
@@ -34,6 +37,7 @@ bool always() { return true; }
 
 // Best first.
 const Variant kVariants[] = {
+    {"avx512bf16", &kernels_avx512bf16, &can_run_avx512bf16},
     {"avx512", &kernels_avx512, &can_run_avx512},
     {"avx2", &kernels_avx2, &can_run_avx2},
     {"scalar", &kernels_scalar, &always},

@@ -29,7 +29,11 @@ namespace fusedoptim { using VecISA = VecAVX2; }
 #include "vec_avx2.h"
 #include "vec_avx512.h"
 namespace fusedoptim { using VecISA = VecAVX512; }
+#if FUSEDOPTIM_BF16_CONVERT
+#define FO_VARIANT avx512bf16
+#else
 #define FO_VARIANT avx512
+#endif
 #else
 #error "FUSEDOPTIM_ISA must be 0, 1 or 2"
 #endif
@@ -555,20 +559,43 @@ SGDSegmentFn pick_sgd_wd(bool wd, int mom, bool maximize, bool first) {
             : pick_sgd_mom<S, T, kStore, false>(mom, maximize, first);
 }
 
+// Whether this variant compiles the kernels of layout L: all of them, but
+// in the AVX512_BF16 variant only those that round bf16 params or states to
+// nearest with plain stores or from master weights (its bf16 stores are all
+// that it changes); it hands the others, stochastic rounding and Kahan
+// summation among them, to the AVX-512 variant, to keep the build short.
+template <class L>
+constexpr bool compiled_here() {
+#if FUSEDOPTIM_BF16_CONVERT
+  return (std::is_same_v<typename L::Param, bf16_t> || std::is_same_v<typename L::State, bf16_t>) &&
+         (L::kStore == kStorePlain || L::kStore == kStoreMaster);
+#else
+  return true;
+#endif
+}
+
 // One instantiation per layout of common/layouts.h.
 AdamSegmentFn pick_adam(const Layout& l, int wd_mode, bool amsgrad, bool maximize) {
-  auto pick = [&](auto layout) {
+  auto pick = [&](auto layout) -> AdamSegmentFn {
     using L = decltype(layout);
-    return pick_adam_wd<typename L::Param, typename L::State, L::kStore>(wd_mode, amsgrad, maximize);
+    if constexpr (compiled_here<L>()) {
+      return pick_adam_wd<typename L::Param, typename L::State, L::kStore>(wd_mode, amsgrad, maximize);
+    } else {
+      return kernels_avx512()->adam(l, wd_mode, amsgrad, maximize);
+    }
   };
   if (l.state_dtype == kQuant8) return quant8_layout_switch<AdamSegmentFn>(l.dtype, l.state_dtype, l.store, pick);
   return layout_switch<AdamSegmentFn>(l.dtype, l.state_dtype, l.store, pick);
 }
 
 SGDSegmentFn pick_sgd(const Layout& l, bool wd, int mom, bool maximize, bool first) {
-  auto pick = [&](auto layout) {
+  auto pick = [&](auto layout) -> SGDSegmentFn {
     using L = decltype(layout);
-    return pick_sgd_wd<typename L::Param, typename L::State, L::kStore>(wd, mom, maximize, first);
+    if constexpr (compiled_here<L>()) {
+      return pick_sgd_wd<typename L::Param, typename L::State, L::kStore>(wd, mom, maximize, first);
+    } else {
+      return kernels_avx512()->sgd(l, wd, mom, maximize, first);
+    }
   };
   if (l.state_dtype == kQuant8) return quant8_layout_switch<SGDSegmentFn>(l.dtype, l.state_dtype, l.store, pick);
   return layout_switch<SGDSegmentFn>(l.dtype, l.state_dtype, l.store, pick);

@@ -35,7 +35,7 @@ using NormChunkFn = double (*)(const void* grad, int64_t begin, int64_t end);
 using TriadSegmentFn = void (*)(float* a, const float* b, const float* c, float s, int64_t begin, int64_t end);
 
 struct KernelTable {
-  const char* isa;  // "scalar", "avx2", "avx512"
+  const char* isa;  // "scalar", "avx2", "avx512", "avx512bf16"
   int vector_width; // fp32 lanes
   AdamSegmentFn (*adam)(const Layout& layout, int wd_mode, bool amsgrad, bool maximize);
   SGDSegmentFn (*sgd)(const Layout& layout, bool weight_decay, int momentum_mode, bool maximize, bool first_step);
@@ -49,6 +49,7 @@ struct KernelTable {
 const KernelTable* kernels_scalar();
 const KernelTable* kernels_avx2();
 const KernelTable* kernels_avx512();
+const KernelTable* kernels_avx512bf16();
 
 }  // namespace cpu
 }  // namespace fusedoptim

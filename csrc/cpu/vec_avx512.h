@@ -1,10 +1,15 @@
 // Sixteen fp32 lanes with AVX-512 F/BW/VL and F16C (the variant runs where
 // the CPU has all of them: cpu_features.cpp).
 //
-// bf16 rounding stays in the integer unit even where AVX512_BF16 exists:
-// VCVTNEPS2BF16 treats subnormal inputs as zero and flushes subnormal
-// results, which would break bit-identity with the other variants (and with
-// torch's own conversion) for values below 2^-126.
+// bf16 rounding is done in the integer unit, except in the avx512bf16
+// variant (FUSEDOPTIM_BF16_CONVERT), whose bf16 stores use AVX512_BF16's
+// VCVTNEPS2BF16 (one instruction instead of seven plus a narrowing) where it
+// gives the integer unit's bits: it rounds to nearest even like convert.h,
+// but treats subnormal inputs as zero and keeps a NaN's payload, where
+// convert.h (and torch's c10::BFloat16) round subnormals and write 0x7FC0
+// for every NaN. A vector holding either (VFPCLASSPS) takes the integer path.
+// A normal fp32 value rounds to a normal bf16 or to infinity, so no result
+// of the fast path is subnormal.
 #pragma once
 
 #include <immintrin.h>
@@ -42,6 +47,13 @@ struct VecAVX512 {
     return _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc0));
   }
   void store(bf16_t* p) const {
+#if FUSEDOPTIM_BF16_CONVERT
+    constexpr int kNaNOrSubnormal = 0x01 | 0x20 | 0x80;  // quiet NaN, subnormal, signalling NaN
+    if (__builtin_expect(_mm512_fpclass_ps_mask(x, kNaNOrSubnormal) == 0, 1)) {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), (__m256i)_mm512_cvtneps_pbh(x));
+      return;
+    }
+#endif
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(bf16_bits(x)));
   }
   void store(f16_t* p) const {

@@ -116,7 +116,7 @@ def backend_info() -> Dict[str, Any]:
     """Compiled variants, CPU features, the ISA in use and build facts."""
 
 def set_cpu_isa(name: str) -> None:
-    """Force 'scalar', 'avx2' or 'avx512'; ValueError if unknown, RuntimeError if unsupported here."""
+    """Force 'scalar', 'avx2', 'avx512' or 'avx512bf16'; ValueError if unknown, RuntimeError if unsupported here."""
 
 def set_threads_backend(name: str) -> None:
     """'openmp' (torch's OpenMP team), 'pool' (fusedoptim's own threads) or 'auto'."""

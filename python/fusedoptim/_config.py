@@ -27,7 +27,7 @@ __all__ = [
 
 _num_threads: Optional[int] = None
 #: The CPU variants' names (FUSEDOPTIM_CPU_ISA and set_cpu_isa take them in any case).
-ISA_NAMES = ("scalar", "avx2", "avx512")
+ISA_NAMES = ("scalar", "avx2", "avx512", "avx512bf16")
 #: Where the CPU kernels' threads come from (FUSEDOPTIM_THREADS and set_threads_backend).
 THREADS_BACKENDS = ("auto", "openmp", "pool")
 
@@ -88,7 +88,7 @@ def get_threads_backend() -> str:
 
 
 def set_cpu_isa(name: str) -> None:
-    """Force a CPU variant: ``"scalar"``, ``"avx2"`` or ``"avx512"`` (any case).
+    """Force a CPU variant: ``"scalar"``, ``"avx2"``, ``"avx512"`` or ``"avx512bf16"`` (any case).
 
     Raises ValueError for an unknown name and RuntimeError for a variant this
     build or this CPU cannot run. The environment variable
@@ -98,7 +98,7 @@ def set_cpu_isa(name: str) -> None:
 
 
 def get_cpu_isa() -> str:
-    """The CPU variant in use (``"scalar"``, ``"avx2"`` or ``"avx512"``)."""
+    """The CPU variant in use (``"scalar"``, ``"avx2"``, ``"avx512"`` or ``"avx512bf16"``)."""
     return _C.get_cpu_isa()
 
 
