@@ -21,6 +21,9 @@
 //             q = e == 0 ? f * 2^-18 : 2^(e-15) * (1 + f/16)
 //
 // Codes with e = 15 and f > 0 (grid values above 1) are never written.
+// Every grid value is an fp16 value: a magnitude code's e and f are the
+// exponent field and the top mantissa bits of an fp16 (e = 0: subnormal),
+// which is how the vector variants decode them (F16C, exactly).
 //
 // Dequantizing (fp32 operations, each rounded to nearest even):
 //   signed    x = q(code) * scale
