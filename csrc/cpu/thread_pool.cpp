@@ -69,8 +69,11 @@ int current_pid() {
 
 using GompParallelFn = void (*)(void (*)(void*), void*, unsigned, unsigned);
 
+using OmpThreadNumFn = int (*)();
+
 struct OpenMP {
   GompParallelFn parallel = nullptr;
+  OmpThreadNumFn thread_num = nullptr;  // omp_get_thread_num of the same runtime
   std::string path;
 };
 
@@ -113,6 +116,10 @@ OpenMP find_openmp() {
     omp.parallel = reinterpret_cast<GompParallelFn>(sym);
     Dl_info info;
     omp.path = (dladdr(sym, &info) != 0 && info.dli_fname != nullptr) ? info.dli_fname : "?";
+    // From the library that holds GOMP_parallel, never another runtime's.
+    void* handle = omp.path == "?" ? nullptr : dlopen(omp.path.c_str(), RTLD_LAZY | RTLD_NOLOAD);
+    void* num = handle == nullptr ? nullptr : dlsym(handle, "omp_get_thread_num");
+    omp.thread_num = reinterpret_cast<OmpThreadNumFn>(num);
   }
 #endif
   return omp;
@@ -123,11 +130,35 @@ const OpenMP& openmp() {
   return omp;
 }
 
+// Note [home chunks]
+// ~~~~~~~~~~~~~~~~~~
+// Thread t of the team first runs the chunks of its home range, the t-th of
+// `team` equal runs of chunks in order, then claims what is left of the
+// others' ranges (one chunk at a time, from each range's cursor). So an
+// unhindered team splits a step as a static split would, and the same
+// thread updates the same elements at every step: a cache-sized tensor's
+// part stays in that core's L2 from one step to the next, where claiming
+// from one shared counter dealt the chunks to whichever thread came first
+// and moved lines between cores each step. A late thread still holds up
+// nothing: its range is claimed by the others. (SGD momentum, fp32, 2^16
+// elements, 2 threads on a 2-core Xeon: 0.9x torch fused's step with one
+// shared counter; torch's own split is static.) Which thread runs a chunk
+// never changes its bits.
+constexpr int kMaxHomeRanges = 64;
+
+struct alignas(64) HomeRange {
+  std::atomic<int64_t> next{0};
+  int64_t end = 0;
+};
+
 struct OmpJob {
   const std::function<void(int64_t)>* fn;
   int64_t num_chunks;
   unsigned mode;
   std::thread::id caller;
+  OmpThreadNumFn thread_num = nullptr;
+  int team = 0;                       // home ranges (0: one shared counter)
+  HomeRange* ranges = nullptr;
   std::atomic<int64_t> next{0};
   std::atomic<int64_t> by_others{0};  // chunks the team's other threads ran
   double caller_seconds = 0.0;        // the caller's time in the region
@@ -142,7 +173,15 @@ void omp_body(void* data) {
   const unsigned saved = fp_mode();
   if (saved != job.mode) set_fp_mode(job.mode);
   int64_t mine = 0;
-  for (int64_t c; (c = job.next.fetch_add(1, std::memory_order_relaxed)) < job.num_chunks; ++mine) (*job.fn)(c);
+  const int me = job.team > 0 ? job.thread_num() : -1;
+  if (me >= 0 && me < job.team) {  // Note [home chunks]
+    for (int k = 0; k < job.team; ++k) {
+      HomeRange& r = job.ranges[(me + k) % job.team];
+      for (int64_t c; (c = r.next.fetch_add(1, std::memory_order_relaxed)) < r.end; ++mine) (*job.fn)(c);
+    }
+  } else {
+    for (int64_t c; (c = job.next.fetch_add(1, std::memory_order_relaxed)) < job.num_chunks; ++mine) (*job.fn)(c);
+  }
   if (saved != job.mode) set_fp_mode(saved);
   if (caller) {
     job.caller_seconds = std::chrono::duration<double>(Clock::now() - t0).count();
@@ -181,6 +220,16 @@ void run_openmp(const OpenMP& omp, int n, int64_t num_chunks, const std::functio
   job.num_chunks = num_chunks;
   job.mode = fp_mode();
   job.caller = std::this_thread::get_id();
+  HomeRange ranges[kMaxHomeRanges];
+  if (omp.thread_num != nullptr && n <= kMaxHomeRanges) {
+    job.thread_num = omp.thread_num;
+    job.team = n;
+    job.ranges = ranges;
+    for (int t = 0; t < n; ++t) {
+      ranges[t].next.store(num_chunks * t / n, std::memory_order_relaxed);
+      ranges[t].end = num_chunks * (t + 1) / n;
+    }
+  }
   const auto t0 = Clock::now();
   omp.parallel(&omp_body, &job, unsigned(n), 0);
   const double total = std::chrono::duration<double>(Clock::now() - t0).count();
