@@ -13,8 +13,9 @@
 // takes its place. FUSEDOPTIM_THREADS=pool|openmp forces one for tests and
 // benchmarks.
 //
-// Either way the work is a list of chunks that threads claim from an atomic
-// counter, the calling thread included: a thread the OS has not scheduled
+// Either way the work is a list of chunks that threads claim from atomic
+// counters, the calling thread included (on torch's team each thread starts
+// on a home share of its own: Note [home chunks]): a thread the OS has not scheduled
 // (another process on its core) holds up no chunk but the one it took, and
 // with our own pool the caller never waits for a worker that has not started.
 // Every chunk's result is the same whichever thread computes it, so any
