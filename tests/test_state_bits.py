@@ -264,11 +264,21 @@ def test_dequantize_equals_the_reference_and_export_uses_it():
         np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
 
 
-def test_adam_step_against_float64_reference():
+@pytest.mark.parametrize("seed", [3, 4, 26])
+def test_adam_step_against_float64_reference(seed):
     """One step from a quantized state: params within fp32 rounding of a
     float64 update of the dequantized moments; the new codes those of the
-    fp32 moments (the update in torch's fp32 operation order)."""
-    rng = np.random.default_rng(3)
+    fp32 moments (the update in torch's fp32 operation order).
+
+    The param's error is measured against |p (1 - lr wd)| + |update|, the
+    size of the two terms whose fp32 roundings it carries, not against the
+    result: where decay and update nearly cancel, a result near zero would
+    turn one rounding of a term into a large relative error (seed 4: 1026
+    half-ulps of the result, 2.3 of the terms). Over seeds 0-29 the largest
+    is 3.75 half-ulps of the terms (seed 26); the bound allows 8, one for
+    each rounding of the update's chain (lerp, the square's product and
+    fma, square root, eps, step size, division, the final add)."""
+    rng = np.random.default_rng(seed)
     n, lr, b1, b2, eps, wd = 3000, 1e-2, 0.9, 0.999, 1e-8, 0.1
     p0 = rng.standard_normal(n).astype(np.float32)
     g = (rng.standard_normal(n) * 1e-2).astype(np.float32)
@@ -288,10 +298,11 @@ def test_adam_step_against_float64_reference():
     m1 = b1 * m + (1 - b1) * g
     v1 = b2 * v + (1 - b2) * g.astype(np.float64) ** 2
     theta = p0 * (1 - lr * wd)
-    want = theta - lr * (m1 / (1 - b1 ** t)) / (np.sqrt(v1 / (1 - b2 ** t)) + eps)
+    update = lr * (m1 / (1 - b1 ** t)) / (np.sqrt(v1 / (1 - b2 ** t)) + eps)
+    want = theta - update
     got = p.detach().numpy().astype(np.float64)
-    err = np.abs(got - want) / np.maximum(np.abs(want), 1e-30)
-    assert err.max() < 4 * 2.0 ** -24 * 8, err.max()  # a few fp32 roundings of the update's terms
+    err = np.abs(got - want) / (np.abs(theta) + np.abs(update))
+    assert err.max() < 8 * 2.0 ** -24, err.max() / 2.0 ** -24  # half-ulps of the terms
     # New codes: quantize the fp32 moments (lerp and addcmul in fp32, one rounding each).
     m32 = ref_dequantize(m_codes, m_scales, 256, True)
     v32 = ref_dequantize(r_codes, r_scales, 256, False)
