@@ -21,7 +21,8 @@ from cases import (ALL_CASES, DTYPE_IDS, DTYPES, INT_VIEW, assert_same_bits, par
 from torch_versions import COMPILE_TRACES_STEP
 from subprocesses import run_at_once
 
-ALL_ISAS = ("scalar", "avx2", "avx512", "avx512bf16")
+ALL_ISAS = ("scalar", "avx2", "avx512", "avx512bf16")  # worst first, as fusedoptim._config.ISA_NAMES
+BEST_FIRST = ALL_ISAS[::-1]
 WIDTH = {"scalar": 1, "avx2": 8, "avx512": 16, "avx512bf16": 16}
 
 
@@ -75,7 +76,7 @@ def test_backend_info_is_consistent():
         assert "avx512" not in info["supported_isas"]
     if os.environ.get("FUSEDOPTIM_CPU_ISA") is None:
         # By default the best supported variant is in use.
-        best = [isa for isa in ("avx512bf16", "avx512", "avx2", "scalar") if isa in info["supported_isas"]][0]
+        best = [isa for isa in BEST_FIRST if isa in info["supported_isas"]][0]
         assert info["isa"] == best
         assert info["isa_request"] is None and info["isa_request_honored"] is True
 
@@ -347,7 +348,7 @@ def test_env_var_selects_scalar(probes, restore_isa):
 
 def test_env_var_unset_uses_best_variant(probes):
     out = _probe(probes, None)
-    best = [isa for isa in ("avx512bf16", "avx512", "avx2", "scalar") if isa in out["supported"]][0]
+    best = [isa for isa in BEST_FIRST if isa in out["supported"]][0]
     assert out["isa"] == best and out["request"] is None and out["honored"] is True
     assert out["warnings"] == []
     # the subprocess imported the installed package, as this process did
@@ -363,7 +364,7 @@ def test_env_var_bad_request_warns_and_keeps_supported_isa(probes, request_kind)
     else:
         value = "avx9000"
     out = _probe(probes, value)
-    best = [isa for isa in ("avx512bf16", "avx512", "avx2", "scalar") if isa in out["supported"]][0]
+    best = [isa for isa in BEST_FIRST if isa in out["supported"]][0]
     assert out["isa"] == best, out
     assert out["request"] == value and out["honored"] is False
     assert out["backends"] == [f"native-cpu/{best}"]
@@ -371,7 +372,7 @@ def test_env_var_bad_request_warns_and_keeps_supported_isa(probes, request_kind)
     assert len(msgs) == 1, out["warnings"]
     assert value in msgs[0][1]
     if request_kind == "unknown":  # says it is no variant, and lists the names
-        assert "is not a CPU variant" in msgs[0][1] and "scalar, avx2, avx512, avx512bf16" in msgs[0][1], msgs[0][1]
+        assert "is not a CPU variant" in msgs[0][1] and ", ".join(ALL_ISAS) in msgs[0][1], msgs[0][1]
     else:
         assert "cannot be used here" in msgs[0][1], msgs[0][1]
 
