@@ -1,12 +1,21 @@
 #!/usr/bin/env python
 """The optimizer step inside a training loop, against torch's fused step.
 
-    python bench/in_loop.py [adamw|sgd] [THREADS] [--iters N] [--rounds R] [--dtype fp32|bf16]
+    python bench/in_loop.py [adamw|sgd] [THREADS] [--model mlp|gpt2-small] [--iters N] [--rounds R]
+                            [--dtype fp32|bf16] [--seq T]
 
-A 3 x Linear(2048, 2048) MLP (12.6M params, batch 64): each iteration is
-zero_grad, forward, backward and step, so every step follows torch's own
-parallel work as in training. fusedoptim and torch fused=True alternate
-(A B A B) in one process, each on its own copy of the same model.
+Two models, each iteration zero_grad, forward, backward and step, so every
+step follows torch's own parallel work as in training:
+
+* ``mlp`` (default): a 3 x Linear(2048, 2048) MLP, 12.6M params, a batch of 64;
+* ``gpt2-small``: GPT-2 small's 148 tensors (124M params: 12 blocks of
+  width 768, 12 heads, a 50257-token embedding tied to the output layer),
+  a causal language-model loss on one sequence of ``--seq`` random tokens
+  (default 64: the step, 124M params, weighs as much in the iteration as in
+  training with a larger batch spread over more cores).
+
+fusedoptim and torch fused=True alternate (A B A B) in one process, each on
+its own copy of the same model.
 
 Where a model's tensors land in memory changes the speed of its forward and
 backward by up to a quarter on some machines, whichever optimizer steps it
@@ -26,6 +35,8 @@ import time
 from typing import Dict, List
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 import fusedoptim
 
@@ -37,10 +48,56 @@ NAMES = ("fusedoptim", "torch fused")
 WARMUP = 10
 
 
+class Block(nn.Module):
+    """A GPT-2 block: pre-norm causal self-attention and a 4x GELU MLP."""
+
+    def __init__(self, d: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.ln_1, self.ln_2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.c_attn, self.attn_proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.c_fc, self.mlp_proj = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = (z.view(b, t, self.heads, d // self.heads).transpose(1, 2)
+                   for z in self.c_attn(self.ln_1(x)).split(d, dim=2))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.attn_proj(y.transpose(1, 2).reshape(b, t, d))
+        return x + self.mlp_proj(F.gelu(self.c_fc(self.ln_2(x)), approximate="tanh"))
+
+
+class GPT2(nn.Module):
+    """GPT-2 small's shapes: 148 tensors, 124,439,808 params."""
+
+    def __init__(self, vocab: int = 50257, ctx: int = 1024, d: int = 768, layers: int = 12, heads: int = 12) -> None:
+        super().__init__()
+        self.wte, self.wpe = nn.Embedding(vocab, d), nn.Embedding(ctx, d)
+        self.blocks = nn.ModuleList(Block(d, heads) for _ in range(layers))
+        self.ln_f = nn.LayerNorm(d)
+        for m in self.modules():  # GPT-2's initialization
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, std=0.02)
+            if isinstance(m, nn.Linear):
+                nn.init.zeros_(m.bias)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1]))
+        for blk in self.blocks:
+            x = blk(x)
+        logits = self.ln_f(x) @ self.wte.weight.t()  # the output layer tied to the embedding
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), idx[:, 1:].flatten())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("kind", nargs="?", default="adamw", choices=("adamw", "sgd"))
     ap.add_argument("threads", nargs="?", type=int, default=torch.get_num_threads())
+    ap.add_argument("--model", choices=("mlp", "gpt2-small"), default="mlp",
+                    help="mlp: 3 x Linear(2048, 2048); gpt2-small: GPT-2 small, 124M params (default: mlp)")
+    ap.add_argument("--seq", type=int, default=64, help="gpt2-small: tokens per iteration (default: 64)")
+    ap.add_argument("--warmup", type=int, default=WARMUP,
+                    help=f"untimed iterations per optimizer and round (default: {WARMUP})")
     ap.add_argument("--iters", type=int, default=20, help="timed iterations per optimizer and round (default: 20)")
     ap.add_argument("--rounds", type=int, default=4,
                     help="rounds with fresh model copies, the pairing swapped each round (default: 4)")
@@ -63,8 +120,21 @@ def main() -> None:
         return cls(model.parameters(), lr=1e-3, momentum=0.9, **extra)
 
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    x = torch.randn(64, 2048, dtype=dtype)
-    base = mlp().to(dtype)
+    if args.model == "mlp":
+        x = torch.randn(64, 2048, dtype=dtype)
+        base = mlp().to(dtype)
+
+        def loss(model: torch.nn.Module) -> torch.Tensor:
+            return model(x).square().mean()
+    else:
+        if not 2 <= args.seq <= 1024:
+            ap.error("--seq must be in 2..1024")
+        idx = torch.randint(0, 50257, (1, args.seq))
+        base = GPT2().to(dtype)
+
+        def loss(model: torch.nn.Module) -> torch.Tensor:
+            return model(idx)
+    nparams = sum(p.numel() for p in base.parameters())
     step_s: Dict[str, List[float]] = {n: [] for n in NAMES}
     fwd_s: Dict[str, List[float]] = {n: [] for n in NAMES}
     iter_s: Dict[str, List[float]] = {n: [] for n in NAMES}
@@ -75,15 +145,15 @@ def main() -> None:
         models = {n: m for n, m in zip(order, copies)}
         opts = {n: optimizer(n, models[n]) for n in NAMES}
         its: Dict[str, List[float]] = {n: [] for n in NAMES}
-        for k in range(args.iters + WARMUP):
+        for k in range(args.iters + args.warmup):
             for n in NAMES if k % 2 == 0 else NAMES[::-1]:
                 t0 = time.perf_counter()
                 opts[n].zero_grad()
-                models[n](x).square().mean().backward()
+                loss(models[n]).backward()
                 t1 = time.perf_counter()
                 opts[n].step()
                 t2 = time.perf_counter()
-                if k >= WARMUP:
+                if k >= args.warmup:
                     fwd_s[n].append(t1 - t0)
                     step_s[n].append(t2 - t1)
                     iter_s[n].append(t2 - t0)
@@ -94,7 +164,7 @@ def main() -> None:
     def med(xs: List[float]) -> float:
         return statistics.median(xs) * 1e3
 
-    print(f"{args.kind} {args.dtype}, {args.threads} thread(s), fusedoptim {fusedoptim.__version__} "
+    print(f"{args.model} ({nparams / 1e6:.1f}M params), {args.kind} {args.dtype}, {args.threads} thread(s), fusedoptim {fusedoptim.__version__} "
           f"({fusedoptim.get_cpu_isa()}), torch {torch.__version__}, medians of {args.rounds} rounds x "
           f"{args.iters} interleaved iterations")
     for n in NAMES:

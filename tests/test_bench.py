@@ -255,3 +255,57 @@ def test_the_limit_is_the_faster_probe():
     s += ProbeSamples({"plain": [2.0], "non-temporal": [1.2]})
     kind, samples = s.best()
     assert kind == "non-temporal" and samples == [1.0, 9.0, 1.5, 1.2]
+
+
+# ----------------------------------------------------- bench/in_loop.py's models
+def _in_loop():
+    """``bench/in_loop.py`` of this checkout, as a module."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "in_loop.py"
+    spec = importlib.util.spec_from_file_location("in_loop", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_in_loop_gpt2_has_the_tensors_of_gpt2_small():
+    """The in-loop GPT-2 steps the tensors the sweep's gpt2-small case times
+    (nn.Linear keeps its weights transposed against transformers' Conv1D:
+    the same sizes)."""
+    import math
+
+    import torch
+
+    from fusedoptim.bench.cases import gpt2_small_shapes
+
+    with torch.device("meta"):
+        model = _in_loop().GPT2()
+    got = sorted(p.numel() for p in model.parameters())
+    assert got == sorted(math.prod(s) for s in gpt2_small_shapes())
+    assert sum(got) == 124_439_808 and len(got) == 148
+
+
+def test_in_loop_gpt2_trains_every_tensor():
+    """A small GPT-2 of the same code: a finite language-model loss, a grad
+    for every tensor (the embedding's from both its uses), and steps that
+    lower the loss under fusedoptim's AdamW."""
+    import torch
+
+    import fusedoptim
+
+    torch.manual_seed(0)
+    model = _in_loop().GPT2(vocab=97, ctx=16, d=32, layers=2, heads=4)
+    idx = torch.randint(0, 97, (2, 16))
+    opt = fusedoptim.AdamW(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(5):
+        opt.zero_grad()
+        loss = model(idx)
+        loss.backward()
+        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+        opt.step()
+        losses.append(loss.item())
+    assert abs(losses[0] - torch.log(torch.tensor(97.0)).item()) < 0.5, losses  # near uniform at the start
+    assert losses[-1] < losses[0] - 0.5, losses
