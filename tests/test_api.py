@@ -269,6 +269,92 @@ def test_step_hooks_fire_once_per_step(cls):
     assert len(seen) == 6
 
 
+def test_a_pre_hook_may_replace_the_step_arguments_as_in_torch():
+    """torch's runner: a pre-hook's (args, kwargs) replace the step's, anything
+    else but None is a RuntimeError, raised before the step writes."""
+    p = torch.ones(5, requires_grad=True)
+    p.grad = torch.ones(5)
+    opt = fusedoptim.SGD([p], lr=0.1)
+    calls = []
+
+    def closure():
+        calls.append("closure")
+        return torch.tensor(2.0)
+
+    h = opt.register_step_pre_hook(lambda o, args, kwargs: ((args[0],), {"closure": closure}))
+    assert opt.step().item() == 2.0 and calls == ["closure"]
+    h.remove()
+    h = opt.register_step_pre_hook(lambda o, args, kwargs: "nonsense")
+    before = p.detach().clone()
+    with pytest.raises(RuntimeError, match="must return None or a tuple of"):
+        opt.step()
+    assert torch.equal(p.detach(), before)
+    h.remove()
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_step_sees_the_grad_modes_torchs_step_sees(enabled):
+    """Hooks outside the grad mode the step sets, the closure with grad, the
+    update without (torch's fallback, here for a strided param, updates leaf
+    tensors in place, which it could not with grad on)."""
+    seqs = []
+    for cls in (torch.optim.AdamW, fusedoptim.AdamW):
+        ps = [torch.ones(5, requires_grad=True), torch.ones(6, 4).t().requires_grad_()]
+        for q in ps:
+            q.grad = torch.ones_like(q)
+        opt = cls(ps, lr=0.1)
+        seen = []
+        opt.register_step_pre_hook(lambda o, a, k: seen.append(("pre", torch.is_grad_enabled())))
+        opt.register_step_post_hook(lambda o, a, k: seen.append(("post", torch.is_grad_enabled())))
+        with torch.set_grad_enabled(enabled):
+            opt.step(lambda: seen.append(("closure", torch.is_grad_enabled())))
+            assert torch.is_grad_enabled() is enabled
+        assert not torch.equal(ps[1].detach(), torch.ones(4, 6))
+        seqs.append(seen)
+    assert seqs[1] == seqs[0] == [("pre", enabled), ("closure", True), ("post", enabled)]
+    assert opt.last_backends == [f"native-cpu/{fusedoptim.backend_info()['isa']}+torch"]
+
+
+def test_a_subclass_with_its_own_step_runs_the_hooks_once():
+    """torch wraps a subclass's own step in its runner; the fused step it calls
+    then runs without hooks, as torch.optim's inner steps do."""
+    class Mine(fusedoptim.AdamW):
+        def step(self, closure=None):
+            self.extra = getattr(self, "extra", 0) + 1
+            return super().step(closure)
+
+    p = torch.ones(5, requires_grad=True)
+    opt = Mine([p], lr=0.1)
+    seen = []
+    opt.register_step_pre_hook(lambda o, a, k: seen.append("pre"))
+    opt.register_step_post_hook(lambda o, a, k: seen.append("post"))
+    for _ in range(2):
+        p.grad = torch.ones(5)
+        opt.step()
+    assert seen == ["pre", "post"] * 2 and opt.extra == 2
+    assert opt.last_backends == ["native-cpu/" + fusedoptim.backend_info()["isa"]]
+
+
+@pytest.mark.parametrize("cls", [fusedoptim.AdamW, fusedoptim.SGD], ids=lambda c: c.__name__)
+def test_profiler_sees_the_step_and_zero_grad_ranges_as_torchs(cls):
+    """With a profiler on, the step and zero_grad run inside torch's own
+    ranges (named as torch names them); with none, they skip them."""
+    from torch.profiler import ProfilerActivity, profile
+
+    p = torch.ones(5, requires_grad=True)
+    opt = cls([p], lr=0.1)
+    p.grad = torch.ones(5)
+    opt.step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        p.grad = torch.ones(5)
+        opt.step()
+        opt.zero_grad()
+    names = {e.key for e in prof.key_averages()}
+    assert f"Optimizer.step#{cls.__name__}.step" in names, sorted(names)
+    assert f"Optimizer.zero_grad#{cls.__name__}.zero_grad" in names, sorted(names)
+    assert p.grad is None
+
+
 @pytest.mark.parametrize("cls", [fusedoptim.Adam, fusedoptim.SGD], ids=lambda c: c.__name__)
 def test_state_dict_hooks_work(cls):
     p = torch.ones(5, requires_grad=True)

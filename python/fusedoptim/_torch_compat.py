@@ -16,10 +16,15 @@ from __future__ import annotations
 
 import functools
 import inspect
+import itertools
 import re
+import sys
+import types
 from typing import Any, Callable, List, Optional, Tuple
 
 import torch
+import torch.autograd.profiler
+import torch.optim.optimizer
 
 __all__ = [
     "AMP_SCALING_ATTR",
@@ -39,8 +44,11 @@ __all__ = [
     "is_compiling",
     "local_shard",
     "supported_range",
+    "profiling",
+    "step_runner",
     "unhooked",
     "use_grad_for_differentiable",
+    "zero_grad_runs_bare",
 ]
 
 
@@ -109,6 +117,102 @@ try:
     from torch.optim.optimizer import _use_grad_for_differentiable as use_grad_for_differentiable
 except ImportError:  # pragma: no cover - the same behaviour, without Dynamo's special case
     use_grad_for_differentiable = _own_use_grad_for_differentiable
+
+
+# Note [step runner]
+# ~~~~~~~~~~~~~~~~~~
+# torch.optim.Optimizer wraps each class's ``step`` in its hook runner
+# (``profile_hook_step``, 2.0 to 2.15; installed as the class's ``step`` by
+# ``_patch_step_function`` unless the function says ``hooked``): the global
+# and the optimizer's step pre-hooks (which may replace the arguments), the
+# step, ``_optimizer_step_code()``, the post-hooks, all inside a profiler
+# range ``Optimizer.step#<class>.step``; under it, ``_use_grad`` sets the
+# grad mode and marks graph breaks for Dynamo. The range is what costs:
+# entering and leaving it right after torch's own work (forward, backward,
+# any op that leaves the caches full of its data) took 44-48 us on a
+# 2-core Xeon, a whole small step (SGD on 2^16 elements: 120 us, 55 of
+# them in the wrappers). fusedoptim's ``step`` is therefore its own runner:
+# the same hooks, in the same order, with the same arguments and results,
+# the same grad mode, and torch's whole runner whenever a profiler records
+# (torch's Python flag or the profiler's state in C) or Dynamo traces. What
+# it leaves out, with no profiler on, is a range nobody records (an
+# execution-trace observer without a profiler would miss it) and Dynamo's
+# graph-break markers, which do nothing outside a trace.
+_optim_module = sys.modules["torch.optim.optimizer"]
+_profiler_module = sys.modules["torch.autograd.profiler"]
+_profiler_enabled: Optional[Callable[[], bool]] = getattr(torch.autograd, "_profiler_enabled", None)
+_torch_runner: Optional[Callable[[Callable], Callable]] = getattr(torch.optim.Optimizer, "profile_hook_step", None)
+_HOOK_DICTS = ("_global_optimizer_pre_hooks", "_global_optimizer_post_hooks")
+# The grad mode's own switch, without torch.set_grad_enabled's object.
+_set_grad_enabled: Callable[[bool], None] = getattr(torch._C, "_set_grad_enabled", torch.set_grad_enabled)
+if not hasattr(_profiler_module, "_is_profiler_enabled"):  # (2.1+) the C state alone
+    _profiler_module = types.SimpleNamespace(_is_profiler_enabled=False)
+
+
+def profiling() -> bool:
+    """Whether a torch profiler records (or whether that cannot be told)."""
+    if _profiler_enabled is None:
+        return True
+    return bool(_profiler_module._is_profiler_enabled) or _profiler_enabled()
+
+
+def step_runner(traced: Callable, body: Callable[..., Any]) -> Callable:
+    """An optimizer's ``step``: ``traced`` (the step with its grad-mode and
+    Dynamo wrappers) inside torch's hook runner when a profiler records or
+    Dynamo traces, else ``body`` with the hooks and grad mode of that runner
+    and no profiler range (Note [step runner]). Where torch's runner or its
+    global hook registries are missing, ``traced`` itself, which torch wraps
+    as usual."""
+    if _torch_runner is None or _profiler_enabled is None or not all(hasattr(_optim_module, d) for d in _HOOK_DICTS):
+        return traced
+    full = _torch_runner(traced)
+    enabled = _profiler_enabled
+    # (Right after torch's work every call and lookup here costs microseconds:
+    # the code below keeps to the few it needs.)
+
+    @functools.wraps(traced)
+    def step(*args: Any, **kwargs: Any) -> Any:
+        self = args[0]
+        if type(self).step is not step:
+            # Reached through a subclass's own step, which torch's runner
+            # wraps (its hooks ran there): the step alone, as torch's own
+            # classes run their inner steps.
+            return traced(*args, **kwargs)
+        if is_compiling() or _profiler_module._is_profiler_enabled or enabled():
+            return full(*args, **kwargs)
+        pre, own_pre = _optim_module._global_optimizer_pre_hooks, self._optimizer_step_pre_hooks
+        if pre or own_pre:
+            for hook in itertools.chain(pre.values(), own_pre.values()):
+                result = hook(self, args, kwargs)
+                if result is not None:
+                    if isinstance(result, tuple) and len(result) == 2:
+                        args, kwargs = result
+                    else:
+                        raise RuntimeError(f"{traced} must return None or a tuple of (new_args, new_kwargs), "
+                                           f"but got {result}.")
+        prev = torch.is_grad_enabled()
+        _set_grad_enabled(self.defaults["differentiable"])
+        try:
+            out = body(*args, **kwargs)
+        finally:
+            _set_grad_enabled(prev)
+        self._optimizer_step_code()
+        post, own_post = _optim_module._global_optimizer_post_hooks, self._optimizer_step_post_hooks
+        if post or own_post:
+            for hook in itertools.chain(own_post.values(), post.values()):
+                hook(self, args, kwargs)
+        return out
+
+    step.hooked = True  # type: ignore[attr-defined]  # torch's _patch_step_function leaves it as it is
+    return step
+
+
+def zero_grad_runs_bare(opt: Any, set_to_none: bool) -> bool:
+    """Whether ``opt.zero_grad(set_to_none)`` may run without torch's profiler
+    range (Note [step runner]): setting grads to None, no profiler, no trace.
+    What torch's ``zero_grad`` does then is ``p.grad = None`` for every
+    param with a grad."""
+    return set_to_none and not is_compiling() and not profiling() and hasattr(opt, "_zero_grad_profile_name")
 
 
 def unhooked(fn: Callable) -> Callable:

@@ -145,6 +145,13 @@ class TorchProtocol:
                 allocates new grads. The step reads the grads' addresses
                 every time, so it takes either.
         """
+        if compat.zero_grad_runs_bare(self, set_to_none):
+            # torch's zero_grad without its profiler range (Note [step runner]).
+            for group in self.param_groups:  # type: ignore[attr-defined]
+                for p in group["params"]:
+                    if p.grad is not None:
+                        p.grad = None
+            return
         super().zero_grad(set_to_none)  # type: ignore[misc]
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
@@ -246,8 +253,6 @@ class FusedOptimizer(TorchProtocol):
         0-d float32 tensor, what ``clip_grad_norm_`` returns), else None."""
         return self._report.grad_norm
 
-    @_compile.compile_aware  # under torch.compile: the traced step, custom ops, no graph break
-    @compat.use_grad_for_differentiable
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
         """Update every param that has a grad, once.
 
@@ -314,6 +319,9 @@ class FusedOptimizer(TorchProtocol):
         if fallback:
             self._fo_torch_step(fallback)
         return loss
+
+    # torch's hooks and grad mode; under torch.compile the traced step (Note [step runner]).
+    step = compat.step_runner(_compile.compile_aware(compat.use_grad_for_differentiable(step)), step)
 
     def _fo_check(self, work: List[_Work]) -> None:
         """Phase 1: check every group, write nothing."""
