@@ -311,10 +311,17 @@ def test_step_sees_the_grad_modes_torchs_step_sees(enabled):
             assert torch.is_grad_enabled() is enabled
         assert not torch.equal(ps[1].detach(), torch.ones(4, 6))
         seqs.append(seen)
-    assert seqs[1] == seqs[0] == [("pre", enabled), ("closure", True), ("post", enabled)]
+    expected = [("pre", enabled), ("closure", True), ("post", enabled)]
+    assert seqs[1] == expected
+    # torch's own, where its hooks run (torch 2.2's Dynamo, once loaded,
+    # takes the hook runner off torch.optim's classes).
+    assert seqs[0] in (expected, [("closure", True)])
     assert opt.last_backends == [f"native-cpu/{fusedoptim.backend_info()['isa']}+torch"]
 
 
+@pytest.mark.skipif(not fusedoptim._torch_compat.TRACE_STEP,
+                    reason="before torch 2.6 torch's own runner wraps both steps, and fires the hooks twice, as for "
+                           "its own classes")
 def test_a_subclass_with_its_own_step_runs_the_hooks_once():
     """torch wraps a subclass's own step in its runner; the fused step it calls
     then runs without hooks, as torch.optim's inner steps do."""

@@ -160,10 +160,13 @@ def step_runner(traced: Callable, body: Callable[..., Any]) -> Callable:
     """An optimizer's ``step``: ``traced`` (the step with its grad-mode and
     Dynamo wrappers) inside torch's hook runner when a profiler records or
     Dynamo traces, else ``body`` with the hooks and grad mode of that runner
-    and no profiler range (Note [step runner]). Where torch's runner or its
-    global hook registries are missing, ``traced`` itself, which torch wraps
-    as usual."""
-    if _torch_runner is None or _profiler_enabled is None or not all(hasattr(_optim_module, d) for d in _HOOK_DICTS):
+    and no profiler range (Note [step runner]). On a torch before 2.6
+    (``TRACE_STEP`` false), or where torch's runner or its global hook
+    registries are missing, ``traced`` itself, which torch wraps as usual."""
+    if (not TRACE_STEP or _torch_runner is None or _profiler_enabled is None
+            or not all(hasattr(_optim_module, d) for d in _HOOK_DICTS)):
+        # (Before 2.6 torch's runner stays: Dynamo there would trace this
+        # runner's step without seeing that it compiles.)
         return traced
     full = _torch_runner(traced)
     enabled = _profiler_enabled
