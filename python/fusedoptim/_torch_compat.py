@@ -131,10 +131,10 @@ except ImportError:  # pragma: no cover - the same behaviour, without Dynamo's s
 # entering and leaving it right after torch's own work (forward, backward,
 # any op that leaves the caches full of its data) took 44-48 us on a
 # 2-core Xeon, a whole small step (SGD on 2^16 elements: 120 us, 55 of
-# them in the wrappers). With torch 2.6 and later (``TRACE_STEP``: before,
-# Dynamo would trace into a runner of ours without seeing that it compiles;
-# torch's runner, with torch 2.2's Dynamo unhooking it, keeps it out)
-# fusedoptim's ``step`` is therefore its own runner:
+# them in the wrappers). With torch 2.6 and later (``TRACE_STEP``; before,
+# where Dynamo cannot trace the step anyway, torch's runner stays: torch
+# 2.2's Dynamo traced into a runner of ours, its is_compiling() false, and
+# on into the step) fusedoptim's ``step`` is therefore its own runner:
 # the same hooks, in the same order, with the same arguments and results,
 # the same grad mode, and torch's whole runner whenever a profiler records
 # (torch's Python flag or the profiler's state in C) or Dynamo traces. What
