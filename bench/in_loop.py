@@ -164,8 +164,8 @@ def main() -> None:
     def med(xs: List[float]) -> float:
         return statistics.median(xs) * 1e3
 
-    print(f"{args.model} ({nparams / 1e6:.1f}M params), {args.kind} {args.dtype}, {args.threads} thread(s), fusedoptim {fusedoptim.__version__} "
-          f"({fusedoptim.get_cpu_isa()}), torch {torch.__version__}, medians of {args.rounds} rounds x "
+    print(f"{args.model} ({nparams / 1e6:.1f}M params), {args.kind} {args.dtype}, {args.threads} thread(s), "
+          f"fusedoptim {fusedoptim.__version__} ({fusedoptim.get_cpu_isa()}), torch {torch.__version__}, medians of {args.rounds} rounds x "
           f"{args.iters} interleaved iterations")
     for n in NAMES:
         print(f"  {n:12s} step {med(step_s[n]):7.2f} ms   forward+backward {med(fwd_s[n]):7.2f} ms   "

@@ -1,9 +1,16 @@
 """The benchmark command runs from the installed package and writes tidy rows."""
 
+import importlib.util
 import json
+import math
 import sys
+from pathlib import Path
 
 import pytest
+import torch
+
+import fusedoptim
+from fusedoptim.bench.cases import gpt2_small_shapes
 
 from subprocesses import run_at_once
 from torch_versions import CPU_FUSED_ADAM, CPU_FUSED_SGD, NO_CPU_FUSED_ADAM, NO_CPU_FUSED_SGD
@@ -260,9 +267,6 @@ def test_the_limit_is_the_faster_probe():
 # ----------------------------------------------------- bench/in_loop.py's models
 def _in_loop():
     """``bench/in_loop.py`` of this checkout, as a module."""
-    import importlib.util
-    from pathlib import Path
-
     path = Path(__file__).resolve().parents[1] / "bench" / "in_loop.py"
     spec = importlib.util.spec_from_file_location("in_loop", path)
     module = importlib.util.module_from_spec(spec)
@@ -274,12 +278,6 @@ def test_in_loop_gpt2_has_the_tensors_of_gpt2_small():
     """The in-loop GPT-2 steps the tensors the sweep's gpt2-small case times
     (nn.Linear keeps its weights transposed against transformers' Conv1D:
     the same sizes)."""
-    import math
-
-    import torch
-
-    from fusedoptim.bench.cases import gpt2_small_shapes
-
     with torch.device("meta"):
         model = _in_loop().GPT2()
     got = sorted(p.numel() for p in model.parameters())
@@ -291,10 +289,6 @@ def test_in_loop_gpt2_trains_every_tensor():
     """A small GPT-2 of the same code: a finite language-model loss, a grad
     for every tensor (the embedding's from both its uses), and steps that
     lower the loss under fusedoptim's AdamW."""
-    import torch
-
-    import fusedoptim
-
     torch.manual_seed(0)
     model = _in_loop().GPT2(vocab=97, ctx=16, d=32, layers=2, heads=4)
     idx = torch.randint(0, 97, (2, 16))

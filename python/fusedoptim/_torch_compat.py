@@ -43,9 +43,9 @@ __all__ = [
     "init_group",
     "is_compiling",
     "local_shard",
-    "supported_range",
     "profiling",
     "step_runner",
+    "supported_range",
     "unhooked",
     "use_grad_for_differentiable",
     "zero_grad_runs_bare",
@@ -141,6 +141,7 @@ except ImportError:  # pragma: no cover - the same behaviour, without Dynamo's s
 # it leaves out, with no profiler on, is a range nobody records (an
 # execution-trace observer without a profiler would miss it) and Dynamo's
 # graph-break markers, which do nothing outside a trace.
+# (By sys.modules: torch.optim's package deletes its ``optimizer`` attribute.)
 _optim_module = sys.modules["torch.optim.optimizer"]
 _profiler_module = sys.modules["torch.autograd.profiler"]
 _profiler_enabled: Optional[Callable[[], bool]] = getattr(torch.autograd, "_profiler_enabled", None)
@@ -172,9 +173,6 @@ def step_runner(traced: Callable, body: Callable[..., Any]) -> Callable:
         # runner's step without seeing that it compiles.)
         return traced
     full = _torch_runner(traced)
-    enabled = _profiler_enabled
-    # (Right after torch's work every call and lookup here costs microseconds:
-    # the code below keeps to the few it needs.)
 
     @functools.wraps(traced)
     def step(*args: Any, **kwargs: Any) -> Any:
@@ -184,7 +182,7 @@ def step_runner(traced: Callable, body: Callable[..., Any]) -> Callable:
             # wraps (its hooks ran there): the step alone, as torch's own
             # classes run their inner steps.
             return traced(*args, **kwargs)
-        if is_compiling() or _profiler_module._is_profiler_enabled or enabled():
+        if is_compiling() or profiling():
             return full(*args, **kwargs)
         pre, own_pre = _optim_module._global_optimizer_pre_hooks, self._optimizer_step_pre_hooks
         if pre or own_pre:
@@ -215,10 +213,11 @@ def step_runner(traced: Callable, body: Callable[..., Any]) -> Callable:
 
 def zero_grad_runs_bare(opt: Any, set_to_none: bool) -> bool:
     """Whether ``opt.zero_grad(set_to_none)`` may run without torch's profiler
-    range (Note [step runner]): setting grads to None, no profiler, no trace.
-    What torch's ``zero_grad`` does then is ``p.grad = None`` for every
-    param with a grad."""
-    return set_to_none and not is_compiling() and not profiling() and hasattr(opt, "_zero_grad_profile_name")
+    range (Note [step runner]): setting grads to None, on the torch versions
+    whose step runs without it, no profiler, no trace. What torch's
+    ``zero_grad`` does then is ``p.grad = None`` for every param with a grad."""
+    return (set_to_none and TRACE_STEP and not is_compiling() and not profiling()
+            and hasattr(opt, "_zero_grad_profile_name"))
 
 
 def unhooked(fn: Callable) -> Callable:
