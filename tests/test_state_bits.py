@@ -205,6 +205,41 @@ def test_grid_midpoints_and_their_neighbours_round_as_the_reference(signed):
         assert ties.sum() >= mid.size and (got[ties] % 2 == 0).all()
 
 
+@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512", "avx512bf16"])
+def test_every_value_around_the_grid_switch_codes_as_the_reference(isa, restore_isa):
+    """Every fp32 value within 2^-20 of 2^-14 (262,144 values), where the
+    unsigned grid's spacing changes and the vector variants switch ranges
+    without a compare, plus the fp32 subnormals and values below 2^-120, in
+    blocks whose scale is 1 (Adam with betas (0, 0): sqrt(v) = |g|): every
+    variant's unsigned codes equal the reference's."""
+    if isa not in fusedoptim.backend_info()["supported_isas"]:
+        pytest.skip(f"{isa} is not supported by this CPU")
+    restore_isa(isa)
+    mid = np.float32(2.0 ** -14).view(np.uint32)
+    half = (np.float32(2.0 ** -14) - np.float32(2.0 ** -20)).view(np.uint32)
+    bits = np.concatenate([np.arange(half, 2 * mid - half + 1, dtype=np.uint32),
+                           np.arange(0, 1 << 16, dtype=np.uint32) * np.uint32(3),  # subnormals
+                           np.float32(2.0 ** -120).view(np.uint32) - np.arange(64, dtype=np.uint32)])
+    vals = bits.view(np.float32)
+    block = 256
+    rows = -(-vals.size // (block - 1))
+    x = np.zeros((rows, block), np.float32)
+    x[:, 0] = 1.0
+    body = np.zeros(rows * (block - 1), np.float32)
+    body[:vals.size] = vals
+    x[:, 1:] = body.reshape(rows, block - 1)
+    x = x.ravel()
+    p = torch.zeros(x.size, requires_grad=True)
+    p.grad = torch.from_numpy(x)
+    opt = fusedoptim.Adam([p], lr=0.0, betas=(0.0, 0.0), state_bits=8, state_block_size=block,
+                          min_quantized_numel=0)
+    opt.step()
+    got = opt.state[p]["exp_avg_sq_codes"].numpy().ravel()
+    want = ref_quantize(x, block, signed=False)[0]
+    mism = np.flatnonzero(got != want)
+    assert mism.size == 0, f"{mism.size} codes differ, first at {mism[:5]}: {got[mism[:5]]} vs {want[mism[:5]]}"
+
+
 @pytest.mark.parametrize("where", [0.1, 0.25, 0.5, 0.9])
 @pytest.mark.parametrize("cell", [3, 40, 200, 239], ids=lambda c: f"code{c}")
 def test_unsigned_rounding_is_unbiased(cell, where):
