@@ -406,16 +406,47 @@ VARIANTS = [("adamw", torch.float32, {}), ("adam", torch.float32, {}), ("sgd", t
             ("adamw", torch.bfloat16, {"stochastic_rounding": True}), ("sgd", torch.float16, {"kahan_summation": True})]
 
 
+@pytest.fixture(params=["overlap", "separate"])
+def q8_passes(request):
+    """Each arrangement of the 8-bit Adam passes (a tuning choice: the bits must not move), then auto again."""
+    fusedoptim.set_q8_passes(request.param)
+    yield request.param
+    fusedoptim.set_q8_passes("auto")
+
+
 @pytest.mark.parametrize("kind,dtype,opts", VARIANTS, ids=lambda v: str(v))
-def test_vector_isa_bit_identical_to_scalar(kind, dtype, opts, vector_isa):
+def test_vector_isa_bit_identical_to_scalar(kind, dtype, opts, vector_isa, q8_passes):
     _same(_run("scalar", kind=kind, dtype=dtype, **opts), _run(vector_isa, kind=kind, dtype=dtype, **opts))
+    assert fusedoptim.get_q8_passes() == q8_passes
 
 
 @pytest.mark.parametrize("kind", ["adamw", "sgd"])
-def test_thread_counts_give_identical_bits(kind):
+def test_thread_counts_give_identical_bits(kind, q8_passes):
     one = _run(threads=1, kind=kind)
     for t in (2, 3):
         _same(one, _run(threads=t, kind=kind))
+
+
+def test_q8_passes_choice(restore_isa):
+    """auto: separate passes for AVX2 lanes on AMD CPUs, overlapped for every
+    other vector variant, separate for the scalar one; a forced choice holds
+    for every vector variant and the scalar one stays separate."""
+    amd = fusedoptim.backend_info()["cpu_features"]["amd"]
+    try:
+        for isa in fusedoptim.backend_info()["supported_isas"]:
+            restore_isa(isa)
+            fusedoptim.set_q8_passes("auto")
+            want = "separate" if isa == "scalar" or (isa == "avx2" and amd) else "overlap"
+            assert fusedoptim.get_q8_passes() == want
+            assert fusedoptim.backend_info()["q8_passes"] == f"{want} (auto)"
+            for forced in ("overlap", "separate"):
+                fusedoptim.set_q8_passes(forced)
+                assert fusedoptim.get_q8_passes() == ("separate" if isa == "scalar" else forced)
+                assert fusedoptim.backend_info()["q8_passes"] == fusedoptim.get_q8_passes()
+        with pytest.raises(ValueError, match="overlap"):
+            fusedoptim.set_q8_passes("fast")
+    finally:
+        fusedoptim.set_q8_passes("auto")
 
 
 

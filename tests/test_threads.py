@@ -273,26 +273,41 @@ def _check_denormals_after_flushed_step():
     assert int((y == 0).sum()) == 0, "a torch worker was left flushing denormals"
 
 
-_THREADS_PROBE = ("import warnings, json\nwith warnings.catch_warnings(record=True) as w:\n"
-                  "    warnings.simplefilter('always')\n    import fusedoptim\n"
-                  "print(json.dumps([fusedoptim.backend_info()['threading'], [str(x.message) for x in w]]))")
+_ENV_PROBE = ("import warnings, json\nwith warnings.catch_warnings(record=True) as w:\n"
+              "    warnings.simplefilter('always')\n    import fusedoptim\n"
+              "info = fusedoptim.backend_info()\n"
+              "print(json.dumps([info['threading'], info['q8_passes'], [str(x.message) for x in w]]))")
+_ENV_VALUES = [("FUSEDOPTIM_THREADS", "pool"), ("FUSEDOPTIM_THREADS", "bogus"),
+               ("FUSEDOPTIM_Q8_PASSES", "separate"), ("FUSEDOPTIM_Q8_PASSES", "bogus")]
 
 
 @pytest.fixture(scope="module")
-def threads_probes():
-    """The probe's stdout for each FUSEDOPTIM_THREADS value, the subprocesses
+def env_probes():
+    """The probe's stdout for each environment setting, the subprocesses
     started at once (each spends seconds importing torch)."""
-    done = run_at_once({value: ([sys.executable, "-c", _THREADS_PROBE], {"env": dict(os.environ, FUSEDOPTIM_THREADS=value)})
-                        for value in ("pool", "bogus")}, timeout=180)
+    done = run_at_once({(var, value): ([sys.executable, "-c", _ENV_PROBE], {"env": dict(os.environ, **{var: value})})
+                        for var, value in _ENV_VALUES}, timeout=180)
     assert all(d.returncode == 0 for d in done.values()), {v: d.stderr for v, d in done.items()}
-    return {value: d.stdout for value, d in done.items()}
+    return {key: json.loads(d.stdout.strip().splitlines()[-1]) for key, d in done.items()}
 
 
 @pytest.mark.parametrize("value, expect", [("pool", "pool"), ("bogus", None)])
-def test_threads_environment_variable(threads_probes, value, expect):
-    threading_, warned = json.loads(threads_probes[value].strip().splitlines()[-1])
+def test_threads_environment_variable(env_probes, value, expect):
+    threading_, _, warned = env_probes[("FUSEDOPTIM_THREADS", value)]
     if expect is not None:
         assert threading_ == expect
         assert not [w for w in warned if "FUSEDOPTIM_THREADS" in w]
     else:
         assert any("FUSEDOPTIM_THREADS='bogus' is not a threads backend" in w for w in warned), warned
+
+
+def test_q8_passes_environment_variable(env_probes):
+    """FUSEDOPTIM_Q8_PASSES forces the arrangement at import (the scalar
+    variant has only separate passes, so any variant shows it); a bad value
+    warns and leaves the automatic choice."""
+    _, passes, warned = env_probes[("FUSEDOPTIM_Q8_PASSES", "separate")]
+    assert passes == "separate"
+    assert not [w for w in warned if "FUSEDOPTIM_Q8_PASSES" in w]
+    _, passes, warned = env_probes[("FUSEDOPTIM_Q8_PASSES", "bogus")]
+    assert passes.endswith(" (auto)")
+    assert any("FUSEDOPTIM_Q8_PASSES='bogus' is not an arrangement" in w for w in warned), warned

@@ -213,7 +213,7 @@ void q8_dequantize(uintptr_t codes, uintptr_t scales, int64_t numel, uintptr_t o
 py::dict backend_info() {
   const cpu::CpuFeatures& f = cpu::cpu_features();
   const std::pair<const char*, bool> flags[] = {
-      {"x86", f.x86},         {"avx", f.avx},           {"avx2", f.avx2},           {"fma", f.fma},
+      {"x86", f.x86},         {"amd", f.amd},           {"avx", f.avx},           {"avx2", f.avx2},           {"fma", f.fma},
       {"f16c", f.f16c},       {"avx512f", f.avx512f},   {"avx512bw", f.avx512bw},   {"avx512vl", f.avx512vl}, {"avx512dq", f.avx512dq},
       {"avx512_bf16", f.avx512_bf16}, {"os_avx", f.os_avx}, {"os_avx512", f.os_avx512}};
   py::dict features;
@@ -227,6 +227,7 @@ py::dict backend_info() {
   info["cpu_features"] = features;
   info["thread_pool_size"] = cpu::pool_size();
   info["threading"] = cpu::threads_backend();
+  info["q8_passes"] = cpu::q8_passes();
 #if defined(__clang__)
   info["compiler"] = std::string("clang ") + __clang_version__;
 #elif defined(__GNUC__)
@@ -338,6 +339,10 @@ PYBIND11_MODULE(_C, m) {
         "Runs the CPU kernels on torch's OpenMP team ('openmp'), on fusedoptim's own threads ('pool'), or on the "
         "first where an OpenMP runtime is loaded ('auto', the default).");
   m.def("threads_backend", &cpu::threads_backend, "The threads the CPU kernels run on now.");
+  m.def("set_q8_passes", [](const std::string& name) { cpu::set_q8_passes(name); }, py::arg("name"),
+        "How the CPU kernels arrange the passes over a block of 8-bit Adam states: 'overlap', 'separate' or "
+        "'auto' (by variant and CPU, the default). The bits are the same either way.");
+  m.def("q8_passes", &cpu::q8_passes, "The arrangement of 8-bit Adam passes the active CPU variant runs now.");
 
   def_cuda(m);
 }

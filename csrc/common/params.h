@@ -31,6 +31,7 @@ struct AdamHyper {
   float decay;             // AdamW: 1 - lr * weight_decay; 1 otherwise
   float grad_mul = 1.0f;   // grads are multiplied by it first: the clip coefficient, else 1
   int32_t q8_block = 0;    // 8-bit states: elements per block (Note [8-bit states])
+  bool q8_overlap = false; // 8-bit states on the CPU: Note [8-bit passes] (cpu/kernels.cpp)
 };
 
 struct SGDHyper {

@@ -42,6 +42,9 @@ CpuFeatures detect() {
   unsigned r[4];
   cpuid(0, 0, r);
   const unsigned max_leaf = r[0];
+  // The vendor string is EBX EDX ECX: "Auth" "enti" "cAMD", "Hygo" "nGen" "uine".
+  f.amd = (r[1] == 0x68747541u && r[3] == 0x69746e65u && r[2] == 0x444d4163u) ||
+          (r[1] == 0x6f677948u && r[3] == 0x6e65476eu && r[2] == 0x656e6975u);
   cpuid(1, 0, r);
   const bool osxsave = (r[2] >> 27) & 1;
   f.fma = (r[2] >> 12) & 1;

@@ -6,6 +6,7 @@ namespace cpu {
 
 struct CpuFeatures {
   bool x86 = false;
+  bool amd = false;        // AuthenticAMD or HygonGenuine (tuning only, never correctness)
   bool avx = false, avx2 = false, fma = false, f16c = false;
   bool avx512f = false, avx512bw = false, avx512vl = false, avx512dq = false, avx512_bf16 = false;
   bool os_avx = false;     // XCR0 enables YMM state

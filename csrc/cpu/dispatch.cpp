@@ -80,6 +80,36 @@ const KernelTable* initial() {
 
 std::atomic<const KernelTable*> g_active{initial()};
 
+// Note [8-bit passes] in kernels.cpp: -1 auto, 0 separate, 1 overlap.
+int parse_q8_passes(const std::string& requested) {
+  const std::string name = ascii_lower(requested);
+  if (name == "auto" || name.empty()) return -1;
+  if (name == "separate") return 0;
+  if (name == "overlap") return 1;
+  throw std::invalid_argument("unknown 8-bit passes '" + requested + "' (expected auto, overlap or separate)");
+}
+
+int initial_q8_passes() {
+  const char* env = std::getenv("FUSEDOPTIM_Q8_PASSES");
+  if (env == nullptr) return -1;
+  try {
+    return parse_q8_passes(env);
+  } catch (const std::invalid_argument&) {
+    return -1;  // Python warns about the value
+  }
+}
+
+std::atomic<int> g_q8_passes{initial_q8_passes()};
+
+bool q8_overlap(const KernelTable& kt) {
+  if (kt.vector_width == 1) return false;  // the scalar variant has one arrangement
+  const int forced = g_q8_passes.load(std::memory_order_relaxed);
+  if (forced >= 0) return forced == 1;
+  // AVX2 lanes on AMD (Zen 3) ran faster in separate passes; AVX2 lanes on
+  // Intel and AVX-512 lanes (Sapphire Rapids) overlapped.
+  return !(kt.vector_width == 8 && cpu_features().amd);
+}
+
 // Below this many elements per thread, waking a thread costs more than it
 // saves. On torch's OpenMP team (Note [threads]), 2^14: one tensor of 2^15
 // elements with 2 threads on a 2-core Xeon, in the loop mode of the sweep,
@@ -227,9 +257,12 @@ void run_tensors(const std::vector<Tensor>& tensors, const Layout& layout, int n
 
 void adam_step(const std::vector<AdamTensor>& tensors, const AdamHyper& hyper, const Layout& layout,
                int wd_mode, bool amsgrad, bool maximize, int num_threads) {
-  const AdamSegmentFn fn = g_active.load()->adam(layout, wd_mode, amsgrad, maximize);
+  const KernelTable& kt = *g_active.load();
+  const AdamSegmentFn fn = kt.adam(layout, wd_mode, amsgrad, maximize);
   if (fn == nullptr) throw std::invalid_argument("adam_step: unsupported layout or weight-decay mode");
-  run_tensors(tensors, layout, num_threads, hyper.q8_block, [&](const AdamTensor& t, int64_t b, int64_t e) { fn(t, b, e, hyper); });
+  AdamHyper h = hyper;
+  h.q8_overlap = q8_overlap(kt);
+  run_tensors(tensors, layout, num_threads, h.q8_block, [&](const AdamTensor& t, int64_t b, int64_t e) { fn(t, b, e, h); });
 }
 
 void sgd_step(const std::vector<SGDTensor>& tensors, const SGDHyper& hyper, const Layout& layout,
@@ -239,6 +272,13 @@ void sgd_step(const std::vector<SGDTensor>& tensors, const SGDHyper& hyper, cons
   if (steady == nullptr || first == nullptr) throw std::invalid_argument("sgd_step: unsupported layout or momentum mode");
   run_tensors(tensors, layout, num_threads, hyper.q8_block,
               [&](const SGDTensor& t, int64_t b, int64_t e) { (t.first_step ? first : steady)(t, b, e, hyper); });
+}
+
+void set_q8_passes(const std::string& name) { g_q8_passes.store(parse_q8_passes(name)); }
+
+std::string q8_passes() {
+  const std::string chosen = q8_overlap(*g_active.load()) ? "overlap" : "separate";
+  return g_q8_passes.load() < 0 ? chosen + " (auto)" : chosen;
 }
 
 double grad_norm_sq(const std::vector<NormTensor>& grads, int num_threads) {

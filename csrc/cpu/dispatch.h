@@ -22,6 +22,16 @@ const KernelTable& active_kernels();
 // std::runtime_error for one this machine cannot run.
 void set_isa(const std::string& name);
 
+// How the CPU kernels arrange the passes over a block of 8-bit Adam states
+// (Note [8-bit passes] in kernels.cpp): "overlap" or "separate" forces one
+// (the scalar variant always runs "separate"), "auto" (the default, and
+// FUSEDOPTIM_Q8_PASSES when set at import) picks by variant and CPU. The
+// bits are the same either way. Throws std::invalid_argument for another name.
+void set_q8_passes(const std::string& name);
+// The arrangement the active variant runs now: "overlap" or "separate",
+// with " (auto)" when it was not forced.
+std::string q8_passes();
+
 // One fused call over every tensor of a group: a single parallel region over
 // the flattened list, cut into chunks aligned to 64 elements of each tensor.
 void adam_step(const std::vector<AdamTensor>& tensors, const AdamHyper& hyper, const Layout& layout,

@@ -280,32 +280,37 @@ void sgd_segment(const SGDTensor& tensor, int64_t begin, int64_t end, const SGDH
 // of the variant's vector type. The update pass covers kQ8Step elements a
 // turn, with one prefetch per cache line of the param and grad streams.
 //
-// How the passes are arranged depends on the variant (kQ8Overlap), as
-// measured on each (AdamW, 16M fp32 params):
-//  - AVX2 and scalar: the codes are dequantized in a pass of their own
-//    before the update, and the block's codes are written after it. The
-//    update is a long chain per vector (square root, division), and on Zen 3
-//    a loop body that also decodes two moments holds so many instructions
-//    that few vectors' chains fit the out-of-order window at once: apart,
-//    the update loop is as short as with fp32 states, 1.22 against 1.34 ns
-//    per element on one core. For the same reason, writing block j's codes
-//    during block j + 1's update made the step slower there, 28 against
-//    22 ms.
-//  - AVX-512: the update pass decodes its codes itself, and writes the
+// Note [8-bit passes]
+// ~~~~~~~~~~~~~~~~~~~
+// A block's passes are arranged one of two ways (AdamHyper::q8_overlap,
+// chosen per call by dispatch.cpp; the same operations on the same values
+// either way, so the same bits):
+//  - separate: the codes are dequantized in a pass of their own before the
+//    update, and the block's codes are written after it. The update is a
+//    long chain per vector (square root, division), and on Zen 3 a loop
+//    body that also decodes two moments holds so many instructions that few
+//    vectors' chains fit the out-of-order window at once: apart, the update
+//    loop is as short as with fp32 states, 1.22 against 1.34 ns per element
+//    on one core. For the same reason, writing block j's codes during block
+//    j + 1's update made the step slower there, 28 against 22 ms (AdamW,
+//    16M fp32 params, AVX2).
+//  - overlap: the update pass decodes its codes itself, and writes the
 //    previous block's codes as it goes (the current block's moments go to
-//    the other half of a double buffer). With sixteen lanes the loop is
-//    bound by the two ports that execute 512-bit operations, not by the
-//    window, and the requantization's integer work fills what the divider
-//    leaves idle. On a 2-core Xeon (Sapphire Rapids class), against torch's
-//    fused fp32 step with 2 threads: 1.28x with AVX-512 lanes in separate
-//    passes, 1.44x with the decode in the update, 1.51x with the codes
-//    written during the next block's update.
+//    the other half of a double buffer). Where the window holds the longer
+//    body, the requantization's integer work fills what the divider leaves
+//    idle. On a 2-core Xeon (Sapphire Rapids class), against torch's fused
+//    fp32 step with 2 threads: AVX-512 lanes 1.28x in separate passes, 1.44x
+//    with the decode in the update, 1.51x with the codes written during the
+//    next block's update; AVX2 lanes 1.19-1.20x separate, 1.53x overlapped
+//    (two rounds of bench/bench_state_bits.py each).
+// So AVX2 lanes on AMD CPUs run separate passes and every other vector
+// variant overlaps; the scalar variant runs separate passes only.
+// FUSEDOPTIM_Q8_PASSES or fusedoptim.set_q8_passes() forces either.
 //
 // The grads are scaled by grad_mul whether or not it is 1: x * 1 is x, bit
 // for bit (NaNs keep their payload, quieted as the update's next operation
 // would quiet them), so the update has no branch, as in the CUDA kernels.
 using Q8Vec = VecISA;
-constexpr bool kQ8Overlap = FUSEDOPTIM_ISA == 2;
 constexpr int kQ8Step = 4 * Q8Vec::kWidth;  // 32 elements with AVX2, 64 with AVX-512
 
 // Dequantizes element(s) k of a block: exp_avg into m[k], exp_avg_sq into
@@ -321,9 +326,9 @@ FO_ALWAYS_INLINE void adam_q8_decode(const uint8_t* mc, const uint8_t* vc, int64
 
 // Element(s) k of a block at element b0 of the tensor whose scales are sm
 // and sv: the states come from m[k] and r[k] where a pass of their own
-// dequantized them, else from the codes (kQ8Overlap), with the same
+// dequantized them, else from the codes (kOverlap), with the same
 // operations (adam_q8_decode). The new moments go to m[k] and r[k].
-template <class V, class S, int kStore, int kWD, bool kMax>
+template <class V, class S, int kStore, int kWD, bool kMax, bool kOverlap>
 FO_ALWAYS_INLINE void adam_q8_elems(const AdamTensor& t, int64_t b0, int64_t k, float* m, float* r,
                                     typename Q8Lanes<V>::Max& mmax, typename Q8Lanes<V>::Max& rmax,
                                     const AdamConsts<V>& c, float sm, float sv) {
@@ -332,7 +337,7 @@ FO_ALWAYS_INLINE void adam_q8_elems(const AdamTensor& t, int64_t b0, int64_t k, 
   const ParamAt<kStore, V, S> io{static_cast<S*>(t.param), t.extra, i, key_at<kStore>(t.sr_key, i)};
   const V p0 = start_param<kStore, V>(io);
   V pv = p0, unused(0.0f), mv, vv;
-  if constexpr (kQ8Overlap) {
+  if constexpr (kOverlap) {
     const V root = mul(Q::unsigned_values(static_cast<const uint8_t*>(t.exp_avg_sq) + i), V(sv));
     mv = mul(Q::signed_values(static_cast<const uint8_t*>(t.exp_avg) + i), V(sm));
     vv = mul(root, root);
@@ -358,8 +363,8 @@ FO_ALWAYS_INLINE void q8_encode_range(const float* x, int64_t from, int64_t to, 
   for (; k < to; ++k) codes[k] = q8_code<kSigned>(x[k], inv, uint32_t(k));
 }
 
-template <class S, int kStore, int kWD, bool kMax>
-void adam_q8_segment(const AdamTensor& tensor, int64_t begin, int64_t end, const AdamHyper& h) {
+template <class S, int kStore, int kWD, bool kMax, bool kOverlap>
+void adam_q8_passes(const AdamTensor& tensor, int64_t begin, int64_t end, const AdamHyper& h) {
   // A local copy: no store through a param or code pointer can change it,
   // so its pointers stay in registers across the loop.
   const AdamTensor t = tensor;
@@ -372,14 +377,14 @@ void adam_q8_segment(const AdamTensor& tensor, int64_t begin, int64_t end, const
   constexpr int E = Q::kEncodeWidth;
   static_assert(kQ8Step % E == 0, "a turn of the update loop writes whole vectors of codes");
   const int64_t B = h.q8_block;
-  // The moments of the block being updated, and with kQ8Overlap of the
+  // The moments of the block being updated, and with kOverlap of the
   // previous one, whose codes are written during this block's update.
-  constexpr int kBuffers = kQ8Overlap ? 2 : 1;
+  constexpr int kBuffers = kOverlap ? 2 : 1;
   alignas(64) float m[kBuffers][kQ8MaxBlock];
   alignas(64) float r[kBuffers][kQ8MaxBlock];
   uint8_t* mc = static_cast<uint8_t*>(t.exp_avg);
   uint8_t* vc = static_cast<uint8_t*>(t.exp_avg_sq);
-  int64_t pb0 = -1, pn = 0;  // the block whose codes are still to be written (kQ8Overlap)
+  int64_t pb0 = -1, pn = 0;  // the block whose codes are still to be written (kOverlap)
   float pinv_m = 0.0f, pinv_r = 0.0f;
   int cur = 0;
   for (int64_t b0 = begin; b0 < end; b0 += B) {
@@ -396,7 +401,7 @@ void adam_q8_segment(const AdamTensor& tensor, int64_t begin, int64_t end, const
     float* mb = m[cur];
     float* rb = r[cur];
     int64_t k = 0;
-    if constexpr (!kQ8Overlap) {
+    if constexpr (!kOverlap) {
       for (; k + W <= n; k += W) adam_q8_decode<V>(mc + b0, vc + b0, k, sm, sv, mb, rb);
       for (; k < n; ++k) adam_q8_decode<VecScalar>(mc + b0, vc + b0, k, sm, sv, mb, rb);
       k = 0;
@@ -405,9 +410,9 @@ void adam_q8_segment(const AdamTensor& tensor, int64_t begin, int64_t end, const
     const auto turn = [&](int64_t at) {
       prefetch_ahead<kQ8Step, kPrefetchAhead>(static_cast<const S*>(t.grad) + b0 + at, 0);
       prefetch_ahead<kQ8Step, kPrefetchAhead>(static_cast<const S*>(t.param) + b0 + at, 1);
-      for (int j = 0; j < kQ8Step; j += W) adam_q8_elems<V, S, kStore, kWD, kMax>(t, b0, at + j, mb, rb, mmax, rmax, cv, sm, sv);
+      for (int j = 0; j < kQ8Step; j += W) adam_q8_elems<V, S, kStore, kWD, kMax, kOverlap>(t, b0, at + j, mb, rb, mmax, rmax, cv, sm, sv);
     };
-    if (kQ8Overlap && pb0 >= 0) {
+    if (kOverlap && pb0 >= 0) {
       // The previous block is a whole one (only a segment's last can be
       // shorter), so its codes run at least as far as this block's turns.
       const float* pm = m[kBuffers - 1 - cur];  // the other buffer
@@ -425,14 +430,14 @@ void adam_q8_segment(const AdamTensor& tensor, int64_t begin, int64_t end, const
     } else {
       for (; k + kQ8Step <= n; k += kQ8Step) turn(k);
     }
-    for (; k + W <= n; k += W) adam_q8_elems<V, S, kStore, kWD, kMax>(t, b0, k, mb, rb, mmax, rmax, cv, sm, sv);
+    for (; k + W <= n; k += W) adam_q8_elems<V, S, kStore, kWD, kMax, kOverlap>(t, b0, k, mb, rb, mmax, rmax, cv, sm, sv);
     uint32_t mmax1 = Q::reduce(mmax), rmax1 = Q::reduce(rmax);
-    for (; k < n; ++k) adam_q8_elems<VecScalar, S, kStore, kWD, kMax>(t, b0, k, mb, rb, mmax1, rmax1, cs, sm, sv);
+    for (; k < n; ++k) adam_q8_elems<VecScalar, S, kStore, kWD, kMax, kOverlap>(t, b0, k, mb, rb, mmax1, rmax1, cs, sm, sv);
     bool enc_m, enc_r;
     const float scale_m = q8_scale(mmax1, &enc_m), scale_r = q8_scale(rmax1, &enc_r);
     t.exp_avg_scale[blk] = scale_m;
     t.exp_avg_sq_scale[blk] = scale_r;
-    if (kQ8Overlap && enc_m && enc_r) {  // written during the next block's update
+    if (kOverlap && enc_m && enc_r) {  // written during the next block's update
       pb0 = b0;
       pn = n;
       pinv_m = 1.0f / scale_m;
@@ -443,9 +448,20 @@ void adam_q8_segment(const AdamTensor& tensor, int64_t begin, int64_t end, const
       q8_encode_block<false, V>(rb, n, rmax1, vc + b0);
     }
   }
-  if (kQ8Overlap && pb0 >= 0) {
+  if (kOverlap && pb0 >= 0) {
     q8_encode_range<true, V>(m[kBuffers - 1 - cur], 0, pn, pinv_m, mc + pb0);
     q8_encode_range<false, V>(r[kBuffers - 1 - cur], 0, pn, pinv_r, vc + pb0);
+  }
+}
+
+// Note [8-bit passes]: the arrangement the call asks for (the scalar
+// variant compiles only separate passes).
+template <class S, int kStore, int kWD, bool kMax>
+void adam_q8_segment(const AdamTensor& tensor, int64_t begin, int64_t end, const AdamHyper& h) {
+  if (FUSEDOPTIM_ISA >= 1 && h.q8_overlap) {
+    adam_q8_passes<S, kStore, kWD, kMax, FUSEDOPTIM_ISA >= 1>(tensor, begin, end, h);
+  } else {
+    adam_q8_passes<S, kStore, kWD, kMax, false>(tensor, begin, end, h);
   }
 }
 

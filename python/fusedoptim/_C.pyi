@@ -127,6 +127,12 @@ def threads_backend() -> str:
 def get_cpu_isa() -> str:
     """The CPU variant in use."""
 
+def set_q8_passes(name: str) -> None:
+    """'overlap', 'separate' or 'auto': the passes over a block of 8-bit Adam states; ValueError if unknown."""
+
+def q8_passes() -> str:
+    """The arrangement the active CPU variant runs: 'overlap' or 'separate', plus ' (auto)' unless forced."""
+
 def stream_probe(rw: List[int], read: int, numel: int, dtype: int, num_threads: int,
                  nontemporal: bool = False) -> None:
     """Bandwidth probe: ``x += read`` for each of 1 to 4 read-write streams.

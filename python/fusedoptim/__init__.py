@@ -13,9 +13,11 @@ from ._config import (
     backend_info,
     get_cpu_isa,
     get_num_threads,
+    get_q8_passes,
     get_threads_backend,
     set_cpu_isa,
     set_num_threads,
+    set_q8_passes,
     set_threads_backend,
 )
 from ._config import warn_ignored_requests as _warn
@@ -31,9 +33,11 @@ __all__ = [
     "backend_info",
     "get_cpu_isa",
     "get_num_threads",
+    "get_q8_passes",
     "get_threads_backend",
     "set_cpu_isa",
     "set_num_threads",
+    "set_q8_passes",
     "set_threads_backend",
     "__version__",
 ]

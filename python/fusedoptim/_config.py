@@ -18,9 +18,11 @@ __all__ = [
     "backend_info",
     "get_cpu_isa",
     "get_num_threads",
+    "get_q8_passes",
     "get_threads_backend",
     "set_cpu_isa",
     "set_num_threads",
+    "set_q8_passes",
     "set_threads_backend",
     "threads_of",
 ]
@@ -30,6 +32,8 @@ _num_threads: Optional[int] = None
 ISA_NAMES = ("scalar", "avx2", "avx512", "avx512bf16")
 #: Where the CPU kernels' threads come from (FUSEDOPTIM_THREADS and set_threads_backend).
 THREADS_BACKENDS = ("auto", "openmp", "pool")
+#: Arrangements of the passes over a block of 8-bit Adam states (FUSEDOPTIM_Q8_PASSES and set_q8_passes).
+Q8_PASSES = ("auto", "overlap", "separate")
 
 
 def set_num_threads(num_threads: Optional[int]) -> None:
@@ -102,6 +106,34 @@ def get_cpu_isa() -> str:
     return _C.get_cpu_isa()
 
 
+def set_q8_passes(name: str) -> None:
+    """Choose how the CPU kernels arrange their passes over a block of 8-bit Adam states.
+
+    Args:
+        name: ``"overlap"``: one pass decodes the codes, updates and writes
+            the previous block's codes; ``"separate"``: a decode pass, the
+            update, then an encode pass. ``"auto"`` (the default): separate
+            for the AVX2 variant on AMD CPUs (faster on Zen 3), overlap for
+            every other vector variant (faster on Intel, with AVX2 and
+            AVX-512 lanes). The scalar variant always runs separate passes.
+            The environment variable ``FUSEDOPTIM_Q8_PASSES`` sets it at import.
+
+    Raises:
+        ValueError: for another name.
+
+    A tuning choice only: the codes, scales and params are bit-identical
+    either way.
+    """
+    if name not in Q8_PASSES:
+        raise ValueError(f"unknown 8-bit passes {name!r}: the names are {', '.join(Q8_PASSES)}")
+    _C.set_q8_passes(name)
+
+
+def get_q8_passes() -> str:
+    """The arrangement the CPU variant in use runs: ``"overlap"`` or ``"separate"``."""
+    return _C.q8_passes().split(" ", 1)[0]
+
+
 #: Keys this dict had before the CUDA facts lived under ``cuda`` alone: old key -> key of ``cuda``.
 _MOVED_TO_CUDA = {"cuda_compiled": "compiled", "cuda_available": "available", "cuda_reason": "reason"}
 
@@ -140,6 +172,7 @@ class BackendInfo(Dict[str, Any]):
             ("CPU features", " ".join(k for k, v in feats.items() if v) or "none"),
             ("threads", f"{self.get('num_threads')} per step ({self.get('num_threads_from')})"),
             ("threading", f"{_threading_row(str(self.get('threading')))}{pool}"),
+            ("8-bit passes", f"{self.get('q8_passes')} (Adam with state_bits=8 on the CPU)"),
             ("compiler", str(self.get("compiler"))),
         ]
         rows += _cuda_rows(self.get("cuda") or {})
@@ -199,6 +232,9 @@ def backend_info() -> BackendInfo:
       threads fusedoptim's pool has started besides the calling thread,
       present only once the pool has started (the first step on more than
       one thread starts it).
+    - ``q8_passes``: how the CPU kernels arrange the passes over a block of
+      8-bit Adam states, ``"overlap"`` or ``"separate"``, with ``" (auto)"``
+      unless forced (see :func:`set_q8_passes`).
     - ``compiler``: the C++ compiler of this build.
     - ``cuda``: the CUDA backend: ``compiled``, ``available`` and, if not,
       ``reason``; ``device_count``, ``driver_version`` (0: no driver),
@@ -233,6 +269,10 @@ def warn_ignored_requests() -> None:
     elif threads == "openmp" and get_threads_backend() != "openmp":
         warnings.warn("FUSEDOPTIM_THREADS='openmp', but no OpenMP runtime is loaded in this process (torch was "
                       "built without OpenMP); using fusedoptim's own threads", RuntimeWarning, stacklevel=3)
+    passes = os.environ.get("FUSEDOPTIM_Q8_PASSES")
+    if passes and passes.lower() not in Q8_PASSES:
+        warnings.warn(f"FUSEDOPTIM_Q8_PASSES={passes!r} is not an arrangement of 8-bit passes: the names are "
+                      f"{', '.join(Q8_PASSES)}; using {get_q8_passes()!r}", RuntimeWarning, stacklevel=3)
     request = os.environ.get("FUSEDOPTIM_CPU_ISA")
     active = _C.get_cpu_isa()
     if request and request.lower() != active:
