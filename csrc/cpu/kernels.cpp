@@ -304,8 +304,13 @@ void sgd_segment(const SGDTensor& tensor, int64_t begin, int64_t end, const SGDH
 //    next block's update; AVX2 lanes 1.19-1.20x separate, 1.53x overlapped
 //    (two rounds of bench/bench_state_bits.py each).
 // So AVX2 lanes on AMD CPUs run separate passes and every other vector
-// variant overlaps; the scalar variant runs separate passes only.
-// FUSEDOPTIM_Q8_PASSES or fusedoptim.set_q8_passes() forces either.
+// variant overlaps; the scalar variant runs separate passes only. Those are
+// the two cores measured: the out-of-order window is what differs (256
+// entries on Zen 3, 512 on the Xeon's Golden Cove cores, which the AVX2-only
+// Alder Lake and Raptor Lake desktops share); the other Intel cores that run
+// the AVX2 variant (Haswell to Comet Lake, 192-224 entries) and AMD's
+// AVX-512 cores (Zen 4 and 5) are unmeasured. FUSEDOPTIM_Q8_PASSES or
+// fusedoptim.set_q8_passes() forces either.
 //
 // The grads are scaled by grad_mul whether or not it is 1: x * 1 is x, bit
 // for bit (NaNs keep their payload, quieted as the update's next operation
