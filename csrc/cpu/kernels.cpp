@@ -303,6 +303,10 @@ void sgd_segment(const SGDTensor& tensor, int64_t begin, int64_t end, const SGDH
 //    with the decode in the update, 1.51x with the codes written during the
 //    next block's update; AVX2 lanes 1.19-1.20x separate, 1.53x overlapped
 //    (two rounds of bench/bench_state_bits.py each).
+// With bf16 params the conversions lengthen the body: overlapped, AVX2 lanes
+// were 4-5% slower there on the Xeon (AVX-512 lanes still 3-6% faster;
+// AdamW, 16M params, 9 rounds in turns in one process); the choice stays
+// one per CPU, made for fp32 params.
 // So AVX2 lanes on AMD CPUs run separate passes and every other vector
 // variant overlaps; the scalar variant runs separate passes only. Those are
 // the two cores measured: the out-of-order window is what differs (256
