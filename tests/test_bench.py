@@ -303,3 +303,31 @@ def test_in_loop_gpt2_trains_every_tensor():
         losses.append(loss.item())
     assert abs(losses[0] - torch.log(torch.tensor(97.0)).item()) < 0.5, losses  # near uniform at the start
     assert losses[-1] < losses[0] - 0.5, losses
+
+
+def test_contended_summary_splits_torchs_share_from_fusedoptims():
+    """A contended sweep's verdict: fusedoptim's 2-thread / 1-thread time per
+    cell, and, where the cell also timed fusedoptim on one thread beside
+    torch's two, how much of that is torch's workers and how much
+    fusedoptim's own threads."""
+    from fusedoptim.bench.sweep import SweepReport, SweepRow, contended_summary, contended_times, format_sweep_table
+
+    def cell(case, threads, ms, one_thread_ms=None):
+        return SweepRow(optimizer="sgd", dtype="fp32", threads=threads, case=case, tensors=1, numel=1024,
+                        mode="loop", contended=True, fusedoptim_ms=ms, torch_fused_ms=2 * ms, ratio=2.0,
+                        ratio_q1=2.0, ratio_q3=2.0, blocks=9, steps_per_block=4,
+                        fusedoptim_one_thread_ms=one_thread_ms)
+
+    rows = [cell("1x1024", 1, 1.0), cell("1x1024", 2, 1.6, one_thread_ms=1.5),
+            cell("1x4096", 1, 2.0), cell("1x4096", 2, 2.4, one_thread_ms=2.0)]
+    report = SweepReport(machine={}, config={}, rows=rows)
+    assert contended_times(report) == [("sgd fp32 1x1024", 1.6, 1.0, 1.5), ("sgd fp32 1x4096", 2.4, 2.0, 2.0)]
+    lines = contended_summary(report)
+    assert lines[0] == "fusedoptim 2+ threads / 1 thread under contention: worst 1.60x (sgd fp32 1x1024)"
+    assert "up to 1.50x (sgd fp32 1x1024): torch's OpenMP workers" in lines[1]
+    assert "worst 1.20x (sgd fp32 1x4096)" in lines[2]
+    assert all(line in format_sweep_table(report) for line in lines)
+    # Without the one-thread side (an older run's json), only the first line.
+    for r in rows:
+        r.fusedoptim_one_thread_ms = None
+    assert contended_summary(report) == lines[:1]
