@@ -213,9 +213,11 @@ void q8_dequantize(uintptr_t codes, uintptr_t scales, int64_t numel, uintptr_t o
 py::dict backend_info() {
   const cpu::CpuFeatures& f = cpu::cpu_features();
   const std::pair<const char*, bool> flags[] = {
-      {"x86", f.x86},         {"amd", f.amd},           {"avx", f.avx},           {"avx2", f.avx2},           {"fma", f.fma},
-      {"f16c", f.f16c},       {"avx512f", f.avx512f},   {"avx512bw", f.avx512bw},   {"avx512vl", f.avx512vl}, {"avx512dq", f.avx512dq},
-      {"avx512_bf16", f.avx512_bf16}, {"os_avx", f.os_avx}, {"os_avx512", f.os_avx512}};
+      {"x86", f.x86},           {"amd", f.amd},           {"avx", f.avx},
+      {"avx2", f.avx2},         {"fma", f.fma},           {"f16c", f.f16c},
+      {"avx512f", f.avx512f},   {"avx512bw", f.avx512bw}, {"avx512vl", f.avx512vl},
+      {"avx512dq", f.avx512dq}, {"avx512_bf16", f.avx512_bf16},
+      {"os_avx", f.os_avx},     {"os_avx512", f.os_avx512}};
   py::dict features;
   for (const auto& [name, value] : flags) features[name] = value;
   py::dict info;

@@ -345,11 +345,6 @@ def format_sweep_table(report: SweepReport) -> str:
     return "\n".join(lines)
 
 
-def contended_scaling(report: SweepReport) -> List[Tuple[str, float]]:
-    """fusedoptim's time with the most threads over its 1-thread time, per cell."""
-    return [(name, most / one) for name, most, one, _ in contended_times(report)]
-
-
 def contended_times(report: SweepReport) -> List[Tuple[str, float, float, Optional[float]]]:
     """Per cell of a contended sweep: fusedoptim's step with the most threads,
     with 1 thread (torch on 1 thread too), and on 1 thread while torch keeps
