@@ -8,7 +8,7 @@ import torch
 
 import fusedoptim
 from fusedoptim import _C
-from fusedoptim._spec import GradMismatchError
+from fusedoptim._spec import GradMismatchError, StateMismatchError
 from cases import assert_snapshot_equal, snapshot
 from torch_versions import ADAM_HAS_DECOUPLED, CPU_FUSED_ADAM, NAMED_PARAMS
 
@@ -194,9 +194,12 @@ def _swap_grad_data(p, new):
     p.grad.data = new
 
 
+MISMATCHES = [(name, m) for name in sorted(PAIRS) for m in ("shape", "numel", "dtype")
+              if not (name == "SGD" and m == "dtype")]  # (torch's SGD takes a grad of another dtype: below)
+
+
 @pytest.mark.parametrize("warm", [False, True], ids=["first-step", "cached-plan"])
-@pytest.mark.parametrize("mismatch", ["shape", "numel", "dtype"])
-@pytest.mark.parametrize("name", sorted(PAIRS))
+@pytest.mark.parametrize("name,mismatch", MISMATCHES, ids=[f"{n}-{m}" for n, m in MISMATCHES])
 def test_mismatched_grad_raises_before_writing(name, mismatch, warm):
     cls = PAIRS[name][0]
     opt, flat = _three_groups(cls, lr=0.1, **({"momentum": 0.9} if name == "SGD" else {}))
@@ -252,6 +255,86 @@ def test_same_size_reshaped_grad_raises_at_every_step(name, warm):
     for k, e in enumerate(results["ours"]):
         assert type(e) is GradMismatchError, f"step {k + 1}: {type(e).__name__}: {e}"
         assert "param 0 of group 0" in str(e) and "(3, 4)" in str(e) and "(4, 3)" in str(e), str(e)
+
+
+@pytest.mark.parametrize("warm", [False, True], ids=["first-step", "cached-plan"])
+def test_sgd_grad_of_another_dtype_runs_torchs_step(warm):
+    """torch's SGD takes an fp32 grad on a bf16 param (as a param's
+    grad_dtype allows in newer torch): its in-place ops promote and its
+    buffer is a copy of the grad. That param runs torch's step, with torch's bits (from the state
+    the native steps left, with ``warm``), the others stay native, and the
+    next steps go on the same way."""
+    gen = torch.Generator().manual_seed(3)
+    flat = [torch.randn(40, generator=gen).to(torch.bfloat16).requires_grad_() for _ in range(3)]
+    opt = fusedoptim.SGD(flat, lr=0.1, momentum=0.9)
+    if warm:
+        _set_grads(flat, 0)
+        opt.step()
+    ref_p = flat[1].detach().clone().requires_grad_()
+    ref = torch.optim.SGD([ref_p], lr=0.1, momentum=0.9, foreach=False)
+    if warm:
+        ref.state[ref_p]["momentum_buffer"] = opt.state[flat[1]]["momentum_buffer"].clone()
+    for s in range(1, 4):
+        _set_grads(flat, s)
+        _swap_grad_data(flat[1], flat[1].grad.float() * 3)
+        ref_p.grad = torch.zeros_like(ref_p)
+        _swap_grad_data(ref_p, flat[1].grad.clone())
+        opt.step()
+        ref.step()
+        assert opt.last_backends == [f"native-cpu/{fusedoptim.get_cpu_isa()}+torch"], opt.last_backends
+    buf, ref_buf = opt.state[flat[1]]["momentum_buffer"], ref.state[ref_p]["momentum_buffer"]
+    # A buffer made from the fp32 grad is fp32; one the native step made stays bf16.
+    assert buf.dtype == ref_buf.dtype == (torch.bfloat16 if warm else torch.float32)
+    assert torch.equal(buf.view(torch.int16) if warm else buf, ref_buf.view(torch.int16) if warm else ref_buf)
+    assert torch.equal(flat[1].detach().view(torch.int16), ref_p.detach().view(torch.int16))
+
+
+@pytest.mark.parametrize("name", sorted(PAIRS))
+def test_state_of_another_shape_raises_torchs_exception_type(name):
+    """A state tensor of the wrong shape: torch's step raises RuntimeError;
+    fusedoptim raises StateMismatchError (a RuntimeError and a ValueError)
+    before anything is written."""
+    ours, theirs = PAIRS[name]
+    key = "momentum_buffer" if name == "SGD" else "exp_avg"
+    kwargs = dict(lr=0.1, momentum=0.9) if name == "SGD" else dict(lr=0.1)
+    raised = {}
+    for label, cls in (("ours", ours), ("torch", theirs)):
+        opt, flat = _three_groups(cls, **kwargs)
+        _set_grads(flat, 0)
+        opt.step()
+        _set_grads(flat, 1)
+        opt.state[flat[3]][key] = torch.zeros(3, dtype=flat[3].dtype)
+        before = snapshot(opt, flat)
+        with pytest.raises(RuntimeError) as info:
+            opt.step()
+        raised[label] = info.value
+        if label == "ours":
+            assert_snapshot_equal(before, snapshot(opt, flat), f"{name}: {key} of another shape")
+    assert type(raised["ours"]) is StateMismatchError and isinstance(raised["ours"], ValueError)
+    assert f"state['{key}'] of param 0 has shape (3,) but the param has (17,)" in str(raised["ours"])
+
+
+@pytest.mark.parametrize("name", ["Adam", "AdamW"])
+def test_error_in_torchs_step_leaves_the_native_params_unwritten(name):
+    """torch's step runs before the kernels: when it raises (here its
+    _init_group, on a state that lost its ``step``), the params the kernels
+    would update are unwritten too, and the error is torch's."""
+    ours, theirs = PAIRS[name]
+    errors = {}
+    for label, cls in (("ours", ours), ("torch", theirs)):
+        opt, flat = _three_groups(cls, lr=0.1)  # group 1 (fp64) runs torch's step
+        for s in range(2):
+            _set_grads(flat, s)
+            opt.step()
+        _set_grads(flat, 10)
+        del opt.state[flat[2]]["step"]
+        before = snapshot(opt, flat)
+        with pytest.raises(KeyError) as info:
+            opt.step()
+        errors[label] = info.value
+        if label == "ours":
+            assert_snapshot_equal(before, snapshot(opt, flat), f"{name}: KeyError in torch's step")
+    assert errors["ours"].args == errors["torch"].args == ("step",)
 
 
 @pytest.mark.parametrize("name", ["Adam", "AdamW"])

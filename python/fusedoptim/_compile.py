@@ -170,6 +170,7 @@ def kernel_ok(p: Tensor, g: Tensor) -> bool:
         and g.layout == torch.strided
         and p.device.type == "cpu"
         and p.dtype in DTYPE_CODES
+        and g.dtype == p.dtype
         and p.is_contiguous()
     )
 

@@ -42,9 +42,10 @@ def route(spec: Spec, group: Dict[str, Any], ps: List[Tensor], gs: List[Tensor],
     ``owner`` and decide who updates it.
 
     Raises before anything is written: torch's exception types for bad
-    grads, ValueError/TypeError for state that does not fit its param, and
-    RuntimeError when the precision options meet a param the kernels cannot
-    take (torch has no implementation of them).
+    grads, StateMismatchError (a RuntimeError, as torch's, and a ValueError)
+    or TypeError for state that does not fit its param, and RuntimeError
+    when the precision options meet a param the kernels cannot take (torch
+    has no implementation of them).
     """
     r = Route(spec.keys(group, opts), opts)
     native_ok = not group.get("differentiable", False)
@@ -68,6 +69,7 @@ def route(spec: Spec, group: Dict[str, Any], ps: List[Tensor], gs: List[Tensor],
             and plain(lp)
             and plain(lg)
             and p.dtype in DTYPE_CODES
+            and g.dtype == p.dtype
             and lp.is_contiguous()
         )
         if kernel_ok and cuda.takes(p):
@@ -93,15 +95,16 @@ def route(spec: Spec, group: Dict[str, Any], ps: List[Tensor], gs: List[Tensor],
         r.torch = sorted(r.torch + native)
         r.cpu, r.cuda = {}, []
     if opts.active:
-        _check_precision(group, r, ps, gi, owner)
+        _check_precision(group, r, ps, gs, gi, owner)
     for i in r.torch:
         state = state_all.get(ps[i])
         if state:
-            spec.check_torch_state(i, ps[i], state, r.keys)
+            spec.check_torch_state(i, ps[i], gs[i], state, r.keys)
     return r
 
 
-def _check_precision(group: Dict[str, Any], r: Route, ps: List[Tensor], gi: int, name: str) -> None:
+def _check_precision(group: Dict[str, Any], r: Route, ps: List[Tensor], gs: List[Tensor], gi: int,
+                     name: str) -> None:
     """A group with precision options: every param must be one the kernels take."""
     for i, p in enumerate(ps):
         _precision.check_param(r.opts, p, f"param {i} of group {gi}")
@@ -111,6 +114,8 @@ def _check_precision(group: Dict[str, Any], r: Route, ps: List[Tensor], gi: int,
         why = f"a {p.layout} {p.dtype} tensor on {p.device}"
         if not local(p).is_contiguous():
             why += ", not contiguous"
+        if gs[i].dtype != p.dtype:
+            why += f", with a {gs[i].dtype} grad"
         if group.get("differentiable"):
             why += ", with differentiable=True"
         raise RuntimeError(

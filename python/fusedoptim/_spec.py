@@ -35,13 +35,19 @@ from ._compile import kernel_ok
 from ._precision import MOMENT_OF, QUANT_KEYS, SCALE_KEYS, Options
 from ._tensors import local, step_dtype
 
-__all__ = ["GradMismatchError", "Spec", "Stream", "in_range", "number"]
+__all__ = ["GradMismatchError", "Spec", "StateMismatchError", "Stream", "in_range", "number"]
 
 
 class GradMismatchError(RuntimeError, ValueError):
     """A grad that does not match its param (shape, dtype or device): a
     RuntimeError, as torch raises for it, and a ValueError, as this package
     raised before."""
+
+
+class StateMismatchError(RuntimeError, ValueError):
+    """A state tensor that does not fit its param (shape, or a dtype or
+    device torch's step would fail on): a RuntimeError, as torch's step
+    raises for it, and a ValueError, as this package raised before."""
 
 
 class Stream(NamedTuple):
@@ -90,7 +96,7 @@ class Spec:
 
     def __init__(self, name: str, kernel: str, streams: Tuple[Stream, ...], hyper: Callable[[Dict[str, Any]], Any],
                  traced_step: Callable[[Any, Dict[str, Any]], None], *, torch_step: bool,
-                 sparse_error: Optional[str] = None) -> None:
+                 sparse_error: Optional[str] = None, grads_of_any_dtype: bool = False) -> None:
         self.name = name
         self.kernel = kernel
         self.streams = streams
@@ -98,6 +104,11 @@ class Spec:
         self.traced_step = traced_step
         self.torch_step = torch_step
         self.sparse_error = sparse_error
+        #: Whether torch's step takes a grad of another dtype than its param
+        #: (as a param's ``grad_dtype`` allows in newer torch): such params
+        #: run torch's step. Otherwise the mismatch raises
+        #: :class:`GradMismatchError`.
+        self.grads_of_any_dtype = grads_of_any_dtype
         self._grad_init = {s.key for s in streams if s.init == "grad"}
 
     # -- the streams ----------------------------------------------------------
@@ -137,7 +148,7 @@ class Spec:
             raise GradMismatchError(f"grad of {where} has shape {tuple(g.shape)} but the param has shape {tuple(p.shape)}")
         if g.layout != torch.strided:
             return  # sparse grads are torch's business (its SGD supports them)
-        if g.dtype != p.dtype:
+        if g.dtype != p.dtype and not self.grads_of_any_dtype:
             raise GradMismatchError(f"grad of {where} has dtype {g.dtype} but the param has dtype {p.dtype}")
         if g.device != p.device:
             raise GradMismatchError(f"grad of {where} is on {g.device} but the param is on {p.device}")
@@ -159,7 +170,7 @@ class Spec:
                     raise ValueError(f"state[{key!r}] of param {i} has shape {tuple(t.shape)}, expected {expect}: "
                                      f"one scale per block of {opts.block} elements")
             elif t.shape != p.shape:
-                raise ValueError(
+                raise StateMismatchError(
                     f"state[{key!r}] of param {i} has shape {tuple(t.shape)} but the param has {tuple(p.shape)}"
                 )
         if opts is not None:
@@ -175,16 +186,17 @@ class Spec:
                     "converts a checkpoint between the two layouts; state set by hand must match"
                 )
 
-    def check_torch_state(self, i: int, p: Tensor, state: Dict[str, Any], keys: Tuple[str, ...]) -> None:
+    def check_torch_state(self, i: int, p: Tensor, g: Tensor, state: Dict[str, Any], keys: Tuple[str, ...]) -> None:
         """Existing state that torch's own implementation will be given must be
         in the layout torch creates (and its ``load_state_dict`` casts to): each
-        stream of the param's dtype, on its device. torch's step would raise
-        midway on anything else, after updating other params; this raises
-        ValueError first, with nothing written."""
+        stream of the param's dtype (or of its grad's, which torch's SGD copies
+        into its buffer), on its device. torch's step would raise midway on
+        anything else, after counting the step; this raises
+        :class:`StateMismatchError` first, with nothing written."""
         for key in keys:
             t = state.get(key)
-            if isinstance(t, Tensor) and (t.dtype != p.dtype or t.device != p.device):
-                raise ValueError(
+            if isinstance(t, Tensor) and (t.dtype not in (p.dtype, g.dtype) or t.device != p.device):
+                raise StateMismatchError(
                     f"state[{key!r}] of param {i} is {t.dtype} on {t.device} but the param is {p.dtype} on "
                     f"{p.device}; torch's implementation, which updates this param, needs state of the "
                     f"param's dtype and device (load_state_dict casts it so)"
@@ -234,7 +246,7 @@ class Spec:
             # tracer cannot read a property of a NamedTuple subclass.
             usable = native_ok and kernel_ok(p, g) and self.state_usable(p, state, keys, None)
             if not usable and state:
-                self.check_torch_state(i, p, state, keys)
+                self.check_torch_state(i, p, g, state, keys)
             (native if usable else fallback).append(i)
         return native, fallback
 

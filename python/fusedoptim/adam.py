@@ -113,8 +113,9 @@ def adam(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor], exp_
     to torch's for-loop implementation. Under torch.compile the native part
     is the custom op ``fusedoptim::adam_step_``.
 
-    Raises torch's errors for bad grads and ValueError for state that does
-    not fit its param, before anything is written.
+    Raises torch's errors for bad grads and StateMismatchError (a
+    RuntimeError and a ValueError) for state that does not fit its param,
+    before anything is written.
     """
     spec = ADAMW if decoupled_weight_decay else ADAM
     keys = spec.own_keys({"amsgrad": amsgrad})

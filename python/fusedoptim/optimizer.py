@@ -10,9 +10,11 @@ were:
    (:func:`fusedoptim._routing.route`): its grad compared with it, its
    state checked, and the CPU kernels, the CUDA kernels or torch chosen.
    AMP's inf flag, unscaling and ``max_grad_norm``'s norm come last.
-2. *Run*: missing state is created with torch's layout, the backends update
-   their params (one call per group and dtype), and the params the kernels
-   do not cover go through torch's own for-loop/foreach step.
+2. *Run*: missing state is created with torch's layout, the params the
+   kernels do not cover go through torch's own for-loop/foreach step, and
+   then the backends update theirs (one call per group and dtype). torch's
+   step comes first because it checks its state as it goes (a missing
+   ``step`` raises KeyError): an error there leaves the rest unwritten.
 """
 
 from __future__ import annotations
@@ -269,9 +271,13 @@ class FusedOptimizer(TorchProtocol):
 
         Raises:
             RuntimeError: a grad whose shape, dtype or device differs from its
-                param (``GradMismatchError``, also a ValueError), torch's
-                errors (e.g. sparse grads for Adam), or a param the fused
-                kernels cannot take under a precision option.
+                param (``GradMismatchError``, also a ValueError; SGD takes a
+                grad of another dtype through torch's step, as torch's does),
+                a state tensor of another shape (``StateMismatchError``, also
+                a ValueError), torch's errors (e.g. sparse grads for Adam,
+                raised by torch's step on the params it updates, which runs
+                before the kernels), or a param the fused kernels cannot
+                take under a precision option.
             ValueError: a hyperparameter or a state tensor that does not fit.
 
         Every check runs before anything is written: after a raise the
@@ -311,13 +317,11 @@ class FusedOptimizer(TorchProtocol):
             if max_norm is not None:
                 # The global norm of all grads (after AMP unscaling), before anything is updated.
                 self._report.grad_norm, args.clip = _grad_norm(work, max_norm, args)
-            fallback = self._fo_run(work, args)
+            self._fo_run(work, args)
         finally:
             for w in work:
                 if w.plan is not None:
                     w.plan.release()
-        if fallback:
-            self._fo_torch_step(fallback)
         return loss
 
     # torch's hooks and grad mode; under torch.compile the traced step (Note [step runner]).
@@ -359,16 +363,16 @@ class FusedOptimizer(TorchProtocol):
             r = route(spec, group, ps, gs, state_all, opts, gi, type(self).__name__)
             work.append(_Work(group, GroupPlan(r), ps, gs, hyper))
 
-    def _fo_run(self, work: List[_Work], args: StepArgs) -> List[Dict[str, Any]]:
-        """Phase 2: create missing state and run the kernels; returns the
-        groups left to torch's own step."""
+    def _fo_run(self, work: List[_Work], args: StepArgs) -> None:
+        """Phase 2: create missing state, run torch's step on the params the
+        kernels do not take, then the kernels."""
         spec = self._spec
         plans = self._fo_plans
         names: List[str] = []
-        fallback: List[Dict[str, Any]] = []
         # Every group routed this step creates its missing state and fills its
-        # tables first, each address checked (Note [addresses]); should a
-        # check fail, the state created is removed and nothing was written.
+        # tables first, each address checked (Note [addresses]), and torch's
+        # step runs next; should either raise, the state created is removed
+        # and no kernel has written anything.
         journal: List[tuple] = []
         cuda_built: Dict[int, Optional[_plans.CudaBuild]] = {}
         try:
@@ -378,6 +382,10 @@ class FusedOptimizer(TorchProtocol):
                 _plans.build_cpu(w.plan, spec, self, w.group, w.ps, journal)
                 if w.plan.route.cuda:
                     cuda_built[k] = _plans.build_cuda(w.plan, spec, self, w.group, w.ps, args, journal)
+            fallback = [_fallback_group(w) for w in work
+                        if w.plan is not None and w.cached is None and w.plan.route.torch]
+            if fallback:
+                self._fo_torch_step(fallback)
         except BaseException:
             _plans.undo(journal)
             raise
@@ -414,15 +422,9 @@ class FusedOptimizer(TorchProtocol):
                     _plans.run_cuda(plan, spec, self, w.group, w.ps, w.gs, built, w.hyper)
                 used.append(cuda.name())
             if r.torch:
-                sub = dict(w.group)
-                sub["params"] = [w.ps[i] for i in r.torch]
-                if all(p.device.type == "cpu" for p in sub["params"]):
-                    sub["fused"] = False  # never torch's fused CPU kernels: they ignore strides
-                fallback.append(sub)
-                used.append("torch")
+                used.append("torch")  # (ran above)
             names.append("+".join(used))
         self._report.backends[:] = names
-        return fallback
 
     def _fo_torch_step(self, groups: List[Dict[str, Any]]) -> None:
         """Run torch's own implementation (for-loop or foreach) on ``groups``."""
@@ -443,6 +445,15 @@ class FusedOptimizer(TorchProtocol):
                     st = state.get(p)
                     if st is not None and st.get("momentum_buffer", 0) is None and len(st) == 1:
                         del state[p]
+
+
+def _fallback_group(w: _Work) -> Dict[str, Any]:
+    """The group of ``w`` reduced to the params routed to torch's step."""
+    sub = dict(w.group)
+    sub["params"] = [w.ps[i] for i in w.plan.route.torch]  # type: ignore[union-attr]
+    if all(p.device.type == "cpu" for p in sub["params"]):
+        sub["fused"] = False  # never torch's fused CPU kernels: they ignore strides
+    return sub
 
 
 def _grad_norm(work: List[_Work], max_norm: float, args: StepArgs) -> Tuple[Tensor, Any]:

@@ -161,7 +161,7 @@ def _traced_step(opt: Any, group: Dict[str, Any]) -> None:
 
 #: SGD: a momentum buffer when momentum is non-zero; no step counter (torch keeps none).
 SGD_SPEC = Spec("SGD", "sgd", (Stream("momentum_buffer", when=lambda g: g["momentum"] != 0, init="grad"),),
-                sgd_hyper, _traced_step, torch_step=False)
+                sgd_hyper, _traced_step, torch_step=False, grads_of_any_dtype=True)
 
 
 class SGD(FusedOptimizer, torch.optim.SGD):
