@@ -190,16 +190,18 @@ class Spec:
         """Existing state that torch's own implementation will be given must be
         in the layout torch creates (and its ``load_state_dict`` casts to): each
         stream of the param's dtype (or of its grad's, which torch's SGD copies
-        into its buffer), on its device. torch's step would raise midway on
-        anything else, after counting the step; this raises
-        :class:`StateMismatchError` first, with nothing written."""
+        into its buffer), on its device. On anything else torch's step raises
+        midway (after counting the step) or not, op by op (an Adam ``exp_avg``
+        of another dtype fails its ``lerp_``; an ``exp_avg_sq`` passes); this
+        takes torch's own layout only and raises :class:`StateMismatchError`
+        for the rest, with nothing written."""
         for key in keys:
             t = state.get(key)
             if isinstance(t, Tensor) and (t.dtype not in (p.dtype, g.dtype) or t.device != p.device):
                 raise StateMismatchError(
                     f"state[{key!r}] of param {i} is {t.dtype} on {t.device} but the param is {p.dtype} on "
-                    f"{p.device}; torch's implementation, which updates this param, needs state of the "
-                    f"param's dtype and device (load_state_dict casts it so)"
+                    f"{p.device}; the param runs torch's implementation, which fusedoptim gives state only "
+                    f"in the layout torch creates: the param's dtype and device, as load_state_dict casts it"
                 )
 
     def state_usable(self, p: Tensor, state: Dict[str, Any], keys: Tuple[str, ...], opts: Optional[Options],
