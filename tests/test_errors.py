@@ -315,6 +315,40 @@ def test_state_of_another_shape_raises_torchs_exception_type(name):
 
 
 @pytest.mark.parametrize("name", ["Adam", "AdamW"])
+def test_adam_state_set_to_none_raises_before_writing(name):
+    """A moment set to None: torch's step fails on it (TypeError in its
+    foreach step, AttributeError in its for-loop, after counting the step);
+    fusedoptim raises TypeError with nothing written, where a missing key
+    would be created. SGD's momentum_buffer=None is torch's own "not yet"
+    and is filled from the grad."""
+    opt, flat = _three_groups(PAIRS[name][0], lr=0.1)
+    _set_grads(flat, 0)
+    opt.step()
+    _set_grads(flat, 1)
+    opt.state[flat[3]]["exp_avg"] = None
+    before = snapshot(opt, flat)
+    with pytest.raises(TypeError, match=r"state\['exp_avg'\] of param 0 must be a Tensor, got NoneType"):
+        opt.step()
+    assert_snapshot_equal(before, snapshot(opt, flat), f"{name}: exp_avg=None")
+
+
+def test_sgd_momentum_buffer_set_to_none_starts_from_the_grad_as_torch():
+    results = {}
+    for label, cls in (("ours", fusedoptim.SGD), ("torch", torch.optim.SGD)):
+        gen = torch.Generator().manual_seed(2)
+        flat = [torch.randn(40, generator=gen).requires_grad_() for _ in range(2)]
+        opt = cls(flat, lr=0.1, momentum=0.9)
+        for s in range(3):
+            _set_grads(flat, s)
+            opt.step()
+            if s == 0:
+                opt.state[flat[1]]["momentum_buffer"] = None
+        results[label] = [p.detach().clone() for p in flat] + [opt.state[flat[1]]["momentum_buffer"].clone()]
+    for a, b in zip(results["ours"], results["torch"]):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", ["Adam", "AdamW"])
 def test_error_in_torchs_step_leaves_the_native_params_unwritten(name):
     """torch's step runs before the kernels: when it raises (here its
     _init_group, on a state that lost its ``step``), the params the kernels

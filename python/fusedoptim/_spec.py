@@ -160,7 +160,9 @@ class Spec:
         scales), and state of the other layout is an error too."""
         for key in keys:
             t = state.get(key)
-            if t is None:
+            if t is None and (key not in state or key in self._grad_init):
+                # Missing, it is created; None is torch's own "not yet" only
+                # for a buffer filled from the grad (SGD's momentum_buffer).
                 continue
             if not isinstance(t, Tensor):
                 raise TypeError(f"state[{key!r}] of param {i} must be a Tensor, got {type(t).__name__}")
