@@ -272,12 +272,10 @@ class FusedOptimizer(TorchProtocol):
         Raises:
             RuntimeError: a grad whose shape, dtype or device differs from its
                 param (``GradMismatchError``, also a ValueError; SGD takes a
-                grad of another dtype through torch's step, as torch's does),
-                a state tensor of another shape (``StateMismatchError``, also
-                a ValueError), torch's errors (e.g. sparse grads for Adam,
-                raised by torch's step on the params it updates, which runs
-                before the kernels), or a param the fused kernels cannot
-                take under a precision option.
+                grad of another dtype, as torch's does), a state tensor of
+                another shape (``StateMismatchError``, also a ValueError),
+                torch's errors (its step runs before the kernels), or a param
+                the fused kernels cannot take under a precision option.
             ValueError: a hyperparameter or a state tensor that does not fit.
 
         Every check runs before anything is written: after a raise the
