@@ -289,27 +289,39 @@ def test_sgd_grad_of_another_dtype_runs_torchs_step(warm):
     assert torch.equal(flat[1].detach().view(torch.int16), ref_p.detach().view(torch.int16))
 
 
+def _spoiled_step(name, kwargs, spoil, exc, what, steps=1):
+    """fusedoptim's and torch's ``name`` over :func:`_three_groups`: ``steps``
+    steps, then ``spoil(opt, flat)`` and one more step, which must raise
+    ``exc`` for both; fusedoptim's must write nothing. Returns both errors."""
+    raised = {}
+    for label, cls in zip(("ours", "torch"), PAIRS[name]):
+        opt, flat = _three_groups(cls, **kwargs)
+        for s in range(steps):
+            _set_grads(flat, s)
+            opt.step()
+        _set_grads(flat, 10)
+        spoil(opt, flat)
+        before = snapshot(opt, flat)
+        with pytest.raises(exc) as info:
+            opt.step()
+        raised[label] = info.value
+        if label == "ours":
+            assert_snapshot_equal(before, snapshot(opt, flat), f"{name}: {what}")
+    return raised
+
+
 @pytest.mark.parametrize("name", sorted(PAIRS))
 def test_state_of_another_shape_raises_torchs_exception_type(name):
     """A state tensor of the wrong shape: torch's step raises RuntimeError;
     fusedoptim raises StateMismatchError (a RuntimeError and a ValueError)
     before anything is written."""
-    ours, theirs = PAIRS[name]
     key = "momentum_buffer" if name == "SGD" else "exp_avg"
     kwargs = dict(lr=0.1, momentum=0.9) if name == "SGD" else dict(lr=0.1)
-    raised = {}
-    for label, cls in (("ours", ours), ("torch", theirs)):
-        opt, flat = _three_groups(cls, **kwargs)
-        _set_grads(flat, 0)
-        opt.step()
-        _set_grads(flat, 1)
+
+    def spoil(opt, flat):
         opt.state[flat[3]][key] = torch.zeros(3, dtype=flat[3].dtype)
-        before = snapshot(opt, flat)
-        with pytest.raises(RuntimeError) as info:
-            opt.step()
-        raised[label] = info.value
-        if label == "ours":
-            assert_snapshot_equal(before, snapshot(opt, flat), f"{name}: {key} of another shape")
+
+    raised = _spoiled_step(name, kwargs, spoil, RuntimeError, f"{key} of another shape")
     assert type(raised["ours"]) is StateMismatchError and isinstance(raised["ours"], ValueError)
     assert f"state['{key}'] of param 0 has shape (3,) but the param has (17,)" in str(raised["ours"])
 
@@ -353,21 +365,10 @@ def test_error_in_torchs_step_leaves_the_native_params_unwritten(name):
     """torch's step runs before the kernels: when it raises (here its
     _init_group, on a state that lost its ``step``), the params the kernels
     would update are unwritten too, and the error is torch's."""
-    ours, theirs = PAIRS[name]
-    errors = {}
-    for label, cls in (("ours", ours), ("torch", theirs)):
-        opt, flat = _three_groups(cls, lr=0.1)  # group 1 (fp64) runs torch's step
-        for s in range(2):
-            _set_grads(flat, s)
-            opt.step()
-        _set_grads(flat, 10)
-        del opt.state[flat[2]]["step"]
-        before = snapshot(opt, flat)
-        with pytest.raises(KeyError) as info:
-            opt.step()
-        errors[label] = info.value
-        if label == "ours":
-            assert_snapshot_equal(before, snapshot(opt, flat), f"{name}: KeyError in torch's step")
+    def spoil(opt, flat):
+        del opt.state[flat[2]]["step"]  # group 1 (fp64) runs torch's step
+
+    errors = _spoiled_step(name, dict(lr=0.1), spoil, KeyError, "KeyError in torch's step", steps=2)
     assert errors["ours"].args == errors["torch"].args == ("step",)
 
 
