@@ -109,7 +109,7 @@ def _run(case: Dict[str, Any], grads: List[List[torch.Tensor]], p0: List[torch.T
     return [p.detach() for p in ps], state
 
 
-@pytest.mark.parametrize("seed", range(24))
+@pytest.mark.parametrize("seed", range(96))
 def test_resume_is_bit_identical_on_any_variant_and_thread_count(seed):
     case = _resume_case(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -155,7 +155,7 @@ def _spoil(bad: str, kind: str, opt: Any, q: torch.nn.Parameter) -> None:
         q.grad.data = q.grad.data.double()
 
 
-@pytest.mark.parametrize("seed", range(40))
+@pytest.mark.parametrize("seed", range(120))
 def test_a_raised_step_writes_nothing_and_raises_torchs_type(seed):
     rng = random.Random(1000 + seed)
     kind = rng.choice(sorted(CLASSES))
