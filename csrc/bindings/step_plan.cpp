@@ -1,8 +1,6 @@
 #include "step_plan.h"
 
 #include <algorithm>
-#include <climits>
-#include <cstdint>
 #include <utility>
 
 #include "../common/coeffs.h"
@@ -100,20 +98,9 @@ py::object get_attr(PyObject* t, Attr a) {
 }
 
 uintptr_t call_ptr(PyObject* t) {
-  PyObject* r = reads().call(t, kDataPtr);
-  if (r == nullptr) throw py::error_already_set();
-  // An address takes two of CPython's 30-bit digits, which the unsigned long
-  // conversion reads in a loop; the unsigned long long one goes through a
-  // generic byte-array conversion, several times slower (one read per state
-  // tensor, param and grad of every step).
-#if ULONG_MAX >= UINTPTR_MAX
-  const unsigned long v = PyLong_AsUnsignedLong(r);
-#else
-  const unsigned long long v = PyLong_AsUnsignedLongLong(r);
-#endif
-  Py_DECREF(r);
-  if (v == static_cast<decltype(v)>(-1) && PyErr_Occurred()) throw py::error_already_set();
-  return uintptr_t(v);
+  py::object r = py::reinterpret_steal<py::object>(reads().call(t, kDataPtr));
+  if (!r) throw py::error_already_set();
+  return address_of(r.ptr());
 }
 
 bool is_contiguous(PyObject* t) {
