@@ -7,6 +7,8 @@ from a seeded generator, so every run checks the same cases:
 * a checkpoint taken mid-run resumes to the same bits as the run that was
   never stopped, whatever the CPU variant and thread count after the load
   (and whatever seed torch's generator holds at the new construction);
+* the CUDA path, run on the CPU through its emulation, gives the CPU scalar
+  path's bits: params and every state tensor, in every step-counter mode;
 * a step that raises leaves params, grads and state exactly as they were,
   with the exception type torch's own step raises on the same input.
 """
@@ -22,6 +24,7 @@ import pytest
 import torch
 
 import fusedoptim
+from fusedoptim.backends import cuda as _cuda
 from cases import assert_snapshot_equal, snapshot, supported_isas
 from torch_versions import WEIGHTS_ONLY_BF16
 
@@ -130,6 +133,56 @@ def test_resume_is_bit_identical_on_any_variant_and_thread_count(seed):
                 assert torch.equal(_bits(a), _bits(b)), f"{what}: state[{k!r}] of param {i}"
             else:
                 assert a == b, f"{what}: state[{k!r}] of param {i}"
+
+
+# ------------------------------------------------------------- the emulated CUDA path
+def _emulation_case(seed: int) -> Dict[str, Any]:
+    rng = random.Random(500 + seed)
+    kind = rng.choice(sorted(CLASSES))
+    dtypes = rng.sample([torch.float32, torch.bfloat16, torch.float16], rng.randint(1, 2))
+    kw = _flags(rng, kind)
+    if kind != "sgd":
+        mode = rng.choice(["", "", "capturable", "fused"])  # where the step counter lives
+        if mode:
+            kw[mode] = True
+    # Options need one dtype the option takes; with two dtypes, clipping only.
+    opts = _options(rng, dtypes[0], kw, kind) if len(dtypes) == 1 else \
+        ({"max_grad_norm": 1.0} if rng.random() < 0.3 else {})
+    n = rng.choice([1, 3, 10, 60])
+    # Sizes around the kernels' 8192-element chunk, and small ones.
+    numels = [rng.choice([1, 7, 8191, 8193]) if rng.random() < 0.1 else rng.randint(1, 300) for _ in range(n)]
+    return dict(kind=kind, kw=kw, opts=opts, dtypes=[rng.choice(dtypes) for _ in numels], numels=numels,
+                space=rng.choice(["auto", "small", "large"]))
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_emulated_cuda_path_gives_the_cpu_scalar_bits(seed, restore_isa):
+    case = _emulation_case(seed)
+    gen = torch.Generator().manual_seed(seed)
+    p0 = [torch.randn(n, generator=gen).to(d) for n, d in zip(case["numels"], case["dtypes"])]
+    grads = [[torch.randn(p.shape, generator=gen).to(p.dtype) for p in p0] for _ in range(3)]
+    restore_isa("scalar")
+    out = {}
+    for path in ("cpu", "emulated"):
+        torch.manual_seed(1)
+        ps = [torch.nn.Parameter(p.clone()) for p in p0]
+        opt = CLASSES[case["kind"]][0](ps, **case["kw"], **case["opts"])
+        for row in grads:
+            for p, g in zip(ps, row):
+                p.grad = g.clone()
+            with _cuda.emulate(path == "emulated", param_space=case["space"]):
+                opt.step()
+        assert all(("emulated" in b) == (path == "emulated") for b in opt.last_backends), opt.last_backends
+        out[path] = (ps, opt.state)
+    (pa, sa), (pb, sb) = out["cpu"], out["emulated"]
+    for i, (a, b) in enumerate(zip(pa, pb)):
+        assert torch.equal(_bits(a), _bits(b)), f"{case}: param {i}"
+        assert sa[a].keys() == sb[b].keys(), f"{case}: state keys of param {i}"
+        for k, x in sa[a].items():
+            y = sb[b][k]
+            if isinstance(x, torch.Tensor):
+                assert x.dtype == y.dtype and x.shape == y.shape, f"{case}: state[{k!r}] of param {i}"
+                assert torch.equal(_bits(x), _bits(y)), f"{case}: state[{k!r}] of param {i}"
 
 
 # ------------------------------------------------------------- errors
