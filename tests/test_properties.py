@@ -25,16 +25,28 @@ import torch
 
 import fusedoptim
 from fusedoptim.backends import cuda as _cuda
-from cases import assert_snapshot_equal, snapshot, supported_isas
+from cases import assert_same_bits, assert_snapshot_equal, snapshot, supported_isas
 from torch_versions import WEIGHTS_ONLY_BF16
 
 CLASSES = {"adam": (fusedoptim.Adam, torch.optim.Adam), "adamw": (fusedoptim.AdamW, torch.optim.AdamW),
            "sgd": (fusedoptim.SGD, torch.optim.SGD)}
 
 
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    flat = t.detach().contiguous().reshape(-1)
-    return flat.view(torch.int8) if flat.is_floating_point() else flat
+def _assert_same_run(params_a: List[torch.Tensor], state_a: List[Dict[str, Any]], params_b: List[torch.Tensor],
+                     state_b: List[Dict[str, Any]], what: str) -> None:
+    """Two runs' params and every state entry, bit for bit (8-bit codes and
+    other integer tensors by value, plain values by ==)."""
+    assert_same_bits(params_a, params_b, f"{what}: params")
+    for i, (a, b) in enumerate(zip(state_a, state_b)):
+        assert a.keys() == b.keys(), f"{what}: state keys of param {i}"
+        for k, x in a.items():
+            y = b[k]
+            if isinstance(x, torch.Tensor) and x.is_floating_point():
+                assert_same_bits([x], [y], f"{what}: state[{k!r}] of param {i}")
+            elif isinstance(x, torch.Tensor):
+                assert x.dtype == y.dtype and torch.equal(x, y), f"{what}: state[{k!r}] of param {i}"
+            else:
+                assert x == y, f"{what}: state[{k!r}] of param {i}"
 
 
 def _flags(rng: random.Random, kind: str) -> Dict[str, Any]:
@@ -83,7 +95,7 @@ def _resume_case(seed: int) -> Dict[str, Any]:
 
 
 def _run(case: Dict[str, Any], grads: List[List[torch.Tensor]], p0: List[torch.Tensor], resume: bool
-         ) -> Tuple[List[torch.Tensor], Dict[int, Dict[str, Any]]]:
+         ) -> Tuple[List[torch.Tensor], List[Dict[str, Any]]]:
     cls = CLASSES[case["kind"]][0]
     torch.manual_seed(1)
     ps = [torch.nn.Parameter(p.clone()) for p in p0]
@@ -108,8 +120,7 @@ def _run(case: Dict[str, Any], grads: List[List[torch.Tensor]], p0: List[torch.T
             opt.load_state_dict(sd)
             fusedoptim.set_cpu_isa(case["isa"])
             opt.num_threads = case["threads"]
-    state = {i: {k: v for k, v in opt.state[p].items()} for i, p in enumerate(ps)}
-    return [p.detach() for p in ps], state
+    return [p.detach() for p in ps], [dict(opt.state[p]) for p in ps]
 
 
 @pytest.mark.parametrize("seed", range(96))
@@ -121,18 +132,7 @@ def test_resume_is_bit_identical_on_any_variant_and_thread_count(seed):
     straight, st_a = _run(case, grads, p0, resume=False)
     fusedoptim.set_cpu_isa(supported_isas()[0])
     resumed, st_b = _run(case, grads, p0, resume=True)
-    what = f"{case}"
-    for i, (a, b) in enumerate(zip(straight, resumed)):
-        assert torch.equal(_bits(a), _bits(b)), f"{what}: param {i}"
-    for i in st_a:
-        assert st_a[i].keys() == st_b[i].keys(), f"{what}: state keys of param {i}"
-        for k, a in st_a[i].items():
-            b = st_b[i][k]
-            if isinstance(a, torch.Tensor):
-                assert a.dtype == b.dtype and a.shape == b.shape, f"{what}: state[{k!r}] of param {i}"
-                assert torch.equal(_bits(a), _bits(b)), f"{what}: state[{k!r}] of param {i}"
-            else:
-                assert a == b, f"{what}: state[{k!r}] of param {i}"
+    _assert_same_run(straight, st_a, resumed, st_b, f"{case}")
 
 
 # ------------------------------------------------------------- the emulated CUDA path
@@ -173,16 +173,8 @@ def test_emulated_cuda_path_gives_the_cpu_scalar_bits(seed, restore_isa):
             with _cuda.emulate(path == "emulated", param_space=case["space"]):
                 opt.step()
         assert all(("emulated" in b) == (path == "emulated") for b in opt.last_backends), opt.last_backends
-        out[path] = (ps, opt.state)
-    (pa, sa), (pb, sb) = out["cpu"], out["emulated"]
-    for i, (a, b) in enumerate(zip(pa, pb)):
-        assert torch.equal(_bits(a), _bits(b)), f"{case}: param {i}"
-        assert sa[a].keys() == sb[b].keys(), f"{case}: state keys of param {i}"
-        for k, x in sa[a].items():
-            y = sb[b][k]
-            if isinstance(x, torch.Tensor):
-                assert x.dtype == y.dtype and x.shape == y.shape, f"{case}: state[{k!r}] of param {i}"
-                assert torch.equal(_bits(x), _bits(y)), f"{case}: state[{k!r}] of param {i}"
+        out[path] = ([p.detach() for p in ps], [dict(opt.state[p]) for p in ps])
+    _assert_same_run(*out["cpu"], *out["emulated"], f"{case}")
 
 
 # ------------------------------------------------------------- errors
