@@ -141,6 +141,24 @@ def test_time_interleaved_alternates_and_runs_work_before_every_step():
     assert calls[4:] == [x for s in steps for x in ("-", s)]
 
 
+def test_sweep_interleaved_takes_a_step_count_per_side():
+    """A contended sweep gives each side its own steps per block (a side a
+    hundred times slower must not leave the others one step a block); the
+    blocks still alternate A B, B A, with the work before every step."""
+    from fusedoptim.bench.sweep import interleaved
+
+    calls = []
+    t = interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
+                    lambda: calls.append("-"), 3, {"a": 3, "b": 1})
+    assert [len(t["a"]), len(t["b"])] == [3, 3]
+    steps = [c for c in calls if c != "-"]
+    assert steps == ["a"] * 3 + ["b"] + ["b"] + ["a"] * 3 + ["a"] * 3 + ["b"]
+    assert calls == [x for s in steps for x in ("-", s)]
+    calls.clear()
+    interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, None, 2, 2)
+    assert calls == ["a", "a", "b", "b", "b", "b", "a", "a"]
+
+
 def _report(fused_q=(0.9, 1.1), fo_pct=90.0):
     from fusedoptim.bench.harness import Report, Row, trusted
 

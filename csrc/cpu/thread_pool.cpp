@@ -197,17 +197,24 @@ void omp_body(void* data) {
 // a whole scheduler time slice (milliseconds), and the region waits for it
 // although the caller has claimed and run every chunk; or a thread of the
 // team is descheduled in the middle of a chunk. Such a region is easy to see
-// afterwards: the caller waited at the barrier longer than it worked (with
-// chunks claimed one at a time, an unhindered team ends within a chunk of
-// each other). A late region that wasted W seconds buys a period of
-// factor * W seconds in which every call runs on the calling thread alone;
-// the factor doubles at each late region (from kMinSolo up to kMaxSolo) and
-// halves at each region the team turns up for. So the time lost to waiting
-// stays at most about 1/kMinSolo of the time that follows it, and where no
-// region is late nothing changes. The bits are the same either way.
+// afterwards: the caller waited at the barrier for more than kLateShare of
+// the time it worked, plus 100 us, so the region took more than 1.5 times
+// the caller's own work in it (with chunks claimed one at a time, an
+// unhindered team ends within a chunk of each other). A late region that
+// wasted W seconds buys a period in which every call runs on the calling
+// thread alone, until those calls have run for factor * W seconds; the
+// factor doubles at each late region (from kMinSolo up to kMaxSolo) and
+// halves at each region the team turns up for. The period is counted in the
+// solo calls' own time, not the clock's: in a training loop most of the
+// time between steps is torch's work, and a period of wall time would end
+// before the next step began, so that every step's first region would wait
+// again. So the time lost to waiting stays at most about 1/kMinSolo of the
+// kernels' time that follows it, and where no region is late nothing
+// changes. The bits are the same either way.
+constexpr double kLateShare = 0.5;
 constexpr double kMinSolo = 16.0;
 constexpr double kMaxSolo = 256.0;
-std::atomic<int64_t> g_solo_until{0};  // steady-clock ns before which calls run alone
+std::atomic<int64_t> g_solo_left{0};  // ns of solo calls left in the period
 std::atomic<double> g_solo_factor{kMinSolo};
 
 int64_t now_ns() {
@@ -236,8 +243,8 @@ void run_openmp(const OpenMP& omp, int n, int64_t num_chunks, const std::functio
   const int64_t by_others = job.by_others.load(std::memory_order_relaxed);
   const double factor = g_solo_factor.load(std::memory_order_relaxed);
   const double wasted = total - job.caller_seconds;  // the caller waiting at the barrier
-  if (wasted > job.caller_seconds + 100e-6) {
-    g_solo_until.store(now_ns() + int64_t(factor * wasted * 1e9), std::memory_order_relaxed);
+  if (wasted > kLateShare * job.caller_seconds + 100e-6) {
+    g_solo_left.store(int64_t(factor * wasted * 1e9), std::memory_order_relaxed);
     g_solo_factor.store(std::min(kMaxSolo, 2.0 * factor), std::memory_order_relaxed);
   } else if (by_others > 0 && factor > kMinSolo) {
     g_solo_factor.store(std::max(kMinSolo, factor / 2.0), std::memory_order_relaxed);
@@ -245,7 +252,14 @@ void run_openmp(const OpenMP& omp, int n, int64_t num_chunks, const std::functio
 }
 
 // Whether this call should run on the caller alone (Note [late workers]).
-bool skip_team() { return now_ns() < g_solo_until.load(std::memory_order_relaxed); }
+bool skip_team() { return g_solo_left.load(std::memory_order_relaxed) > 0; }
+
+// Runs every chunk on the caller and counts its time against the solo period.
+void run_solo(int64_t num_chunks, const std::function<void(int64_t)>& fn) {
+  const int64_t t0 = now_ns();
+  for (int64_t c = 0; c < num_chunks; ++c) fn(c);
+  g_solo_left.fetch_sub(now_ns() - t0, std::memory_order_relaxed);
+}
 
 // ---------------------------------------------------------------------------
 // Our own pool
@@ -429,7 +443,7 @@ void parallel_chunks(int num_threads, int64_t num_chunks, const std::function<vo
   }
   if (use_openmp()) {
     if (skip_team()) {
-      for (int64_t c = 0; c < num_chunks; ++c) fn(c);
+      run_solo(num_chunks, fn);
     } else {
       run_openmp(openmp(), n, num_chunks, fn);
     }

@@ -31,7 +31,7 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, TextIO, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, TextIO, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -88,12 +88,13 @@ class SweepRow:
     ratio_q1: float
     ratio_q3: float
     blocks: int
-    steps_per_block: int
+    steps_per_block: int  # fusedoptim's steps in each block (each side fills about block_time)
     torch_fused_wrong: str = ""  # why torch's fused step is no fair target here (harness.torch_fused_wrong)
     # Contended cells with more than one thread: fusedoptim's step on one
     # thread, timed in the same blocks while torch keeps its threads, which
     # tells torch's share of a slowdown (its OpenMP workers) from fusedoptim's.
     fusedoptim_one_thread_ms: Optional[float] = None
+    torch_fused_steps_per_block: Optional[int] = None
 
     @property
     def trusted(self) -> bool:
@@ -132,12 +133,15 @@ def parse_sizes(text: str) -> List[int]:
 
 
 def interleaved(steps: Dict[str, Callable[[], Any]], before: Optional[Callable[[], Any]], blocks: int,
-                per_block: int) -> Dict[str, List[float]]:
+                per_block: Union[int, Mapping[str, int]]) -> Dict[str, List[float]]:
     """Block medians (seconds per step) of each step function, blocks alternating A B B A ...
 
-    ``before`` runs untimed before every timed step. The GC is off while timing.
+    ``per_block``: steps per block, one count for all or one per step
+    function. ``before`` runs untimed before every timed step. The GC is off
+    while timing.
     """
     names = list(steps)
+    counts = {n: per_block if isinstance(per_block, int) else per_block[n] for n in names}
     out: Dict[str, List[float]] = {n: [] for n in names}
     gc_was = gc.isenabled()
     gc.disable()
@@ -146,7 +150,7 @@ def interleaved(steps: Dict[str, Callable[[], Any]], before: Optional[Callable[[
             for n in (names if b % 2 == 0 else names[::-1]):
                 fn = steps[n]
                 samples = []
-                for _ in range(per_block):
+                for _ in range(counts[n]):
                     if before is not None:
                         before()
                     t0 = time.perf_counter()
@@ -208,10 +212,17 @@ def _cell(cfg: SweepConfig, spec_name: str, dtype: str, threads: int, case: Case
         for opt in opts.values():  # the first steps create the state
             opt.step()
             opt.step()
-        # Steps per block: about block_time of the slower side.
+        # Steps per block: about block_time of the slower side, so that each
+        # step follows the other side's as in a loop whose state is cold when
+        # the step comes. Contended, each side fills block_time with its own
+        # steps: torch's fused step on two threads then takes up to a hundred
+        # times as long, and a shared count would leave fusedoptim's two-thread
+        # cell one step per block (a cold step's time) where its one-thread cell
+        # has several, which is no comparison of the two.
         probe = interleaved({s: o.step for s, o in opts.items()}, before, 1, 1)
         slow = max(v[0] for v in probe.values())
-        per_block = max(1, min(cfg.max_per_block, int(cfg.block_time / max(slow, 1e-7))))
+        per_block = {s: max(1, min(cfg.max_per_block, int(cfg.block_time / max(v[0] if cfg.contended else slow, 1e-7))))
+                     for s, v in probe.items()}
         t = interleaved({s: o.step for s, o in opts.items()}, before, cfg.blocks, per_block)
     finally:
         del opts
@@ -221,7 +232,8 @@ def _cell(cfg: SweepConfig, spec_name: str, dtype: str, threads: int, case: Case
                     numel=case.numel, mode=cfg.mode, contended=cfg.contended,
                     fusedoptim_ms=statistics.median(t["fusedoptim"]) * 1e3,
                     torch_fused_ms=statistics.median(t["torch-fused"]) * 1e3, ratio=statistics.median(ratios),
-                    ratio_q1=q1, ratio_q3=q3, blocks=cfg.blocks, steps_per_block=per_block,
+                    ratio_q1=q1, ratio_q3=q3, blocks=cfg.blocks, steps_per_block=per_block["fusedoptim"],
+                    torch_fused_steps_per_block=per_block["torch-fused"],
                     torch_fused_wrong=torch_fused_wrong(spec, dtype),
                     fusedoptim_one_thread_ms=statistics.median(t[ONE_THREAD]) * 1e3 if ONE_THREAD in t else None)
 
