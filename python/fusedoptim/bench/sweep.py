@@ -88,7 +88,7 @@ class SweepRow:
     ratio_q1: float
     ratio_q3: float
     blocks: int
-    steps_per_block: int  # fusedoptim's steps in each block (each side fills about block_time)
+    steps_per_block: int  # fusedoptim's steps in each block
     torch_fused_wrong: str = ""  # why torch's fused step is no fair target here (harness.torch_fused_wrong)
     # Contended cells with more than one thread: fusedoptim's step on one
     # thread, timed in the same blocks while torch keeps its threads, which
@@ -221,8 +221,8 @@ def _cell(cfg: SweepConfig, spec_name: str, dtype: str, threads: int, case: Case
         # has several, which is no comparison of the two.
         probe = interleaved({s: o.step for s, o in opts.items()}, before, 1, 1)
         slow = max(v[0] for v in probe.values())
-        per_block = {s: max(1, min(cfg.max_per_block, int(cfg.block_time / max(v[0] if cfg.contended else slow, 1e-7))))
-                     for s, v in probe.items()}
+        pace = {s: v[0] if cfg.contended else slow for s, v in probe.items()}
+        per_block = {s: max(1, min(cfg.max_per_block, int(cfg.block_time / max(t, 1e-7)))) for s, t in pace.items()}
         t = interleaved({s: o.step for s, o in opts.items()}, before, cfg.blocks, per_block)
     finally:
         del opts
